@@ -1,0 +1,276 @@
+"""Parsing of configuration values shared by every txfaas process.
+
+Pure: nothing here imports the reactor, pika or txredisapi.  One duration
+parser, one URL parser, one helper for "flag, else environment variable"
+options: every process uses these, so ``10``, ``10s``, ``1m30s`` and
+``500ms`` mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import attrs
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid.  ``str()`` is one line naming the setting."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Parse an OpenFaaS/Go duration into seconds.
+
+    A bare number is seconds (``"10"``, ``"2.5"``); otherwise a Go duration
+    (``"10s"``, ``"1m30s"``, ``"500ms"``).  Negative or malformed values raise
+    :class:`ValueError` with a short reason.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        if not text:
+            raise ValueError("empty duration")
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = _parse_go_duration(text)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"not a finite duration: {value!r}")
+    if seconds < 0:
+        raise ValueError(f"negative duration: {value!r}")
+    return seconds
+
+
+def _parse_go_duration(text: str) -> float:
+    sign = 1.0
+    if text[0] in "+-":
+        sign = -1.0 if text[0] == "-" else 1.0
+        text = text[1:]
+    if text == "0":
+        return 0.0
+    pos = 0
+    total = 0.0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(f"not a duration: {text!r} (use 10, 10s, 1m30s or 500ms)")
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos == 0:
+        raise ValueError(f"not a duration: {text!r}")
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, for messages and --help."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    if seconds < 1:
+        return f"{round(seconds * 1000, 3):g}ms"
+    return f"{seconds:g}s"
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a byte count: ``1048576``, ``512KiB``, ``10MiB``, ``1MB``, ``2GiB``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?[bB]?|[bB])?\s*", str(value))
+        if match is None:
+            raise ValueError(f"not a size: {value!r} (use 1048576, 512KiB or 10MiB)")
+        n = int(match.group(1))
+        unit = (match.group(2) or "b").lower().rstrip("b")
+        factor = {"": 1, "k": 1000, "ki": 1024, "m": 1000**2, "mi": 1024**2, "g": 1000**3, "gi": 1024**3}[
+            unit
+        ]
+        n *= factor
+    if n < 0:
+        raise ValueError(f"negative size: {value!r}")
+    return n
+
+
+@attrs.frozen
+class RedisURL:
+    """Where the store lives.  ``memory`` selects the in-process store."""
+
+    memory: bool = False
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    password: str | None = None
+    unix_socket: str | None = None
+
+
+def parse_redis_url(value: str) -> RedisURL:
+    """``redis://[:password@]host[:port][/db]``, ``unix:///path?db=N`` or ``memory:``."""
+    if value.strip() in ("memory:", "memory", "memory://"):
+        return RedisURL(memory=True)
+    parts = urlsplit(value)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"no socket path in {value!r}")
+        return RedisURL(unix_socket=parts.path)
+    if parts.scheme != "redis":
+        raise ValueError(f"not a redis:// URL: {value!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError as e:
+        raise ValueError(f"bad port in {value!r}") from e
+    db_text = parts.path.lstrip("/") or "0"
+    if not db_text.isdigit():
+        raise ValueError(f"bad database number {db_text!r} in {value!r}")
+    return RedisURL(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        db=int(db_text),
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+@attrs.frozen
+class AMQPURL:
+    """Where the broker lives.  ``memory`` selects the in-process queue."""
+
+    memory: bool = False
+    host: str = "127.0.0.1"
+    port: int = 5672
+    vhost: str = "/"
+    username: str = "guest"
+    password: str = "guest"
+    tls: bool = False
+    heartbeat: int = 30
+
+    @property
+    def url(self) -> str:
+        """A URL that pika's ``URLParameters`` understands (password included)."""
+        from urllib.parse import quote
+
+        scheme = "amqps" if self.tls else "amqp"
+        return (
+            f"{scheme}://{quote(self.username, safe='')}:{quote(self.password, safe='')}"
+            f"@{self.host}:{self.port}/{quote(self.vhost, safe='')}?heartbeat={self.heartbeat}"
+        )
+
+
+def parse_amqp_url(value: str) -> AMQPURL:
+    """``amqp://user:pass@host:port/vhost`` (vhost ``%2F`` is ``/``), or ``memory:``."""
+    if value.strip() in ("memory:", "memory", "memory://"):
+        return AMQPURL(memory=True)
+    parts = urlsplit(value)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"not an amqp:// URL: {value!r}")
+    tls = parts.scheme == "amqps"
+    try:
+        port = parts.port or (5671 if tls else 5672)
+    except ValueError as e:
+        raise ValueError(f"bad port in {value!r}") from e
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    heartbeat = 30
+    for item in parts.query.split("&"):
+        key, _, val = item.partition("=")
+        if key == "heartbeat" and val.isdigit():
+            heartbeat = int(val)
+    return AMQPURL(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        vhost=vhost,
+        username=unquote(parts.username) if parts.username else "guest",
+        password=unquote(parts.password) if parts.password else "guest",
+        tls=tls,
+        heartbeat=heartbeat,
+    )
+
+
+def parse_http_url(value: str) -> str:
+    """An absolute http(s) URL, returned unchanged (without a trailing slash)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an absolute http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+def parse_networks(
+    value: str,
+) -> tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], tuple[str, ...]]:
+    """Comma-separated CIDRs, addresses and host names -> (networks, host names)."""
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    hosts: list[str] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9.-]+", item):
+                raise ValueError(f"not a CIDR, address or host name: {item!r}") from None
+            hosts.append(item.lower().rstrip("."))
+    return tuple(nets), tuple(hosts)
+
+
+def option_or_env(
+    options: Mapping[str, Any],
+    key: str,
+    env_names: tuple[str, ...],
+    default: T,
+    parse: Callable[[Any], Any],
+    environ: Mapping[str, str] | None = None,
+    flag: str | None = None,
+) -> Any:
+    """The flag's value, else the first environment variable that is set, else the default.
+
+    Whatever the source, the value goes through ``parse``; a failure becomes a
+    :class:`ConfigError` naming the flag (and the variable, when that was the source).
+    """
+    environ = os.environ if environ is None else environ
+    flag = flag or f"--{key}"
+    raw = options.get(key)
+    source = flag
+    if raw is None:
+        for name in env_names:
+            if environ.get(name, "") != "":
+                raw = environ[name]
+                source = f"{flag} (from ${name})"
+                break
+    if raw is None:
+        return default
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise ConfigError(source, str(e)) from None
+
+
+def read_secret(mount_path: str, name: str) -> str:
+    """Read an OpenFaaS-style secret file (``<mount>/<name>``), stripped of whitespace."""
+    path = os.path.join(mount_path, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConfigError("--secret-mount-path", f"cannot read {path}: {e.strerror}") from None

@@ -1,0 +1,104 @@
+"""Header and path rules shared by every process: one filter, one call-id rule.
+
+Pure: works on ``(name, value)`` pairs of bytes (as Twisted hands them over)
+and on strings; imports nothing from the reactor.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from urllib.parse import unquote_to_bytes
+
+# RFC 9110 §7.6.1 plus the fixed list OpenFaaS strips; any header named in
+# ``Connection:`` is hop-by-hop too (see :func:`end_to_end`).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+CALL_ID = b"X-Call-Id"
+START_TIME = b"X-Start-Time"
+DURATION = b"X-Duration-Seconds"
+CALLBACK_URL = b"X-Callback-Url"
+FORWARDED_FOR = b"X-Forwarded-For"
+FORWARDED_HOST = b"X-Forwarded-Host"
+
+_CALL_ID_RULE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+
+
+def new_call_id() -> str:
+    return str(uuid.uuid4())
+
+
+def valid_call_id(value: bytes | str) -> bool:
+    """A client may choose its call id: 1-128 characters of ``[A-Za-z0-9._:@+=-]``."""
+    if isinstance(value, str):
+        try:
+            value = value.encode("ascii")
+        except UnicodeEncodeError:
+            return False
+    return bool(_CALL_ID_RULE.match(value))
+
+
+def connection_tokens(pairs: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Header names listed in any ``Connection`` header, lower-cased."""
+    names: set[bytes] = set()
+    for name, value in pairs:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(names)
+
+
+def end_to_end(
+    pairs: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()
+) -> list[tuple[bytes, bytes]]:
+    """The end-to-end headers: hop-by-hop ones, those named in ``Connection`` and ``drop`` removed.
+
+    ``drop`` holds lower-cased names the caller sets itself (so they are not duplicated).
+    """
+    pairs = list(pairs)
+    skip = HOP_BY_HOP | connection_tokens(pairs) | drop
+    return [(name, value) for name, value in pairs if name.lower() not in skip]
+
+
+def append_forwarded_for(existing: list[bytes], client_ip: bytes) -> bytes:
+    """Append the client's address to any ``X-Forwarded-For`` it sent; never trust, never drop."""
+    parts = [v.strip() for v in existing if v.strip()]
+    parts.append(client_ip)
+    return b", ".join(parts)
+
+
+class BadPath(ValueError):
+    """A path segment that could escape the function's URL space."""
+
+
+def check_subpath(segments: Iterable[bytes]) -> None:
+    """Refuse segments that decode to ``.``/``..`` or contain ``/``, ``\\`` or NUL."""
+    for raw in segments:
+        decoded = unquote_to_bytes(raw)
+        if decoded in (b".", b".."):
+            raise BadPath(f"path segment {decoded.decode('latin-1')!r} is not allowed")
+        for bad, label in ((b"/", "'/'"), (b"\\", "'\\'"), (b"\x00", "NUL")):
+            if bad in decoded:
+                raise BadPath(f"path segment may not contain {label} (after percent-decoding)")
+
+
+def to_str_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Header bytes -> strings, losslessly (latin-1), for JSON records and queue messages."""
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in pairs]
+
+
+def to_bytes_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in pairs]

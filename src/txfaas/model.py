@@ -1,0 +1,455 @@
+"""The things txfaas stores and queues: functions, calls and call records.
+
+Pure: JSON in, JSON out, validation with messages that name the field.
+The OpenFaaS shapes (faas-provider's ``FunctionDeployment`` and
+``FunctionStatus``) are kept on the wire so faas-cli works unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+from txfaas.config import parse_duration, parse_http_url
+
+NAME_RULE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME = 63
+
+URL_ANNOTATION = "txfaas.url"
+TIMEOUT_ANNOTATION = "txfaas.timeout"
+QUEUE_ANNOTATION = "com.openfaas.queue"
+DEFAULT_QUEUE = "faas-request"
+
+
+class ValidationError(ValueError):
+    """Bad input.  ``str()`` is one short line naming the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.field = field
+        self.problem = problem
+
+
+def check_name(name: str, field: str = "service") -> str:
+    """A function name must be a DNS-1123 label of at most 63 characters."""
+    if not isinstance(name, str) or not name:
+        raise ValidationError(field, "a function name is required")
+    if len(name) > MAX_NAME:
+        raise ValidationError(field, f"function name longer than {MAX_NAME} characters")
+    if not NAME_RULE.match(name):
+        raise ValidationError(
+            field,
+            f"invalid function name {name!r}: use lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit",
+        )
+    return name
+
+
+def check_queue_name(name: str, field: str = "annotations.com.openfaas.queue") -> str:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}", name):
+        raise ValidationError(field, f"invalid queue name {name!r}")
+    return name
+
+
+def _str_map(data: Mapping[str, Any], key: str) -> dict[str, str]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValidationError(key, "must be an object of strings")
+    return dict(value)
+
+
+def _str_list(data: Mapping[str, Any], key: str) -> list[str]:
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError(key, "must be a list of strings")
+    return list(value)
+
+
+def _str(data: Mapping[str, Any], key: str, default: str = "") -> str:
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ValidationError(key, "must be a string")
+    return value
+
+
+def _resources(data: Mapping[str, Any], key: str) -> dict[str, str] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValidationError(key, 'must be an object like {"memory": "128Mi", "cpu": "100m"}')
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise ValidationError(f"{key}.{k}", "must be a string")
+        out[k] = v
+    return out
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.frozen
+class FunctionSpec:
+    """A deployed function: OpenFaaS's FunctionDeployment plus ``url`` and bookkeeping."""
+
+    service: str
+    image: str = ""
+    namespace: str = ""
+    env_process: str = ""
+    env_vars: dict[str, str] = attrs.field(factory=dict)
+    labels: dict[str, str] = attrs.field(factory=dict)
+    annotations: dict[str, str] = attrs.field(factory=dict)
+    constraints: list[str] = attrs.field(factory=list)
+    secrets: list[str] = attrs.field(factory=list)
+    limits: dict[str, str] | None = None
+    requests: dict[str, str] | None = None
+    read_only_root_filesystem: bool = False
+    url: str | None = None
+    replicas: int = 1
+    created_at: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: Any, *, created_at: float | None = None) -> FunctionSpec:
+        """Validate a FunctionDeployment body; raise :class:`ValidationError` naming the field."""
+        if not isinstance(data, dict):
+            raise ValidationError("", "the body must be a JSON object")
+        if "service" not in data:
+            raise ValidationError("service", "missing")
+        service = check_name(_str(data, "service"))
+        annotations = _str_map(data, "annotations")
+        url = data.get("url")
+        if url is None:
+            url = annotations.get(URL_ANNOTATION)
+            url_field = f"annotations.{URL_ANNOTATION}"
+        else:
+            url_field = "url"
+        if url is not None:
+            if not isinstance(url, str):
+                raise ValidationError(url_field, "must be a string")
+            try:
+                url = parse_http_url(url)
+            except ValueError as e:
+                raise ValidationError(url_field, str(e)) from None
+        rorf = data.get("readOnlyRootFilesystem", False)
+        if not isinstance(rorf, bool):
+            raise ValidationError("readOnlyRootFilesystem", "must be true or false")
+        spec = cls(
+            service=service,
+            image=_str(data, "image"),
+            namespace=_str(data, "namespace"),
+            env_process=_str(data, "envProcess"),
+            env_vars=_str_map(data, "envVars"),
+            labels=_str_map(data, "labels"),
+            annotations=annotations,
+            constraints=_str_list(data, "constraints"),
+            secrets=_str_list(data, "secrets"),
+            limits=_resources(data, "limits"),
+            requests=_resources(data, "requests"),
+            read_only_root_filesystem=rorf,
+            url=url,
+            created_at=time.time() if created_at is None else created_at,
+        )
+        # Validate derived settings now, so a bad value is a 400 at deploy time.
+        spec.timeout  # noqa: B018
+        spec.queue  # noqa: B018
+        return spec
+
+    @property
+    def timeout(self) -> float | None:
+        """The function's own time limit: annotation ``txfaas.timeout``, else envVars ``exec_timeout``."""
+        for field, raw in (
+            (f"annotations.{TIMEOUT_ANNOTATION}", self.annotations.get(TIMEOUT_ANNOTATION)),
+            ("envVars.exec_timeout", self.env_vars.get("exec_timeout")),
+        ):
+            if raw is not None:
+                try:
+                    value = parse_duration(raw)
+                except ValueError as e:
+                    raise ValidationError(field, str(e)) from None
+                return value or None
+        return None
+
+    @property
+    def queue(self) -> str:
+        """The queue its async calls go to (OpenFaaS's ``com.openfaas.queue`` annotation)."""
+        name = self.annotations.get(QUEUE_ANNOTATION)
+        return DEFAULT_QUEUE if name is None else check_queue_name(name)
+
+    def base_url(self, template: str) -> str:
+        """Where the function answers: its own ``url``, else the operator's template."""
+        if self.url:
+            return self.url
+        return template.format(name=self.service, namespace=self.namespace).rstrip("/")
+
+    def to_record(self) -> dict[str, Any]:
+        """What the store keeps."""
+        data = self.deployment_json()
+        data["url"] = self.url
+        data["replicas"] = self.replicas
+        data["createdAt"] = self.created_at
+        return data
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> FunctionSpec:
+        spec = cls.from_json(dict(data), created_at=float(data.get("createdAt") or 0.0))
+        return attrs.evolve(spec, replicas=int(data.get("replicas", 1)))
+
+    def deployment_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "image": self.image,
+            "namespace": self.namespace,
+            "envProcess": self.env_process,
+            "envVars": dict(self.env_vars),
+            "labels": dict(self.labels),
+            "annotations": dict(self.annotations),
+            "constraints": list(self.constraints),
+            "secrets": list(self.secrets),
+            "limits": self.limits,
+            "requests": self.requests,
+            "readOnlyRootFilesystem": self.read_only_root_filesystem,
+        }
+
+    def status_json(self, invocation_count: int = 0) -> dict[str, Any]:
+        """OpenFaaS's FunctionStatus shape (what ``faas-cli list/describe`` read)."""
+        data = self.deployment_json()
+        del data["service"]
+        return {
+            "name": self.service,
+            **data,
+            "url": self.url,
+            "replicas": self.replicas,
+            "availableReplicas": self.replicas,
+            "invocationCount": invocation_count,
+            "createdAt": rfc3339(self.created_at),
+        }
+
+
+def parse_scale_request(data: Any, name: str) -> int:
+    """``{"serviceName": name, "replicas": n}`` -> n."""
+    if not isinstance(data, dict):
+        raise ValidationError("", "the body must be a JSON object")
+    service = data.get("serviceName", name)
+    if service != name:
+        raise ValidationError("serviceName", f"{service!r} does not match the URL's {name!r}")
+    replicas = data.get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        raise ValidationError("replicas", "must be a non-negative integer")
+    return replicas
+
+
+# --- asynchronous calls ------------------------------------------------------------------------
+
+Headers = list[tuple[str, str]]
+
+
+@attrs.frozen
+class Call:
+    """One queued invocation: everything the worker needs to run it, body kept raw."""
+
+    call_id: str
+    function: str
+    method: str = "POST"
+    path: str = "/"
+    query: str = ""
+    headers: Headers = attrs.field(factory=list)
+    body: bytes = b""
+    callback_url: str | None = None
+    accepted_at: float = 0.0
+    queue: str = DEFAULT_QUEUE
+    attempt: int = 1
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the body, as JSON-able data (the body travels as the raw payload)."""
+        return {
+            "v": 1,
+            "callId": self.call_id,
+            "function": self.function,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": [list(h) for h in self.headers],
+            "callbackUrl": self.callback_url,
+            "acceptedAt": self.accepted_at,
+            "queue": self.queue,
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], body: bytes) -> Call:
+        try:
+            return cls(
+                call_id=str(meta["callId"]),
+                function=str(meta["function"]),
+                method=str(meta.get("method", "POST")),
+                path=str(meta.get("path", "/")),
+                query=str(meta.get("query", "")),
+                headers=[(str(k), str(v)) for k, v in meta.get("headers", [])],
+                body=body,
+                callback_url=meta.get("callbackUrl"),
+                accepted_at=float(meta.get("acceptedAt", 0.0)),
+                queue=str(meta.get("queue", DEFAULT_QUEUE)),
+                attempt=int(meta.get("attempt", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValidationError("message", f"not a txfaas call: {e}") from None
+
+    def encode_meta(self) -> bytes:
+        return json.dumps(self.meta(), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, meta: bytes | str, body: bytes) -> Call:
+        try:
+            data = json.loads(meta)
+        except ValueError as e:
+            raise ValidationError("message", f"bad call metadata: {e}") from None
+        if not isinstance(data, dict):
+            raise ValidationError("message", "call metadata is not an object")
+        return cls.from_meta(data, body)
+
+
+class CallStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    DEAD_LETTERED = "dead_lettered"
+
+    FINAL = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, DEAD_LETTERED})
+
+
+def outcome_status(status_code: int) -> str:
+    """The record status for a function's HTTP status (504 is our exec_timeout status)."""
+    if status_code == 504:
+        return CallStatus.TIMED_OUT
+    if 200 <= status_code < 400:
+        return CallStatus.SUCCEEDED
+    return CallStatus.FAILED
+
+
+@attrs.frozen
+class CallRecord:
+    """The status of one async call, as ``GET /system/calls/{id}`` shows it."""
+
+    call_id: str
+    function: str
+    status: str = CallStatus.QUEUED
+    status_code: int | None = None
+    attempts: int = 0
+    max_attempts: int | None = None
+    accepted_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration: float | None = None
+    next_attempt_at: float | None = None
+    callback_url: str | None = None
+    callback_state: str | None = None  # None (no callback), pending, delivered, failed
+    callback_attempts: int = 0
+    callback_status: int | None = None
+    error: str | None = None
+    queue: str = DEFAULT_QUEUE
+
+    @property
+    def final(self) -> bool:
+        return self.status in CallStatus.FINAL
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "callId": self.call_id,
+            "function": self.function,
+            "status": self.status,
+            "statusCode": self.status_code,
+            "attempts": self.attempts,
+            "maxAttempts": self.max_attempts,
+            "acceptedAt": self.accepted_at,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+            "durationSeconds": self.duration,
+            "nextAttemptAt": self.next_attempt_at,
+            "callbackUrl": self.callback_url,
+            "callbackState": self.callback_state,
+            "callbackAttempts": self.callback_attempts,
+            "callbackStatus": self.callback_status,
+            "error": self.error,
+            "queue": self.queue,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CallRecord:
+        return cls(
+            call_id=data["callId"],
+            function=data["function"],
+            status=data.get("status", CallStatus.QUEUED),
+            status_code=data.get("statusCode"),
+            attempts=data.get("attempts", 0),
+            max_attempts=data.get("maxAttempts"),
+            accepted_at=data.get("acceptedAt", 0.0),
+            started_at=data.get("startedAt"),
+            finished_at=data.get("finishedAt"),
+            duration=data.get("durationSeconds"),
+            next_attempt_at=data.get("nextAttemptAt"),
+            callback_url=data.get("callbackUrl"),
+            callback_state=data.get("callbackState"),
+            callback_attempts=data.get("callbackAttempts", 0),
+            callback_status=data.get("callbackStatus"),
+            error=data.get("error"),
+            queue=data.get("queue", DEFAULT_QUEUE),
+        )
+
+    @classmethod
+    def for_call(cls, call: Call) -> CallRecord:
+        return cls(
+            call_id=call.call_id,
+            function=call.function,
+            accepted_at=call.accepted_at,
+            callback_url=call.callback_url,
+            callback_state="pending" if call.callback_url else None,
+            queue=call.queue,
+        )
+
+
+@attrs.frozen
+class CallResult:
+    """A function's response, kept so callers may poll instead of receiving callbacks."""
+
+    status_code: int
+    headers: Headers = attrs.field(factory=list)
+    body: bytes = b""
+    truncated: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "statusCode": self.status_code,
+            "headers": [list(h) for h in self.headers],
+            "body": base64.b64encode(self.body).decode("ascii"),
+            "truncated": self.truncated,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CallResult:
+        return cls(
+            status_code=int(data["statusCode"]),
+            headers=[(str(k), str(v)) for k, v in data.get("headers", [])],
+            body=base64.b64decode(data.get("body", "")),
+            truncated=bool(data.get("truncated", False)),
+        )

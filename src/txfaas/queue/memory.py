@@ -1,0 +1,123 @@
+"""In-process queue: for unit tests and the single-process mode (nothing is durable)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attrs
+from twisted.logger import Logger
+
+from txfaas.model import Call
+from txfaas.queue import DeliveryHandler, QueueUnavailable
+
+
+@attrs.define(eq=False)
+class MemoryDelivery:
+    call: Call
+    redelivered: bool
+    delivery_count: int
+    _queue: MemoryQueue
+    settled: str | None = None
+
+    def ack(self) -> None:
+        self._settle("ack")
+
+    def nack(self, requeue: bool = True) -> None:
+        self._settle("requeue" if requeue else "dead")
+        if requeue:
+            self._queue._requeue(self.call, self.delivery_count + 1)
+        else:
+            self._queue.dead_letters.append(self.call)
+
+    def _settle(self, how: str) -> None:
+        if self.settled is not None:
+            raise RuntimeError(f"delivery of {self.call.call_id} already settled ({self.settled})")
+        self.settled = how
+        self._queue._unacked.discard(self)
+        self._queue._pump()
+
+
+class MemoryQueue:
+    """Implements ``CallQueue`` in memory, with prefetch, redelivery and a dead-letter list.
+
+    Set ``available = False`` to make publishing fail as an unreachable broker would.
+    Deliveries are made synchronously, from ``publish``/``ack``/``nack``/``consume``.
+    """
+
+    log = Logger()
+
+    def __init__(self, queues: list[str] | None = None) -> None:
+        self.messages: dict[str, deque[tuple[Call, int]]] = {q: deque() for q in queues or []}
+        self.dead_letters: list[Call] = []
+        self.published: list[Call] = []
+        self.available = True
+        self._consumers: list[tuple[list[str], int, DeliveryHandler]] = []
+        self._unacked: set[MemoryDelivery] = set()
+        self._pumping = False
+
+    async def start(self) -> None:
+        if not self.available:
+            raise QueueUnavailable("memory queue marked unavailable")
+
+    async def declare(self, queue: str) -> None:
+        if not self.available:
+            raise QueueUnavailable("memory queue marked unavailable")
+        self.messages.setdefault(queue, deque())
+
+    async def publish(self, call: Call) -> None:
+        if not self.available:
+            raise QueueUnavailable("memory queue marked unavailable")
+        if call.queue not in self.messages:
+            raise QueueUnavailable(f"no queue named {call.queue!r}")
+        self.published.append(call)
+        self.messages[call.queue].append((call, 0))
+        self._pump()
+
+    def consume(self, queues: list[str], prefetch: int, handler: DeliveryHandler) -> None:
+        for q in queues:
+            self.messages.setdefault(q, deque())
+        self._consumers.append((list(queues), prefetch, handler))
+        self._pump()
+
+    async def stop_consuming(self) -> None:
+        self._consumers.clear()
+
+    async def ping(self) -> None:
+        if not self.available:
+            raise QueueUnavailable("memory queue marked unavailable")
+
+    async def close(self) -> None:
+        self._consumers.clear()
+        for delivery in list(self._unacked):
+            delivery.nack(requeue=True)
+
+    def pending(self, queue: str) -> int:
+        return len(self.messages.get(queue, ()))
+
+    def _requeue(self, call: Call, count: int) -> None:
+        self.messages.setdefault(call.queue, deque()).appendleft((call, count))
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            progress = True
+            while progress:
+                progress = False
+                for queues, prefetch, handler in list(self._consumers):
+                    mine = sum(1 for d in self._unacked if d.call.queue in queues)
+                    for q in queues:
+                        if mine >= prefetch or not self.messages[q]:
+                            continue
+                        call, count = self.messages[q].popleft()
+                        delivery = MemoryDelivery(call, count > 0, count, self)
+                        self._unacked.add(delivery)
+                        mine += 1
+                        progress = True
+                        try:
+                            handler(delivery)
+                        except Exception:
+                            self.log.failure("consumer raised on {call_id}", call_id=call.call_id)
+        finally:
+            self._pumping = False

@@ -1,0 +1,67 @@
+"""Where functions and call records live: an interface, Redis and in-memory implementations.
+
+The store knows nothing of HTTP or of the processes that use it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from txfaas.model import CallRecord, CallResult, FunctionSpec
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The backing service did not answer (in time).  Callers answer 503, never 404."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class FunctionStore(Protocol):
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the store answers now."""
+
+    async def list_functions(self) -> list[FunctionSpec]: ...
+
+    async def get_function(self, name: str) -> FunctionSpec | None: ...
+
+    async def create_function(self, spec: FunctionSpec) -> None:
+        """Raise :class:`AlreadyExists` if a function of that name exists."""
+
+    async def update_function(self, spec: FunctionSpec) -> None:
+        """Replace the function (keeping ``created_at`` and ``replicas``); :class:`NotFound` if missing."""
+
+    async def delete_function(self, name: str) -> None:
+        """Raise :class:`NotFound` if missing."""
+
+    async def scale_function(self, name: str, replicas: int) -> None: ...
+
+    async def add_invocations(self, counts: dict[str, int]) -> None:
+        """Add to the functions' invocation counters."""
+
+    async def invocation_counts(self, names: list[str]) -> dict[str, int]: ...
+
+
+class CallStore(Protocol):
+    async def ping(self) -> None: ...
+
+    async def create_call(self, record: CallRecord) -> CallRecord | None:
+        """Store a new record; if one with that call id exists, return it and store nothing."""
+
+    async def get_call(self, call_id: str) -> CallRecord | None: ...
+
+    async def put_call(self, record: CallRecord) -> None:
+        """Overwrite the record (its TTL restarts)."""
+
+    async def put_result(self, call_id: str, result: CallResult) -> None: ...
+
+    async def get_result(self, call_id: str) -> CallResult | None: ...

@@ -1,0 +1,97 @@
+"""In-process store: for unit tests and the single-process mode (nothing is durable)."""
+
+from __future__ import annotations
+
+import attrs
+
+from txfaas.model import CallRecord, CallResult, FunctionSpec
+from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
+
+
+class MemoryStore:
+    """Implements both ``FunctionStore`` and ``CallStore``.
+
+    Set ``available = False`` to make every call raise :class:`StoreUnavailable`,
+    as an unreachable Redis would.  TTLs are not enforced.
+    """
+
+    def __init__(self) -> None:
+        self.functions: dict[str, FunctionSpec] = {}
+        self.invocations: dict[str, int] = {}
+        self.calls: dict[str, CallRecord] = {}
+        self.results: dict[str, CallResult] = {}
+        self.available = True
+
+    def _check(self) -> None:
+        if not self.available:
+            raise StoreUnavailable("memory store marked unavailable")
+
+    async def ping(self) -> None:
+        self._check()
+
+    async def list_functions(self) -> list[FunctionSpec]:
+        self._check()
+        return [self.functions[name] for name in sorted(self.functions)]
+
+    async def get_function(self, name: str) -> FunctionSpec | None:
+        self._check()
+        return self.functions.get(name)
+
+    async def create_function(self, spec: FunctionSpec) -> None:
+        self._check()
+        if spec.service in self.functions:
+            raise AlreadyExists(spec.service)
+        self.functions[spec.service] = spec
+
+    async def update_function(self, spec: FunctionSpec) -> None:
+        self._check()
+        old = self.functions.get(spec.service)
+        if old is None:
+            raise NotFound(spec.service)
+        self.functions[spec.service] = attrs.evolve(spec, created_at=old.created_at, replicas=old.replicas)
+
+    async def delete_function(self, name: str) -> None:
+        self._check()
+        if self.functions.pop(name, None) is None:
+            raise NotFound(name)
+        self.invocations.pop(name, None)
+
+    async def scale_function(self, name: str, replicas: int) -> None:
+        self._check()
+        spec = self.functions.get(name)
+        if spec is None:
+            raise NotFound(name)
+        self.functions[name] = attrs.evolve(spec, replicas=replicas)
+
+    async def add_invocations(self, counts: dict[str, int]) -> None:
+        self._check()
+        for name, n in counts.items():
+            self.invocations[name] = self.invocations.get(name, 0) + n
+
+    async def invocation_counts(self, names: list[str]) -> dict[str, int]:
+        self._check()
+        return {name: self.invocations.get(name, 0) for name in names}
+
+    async def create_call(self, record: CallRecord) -> CallRecord | None:
+        self._check()
+        existing = self.calls.get(record.call_id)
+        if existing is not None:
+            return existing
+        self.calls[record.call_id] = record
+        return None
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        self._check()
+        return self.calls.get(call_id)
+
+    async def put_call(self, record: CallRecord) -> None:
+        self._check()
+        self.calls[record.call_id] = record
+
+    async def put_result(self, call_id: str, result: CallResult) -> None:
+        self._check()
+        self.results[call_id] = result
+
+    async def get_result(self, call_id: str) -> CallResult | None:
+        self._check()
+        return self.results.get(call_id)

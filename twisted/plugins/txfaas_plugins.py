@@ -1,0 +1,27 @@
+"""twistd plugins for txfaas: one lazy ServiceMaker per process.
+
+Nothing of txfaas is imported here, so ``twistd --help`` stays cheap.
+"""
+
+from twisted.application.service import ServiceMaker
+
+faasGateway = ServiceMaker(
+    "txfaas gateway",
+    "txfaas.gateway.tap",
+    "OpenFaaS-compatible function gateway (sync proxy, async queueing, /system API).",
+    "faas-gateway",
+)
+
+faasWorker = ServiceMaker(
+    "txfaas worker",
+    "txfaas.worker.tap",
+    "Consumes queued calls, invokes functions, records outcomes, delivers callbacks.",
+    "faas-worker",
+)
+
+faasWatchdog = ServiceMaker(
+    "txfaas watchdog",
+    "txfaas.watchdog.tap",
+    "Runs any program as an OpenFaaS-style function over HTTP.",
+    "faas-watchdog",
+)
