@@ -94,7 +94,8 @@ def format_duration(seconds: float) -> str:
         return f"{int(seconds)}s"
     if seconds < 1:
         return f"{round(seconds * 1000, 3):g}ms"
-    return f"{seconds:g}s"
+    # Fixed-point: ``:g`` would print 1.23457e+06 (which parse_duration refuses) and drop digits.
+    return f"{seconds:f}".rstrip("0").rstrip(".") + "s"
 
 
 def parse_size(value: str | int) -> int:
