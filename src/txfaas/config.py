@@ -174,9 +174,10 @@ class AMQPURL:
         from urllib.parse import quote
 
         scheme = "amqps" if self.tls else "amqp"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
         return (
             f"{scheme}://{quote(self.username, safe='')}:{quote(self.password, safe='')}"
-            f"@{self.host}:{self.port}/{quote(self.vhost, safe='')}?heartbeat={self.heartbeat}"
+            f"@{host}:{self.port}/{quote(self.vhost, safe='')}?heartbeat={self.heartbeat}"
         )
 
 
