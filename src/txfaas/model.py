@@ -19,7 +19,7 @@ import attrs
 
 from txfaas.config import parse_duration, parse_http_url
 
-NAME_RULE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NAME_RULE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")  # \Z: "$" would accept a trailing newline
 MAX_NAME = 63
 
 URL_ANNOTATION = "txfaas.url"
