@@ -35,7 +35,7 @@ CALLBACK_URL = b"X-Callback-Url"
 FORWARDED_FOR = b"X-Forwarded-For"
 FORWARDED_HOST = b"X-Forwarded-Host"
 
-_CALL_ID_RULE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+_CALL_ID_RULE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")  # not "$": it allows a final "\n"
 
 
 def new_call_id() -> str:
