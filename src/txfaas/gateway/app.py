@@ -1,0 +1,459 @@
+"""The gateway's Klein app: ``/system/*``, ``/async-function/*``, ``/healthz``, ``/metrics``.
+
+State comes in through ``__init__`` (store, queue, clock, resolver, metrics); routes
+are methods; exceptions become status codes in one place (:class:`HTTPError` and
+the ``handle_errors`` handlers).  The hot ``/function/`` route is not here: it is
+:mod:`txfaas.gateway.proxy`, mounted beside this app by :class:`GatewayRoot`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+import attrs
+from klein import Klein
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.iweb import IRequest
+
+from txfaas import __version__
+from txfaas import headers as hdr
+from txfaas.gateway.functions import FunctionCache
+from txfaas.gateway.metrics import GatewayMetrics
+from txfaas.model import (
+    DEFAULT_QUEUE,
+    Call,
+    CallRecord,
+    FunctionSpec,
+    ValidationError,
+    check_name,
+    parse_scale_request,
+)
+from txfaas.queue import CallQueue, QueueUnavailable
+from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
+from txfaas.store import AlreadyExists, CallStore, NotFound, StoreUnavailable
+
+SYSTEM_BODY_LIMIT = 1024 * 1024
+# Set by the gateway itself, or of no use to the function.
+_ASYNC_DROP = frozenset({b"host", b"content-length", b"x-callback-url", b"x-call-id"})
+
+
+class HTTPError(Exception):
+    def __init__(self, code: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+@attrs.frozen
+class AppSettings:
+    provider: str = "txfaas"
+    orchestration: str = "process"
+    async_enabled: bool = True
+    callback_policy: AddressPolicy = attrs.field(factory=AddressPolicy)
+    retry_after: int = 5
+
+
+class GatewayApp:
+    """The Klein half of the gateway."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        functions: FunctionCache,
+        calls: CallStore,
+        queue: CallQueue | None,
+        resolver: Any,
+        metrics: GatewayMetrics,
+        settings: AppSettings = AppSettings(),
+    ) -> None:
+        self._functions = functions
+        self._store = functions.store
+        self._calls = calls
+        self._queue = queue
+        self._resolver = resolver
+        self._metrics = metrics
+        self._settings = settings
+
+    def resource(self) -> resource.IResource:
+        return self.app.resource()
+
+    # --- errors, in one place ---------------------------------------------------------------
+
+    @app.handle_errors(HTTPError)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error: HTTPError = failure.value
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        return _text(request, error.code, error.message)
+
+    @app.handle_errors(ValidationError)
+    def _validation_error(self, request: IRequest, failure: Failure) -> bytes:
+        return _text(request, 400, str(failure.value))
+
+    @app.handle_errors(StoreUnavailable)
+    def _store_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.warn("store unavailable: {error}", error=failure.value)
+        request.setHeader(b"Retry-After", str(self._settings.retry_after).encode())
+        return _text(request, 503, f"function registry unavailable: {failure.value}")
+
+    @app.handle_errors(QueueUnavailable)
+    def _queue_unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.warn("queue unavailable: {error}", error=failure.value)
+        request.setHeader(b"Retry-After", str(self._settings.retry_after).encode())
+        return _text(request, 503, f"queue unavailable, call not accepted: {failure.value}")
+
+    @app.handle_errors(defer.CancelledError)
+    def _cancelled(self, request: IRequest, failure: Failure) -> bytes:
+        return b""  # the client went away
+
+    # --- health and metrics -----------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    async def healthz(self, request: IRequest) -> bytes:
+        problems = []
+        try:
+            await self._store.ping()
+        except StoreUnavailable as e:
+            problems.append(f"redis: {e}")
+        if self._queue is not None:
+            try:
+                await self._queue.ping()
+            except QueueUnavailable as e:
+                problems.append(f"rabbitmq: {e}")
+        if problems:
+            return _text(request, 503, "unhealthy: " + "; ".join(problems))
+        return _text(request, 200, "OK")
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._metrics.registry)
+
+    # --- functions --------------------------------------------------------------------------
+
+    @app.route("/system/functions", methods=["GET"])
+    async def list_functions(self, request: IRequest) -> bytes:
+        specs = await self._store.list_functions()
+        counts = await self._store.invocation_counts([s.service for s in specs])
+        for spec in specs:
+            self._metrics.service_count.labels(spec.service).set(spec.replicas)
+        return _json(request, 200, [s.status_json(counts.get(s.service, 0)) for s in specs])
+
+    @app.route("/system/functions", methods=["POST"])
+    async def deploy(self, request: IRequest) -> bytes:
+        spec = FunctionSpec.from_json(_read_json(request))
+        await self._declare_queue(spec)
+        try:
+            await self._store.create_function(spec)
+        except AlreadyExists:
+            raise HTTPError(409, f"function {spec.service!r} already exists: use PUT to update it") from None
+        self._functions.forget(spec.service)
+        self.log.info("deployed function {function}", function=spec.service)
+        return _text(request, 202, f"function {spec.service!r} deployed")
+
+    @app.route("/system/functions", methods=["PUT"])
+    async def update(self, request: IRequest) -> bytes:
+        spec = FunctionSpec.from_json(_read_json(request))
+        await self._declare_queue(spec)
+        try:
+            await self._store.update_function(spec)
+        except NotFound:
+            raise HTTPError(404, f"function {spec.service!r} not found") from None
+        self._functions.forget(spec.service)
+        self.log.info("updated function {function}", function=spec.service)
+        return _text(request, 202, f"function {spec.service!r} updated")
+
+    @app.route("/system/functions", methods=["DELETE"])
+    async def remove(self, request: IRequest) -> bytes:
+        data = _read_json(request)
+        if not isinstance(data, dict) or "functionName" not in data:
+            raise ValidationError("functionName", "missing")
+        name = check_name(data["functionName"], "functionName")
+        try:
+            await self._store.delete_function(name)
+        except NotFound:
+            raise HTTPError(404, f"function {name!r} not found") from None
+        self._functions.forget(name)
+        self.log.info("removed function {function}", function=name)
+        return _text(request, 202, f"function {name!r} removed")
+
+    @app.route("/system/functions", methods=["PATCH", "OPTIONS", "HEAD"])
+    def functions_other(self, request: IRequest) -> bytes:
+        request.setHeader(b"Allow", b"GET, POST, PUT, DELETE")
+        return _text(request, 405, "method not allowed on /system/functions: use GET, POST, PUT or DELETE")
+
+    @app.route("/system/function/<name>", methods=["GET"])
+    async def function_status(self, request: IRequest, name: str) -> bytes:
+        check_name(name, "name")
+        spec = await self._store.get_function(name)
+        if spec is None:
+            raise HTTPError(404, f"function {name!r} not found")
+        counts = await self._store.invocation_counts([name])
+        return _json(request, 200, spec.status_json(counts.get(name, 0)))
+
+    @app.route("/system/scale-function/<name>", methods=["POST"])
+    async def scale(self, request: IRequest, name: str) -> bytes:
+        check_name(name, "name")
+        replicas = parse_scale_request(_read_json(request), name)
+        try:
+            await self._store.scale_function(name, replicas)
+        except NotFound:
+            raise HTTPError(404, f"function {name!r} not found") from None
+        self._functions.forget(name)
+        self._metrics.service_count.labels(name).set(replicas)
+        return _text(request, 202, f"function {name!r} scaled to {replicas}")
+
+    @app.route("/system/info", methods=["GET"])
+    def info(self, request: IRequest) -> bytes:
+        s = self._settings
+        release = __version__
+        return _json(
+            request,
+            200,
+            {
+                "provider": {
+                    "provider": s.provider,
+                    "orchestration": s.orchestration,
+                    "version": {"sha": "", "release": release},
+                },
+                "version": {"commit_message": "", "sha": "", "release": release},
+                "arch": _arch(),
+            },
+        )
+
+    async def _declare_queue(self, spec: FunctionSpec) -> None:
+        if self._queue is not None and spec.queue != DEFAULT_QUEUE:
+            await self._queue.declare(spec.queue)
+
+    # --- asynchronous calls -----------------------------------------------------------------
+
+    @app.route("/async-function/<name>", methods=["POST"], branch=True)
+    async def async_call(self, request: IRequest, name: str) -> bytes:
+        try:
+            answer = await self._accept(request, name)
+        except HTTPError as e:
+            self._metrics.async_answer(name if e.code != 400 else "-", e.code)
+            raise
+        except (StoreUnavailable, QueueUnavailable):
+            self._metrics.async_answer(name, 503)
+            raise
+        self._metrics.async_answer(name, 202)
+        return answer
+
+    @app.route(
+        "/async-function/<name>", methods=["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], branch=True
+    )
+    def async_other(self, request: IRequest, name: str) -> bytes:
+        request.setHeader(b"Allow", b"POST")
+        return _text(request, 405, "asynchronous calls must use POST")
+
+    async def _accept(self, request: IRequest, name: str) -> bytes:
+        if self._queue is None or not self._settings.async_enabled:
+            raise HTTPError(404, "asynchronous calls are not enabled on this gateway")
+        try:
+            check_name(name, "function name")
+        except ValidationError as e:
+            raise HTTPError(400, str(e)) from None
+        # Klein's branch route leaves the raw (still percent-encoded) sub-path in postpath.
+        subpath = list(request.postpath)
+        try:
+            hdr.check_subpath(subpath)
+        except hdr.BadPath as e:
+            raise HTTPError(400, str(e)) from None
+        call_id = _call_id(request)
+        callback = request.getHeader(hdr.CALLBACK_URL)
+        callback_url = None
+        if callback:
+            callback_url = callback.decode("latin-1")
+            try:
+                await check_callback_url(callback_url, self._resolver, self._settings.callback_policy)
+            except CallbackRefused as e:
+                raise HTTPError(400, f"X-Callback-Url refused: {e}") from None
+        spec = await self._functions.get(name)
+        if spec is None:
+            raise HTTPError(404, f"function {name!r} not found")
+
+        existing = await self._calls.get_call(call_id)
+        if existing is not None:
+            # Idempotent post: the same call id is never queued twice.
+            return _accepted(request, existing, duplicate=True)
+
+        pairs = [(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+        forwarded = hdr.end_to_end(
+            pairs, frozenset({b"host", b"content-length", b"x-callback-url", b"x-call-id"})
+        )
+        forwarded.append((b"X-Call-Id", call_id.encode()))
+        path = b"/" + b"/".join(subpath)
+        call = Call(
+            call_id=call_id,
+            function=name,
+            method="POST",
+            path=path.decode("latin-1"),
+            query=request.uri.partition(b"?")[2].decode("latin-1"),
+            headers=hdr.to_str_pairs(forwarded),
+            body=request.content.read(),
+            callback_url=callback_url,
+            accepted_at=time.time(),
+            queue=spec.queue,
+        )
+        # Publish first, record second: a 202 is only sent once the broker confirmed the
+        # message, and a record that could not be written is created by the worker.
+        await self._queue.publish(call)
+        record = CallRecord.for_call(call)
+        try:
+            found = await self._calls.create_call(record)
+        except StoreUnavailable as e:
+            self.log.warn(
+                "[{call_id}] queued, but its status record could not be written yet: {error}",
+                call_id=call_id,
+                error=e,
+            )
+            found = None
+        self.log.info("[{call_id}] queued for {function}", call_id=call_id, function=name)
+        return _accepted(request, found or record, duplicate=False)
+
+    # --- call status ------------------------------------------------------------------------
+
+    @app.route("/system/calls/<call_id>", methods=["GET"])
+    async def call_status(self, request: IRequest, call_id: str) -> bytes:
+        record = await self._calls.get_call(_check_call_id(call_id))
+        if record is None:
+            raise HTTPError(404, f"no call {call_id!r} (unknown, or older than the status TTL)")
+        return _json(request, 200, record.to_json())
+
+    @app.route("/system/calls/<call_id>/result", methods=["GET"])
+    async def call_result(self, request: IRequest, call_id: str) -> bytes:
+        _check_call_id(call_id)
+        record = await self._calls.get_call(call_id)
+        if record is None:
+            raise HTTPError(404, f"no call {call_id!r} (unknown, or older than the status TTL)")
+        result = await self._calls.get_result(call_id)
+        if result is None:
+            raise HTTPError(404, f"call {call_id!r} has no result yet (status: {record.status})")
+        request.setResponseCode(200)
+        for name, value in hdr.end_to_end(hdr.to_bytes_pairs(result.headers), frozenset({b"content-length"})):
+            request.responseHeaders.addRawHeader(name, value)
+        request.setHeader(b"X-Function-Status", str(result.status_code).encode())
+        request.setHeader(hdr.CALL_ID, call_id.encode())
+        if result.truncated:
+            request.setHeader(b"X-Result-Truncated", b"true")
+        return result.body
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _text(request: IRequest, code: int, message: str) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    return message.encode("utf-8", "replace") + b"\n"
+
+
+def _json(request: IRequest, code: int, data: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(data).encode()
+
+
+def _read_json(request: IRequest) -> Any:
+    raw = request.content.read(SYSTEM_BODY_LIMIT + 1)
+    if len(raw) > SYSTEM_BODY_LIMIT:
+        raise HTTPError(413, f"request body over {SYSTEM_BODY_LIMIT} bytes")
+    if not raw.strip():
+        raise ValidationError("", "a JSON body is required")
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ValidationError("", f"the body is not valid JSON: {e}") from None
+
+
+def _call_id(request: IRequest) -> str:
+    given = request.getHeader(hdr.CALL_ID)
+    if given is None:
+        return hdr.new_call_id()
+    if not hdr.valid_call_id(given):
+        raise HTTPError(400, "X-Call-Id: invalid (use 1-128 characters of A-Z a-z 0-9 . _ : @ + = -)")
+    return given.decode("ascii")
+
+
+def _check_call_id(call_id: str) -> str:
+    if not hdr.valid_call_id(call_id):
+        raise HTTPError(400, f"invalid call id {call_id!r}")
+    return call_id
+
+
+def _accepted(request: IRequest, record: CallRecord, duplicate: bool) -> bytes:
+    location = f"/system/calls/{record.call_id}"
+    request.setHeader(hdr.CALL_ID, record.call_id.encode())
+    request.setHeader(b"Location", location.encode())
+    body = {"callId": record.call_id, "status": record.status, "location": location}
+    if duplicate:
+        body["duplicate"] = True
+    return _json(request, 202, body)
+
+
+def _arch() -> str:
+    import platform
+
+    machine = platform.machine().lower()
+    return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+
+
+class Unauthorized(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        request.setResponseCode(401)
+        request.setHeader(b"WWW-Authenticate", b'Basic realm="Restricted"')
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"authentication required\n"
+
+
+@attrs.frozen
+class BasicAuth:
+    user: str
+    password: str
+
+    def check(self, request: server.Request) -> bool:
+        """Both user and password compared in constant time."""
+        given_user = request.getUser() or b""
+        given_password = request.getPassword() or b""
+        user_ok = hmac.compare_digest(given_user, self.user.encode())
+        password_ok = hmac.compare_digest(given_password, self.password.encode())
+        return user_ok & password_ok
+
+
+class GatewayRoot(resource.Resource):
+    """``/function/`` goes to the proxy; everything else to the Klein app (behind auth where due)."""
+
+    _PROTECTED = frozenset({b"system", b"metrics"})
+
+    def __init__(self, proxy: resource.IResource, app: resource.IResource, auth: BasicAuth | None) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._app = app
+        self._auth = auth
+        self._unauthorized = Unauthorized()
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
+        if path == b"function":
+            return self._proxy
+        if self._auth is not None and path in self._PROTECTED and not self._auth.check(request):
+            return self._unauthorized
+        # Hand the whole path to Klein.
+        request.postpath.insert(0, request.prepath.pop())
+        return self._app
+
+    def render(self, request: server.Request) -> Any:
+        return self._app.render(request)

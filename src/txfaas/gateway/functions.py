@@ -1,0 +1,99 @@
+"""The gateway's view of the function registry: a short-lived cache and batched counters.
+
+Every synchronous call needs the function's record; reading Redis for each one
+would add a round trip to the hot path.  Records are cached for ``ttl`` seconds
+(1 s by default): a function deployed or removed through *this* gateway is seen
+at once (the cache entry is dropped), through another gateway within ``ttl``.
+Unknown names are never cached, so a new function is callable as soon as it is
+deployed.  Invocation counts are summed in memory and written every ``flush``
+seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txfaas.model import FunctionSpec
+from txfaas.store import FunctionStore
+
+
+class FunctionCache:
+    log = Logger()
+
+    def __init__(self, store: FunctionStore, clock: Any, ttl: float = 1.0, flush: float = 1.0) -> None:
+        self.store = store
+        self._clock = clock
+        self._ttl = ttl
+        self._flush_interval = flush
+        self._entries: dict[str, tuple[float, FunctionSpec]] = {}
+        self._waiting: dict[str, list[defer.Deferred]] = {}
+        self._counts: dict[str, int] = {}
+        self._loop: task.LoopingCall | None = None
+
+    async def get(self, name: str) -> FunctionSpec | None:
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] > self._clock.seconds():
+            return entry[1]
+        # One store read per name at a time, however many requests wait for it.
+        waiter: defer.Deferred[FunctionSpec | None] = defer.Deferred()
+        waiters = self._waiting.get(name)
+        if waiters is not None:
+            waiters.append(waiter)
+        else:
+            self._waiting[name] = [waiter]
+            defer.Deferred.fromCoroutine(self._load(name)).addBoth(self._loaded, name)
+        return await waiter
+
+    async def _load(self, name: str) -> FunctionSpec | None:
+        spec = await self.store.get_function(name)
+        if spec is not None:
+            self._entries[name] = (self._clock.seconds() + self._ttl, spec)
+        else:
+            self._entries.pop(name, None)
+        return spec
+
+    def _loaded(self, result: Any, name: str) -> None:
+        for waiter in self._waiting.pop(name, []):
+            if waiter.called:  # cancelled: its client went away
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def forget(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def count_invocation(self, name: str) -> None:
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def start(self) -> None:
+        self._loop = task.LoopingCall(self._flush)
+        self._loop.clock = self._clock
+        self._loop.start(self._flush_interval, now=False).addErrback(
+            lambda f: self.log.failure("invocation counter loop stopped", f)
+        )
+
+    async def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        await self._flush()
+
+    def _flush(self) -> defer.Deferred:
+        counts, self._counts = self._counts, {}
+        if not counts:
+            return defer.succeed(None)
+
+        def failed(failure: Any) -> None:
+            # Keep the counts for the next flush rather than lose them.
+            for name, n in counts.items():
+                self._counts[name] = self._counts.get(name, 0) + n
+            self.log.warn("could not record invocation counts: {error}", error=failure.getErrorMessage())
+
+        d = defer.Deferred.fromCoroutine(self.store.add_invocations(counts))
+        d.addErrback(failed)
+        return d

@@ -1,0 +1,66 @@
+"""The gateway's Prometheus metrics, with OpenFaaS's names and labels (prometheus_client).
+
+Each gateway has its own ``CollectorRegistry`` (injected), so tests and several
+gateways in one process do not share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        # OpenFaaS's name has no _total suffix, which prometheus_client adds to every
+        # Counter: a Gauge that only goes up keeps the name dashboards query.
+        self.invocation_started = Gauge(
+            "gateway_function_invocation_started",
+            "Function invocations started through the gateway (only increases)",
+            ["function_name"],
+            registry=r,
+        )
+        self.invocation_total = Counter(
+            "gateway_function_invocation",
+            "Function invocations through the gateway, by status code",
+            ["function_name", "code"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "gateway_functions_seconds",
+            "Function invocation time through the gateway",
+            ["function_name", "code"],
+            registry=r,
+        )
+        self.service_count = Gauge(
+            "gateway_service_count",
+            "Recorded replicas of each function",
+            ["function_name"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "gateway_function_invocation_inflight",
+            "Synchronous invocations in progress",
+            ["function_name"],
+            registry=r,
+        )
+        self.async_calls = Counter(
+            "gateway_async_calls",
+            "Asynchronous calls posted, by function and the gateway's answer",
+            ["function_name", "code"],
+            registry=r,
+        )
+
+    def started(self, name: str) -> None:
+        self.invocation_started.labels(name).inc()
+        self.inflight.labels(name).inc()
+
+    def finished(self, name: str, code: int, seconds: float) -> None:
+        label = str(code)
+        self.inflight.labels(name).dec()
+        self.invocation_total.labels(name, label).inc()
+        self.seconds.labels(name, label).observe(seconds)
+
+    def async_answer(self, name: str, code: int) -> None:
+        self.async_calls.labels(name, str(code)).inc()

@@ -1,0 +1,119 @@
+"""The gateway as a Twisted service: start-up order, readiness, and clean shutdown.
+
+Start-up: the queue starts connecting (in the background: a broker that is down
+means 503 on async posts, not a gateway that refuses to start); Redis must answer
+(else one line and exit 1); functions from ``--functions`` are loaded; named
+queues are declared; only then does the HTTP listener open.  Shutdown closes the
+listener first, then flushes counters and closes the clients.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from txfaas.gateway.functions import FunctionCache
+from txfaas.model import DEFAULT_QUEUE, FunctionSpec, ValidationError
+from txfaas.queue import CallQueue
+from txfaas.runtime import StartupError, listen, run_startup
+from txfaas.store import AlreadyExists, StoreUnavailable
+
+
+def load_functions_file(path: str) -> list[FunctionSpec]:
+    """A JSON list of FunctionDeployment objects (or ``{"functions": [...]}``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise StartupError(f"--functions {path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise StartupError(f"--functions {path}: not valid JSON ({e})") from None
+    if isinstance(data, dict):
+        data = data.get("functions")
+    if not isinstance(data, list):
+        raise StartupError(f"--functions {path}: expected a JSON list of functions")
+    specs = []
+    for i, item in enumerate(data):
+        try:
+            specs.append(FunctionSpec.from_json(item))
+        except ValidationError as e:
+            raise StartupError(f"--functions {path}: function #{i + 1}: {e}") from None
+    return specs
+
+
+class GatewayService(service.Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        site: Any,
+        listen_on: str,
+        functions: FunctionCache,
+        queue: CallQueue | None,
+        *,
+        functions_file: str | None = None,
+        redis_description: str = "redis",
+        close: Callable[[], Any] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.site = site
+        self.listen_on = listen_on
+        self.functions = functions
+        self.queue = queue
+        self.functions_file = functions_file
+        self.redis_description = redis_description
+        self._close = close
+        #: fires once the gateway listens (or never, if start-up failed)
+        self.started: defer.Deferred[None] = defer.Deferred()
+        self._port: Any = None
+        self._queue_started = False
+
+    def startService(self) -> None:
+        super().startService()
+        run_startup(self.reactor, self._start).addCallback(self.started.callback)
+
+    async def _start(self) -> None:
+        if self.queue is not None:
+            await self.queue.start()
+            self._queue_started = True
+        try:
+            await self.functions.store.ping()
+        except StoreUnavailable as e:
+            raise StartupError(f"--redis {self.redis_description}: {e}") from None
+        if self.functions_file:
+            for spec in load_functions_file(self.functions_file):
+                try:
+                    await self.functions.store.create_function(spec)
+                except AlreadyExists:
+                    await self.functions.store.update_function(spec)
+                self.log.info(
+                    "loaded function {function} from {path}", function=spec.service, path=self.functions_file
+                )
+        if self.queue is not None:
+            names = {spec.queue for spec in await self.functions.store.list_functions()} - {DEFAULT_QUEUE}
+            for name in sorted(names):
+                await self.queue.declare(name)
+        self.functions.start()
+        self._port = await listen(self.reactor, self.listen_on, self.site)
+        self.log.info("gateway listening on {address}", address=self._port.getHost())
+
+    async def _stop(self) -> None:
+        if self._port is not None:
+            await self._port.stopListening()
+        await self.functions.stop()
+        if self.queue is not None and self._queue_started:
+            await self.queue.close()
+        if self._close is not None:
+            await defer.maybeDeferred(self._close)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        d = defer.Deferred.fromCoroutine(self._stop())
+        d.addErrback(lambda f: self.log.failure("error while stopping the gateway", f))
+        return d

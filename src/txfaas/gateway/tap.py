@@ -1,0 +1,283 @@
+"""``twistd faas-gateway``: options, and the one place that builds the gateway's real objects."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.python import usage
+
+from txfaas.config import (
+    AMQPURL,
+    ConfigError,
+    RedisURL,
+    format_duration,
+    option_or_env,
+    parse_amqp_url,
+    parse_duration,
+    parse_networks,
+    parse_redis_url,
+    parse_size,
+    read_secret,
+)
+from txfaas.ssrf import AddressPolicy
+
+DEFAULTS = {
+    "listen": "tcp:8080",
+    "redis": "redis://127.0.0.1:6379/0",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/%2F",
+    "upstream-timeout": 60.0,
+    "read-timeout": 65.0,
+    "write-timeout": 65.0,
+    "function-url-template": "http://{name}:8080",
+    "secret-mount-path": "/var/openfaas/secrets",
+    "max-async-body": 10 * 1024 * 1024,
+    "call-ttl": 24 * 3600.0,
+    "confirm-timeout": 5.0,
+    "redis-prefix": "txfaas:",
+    "pool-size": 256,
+}
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not true or false: {value!r}")
+
+
+def _template(value: str) -> str:
+    try:
+        value.format(name="x", namespace="y")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"bad template {value!r}: only {{name}} and {{namespace}} may appear ({e})") from None
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) URL template: {value!r}")
+    return value
+
+
+@attrs.frozen
+class GatewayConfig:
+    listen: str
+    redis: RedisURL
+    redis_text: str
+    amqp: AMQPURL
+    upstream_timeout: float
+    read_timeout: float
+    write_timeout: float
+    basic_auth: tuple[str, str] | None
+    function_url_template: str
+    functions_file: str | None
+    max_body: int | None
+    max_async_body: int
+    callback_policy: AddressPolicy
+    call_ttl: float
+    confirm_timeout: float
+    redis_prefix: str
+    pool_size: int
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "The txfaas gateway: /function/{name} proxies to the function, /async-function/{name} "
+        "queues the call on RabbitMQ, /system/* manages functions in Redis (OpenFaaS's API). "
+        "Every option falls back to the environment variable named in its help."
+    )
+    optParameters = [
+        ["listen", None, None, "Twisted endpoint to serve on [$TXFAAS_LISTEN; default tcp:8080]"],
+        ["redis", None, None, "Redis URL, or memory: for an in-process store [$TXFAAS_REDIS; default "
+         "redis://127.0.0.1:6379/0]"],
+        ["amqp", None, None, "RabbitMQ URL, or memory: for an in-process queue [$TXFAAS_AMQP; default "
+         "amqp://guest:guest@127.0.0.1:5672/%2F]"],
+        ["upstream-timeout", None, None, "Longest wait for a function's answer, e.g. 60s "
+         "[$upstream_timeout; default 60s]"],
+        ["read-timeout", None, None, "Longest time to read a whole request [$read_timeout; default 65s]"],
+        ["write-timeout", None, None, "Longest time from a request's arrival to the end of its response; "
+         "must exceed upstream-timeout [$write_timeout; default 65s]"],
+        ["basic-auth", None, None, "true to guard /system/* and /metrics with basic auth [$basic_auth]"],
+        ["secret-mount-path", None, None, "Folder holding basic-auth-user and basic-auth-password "
+         "[$secret_mount_path; default /var/openfaas/secrets]; $TXFAAS_BASIC_AUTH_USER and "
+         "$TXFAAS_BASIC_AUTH_PASSWORD take precedence"],
+        ["function-url-template", None, None, "Base URL of a function without its own url "
+         "[$TXFAAS_FUNCTION_URL_TEMPLATE; default http://{name}:8080]"],
+        ["functions", None, None, "JSON file of functions to deploy at start [$TXFAAS_FUNCTIONS]"],
+        ["max-body", None, None, "Largest synchronous request body, e.g. 10MiB (413 above it) "
+         "[$TXFAAS_MAX_BODY; default no limit]"],
+        ["max-async-body", None, None, "Largest asynchronous request body [$TXFAAS_MAX_ASYNC_BODY; "
+         "default 10MiB]"],
+        ["callback-allow", None, None, "CIDRs/hosts allowed as callback targets though not public, "
+         "comma-separated, e.g. 127.0.0.0/8 [$TXFAAS_CALLBACK_ALLOW]"],
+        ["call-ttl", None, None, "How long call records are kept [$TXFAAS_CALL_TTL; default 24h]"],
+        ["confirm-timeout", None, None, "Longest wait for the broker to confirm a queued call "
+         "[$TXFAAS_CONFIRM_TIMEOUT; default 5s]"],
+        ["redis-prefix", None, None, "Prefix of every Redis key [$TXFAAS_REDIS_PREFIX; default txfaas:]"],
+        ["pool-size", None, None, "Persistent connections kept per function host "
+         "[$TXFAAS_POOL_SIZE; default 256]"],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["config"] = build_config(self, os.environ)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def build_config(opts: Any, environ: Any) -> GatewayConfig:
+    def get(key: str, envs: tuple[str, ...], parse: Any) -> Any:
+        return option_or_env(opts, key, envs, DEFAULTS.get(key), parse, environ)
+
+    def positive_int(value: Any) -> int:
+        n = int(value)
+        if n < 1:
+            raise ValueError(f"must be at least 1, not {n}")
+        return n
+
+    redis_text = get("redis", ("TXFAAS_REDIS",), str)
+    try:
+        redis = parse_redis_url(redis_text)
+    except ValueError as e:
+        raise ConfigError("--redis", str(e)) from None
+    upstream = get("upstream-timeout", ("upstream_timeout",), parse_duration)
+    write = get("write-timeout", ("write_timeout",), parse_duration)
+    if write and upstream and write <= upstream:
+        raise ConfigError(
+            "--write-timeout",
+            f"{format_duration(write)} must be longer than --upstream-timeout {format_duration(upstream)}, "
+            "or responses still within upstream-timeout would be cut",
+        )
+    auth = None
+    if get("basic-auth", ("basic_auth",), _bool) or False:
+        user = environ.get("TXFAAS_BASIC_AUTH_USER")
+        password = environ.get("TXFAAS_BASIC_AUTH_PASSWORD")
+        if not (user and password):
+            mount = get("secret-mount-path", ("secret_mount_path",), str)
+            user = user or read_secret(mount, "basic-auth-user")
+            password = password or read_secret(mount, "basic-auth-password")
+        if not user or not password:
+            raise ConfigError("--basic-auth", "user or password is empty")
+        auth = (user, password)
+    nets, hosts = get("callback-allow", ("TXFAAS_CALLBACK_ALLOW",), parse_networks) or ((), ())
+    max_body = get("max-body", ("TXFAAS_MAX_BODY",), parse_size)
+    return GatewayConfig(
+        listen=get("listen", ("TXFAAS_LISTEN",), str),
+        redis=redis,
+        redis_text=redis_text,
+        amqp=get("amqp", ("TXFAAS_AMQP",), parse_amqp_url),
+        upstream_timeout=upstream,
+        read_timeout=get("read-timeout", ("read_timeout",), parse_duration),
+        write_timeout=write,
+        basic_auth=auth,
+        function_url_template=get("function-url-template", ("TXFAAS_FUNCTION_URL_TEMPLATE",), _template),
+        functions_file=get("functions", ("TXFAAS_FUNCTIONS",), str),
+        max_body=max_body,
+        max_async_body=get("max-async-body", ("TXFAAS_MAX_ASYNC_BODY",), parse_size),
+        callback_policy=AddressPolicy(tuple(nets), tuple(hosts)),
+        call_ttl=get("call-ttl", ("TXFAAS_CALL_TTL",), parse_duration),
+        confirm_timeout=get("confirm-timeout", ("TXFAAS_CONFIRM_TIMEOUT",), parse_duration),
+        redis_prefix=get("redis-prefix", ("TXFAAS_REDIS_PREFIX",), str),
+        pool_size=get("pool-size", ("TXFAAS_POOL_SIZE",), positive_int),
+    )
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    return build_gateway(reactor, options["config"])
+
+
+def build_gateway(reactor: Any, config: GatewayConfig) -> service.IService:
+    """Build the gateway service from its config (the only place real clients are made)."""
+    from prometheus_client import disable_created_metrics
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
+    from txfaas.gateway.functions import FunctionCache
+    from txfaas.gateway.metrics import GatewayMetrics
+    from txfaas.gateway.proxy import FunctionProxy, ProxySettings, TransparentAgent, refusing_cookie_jar
+    from txfaas.gateway.service import GatewayService
+    from txfaas.runtime import LimitedSite
+
+    disable_created_metrics()
+    closers = []
+    if config.redis.memory:
+        from txfaas.store.memory import MemoryStore
+
+        store: Any = MemoryStore()
+    else:
+        from txfaas.store.redis import RedisStore
+
+        store = RedisStore.connect(config.redis, reactor, prefix=config.redis_prefix, call_ttl=config.call_ttl)
+        closers.append(store.close)
+    if config.amqp.memory:
+        from txfaas.queue.memory import MemoryQueue
+
+        queue: Any = MemoryQueue(["faas-request"])
+    else:
+        from txfaas.queue.amqp import AMQPQueue
+
+        queue = AMQPQueue(reactor, config.amqp, confirm_timeout=config.confirm_timeout)
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = config.pool_size
+    client = HTTPClient(TransparentAgent(Agent(reactor, pool=pool)), cookiejar=refusing_cookie_jar())
+    closers.append(pool.closeCachedConnections)
+
+    metrics = GatewayMetrics()
+    functions = FunctionCache(store, reactor)
+    proxy = FunctionProxy(
+        reactor,
+        client,
+        functions,
+        ProxySettings(config.function_url_template, config.upstream_timeout),
+        metrics,
+    )
+    app = GatewayApp(
+        functions,
+        store,
+        queue,
+        reactor.nameResolver,
+        metrics,
+        AppSettings(callback_policy=config.callback_policy),
+    )
+    auth = BasicAuth(*config.basic_auth) if config.basic_auth else None
+    root = GatewayRoot(proxy, app.resource(), auth)
+
+    def body_limit(path: bytes) -> int | None:
+        if path.startswith(b"/async-function/"):
+            return config.max_async_body
+        if path.startswith(b"/function/"):
+            return config.max_body
+        return 1024 * 1024
+
+    site = LimitedSite(
+        root,
+        reactor,
+        body_limit=body_limit,
+        read_timeout=config.read_timeout,
+        write_timeout=config.write_timeout,
+    )
+
+    async def close() -> None:
+        for closer in closers:
+            await closer()
+
+    top = service.MultiService()
+    GatewayService(
+        reactor,
+        site,
+        config.listen,
+        functions,
+        queue,
+        functions_file=config.functions_file,
+        redis_description=config.redis_text,
+        close=close,
+    ).setServiceParent(top)
+    return top

@@ -1,0 +1,249 @@
+"""The synchronous path, /function/{name}: what reaches the function and what comes back."""
+
+from __future__ import annotations
+
+import gzip
+
+import treq
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+from twisted.web.http_headers import Headers
+
+from tests.unit.gateway_fixtures import GatewayTestCase
+from txfaas.gateway.proxy import TransparentAgent
+
+
+class ForwardingTests(GatewayTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.deploy("echo")
+
+    def test_every_method_reaches_the_function_with_subpath_and_query_unchanged(self) -> None:
+        for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]:
+            response, _ = self.call(method, "/function/echo/a/b%20c?x=1&y=%2F")
+            self.assertEqual(response.code, 200, method)
+            seen = self.function.seen[-1]
+            self.assertEqual(seen["method"], method.encode())
+            self.assertEqual(seen["uri"], b"/a/b%20c?x=1&y=%2F")
+
+    def test_bare_function_path_is_root_for_the_function(self) -> None:
+        self.call("GET", "/function/echo")
+        self.assertEqual(self.function.seen[-1]["uri"], b"/")
+
+    def test_request_body_is_forwarded_byte_for_byte(self) -> None:
+        body = bytes(range(256)) * 1000  # over 100 kB: spooled to a file by twisted.web
+        self.call("POST", "/function/echo", data=body)
+        self.assertEqual(self.function.seen[-1]["body"], body)
+        self.call("POST", "/function/echo", data=b"small")
+        self.assertEqual(self.function.seen[-1]["body"], b"small")
+
+    def test_hop_by_hop_headers_and_those_named_in_connection_are_dropped(self) -> None:
+        headers = Headers(
+            {
+                "Connection": ["keep-alive, X-Secret-Hop"],
+                "X-Secret-Hop": ["1"],
+                "Keep-Alive": ["timeout=5"],
+                "TE": ["trailers"],
+                "Upgrade": ["websocket"],
+                "Proxy-Authorization": ["Basic eA=="],
+                "X-Keep-Me": ["yes", "twice"],
+            }
+        )
+        self.call("GET", "/function/echo", headers=headers)
+        names = {k for k, _ in self.function.seen[-1]["headers"]}
+        for dropped in [b"x-secret-hop", b"keep-alive", b"te", b"upgrade", b"proxy-authorization"]:
+            self.assertNotIn(dropped, names)
+        self.assertEqual(self.function.header(b"x-keep-me"), [b"yes", b"twice"])
+
+    def test_forwarded_for_is_appended_not_replaced_and_forwarded_host_set(self) -> None:
+        self.call(
+            "GET",
+            "/function/echo",
+            headers={"X-Forwarded-For": ["203.0.113.9"], "Host": ["gw.example"]},
+        )
+        xff = self.function.header(b"x-forwarded-for")
+        self.assertEqual(len(xff), 1)
+        self.assertTrue(xff[0].startswith(b"203.0.113.9, "), xff)
+        self.assertEqual(self.function.header(b"x-forwarded-host"), [b"gw.example"])
+
+    def test_call_id_generated_forwarded_and_echoed(self) -> None:
+        response, _ = self.call("GET", "/function/echo")
+        sent = self.function.header(b"x-call-id")
+        self.assertEqual(len(sent), 1)
+        self.assertEqual(response.headers.getRawHeaders(b"x-call-id"), sent)
+        self.assertEqual(len(sent[0]), 36)
+
+    def test_client_call_id_is_forwarded_and_echoed(self) -> None:
+        response, _ = self.call("GET", "/function/echo", headers={"X-Call-Id": ["my-id-1"]})
+        self.assertEqual(self.function.header(b"x-call-id"), [b"my-id-1"])
+        self.assertEqual(response.headers.getRawHeaders(b"x-call-id"), [b"my-id-1"])
+
+    def test_invalid_client_call_id_is_refused(self) -> None:
+        response, body = self.call("GET", "/function/echo", headers={"X-Call-Id": ["bad id"]})
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"X-Call-Id", body)
+        self.assertEqual(self.function.seen, [])
+
+    def test_start_time_sent_to_function_and_returned(self) -> None:
+        response, _ = self.call("GET", "/function/echo")
+        sent = self.function.header(b"x-start-time")
+        self.assertEqual(len(sent), 1)
+        self.assertTrue(sent[0].isdigit())
+        self.assertEqual(response.headers.getRawHeaders(b"x-start-time"), sent)
+        self.assertIsNotNone(response.headers.getRawHeaders(b"x-duration-seconds"))
+
+
+class ResponseTests(GatewayTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.deploy("echo")
+
+    def test_status_headers_and_body_come_back_unchanged(self) -> None:
+        self.function.answer = (
+            418,
+            [(b"X-Fn", b"1"), (b"Content-Type", b"application/x-thing"), (b"Set-Cookie", b"a=b")],
+            b"teapot",
+        )
+        response, body = self.call("POST", "/function/echo", data=b"x")
+        self.assertEqual(response.code, 418)
+        self.assertEqual(body, b"teapot")
+        self.assertEqual(response.headers.getRawHeaders(b"x-fn"), [b"1"])
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-thing"])
+        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=b"])
+
+    def test_redirects_are_not_followed(self) -> None:
+        self.function.answer = (302, [(b"Location", b"http://elsewhere/")], b"")
+        response, _ = self.call("GET", "/function/echo")
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"http://elsewhere/"])
+        self.assertEqual(len(self.function.seen), 1)
+
+    def test_compressed_body_passes_through_undecoded(self) -> None:
+        packed = gzip.compress(b"a" * 1000)
+        self.function.answer = (200, [(b"Content-Encoding", b"gzip")], packed)
+        response, body = self.call("GET", "/function/echo", headers={"Accept-Encoding": ["gzip, br"]})
+        self.assertEqual(body, packed)
+        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
+        # The client's Accept-Encoding reached the function, and nothing was added to it.
+        self.assertEqual(self.function.header(b"accept-encoding"), [b"gzip, br"])
+
+    def test_no_accept_encoding_is_invented_and_no_empty_content_encoding_returned(self) -> None:
+        response, _ = self.call("GET", "/function/echo")
+        self.assertEqual(self.function.header(b"accept-encoding"), [])
+        self.assertIsNone(response.headers.getRawHeaders(b"content-encoding"))
+
+    def test_function_cookies_are_not_replayed_to_the_next_caller(self) -> None:
+        self.function.answer = (200, [(b"Set-Cookie", b"session=alice; Path=/")], b"")
+        self.call("GET", "/function/echo")
+        self.call("GET", "/function/echo")
+        self.assertEqual(self.function.header(b"cookie"), [])
+
+    def test_no_default_content_type_is_added(self) -> None:
+        self.function.answer = (204, [], b"")
+        response, _ = self.call("GET", "/function/echo")
+        self.assertIsNone(response.headers.getRawHeaders(b"content-type"))
+
+
+class ErrorTests(GatewayTestCase):
+    def test_unknown_function_is_404_naming_it(self) -> None:
+        response, body = self.call("GET", "/function/nope")
+        self.assertEqual(response.code, 404)
+        self.assertIn(b"'nope'", body)
+
+    def test_invalid_name_is_400(self) -> None:
+        for path in ["/function/Bad", "/function/a_b", "/function/-a", "/function/" + "a" * 64]:
+            response, body = self.call("GET", path)
+            self.assertEqual(response.code, 400, path)
+            self.assertIn(b"invalid function name", body)
+
+    def test_dangerous_subpath_segments_are_400(self) -> None:
+        self.deploy("echo")
+        for path in [
+            "/function/echo/%2e%2e/x",
+            "/function/echo/a%2Fb",
+            "/function/echo/a%5Cb",
+            "/function/echo/%00",
+        ]:
+            response, _ = self.call("GET", path)
+            self.assertEqual(response.code, 400, path)
+        self.assertEqual(self.function.seen, [])
+
+    def test_registry_unavailable_is_503_not_404(self) -> None:
+        self.store.available = False
+        response, body = self.call("GET", "/function/echo")
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"registry unavailable", body)
+
+    def test_timeout_is_504_and_aborts_the_upstream_request(self) -> None:
+        self.deploy("echo")
+        self.function.hang = True
+        d = self.start("GET", "/function/echo")
+        self.assertNoResult(d)
+        self.clock.advance(self.upstream_timeout + 0.1)
+        self.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 504)
+        body = self.successResultOf(treq.content(response))
+        self.assertIn(b"did not answer within 10s", body)
+        self.assertEqual(self.function.lost, 1)
+
+    def test_function_timeout_from_its_record_is_used_when_shorter(self) -> None:
+        self.deploy("echo", annotations={"txfaas.timeout": "2s"})
+        self.function.hang = True
+        d = self.start("GET", "/function/echo")
+        self.clock.advance(2.1)
+        self.flush()
+        self.assertEqual(self.successResultOf(d).code, 504)
+
+    def test_client_disconnect_cancels_the_upstream_request(self) -> None:
+        self.deploy("echo")
+        self.function.hang = True
+        d = self.start("GET", "/function/echo")
+        self.assertEqual(len(self.function.seen), 1)
+        d.cancel()
+        self.flush()
+        self.failureResultOf(d)
+        self.assertEqual(self.function.lost, 1)
+
+
+class RefusingAgent:
+    def request(self, *args, **kwargs):
+        return defer.fail(ConnectionRefusedError("refused"))
+
+
+class UnreachableTests(GatewayTestCase):
+    def test_connection_refused_is_502_naming_the_function(self) -> None:
+        from treq.client import HTTPClient
+
+        self.proxy._client = HTTPClient(TransparentAgent(RefusingAgent()))
+        self.deploy("echo")
+        response, body = self.call("GET", "/function/echo")
+        self.assertEqual(response.code, 502)
+        self.assertEqual(body, b"function 'echo' unreachable: connection refused\n")
+
+
+class MetricsTests(GatewayTestCase):
+    def test_invocations_counted_by_function_and_code(self) -> None:
+        self.deploy("echo")
+        self.call("GET", "/function/echo")
+        self.call("GET", "/function/echo")
+        registry = self.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value(
+                "gateway_function_invocation_total", {"function_name": "echo", "code": "200"}
+            ),
+            2.0,
+        )
+        self.assertEqual(
+            registry.get_sample_value("gateway_function_invocation_started", {"function_name": "echo"}), 2.0
+        )
+
+    def test_invocation_counts_reach_the_store_in_batches(self) -> None:
+        self.deploy("echo")
+        self.functions.start()
+        self.call("GET", "/function/echo")
+        self.call("GET", "/function/echo")
+        self.assertEqual(self.store.invocations.get("echo", 0), 0)
+        self.clock.advance(1.0)
+        self.assertEqual(self.store.invocations["echo"], 2)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.functions.stop()))
