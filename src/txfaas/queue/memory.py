@@ -24,16 +24,17 @@ class MemoryDelivery:
 
     def nack(self, requeue: bool = True) -> None:
         self._settle("requeue" if requeue else "dead")
-        if requeue:
-            self._queue._requeue(self.call, self.delivery_count + 1)
-        else:
-            self._queue.dead_letters.append(self.call)
 
     def _settle(self, how: str) -> None:
         if self.settled is not None:
             raise RuntimeError(f"delivery of {self.call.call_id} already settled ({self.settled})")
         self.settled = how
         self._queue._unacked.discard(self)
+        # Requeue before pumping, so the call is redelivered (first) rather than left waiting.
+        if how == "requeue":
+            self._queue._requeue(self.call, self.delivery_count + 1)
+        elif how == "dead":
+            self._queue.dead_letters.append(self.call)
         self._queue._pump()
 
 
