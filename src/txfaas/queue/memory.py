@@ -18,6 +18,8 @@ class MemoryDelivery:
     delivery_count: int
     _queue: MemoryQueue
     settled: str | None = None
+    #: The consumer it was handed to (prefetch counts per consumer, as RabbitMQ's does).
+    _consumer: object = None
 
     def ack(self) -> None:
         self._settle("ack")
@@ -106,13 +108,14 @@ class MemoryQueue:
             progress = True
             while progress:
                 progress = False
-                for queues, prefetch, handler in list(self._consumers):
-                    mine = sum(1 for d in self._unacked if d.call.queue in queues)
+                for consumer in list(self._consumers):
+                    queues, prefetch, handler = consumer
+                    mine = sum(1 for d in self._unacked if d._consumer is consumer)
                     for q in queues:
                         if mine >= prefetch or not self.messages[q]:
                             continue
                         call, count = self.messages[q].popleft()
-                        delivery = MemoryDelivery(call, count > 0, count, self)
+                        delivery = MemoryDelivery(call, count > 0, count, self, consumer=consumer)
                         self._unacked.add(delivery)
                         mine += 1
                         progress = True
