@@ -25,10 +25,10 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.task import Cooperator
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -231,7 +231,7 @@ class FunctionProxy(resource.Resource):
         if not request.postpath or not request.postpath[0]:
             return _error(request, 404, "no function named in the path: use /function/{name}")
         name_b = request.postpath[0]
-        if len(name_b) > MAX_NAME or not _NAME_BYTES.match(name_b):
+        if len(name_b) > MAX_NAME or not _NAME_BYTES.fullmatch(name_b):
             return _error(request, 400, f"invalid function name {name_b.decode('latin-1')!r}")
         rest = request.postpath[1:]
         try:
@@ -344,7 +344,9 @@ class FunctionProxy(resource.Resource):
             metrics.finished(name, code, time.monotonic() - started)
             self._functions.count_invocation(name)
 
-    def _request(self, request: server.Request, url: bytes, call_id: bytes, start_ns: bytes) -> defer.Deferred:
+    def _request(
+        self, request: server.Request, url: bytes, call_id: bytes, start_ns: bytes
+    ) -> defer.Deferred:
         incoming = request.requestHeaders
         pairs = [(k, v) for k, vs in incoming.getAllRawHeaders() for v in vs]
         out = Headers()

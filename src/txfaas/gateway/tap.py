@@ -52,11 +52,23 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"not true or false: {value!r}")
 
 
+def _checked(parse: Any) -> Any:
+    """Validate with ``parse`` but keep the text (so defaults and given values take one path)."""
+
+    def check(value: str) -> str:
+        parse(value)
+        return value
+
+    return check
+
+
 def _template(value: str) -> str:
     try:
         value.format(name="x", namespace="y")
     except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"bad template {value!r}: only {{name}} and {{namespace}} may appear ({e})") from None
+        raise ValueError(
+            f"bad template {value!r}: only {{name}} and {{namespace}} may appear ({e})"
+        ) from None
     if not value.startswith(("http://", "https://")):
         raise ValueError(f"not an http(s) URL template: {value!r}")
     return value
@@ -92,34 +104,84 @@ class Options(usage.Options):
     )
     optParameters = [
         ["listen", None, None, "Twisted endpoint to serve on [$TXFAAS_LISTEN; default tcp:8080]"],
-        ["redis", None, None, "Redis URL, or memory: for an in-process store [$TXFAAS_REDIS; default "
-         "redis://127.0.0.1:6379/0]"],
-        ["amqp", None, None, "RabbitMQ URL, or memory: for an in-process queue [$TXFAAS_AMQP; default "
-         "amqp://guest:guest@127.0.0.1:5672/%2F]"],
-        ["upstream-timeout", None, None, "Longest wait for a function's answer, e.g. 60s "
-         "[$upstream_timeout; default 60s]"],
+        [
+            "redis",
+            None,
+            None,
+            "Redis URL, or memory: for an in-process store [$TXFAAS_REDIS; default redis://127.0.0.1:6379/0]",
+        ],
+        [
+            "amqp",
+            None,
+            None,
+            "RabbitMQ URL, or memory: for an in-process queue [$TXFAAS_AMQP; default "
+            "amqp://guest:guest@127.0.0.1:5672/%2F]",
+        ],
+        [
+            "upstream-timeout",
+            None,
+            None,
+            "Longest wait for a function's answer, e.g. 60s [$upstream_timeout; default 60s]",
+        ],
         ["read-timeout", None, None, "Longest time to read a whole request [$read_timeout; default 65s]"],
-        ["write-timeout", None, None, "Longest time from a request's arrival to the end of its response; "
-         "must exceed upstream-timeout [$write_timeout; default 65s]"],
+        [
+            "write-timeout",
+            None,
+            None,
+            "Longest time from a request's arrival to the end of its response; "
+            "must exceed upstream-timeout [$write_timeout; default 65s]",
+        ],
         ["basic-auth", None, None, "true to guard /system/* and /metrics with basic auth [$basic_auth]"],
-        ["secret-mount-path", None, None, "Folder holding basic-auth-user and basic-auth-password "
-         "[$secret_mount_path; default /var/openfaas/secrets]; $TXFAAS_BASIC_AUTH_USER and "
-         "$TXFAAS_BASIC_AUTH_PASSWORD take precedence"],
-        ["function-url-template", None, None, "Base URL of a function without its own url "
-         "[$TXFAAS_FUNCTION_URL_TEMPLATE; default http://{name}:8080]"],
+        [
+            "secret-mount-path",
+            None,
+            None,
+            "Folder holding basic-auth-user and basic-auth-password "
+            "[$secret_mount_path; default /var/openfaas/secrets]; $TXFAAS_BASIC_AUTH_USER and "
+            "$TXFAAS_BASIC_AUTH_PASSWORD take precedence",
+        ],
+        [
+            "function-url-template",
+            None,
+            None,
+            "Base URL of a function without its own url "
+            "[$TXFAAS_FUNCTION_URL_TEMPLATE; default http://{name}:8080]",
+        ],
         ["functions", None, None, "JSON file of functions to deploy at start [$TXFAAS_FUNCTIONS]"],
-        ["max-body", None, None, "Largest synchronous request body, e.g. 10MiB (413 above it) "
-         "[$TXFAAS_MAX_BODY; default no limit]"],
-        ["max-async-body", None, None, "Largest asynchronous request body [$TXFAAS_MAX_ASYNC_BODY; "
-         "default 10MiB]"],
-        ["callback-allow", None, None, "CIDRs/hosts allowed as callback targets though not public, "
-         "comma-separated, e.g. 127.0.0.0/8 [$TXFAAS_CALLBACK_ALLOW]"],
+        [
+            "max-body",
+            None,
+            None,
+            "Largest synchronous request body, e.g. 10MiB (413 above it) "
+            "[$TXFAAS_MAX_BODY; default no limit]",
+        ],
+        [
+            "max-async-body",
+            None,
+            None,
+            "Largest asynchronous request body [$TXFAAS_MAX_ASYNC_BODY; default 10MiB]",
+        ],
+        [
+            "callback-allow",
+            None,
+            None,
+            "CIDRs/hosts allowed as callback targets though not public, "
+            "comma-separated, e.g. 127.0.0.0/8 [$TXFAAS_CALLBACK_ALLOW]",
+        ],
         ["call-ttl", None, None, "How long call records are kept [$TXFAAS_CALL_TTL; default 24h]"],
-        ["confirm-timeout", None, None, "Longest wait for the broker to confirm a queued call "
-         "[$TXFAAS_CONFIRM_TIMEOUT; default 5s]"],
+        [
+            "confirm-timeout",
+            None,
+            None,
+            "Longest wait for the broker to confirm a queued call [$TXFAAS_CONFIRM_TIMEOUT; default 5s]",
+        ],
         ["redis-prefix", None, None, "Prefix of every Redis key [$TXFAAS_REDIS_PREFIX; default txfaas:]"],
-        ["pool-size", None, None, "Persistent connections kept per function host "
-         "[$TXFAAS_POOL_SIZE; default 256]"],
+        [
+            "pool-size",
+            None,
+            None,
+            "Persistent connections kept per function host [$TXFAAS_POOL_SIZE; default 256]",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -139,11 +201,8 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
             raise ValueError(f"must be at least 1, not {n}")
         return n
 
-    redis_text = get("redis", ("TXFAAS_REDIS",), str)
-    try:
-        redis = parse_redis_url(redis_text)
-    except ValueError as e:
-        raise ConfigError("--redis", str(e)) from None
+    redis_text = get("redis", ("TXFAAS_REDIS",), _checked(parse_redis_url))
+    redis = parse_redis_url(redis_text)
     upstream = get("upstream-timeout", ("upstream_timeout",), parse_duration)
     write = get("write-timeout", ("write_timeout",), parse_duration)
     if write and upstream and write <= upstream:
@@ -169,7 +228,7 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
         listen=get("listen", ("TXFAAS_LISTEN",), str),
         redis=redis,
         redis_text=redis_text,
-        amqp=get("amqp", ("TXFAAS_AMQP",), parse_amqp_url),
+        amqp=parse_amqp_url(get("amqp", ("TXFAAS_AMQP",), _checked(parse_amqp_url))),
         upstream_timeout=upstream,
         read_timeout=get("read-timeout", ("read_timeout",), parse_duration),
         write_timeout=write,
@@ -214,7 +273,9 @@ def build_gateway(reactor: Any, config: GatewayConfig) -> service.IService:
     else:
         from txfaas.store.redis import RedisStore
 
-        store = RedisStore.connect(config.redis, reactor, prefix=config.redis_prefix, call_ttl=config.call_ttl)
+        store = RedisStore.connect(
+            config.redis, reactor, prefix=config.redis_prefix, call_ttl=config.call_ttl
+        )
         closers.append(store.close)
     if config.amqp.memory:
         from txfaas.queue.memory import MemoryQueue

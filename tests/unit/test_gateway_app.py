@@ -1,0 +1,349 @@
+"""The gateway's Klein app: /system API in OpenFaaS's shapes, auth, health, metrics, async accept."""
+
+from __future__ import annotations
+
+import base64
+import json
+from ipaddress import ip_network
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IResolutionReceiver
+
+from tests.unit.gateway_fixtures import GatewayTestCase
+from txfaas.gateway.app import AppSettings
+from txfaas.model import CallRecord, CallResult
+from txfaas.ssrf import AddressPolicy
+
+
+def js(body: bytes) -> Any:
+    return json.loads(body)
+
+
+class FunctionsAPITests(GatewayTestCase):
+    def deploy_json(self, method: str = "POST", **fields: Any):
+        body = {"service": "echo", "image": "ghcr.io/x/echo:1.10", **fields}
+        return self.call(method, "/system/functions", data=json.dumps(body).encode())
+
+    def test_deploy_then_list_in_openfaas_status_shape(self) -> None:
+        response, body = self.deploy_json(envVars={"A": "007"}, labels={"team": "x"})
+        self.assertEqual(response.code, 202)
+        response, body = self.call("GET", "/system/functions")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        [fn] = js(body)
+        self.assertEqual(fn["name"], "echo")
+        self.assertEqual(fn["image"], "ghcr.io/x/echo:1.10")
+        self.assertEqual(fn["envVars"], {"A": "007"})
+        for key in ["replicas", "availableReplicas", "invocationCount", "createdAt", "labels", "annotations"]:
+            self.assertIn(key, fn)
+
+    def test_deploy_twice_is_409(self) -> None:
+        self.deploy_json()
+        response, body = self.deploy_json()
+        self.assertEqual(response.code, 409)
+        self.assertIn(b"already exists", body)
+
+    def test_update_missing_is_404_and_update_existing_replaces(self) -> None:
+        response, _ = self.deploy_json("PUT")
+        self.assertEqual(response.code, 404)
+        self.deploy_json()
+        response, _ = self.deploy_json("PUT", image="new:2")
+        self.assertEqual(response.code, 202)
+        _, body = self.call("GET", "/system/function/echo")
+        self.assertEqual(js(body)["image"], "new:2")
+
+    def test_delete_by_function_name_and_404_when_missing(self) -> None:
+        self.deploy_json()
+        response, _ = self.call("DELETE", "/system/functions", data=b'{"functionName": "echo"}')
+        self.assertEqual(response.code, 202)
+        response, _ = self.call("DELETE", "/system/functions", data=b'{"functionName": "echo"}')
+        self.assertEqual(response.code, 404)
+        response, body = self.call("DELETE", "/system/functions", data=b"{}")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"functionName", body)
+
+    def test_a_deleted_function_is_no_longer_callable_through_this_gateway(self) -> None:
+        self.deploy_json()
+        self.assertEqual(self.call("GET", "/function/echo")[0].code, 200)
+        self.call("DELETE", "/system/functions", data=b'{"functionName": "echo"}')
+        self.assertEqual(self.call("GET", "/function/echo")[0].code, 404)
+
+    def test_bad_json_and_wrong_fields_are_400_naming_the_field(self) -> None:
+        response, body = self.call("POST", "/system/functions", data=b"{not json")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"not valid JSON", body)
+        response, body = self.call("POST", "/system/functions", data=b'{"image": "x"}')
+        self.assertEqual((response.code, body), (400, b"service: missing\n"))
+        response, body = self.deploy_json(envVars={"A": 1})
+        self.assertEqual(response.code, 400)
+        self.assertTrue(body.startswith(b"envVars:"), body)
+        response, body = self.deploy_json(service="Bad_Name")
+        self.assertEqual(response.code, 400)
+        self.assertTrue(body.startswith(b"service:"), body)
+
+    def test_function_status_and_404(self) -> None:
+        self.deploy_json()
+        response, body = self.call("GET", "/system/function/echo")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(js(body)["name"], "echo")
+        self.assertEqual(self.call("GET", "/system/function/nope")[0].code, 404)
+
+    def test_scale_records_replicas_and_checks_the_body(self) -> None:
+        self.deploy_json()
+        response, _ = self.call(
+            "POST", "/system/scale-function/echo", data=b'{"serviceName": "echo", "replicas": 3}'
+        )
+        self.assertEqual(response.code, 202)
+        _, body = self.call("GET", "/system/function/echo")
+        self.assertEqual(js(body)["replicas"], 3)
+        self.assertEqual(self.call("POST", "/system/scale-function/echo", data=b"nope")[0].code, 400)
+        response, body = self.call("POST", "/system/scale-function/echo", data=b'{"replicas": -1}')
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"replicas", body)
+        self.assertEqual(
+            self.call("POST", "/system/scale-function/nope", data=b'{"replicas": 1}')[0].code, 404
+        )
+
+    def test_invocation_count_is_reported(self) -> None:
+        self.deploy_json()
+        self.functions.start()
+        self.call("GET", "/function/echo")
+        self.clock.advance(1)
+        _, body = self.call("GET", "/system/function/echo")
+        self.assertEqual(js(body)["invocationCount"], 1)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.functions.stop()))
+
+    def test_info_has_openfaas_shape(self) -> None:
+        response, body = self.call("GET", "/system/info")
+        info = js(body)
+        self.assertEqual(info["provider"]["provider"], "txfaas")
+        self.assertIn("release", info["version"])
+        self.assertIn("arch", info)
+
+    def test_store_unavailable_is_503_never_404_or_500(self) -> None:
+        self.store.available = False
+        for method, path in [("GET", "/system/functions"), ("GET", "/system/function/echo")]:
+            response, body = self.call(method, path)
+            self.assertEqual(response.code, 503, path)
+            self.assertIn(b"unavailable", body)
+
+
+class HealthTests(GatewayTestCase):
+    def test_healthy_when_store_and_queue_answer(self) -> None:
+        response, body = self.call("GET", "/healthz")
+        self.assertEqual((response.code, body), (200, b"OK\n"))
+
+    def test_unhealthy_names_the_dependency(self) -> None:
+        self.queue.available = False
+        response, body = self.call("GET", "/healthz")
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"rabbitmq", body)
+        self.queue.available = True
+        self.store.available = False
+        response, body = self.call("GET", "/healthz")
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"redis", body)
+
+    def test_metrics_in_prometheus_text(self) -> None:
+        self.deploy("echo")
+        self.call("GET", "/function/echo")
+        response, body = self.call("GET", "/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b'gateway_function_invocation_total{code="200",function_name="echo"} 1.0', body)
+
+
+class AuthTests(GatewayTestCase):
+    auth = ("admin", "s3cret")
+
+    def basic(self, user: str, password: str) -> dict:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": [f"Basic {token}"]}
+
+    def test_system_and_metrics_need_auth(self) -> None:
+        for path in ["/system/functions", "/system/info", "/metrics", "/system/calls/x"]:
+            response, _ = self.call("GET", path)
+            self.assertEqual(response.code, 401, path)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"www-authenticate"), [b'Basic realm="Restricted"']
+            )
+
+    def test_wrong_user_or_password_is_401(self) -> None:
+        for user, password in [("admin", "wrong"), ("root", "s3cret"), ("", "")]:
+            response, _ = self.call("GET", "/system/info", headers=self.basic(user, password))
+            self.assertEqual(response.code, 401)
+
+    def test_right_credentials_pass(self) -> None:
+        response, _ = self.call("GET", "/system/info", headers=self.basic("admin", "s3cret"))
+        self.assertEqual(response.code, 200)
+
+    def test_function_routes_and_healthz_stay_open(self) -> None:
+        self.deploy("echo")
+        self.assertEqual(self.call("GET", "/function/echo")[0].code, 200)
+        self.assertEqual(self.call("GET", "/healthz")[0].code, 200)
+        self.assertEqual(self.call("POST", "/async-function/echo", data=b"x")[0].code, 202)
+
+
+class FakeResolver:
+    """Answers from a table, synchronously."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+
+    def resolveHostName(self, receiver: IResolutionReceiver, host: str, port: int = 0, *a, **k) -> None:
+        receiver.resolutionBegan(None)
+        for address in self.table.get(host, []):
+            receiver.addressResolved(IPv4Address("TCP", address, port))
+        receiver.resolutionComplete()
+
+
+class AsyncAcceptTests(GatewayTestCase):
+    def make_resolver(self) -> Any:
+        return FakeResolver(
+            {
+                "hooks.example.com": ["93.184.216.34"],
+                "evil.example.com": ["127.0.0.1"],
+                "mixed.example.com": ["93.184.216.34", "10.0.0.5"],
+                "127.0.0.1": ["127.0.0.1"],
+                "169.254.169.254": ["169.254.169.254"],
+                "100.64.0.1": ["100.64.0.1"],
+                "::ffff:127.0.0.1": ["127.0.0.1"],
+                "localhost": ["127.0.0.1"],
+            }
+        )
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.deploy("echo")
+
+    def test_accepts_with_202_call_id_location_and_json(self) -> None:
+        response, body = self.call(
+            "POST",
+            "/async-function/echo/sub/path?q=1",
+            headers={"X-Callback-Url": ["http://hooks.example.com/done"], "X-Custom": ["v"]},
+            data=b"\x00payload\xff",
+        )
+        self.assertEqual(response.code, 202)
+        call_id = response.headers.getRawHeaders(b"x-call-id")[0].decode()
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [f"/system/calls/{call_id}".encode()])
+        self.assertEqual(
+            js(body), {"callId": call_id, "status": "queued", "location": f"/system/calls/{call_id}"}
+        )
+        [call] = self.queue.published
+        self.assertEqual(call.call_id, call_id)
+        self.assertEqual(
+            (call.function, call.method, call.path, call.query), ("echo", "POST", "/sub/path", "q=1")
+        )
+        self.assertEqual(call.body, b"\x00payload\xff")
+        self.assertEqual(call.callback_url, "http://hooks.example.com/done")
+        self.assertIn(("X-Custom", "v"), call.headers)
+        self.assertIn(("X-Call-Id", call_id), call.headers)
+        record = self.store.calls[call_id]
+        self.assertEqual((record.status, record.function), ("queued", "echo"))
+
+    def test_client_call_id_is_kept_and_a_repeat_is_not_queued_twice(self) -> None:
+        headers = {"X-Call-Id": ["order-42"]}
+        first, _ = self.call("POST", "/async-function/echo", headers=headers, data=b"a")
+        second, body = self.call("POST", "/async-function/echo", headers=headers, data=b"a")
+        self.assertEqual((first.code, second.code), (202, 202))
+        self.assertEqual(second.headers.getRawHeaders(b"x-call-id"), [b"order-42"])
+        self.assertTrue(js(body)["duplicate"])
+        self.assertEqual(len(self.queue.published), 1)
+
+    def test_unknown_function_is_404_and_nothing_is_queued(self) -> None:
+        response, body = self.call("POST", "/async-function/nope", data=b"x")
+        self.assertEqual(response.code, 404)
+        self.assertIn(b"'nope'", body)
+        self.assertEqual(self.queue.published, [])
+
+    def test_invalid_name_is_400(self) -> None:
+        self.assertEqual(self.call("POST", "/async-function/Nope", data=b"x")[0].code, 400)
+
+    def test_other_methods_are_405_with_allow_post(self) -> None:
+        for method in ["GET", "PUT", "DELETE", "PATCH"]:
+            response, _ = self.call(method, "/async-function/echo")
+            self.assertEqual(response.code, 405, method)
+            self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
+
+    def test_broker_unavailable_is_503_with_retry_after_never_202(self) -> None:
+        self.queue.available = False
+        response, body = self.call("POST", "/async-function/echo", data=b"x")
+        self.assertEqual(response.code, 503)
+        self.assertIsNotNone(response.headers.getRawHeaders(b"retry-after"))
+        self.assertIn(b"queue unavailable", body)
+        self.assertEqual(self.store.calls, {})
+
+    def test_bad_callback_urls_are_400_naming_the_reason(self) -> None:
+        cases = {
+            "ftp://hooks.example.com/": b"http",
+            "/relative": b"http",
+            "http://127.0.0.1:9/": b"not a public address",
+            "http://[::ffff:127.0.0.1]/": b"not a public address",
+            "http://169.254.169.254/latest/meta-data": b"not a public address",
+            "http://100.64.0.1/": b"not a public address",
+            "http://evil.example.com/": b"not a public address",
+            "http://mixed.example.com/": b"not a public address",
+            "http://nowhere.example.com/": b"does not resolve",
+            "http://user:pw@hooks.example.com/": b"credentials",
+        }
+        for url, reason in cases.items():
+            response, body = self.call(
+                "POST", "/async-function/echo", headers={"X-Callback-Url": [url]}, data=b"x"
+            )
+            self.assertEqual(response.code, 400, url)
+            self.assertIn(b"X-Callback-Url", body)
+            self.assertIn(reason, body, url)
+        self.assertEqual(self.queue.published, [])
+
+    def test_status_lookup_and_result(self) -> None:
+        response, _ = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["c1"]}, data=b"x")
+        response, body = self.call("GET", "/system/calls/c1")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(js(body)["status"], "queued")
+        response, body = self.call("GET", "/system/calls/c1/result")
+        self.assertEqual(response.code, 404)
+        self.assertIn(b"no result yet", body)
+        self.store.results["c1"] = CallResult(201, [("Content-Type", "text/x-out"), ("X-Fn", "1")], b"out")
+        response, body = self.call("GET", "/system/calls/c1/result")
+        self.assertEqual((response.code, body), (200, b"out"))
+        self.assertEqual(response.headers.getRawHeaders(b"x-function-status"), [b"201"])
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/x-out"])
+        self.assertEqual(self.call("GET", "/system/calls/unknown")[0].code, 404)
+
+    def test_record_written_by_the_worker_first_is_not_overwritten(self) -> None:
+        running = CallRecord(call_id="c2", function="echo", status="running", attempts=1)
+        self.store.calls["c2"] = running
+        # A record exists already: the post is a repeat, answered from it, not queued.
+        response, body = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["c2"]}, data=b"x")
+        self.assertEqual(js(body)["status"], "running")
+        self.assertEqual(self.store.calls["c2"], running)
+
+    def test_accepted_and_refused_calls_are_counted(self) -> None:
+        self.call("POST", "/async-function/echo", data=b"x")
+        self.queue.available = False
+        self.call("POST", "/async-function/echo", data=b"x")
+        registry = self.metrics.registry
+        for code in ("202", "503"):
+            self.assertEqual(
+                registry.get_sample_value(
+                    "gateway_async_calls_total", {"function_name": "echo", "code": code}
+                ),
+                1.0,
+            )
+
+
+class AllowedCallbackTests(GatewayTestCase):
+    def make_resolver(self) -> Any:
+        return FakeResolver({"localhost": ["127.0.0.1"], "127.0.0.1": ["127.0.0.1"]})
+
+    def app_settings(self) -> AppSettings:
+        return AppSettings(callback_policy=AddressPolicy(allow_networks=(ip_network("127.0.0.0/8"),)))
+
+    def test_operator_allowed_network_passes(self) -> None:
+        self.deploy("echo")
+        for url in ["http://127.0.0.1:9999/cb", "http://localhost:9999/cb"]:
+            response, _ = self.call(
+                "POST", "/async-function/echo", headers={"X-Callback-Url": [url]}, data=b"x"
+            )
+            self.assertEqual(response.code, 202, url)
