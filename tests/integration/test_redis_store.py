@@ -1,0 +1,255 @@
+"""RedisStore against the real Redis: every store method, string fidelity, TTLs, and an unreachable server.
+
+Each test uses its own key prefix and deletes its keys afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.support import free_port, unique
+from txfaas.config import RedisURL, parse_redis_url
+from txfaas.model import CallRecord, CallResult, CallStatus, FunctionSpec
+from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
+from txfaas.store.redis import RedisStore
+
+CALL_TTL = 300
+
+
+@pytest_twisted.async_yield_fixture
+async def raw(redis_url):
+    """A plain txredisapi connection for looking behind the store's back (and cleaning up)."""
+    import txredisapi
+
+    url = parse_redis_url(redis_url)
+    connection = await txredisapi.Connection(url.host, url.port, dbid=url.db, convertNumbers=False)
+    yield connection
+    await connection.disconnect()
+
+
+@pytest_twisted.async_yield_fixture
+async def prefix(raw):
+    value = f"{unique('txfaas-test')}:"
+    yield value
+    keys = await raw.keys(f"{value}*")
+    if keys:
+        await raw.delete(keys)
+
+
+@pytest_twisted.async_yield_fixture
+async def store(redis_url, prefix):
+    s = RedisStore.connect(parse_redis_url(redis_url), reactor, prefix=prefix, call_ttl=CALL_TTL, timeout=5.0)
+    yield s
+    await s.close()
+
+
+def spec(name: str = "fn", **kwargs) -> FunctionSpec:
+    return FunctionSpec(service=name, image=kwargs.pop("image", f"example/{name}:1"), **kwargs)
+
+
+# --- functions ----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_answers(store):
+    assert await store.ping() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_get_and_list_functions_sorted_by_name(store):
+    await store.create_function(spec("beta", created_at=10.5))
+    await store.create_function(spec("alpha", labels={"team": "a"}))
+    assert await store.get_function("beta") == spec("beta", created_at=10.5)
+    assert [s.service for s in await store.list_functions()] == ["alpha", "beta"]
+    assert await store.get_function("gamma") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_functions_of_an_empty_store_is_empty(store):
+    assert await store.list_functions() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_existing_function_raises_already_exists_and_keeps_the_first(store):
+    await store.create_function(spec(image="first"))
+    with pytest.raises(AlreadyExists):
+        await store.create_function(spec(image="second"))
+    assert (await store.get_function("fn")).image == "first"
+
+
+@pytest_twisted.ensureDeferred
+async def test_numeric_looking_strings_come_back_as_strings(store):
+    """The pool is made with convertNumbers=False: "007", "1.10" and numeric names stay strings."""
+    await store.create_function(
+        spec("007", image="example/fn:1.10", env_vars={"CODE": "007", "RATIO": "1.10"})
+    )
+    await store.create_function(spec("1", image="10"))
+    await store.create_function(spec("abc"))
+    got = await store.get_function("007")
+    assert got.image == "example/fn:1.10"
+    assert got.env_vars == {"CODE": "007", "RATIO": "1.10"}
+    listed = await store.list_functions()
+    assert [(s.service, s.image) for s in listed] == [
+        ("007", "example/fn:1.10"),
+        ("1", "10"),
+        ("abc", "example/abc:1"),
+    ]
+    await store.add_invocations({"007": 5})
+    assert await store.invocation_counts(["007", "1"]) == {"007": 5, "1": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_function_replaces_spec_but_keeps_created_at_and_replicas(store):
+    await store.create_function(spec(image="v1", created_at=100.25))
+    await store.scale_function("fn", 3)
+    await store.update_function(spec(image="v2", created_at=999.0, replicas=1, env_vars={"A": "1"}))
+    got = await store.get_function("fn")
+    assert (got.image, got.env_vars, got.created_at, got.replicas) == ("v2", {"A": "1"}, 100.25, 3)
+
+
+@pytest_twisted.ensureDeferred
+async def test_update_missing_function_raises_not_found(store):
+    with pytest.raises(NotFound):
+        await store.update_function(spec())
+    assert await store.get_function("fn") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_function_removes_it_and_its_invocation_count(store):
+    await store.create_function(spec())
+    await store.add_invocations({"fn": 4})
+    await store.delete_function("fn")
+    assert await store.get_function("fn") is None
+    assert await store.invocation_counts(["fn"]) == {"fn": 0}
+    with pytest.raises(NotFound):
+        await store.delete_function("fn")
+
+
+@pytest_twisted.ensureDeferred
+async def test_scale_function_sets_replicas_and_missing_raises_not_found(store):
+    await store.create_function(spec())
+    await store.scale_function("fn", 0)
+    assert (await store.get_function("fn")).replicas == 0
+    with pytest.raises(NotFound):
+        await store.scale_function("other", 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_invocations_add_up_per_function(store):
+    await store.add_invocations({"a": 2, "b": 1})
+    await store.add_invocations({"a": 3})
+    await store.add_invocations({})
+    assert await store.invocation_counts(["a", "b", "c"]) == {"a": 5, "b": 1, "c": 0}
+    assert await store.invocation_counts([]) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_live_under_the_prefix(store, prefix, raw):
+    await store.create_function(spec())
+    await store.add_invocations({"fn": 1})
+    await store.create_call(CallRecord("c1", "fn"))
+    await store.put_result("c1", CallResult(200))
+    assert sorted(await raw.keys(f"{prefix}*")) == sorted(
+        [f"{prefix}functions", f"{prefix}invocations", f"{prefix}call:c1", f"{prefix}result:c1"]
+    )
+
+
+# --- calls --------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_call_stores_a_new_record_with_a_ttl(store, prefix, raw):
+    record = CallRecord("c1", "fn", accepted_at=time.time(), callback_url="https://h.example/", queue="q")
+    assert await store.create_call(record) is None
+    assert await store.get_call("c1") == record
+    ttl = await raw.ttl(f"{prefix}call:c1")
+    assert 0 < ttl <= CALL_TTL
+    assert await store.get_call("missing") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_call_is_idempotent_returning_the_first_record(store):
+    first = CallRecord("c1", "fn", accepted_at=1.0)
+    assert await store.create_call(first) is None
+    assert await store.create_call(CallRecord("c1", "other", accepted_at=2.0)) == first
+    assert await store.get_call("c1") == first
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_call_overwrites_and_restarts_the_ttl(store, prefix, raw):
+    await store.create_call(CallRecord("c1", "fn"))
+    await raw.expire(f"{prefix}call:c1", 5)
+    done = CallRecord("c1", "fn", status=CallStatus.SUCCEEDED, status_code=200, attempts=1, duration=0.25)
+    await store.put_call(done)
+    assert await store.get_call("c1") == done
+    assert await raw.ttl(f"{prefix}call:c1") > 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_result_keeps_binary_body_and_headers_with_a_ttl(store, prefix, raw):
+    result = CallResult(
+        201, [("Content-Type", "application/octet-stream"), ("X-Bin", "\xff\x00")], bytes(range(256))
+    )
+    await store.put_result("c1", result)
+    assert await store.get_result("c1") == result
+    assert 0 < await raw.ttl(f"{prefix}result:c1") <= CALL_TTL
+    assert await store.get_result("c2") is None
+
+
+# --- an unreachable Redis -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        pytest.param(lambda s: s.ping(), id="ping"),
+        pytest.param(lambda s: s.get_function("fn"), id="get_function"),
+        pytest.param(lambda s: s.list_functions(), id="list_functions"),
+        pytest.param(lambda s: s.delete_function("fn"), id="delete_function"),
+        pytest.param(lambda s: s.update_function(spec()), id="update_function"),
+        pytest.param(lambda s: s.add_invocations({"fn": 1}), id="add_invocations"),
+        pytest.param(lambda s: s.create_call(CallRecord("c1", "fn")), id="create_call"),
+        pytest.param(lambda s: s.get_result("c1"), id="get_result"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_unreachable_redis_raises_store_unavailable_within_the_timeout(operation):
+    timeout = 0.5
+    dead = RedisStore.connect(RedisURL(port=free_port()), reactor, prefix="unused:", timeout=timeout)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await operation(dead)
+        elapsed = time.monotonic() - started
+    finally:
+        await dead.close()
+    assert elapsed < timeout + 1.0, f"took {elapsed:.2f}s with a {timeout}s timeout"
+
+
+@pytest_twisted.ensureDeferred
+async def test_spec_round_trips_every_field_through_redis(store):
+    full = attrs.evolve(
+        spec(
+            "full",
+            namespace="ns",
+            env_process="cat",
+            env_vars={"exec_timeout": "10s"},
+            labels={"l": "1"},
+            annotations={"com.openfaas.queue": "slow", "txfaas.url": "http://full.example:8080"},
+            constraints=["c"],
+            secrets=["s"],
+            limits={"memory": "128Mi"},
+            requests={"cpu": "100m"},
+            read_only_root_filesystem=True,
+            url="http://full.example:8080",
+            created_at=1700000000.5,
+        ),
+        replicas=2,
+    )
+    await store.create_function(full)
+    assert await store.get_function("full") == full
