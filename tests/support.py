@@ -25,6 +25,14 @@ from twisted.web import resource, server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def twistd_command() -> list[str]:
+    """The ``twistd`` of the Python running the tests (its venv's script, else the module)."""
+    script = Path(sys.executable).parent / "twistd"
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +67,7 @@ async def wait_for(
 
 
 class TwistdProcess:
-    """``python -m twisted -n <plugin> ...`` as a child process, logging to a file."""
+    """``twistd -n <plugin> ...`` as a child process, logging to a file."""
 
     def __init__(self, plugin: str, args: list[str], env: dict[str, str] | None = None) -> None:
         self.plugin = plugin
@@ -70,7 +78,7 @@ class TwistdProcess:
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "-n", "--pidfile=", plugin, *args],
+            [*twistd_command(), "-n", "--pidfile=", plugin, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -139,7 +147,7 @@ def run_twistd_sync(plugin: str, args: list[str], timeout: float = 30, env: dict
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "twisted", "-n", "--pidfile=", plugin, *args],
+        [*twistd_command(), "-n", "--pidfile=", plugin, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,0 +1,229 @@
+"""``twistd faas-gateway`` as a real process, against the real Redis and real upstream HTTP servers."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import pytest_twisted
+import treq
+
+from tests.support import (
+    Recorder,
+    TwistdProcess,
+    free_port,
+    listen_http,
+    never_answer,
+    run_twistd_sync,
+    unique,
+    wait_for,
+)
+
+
+async def start_gateway(redis_url: str, *extra: str, env: dict | None = None) -> tuple[TwistdProcess, str]:
+    port = free_port()
+    proc = TwistdProcess(
+        "faas-gateway",
+        [
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--redis",
+            redis_url,
+            "--redis-prefix",
+            unique("gwtest") + ":",
+            "--amqp",
+            "memory:",
+            *extra,
+        ],
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    await proc.wait_http(base + "/healthz", status=200)
+    return proc, base
+
+
+async def deploy(base: str, name: str, url: str, auth=None, **fields) -> int:
+    body = json.dumps({"service": name, "image": "none", "url": url, **fields}).encode()
+    response = await treq.post(base + "/system/functions", data=body, auth=auth)
+    await response.content()
+    return response.code
+
+
+@pytest.fixture
+def upstream():
+    recorder = Recorder(lambda request: (200, {b"X-Fn": b"yes"}, b"fn-body:" + request.uri))
+    port = listen_http(recorder)
+    yield recorder, f"http://127.0.0.1:{port.getHost().port}"
+    port.stopListening()
+
+
+def test_help_lists_every_flag():
+    result = run_twistd_sync("faas-gateway", ["--help"])
+    assert result.returncode == 0
+    for flag in [
+        "--listen",
+        "--redis",
+        "--amqp",
+        "--upstream-timeout",
+        "--read-timeout",
+        "--write-timeout",
+        "--basic-auth",
+        "--secret-mount-path",
+        "--function-url-template",
+        "--functions",
+        "--max-body",
+        "--max-async-body",
+        "--callback-allow",
+    ]:
+        assert flag in result.stdout, flag
+
+
+@pytest_twisted.ensureDeferred
+async def test_sync_call_end_to_end(redis_url, upstream):
+    recorder, url = upstream
+    proc, base = await start_gateway(redis_url)
+    try:
+        assert await deploy(base, "echo", url) == 202
+        response = await treq.post(
+            base + "/function/echo/sub/path?x=1&y=2", data=b"payload", headers={"X-Call-Id": ["abc-1"]}
+        )
+        body = await response.content()
+        assert response.code == 200
+        assert body == b"fn-body:/sub/path?x=1&y=2"
+        assert response.headers.getRawHeaders("X-Fn") == ["yes"]
+        assert response.headers.getRawHeaders("X-Call-Id") == ["abc-1"]
+        assert response.headers.getRawHeaders("X-Duration-Seconds")
+        seen = recorder.requests[-1]
+        assert seen["method"] == "POST"
+        assert seen["body"] == b"payload"
+        assert seen["headers"]["x-call-id"] == ["abc-1"]
+        assert seen["headers"]["x-forwarded-for"] == ["127.0.0.1"]
+
+        response = await treq.get(base + "/function/nope")
+        assert (response.code, await response.text()) == (404, "function 'nope' not found\n")
+
+        # The record lives in Redis: a second gateway on the same prefix sees it.
+        response = await treq.get(base + "/system/functions")
+        [fn] = json.loads(await response.content())
+        assert fn["name"] == "echo"
+        assert fn["url"] == url
+    finally:
+        await proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_function_is_502_and_slow_one_504_with_upstream_aborted(redis_url):
+    hanging = Recorder(never_answer)
+    port = listen_http(hanging)
+    proc, base = await start_gateway(redis_url, "--upstream-timeout", "1s", "--write-timeout", "5s")
+    try:
+        await deploy(base, "dead", f"http://127.0.0.1:{free_port()}")
+        await deploy(base, "slow", f"http://127.0.0.1:{port.getHost().port}")
+        response = await treq.get(base + "/function/dead")
+        assert response.code == 502
+        assert "'dead' unreachable" in await response.text()
+
+        response = await treq.get(base + "/function/slow")
+        assert response.code == 504
+        assert await response.text() == "function 'slow' did not answer within 1s\n"
+        # The gateway really closed its connection to the function.
+        await wait_for(lambda: hanging.disconnected, timeout=5, what="upstream disconnect")
+    finally:
+        await proc.stop()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_functions_file_and_basic_auth(redis_url, upstream, tmp_path):
+    _recorder, url = upstream
+    (tmp_path / "basic-auth-user").write_text("admin")
+    (tmp_path / "basic-auth-password").write_text("pw")
+    functions = tmp_path / "functions.json"
+    functions.write_text(json.dumps([{"service": "preloaded", "image": "x", "url": url}]))
+    proc, base = await start_gateway(
+        redis_url,
+        "--functions",
+        str(functions),
+        "--basic-auth",
+        "true",
+        "--secret-mount-path",
+        str(tmp_path),
+    )
+    try:
+        response = await treq.get(base + "/system/functions")
+        assert response.code == 401
+        response = await treq.get(base + "/system/functions", auth=("admin", "pw"))
+        assert response.code == 200
+        assert [f["name"] for f in json.loads(await response.content())] == ["preloaded"]
+        response = await treq.get(base + "/function/preloaded")
+        assert response.code == 200  # function routes stay open
+        response = await treq.get(base + "/metrics", auth=("admin", "pw"))
+        assert "gateway_function_invocation_total" in await response.text()
+    finally:
+        await proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_limit_413_before_reading(redis_url, upstream):
+    recorder, url = upstream
+    proc, base = await start_gateway(redis_url, "--max-body", "1KiB")
+    try:
+        await deploy(base, "echo", url)
+        response = await treq.post(base + "/function/echo", data=b"a" * 2048)
+        assert response.code == 413
+        response = await treq.post(base + "/function/echo", data=b"a" * 1000)
+        assert response.code == 200
+    finally:
+        await proc.stop()
+
+
+def _startup_error(args: list[str]) -> tuple[int, str]:
+    result = run_twistd_sync("faas-gateway", args, timeout=60)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_unreachable_redis_at_start_is_one_line_and_nonzero():
+    code, output = _startup_error(
+        [
+            "--redis",
+            f"redis://127.0.0.1:{free_port()}/0",
+            "--amqp",
+            "memory:",
+            "--listen",
+            f"tcp:{free_port()}",
+        ]
+    )
+    assert code != 0
+    assert "error: --redis redis://127.0.0.1:" in output
+    assert "Traceback" not in output
+
+
+def test_port_in_use_is_one_line_and_nonzero(redis_url):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, output = _startup_error(
+            ["--redis", redis_url, "--amqp", "memory:", "--listen", f"tcp:{port}:interface=127.0.0.1"]
+        )
+    assert code != 0
+    assert f"error: --listen tcp:{port}:interface=127.0.0.1: cannot listen" in output
+    assert "Traceback" not in output
+
+
+def test_bad_value_is_one_line_and_nonzero():
+    code, output = _startup_error(["--upstream-timeout", "forever"])
+    assert code != 0
+    assert "--upstream-timeout: not a duration" in output
+    assert "Traceback" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_reports_redis_trouble(redis_url):
+    proc, base = await start_gateway(redis_url)
+    try:
+        response = await treq.get(base + "/healthz")
+        assert (response.code, await response.text()) == (200, "OK\n")
+    finally:
+        await proc.stop()
