@@ -1,0 +1,256 @@
+"""Process hygiene for the watchdog: process groups, killing, reaping, output logging.
+
+Every function process starts in a new session and process group (through
+``setsid --``, or a two-line Python shim where util-linux is missing), so one
+``killpg`` reaches its children and grandchildren.  The watchdog makes itself
+a *child subreaper* (Linux): orphans of a killed group are re-parented to it
+instead of to PID 1, and :class:`OrphanReaper` reaps them.  Without that, a
+watchdog running as PID 1 in a container, or under an init that does not reap
+(as on the machine this was written on), would pile up zombies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import process as _twisted_process
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+# Runs ``argv[1:]`` in a new session: used only when util-linux's setsid is not installed.
+PYTHON_SETSID_SHIM = "import os,sys;os.setsid();os.execvp(sys.argv[1],sys.argv[1:])"
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+log = Logger()
+
+
+def group_launcher(setsid: str | None, python: str = sys.executable) -> tuple[str, ...]:
+    """The argv prefix that starts a program as the leader of a new process group.
+
+    ``setsid`` (util-linux) execs in place when its caller is not a group
+    leader, which a freshly spawned child never is, so the function keeps the
+    pid Twisted knows and that pid is also the group id.
+    """
+    if setsid:
+        return (setsid, "--")
+    return (python, "-c", PYTHON_SETSID_SHIM)
+
+
+def become_subreaper() -> bool:
+    """Ask Linux to re-parent orphaned descendants to this process (``PR_SET_CHILD_SUBREAPER``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL, killpg: Callable[[int, int], None] = os.killpg) -> bool:
+    """Signal a whole process group.  False when the group no longer exists."""
+    try:
+        killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # Only possible if the pgid was recycled by someone else's group: never touch it.
+        log.warn("not allowed to signal process group {pgid}", pgid=pgid)
+        return False
+    return True
+
+
+class OrphanReaper:
+    """Reaps re-parented orphans and waits until killed process groups are really gone.
+
+    ``watch(pgid)`` after killing a group; ``settled()`` fires once every
+    watched group is empty (its members dead *and* reaped).  Zombies of
+    processes Twisted spawned itself are left to Twisted (``reapAllProcesses``),
+    so no exit status is ever stolen from a ``ProcessProtocol``.
+    """
+
+    log = Logger()
+    idle_interval = 1.0
+    busy_interval = 0.02
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        waitid: Callable[..., Any] = os.waitid,
+        waitpid: Callable[[int, int], tuple[int, int]] = os.waitpid,
+        killpg: Callable[[int, int], None] = os.killpg,
+        known: Callable[[], Any] = lambda: _twisted_process.reapProcessHandlers,
+        reap_known: Callable[[], None] = _twisted_process.reapAllProcesses,
+    ) -> None:
+        self._clock = clock
+        self._waitid = waitid
+        self._waitpid = waitpid
+        self._killpg = killpg
+        self._known = known
+        self._reap_known = reap_known
+        self._watched: set[int] = set()
+        self._waiters: list[Deferred[None]] = []
+        self._loop: LoopingCall | None = None
+        self._soon: Any = None
+        self.reaped = 0
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = LoopingCall(self.sweep)
+            self._loop.clock = self._clock
+            self._loop.start(self.idle_interval, now=False).addErrback(
+                lambda f: self.log.failure("orphan reaper stopped", f)
+            )
+
+    def stop(self) -> Deferred[None]:
+        """Fires when every watched group is gone; then stops sweeping."""
+        d = self.settled()
+
+        def halt(result: None) -> None:
+            if self._loop is not None and self._loop.running:
+                self._loop.stop()
+            self._loop = None
+            if self._soon is not None and self._soon.active():
+                self._soon.cancel()
+            self._soon = None
+            return result
+
+        return d.addBoth(halt)
+
+    @property
+    def watched(self) -> frozenset[int]:
+        return frozenset(self._watched)
+
+    def watch(self, pgid: int) -> None:
+        """A group was just killed: keep sweeping until it is empty."""
+        self._watched.add(pgid)
+        self._sweep_soon()
+
+    def settled(self) -> Deferred[None]:
+        if not self._watched:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        self._sweep_soon()
+        return d
+
+    def _sweep_soon(self) -> None:
+        if self._soon is None or not self._soon.active():
+            self._soon = self._clock.callLater(self.busy_interval, self._busy_sweep)
+
+    def _busy_sweep(self) -> None:
+        self._soon = None
+        self.sweep()
+        if self._watched:
+            self._sweep_soon()
+
+    def sweep(self) -> None:
+        """Reap every waitable orphan, then drop the watched groups that are empty."""
+        self.reap_orphans()
+        for pgid in list(self._watched):
+            # SIGKILL again: a member forked after the first kill is caught too.
+            if not kill_group(pgid, signal.SIGKILL, self._killpg):
+                self._watched.discard(pgid)
+        if not self._watched and self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def reap_orphans(self) -> int:
+        """``waitid(WNOWAIT)`` peeks at a zombie child; reap it unless Twisted owns it."""
+        count = 0
+        for _ in range(10_000):
+            try:
+                info = self._waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                break
+            if info is None or not info.si_pid:
+                break
+            pid = info.si_pid
+            if pid in self._known():
+                # One of Twisted's own: let it collect the status for its ProcessProtocol.
+                before = len(self._known())
+                self._reap_known()
+                if len(self._known()) >= before:
+                    break
+                continue
+            try:
+                self._waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            count += 1
+        self.reaped += count
+        return count
+
+
+class OutputLog:
+    """Splits a child's output into lines and logs them, bounded in line length and volume."""
+
+    max_line = 2048
+    max_total = 64 * 1024
+
+    def __init__(self, logger: Logger, stream: str, fields: dict[str, Any]) -> None:
+        self._log = logger
+        self._stream = stream
+        self._fields = fields
+        self._partial = b""
+        self._total = 0
+        self._truncated = False
+
+    def feed(self, data: bytes) -> None:
+        if self._truncated:
+            return
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > self.max_line:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def close(self) -> None:
+        if self._partial and not self._truncated:
+            self._emit(self._partial)
+        self._partial = b""
+
+    def _emit(self, line: bytes) -> None:
+        if self._truncated:
+            return
+        self._total += len(line)
+        if self._total > self.max_total:
+            self._truncated = True
+            self._log.warn(
+                "function {stream}: more than {limit} bytes, not logging the rest",
+                stream=self._stream,
+                limit=self.max_total,
+                **self._fields,
+            )
+            return
+        text = line[: self.max_line].rstrip(b"\r").decode("utf-8", "replace")
+        self._log.info("function {stream}: {line}", stream=self._stream, line=text, **self._fields)
+
+
+class Tail:
+    """The last ``size`` bytes of a stream."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) > 2 * self._size:
+            del self._buf[: len(self._buf) - self._size]
+
+    def value(self) -> bytes:
+        return bytes(self._buf[-self._size :])

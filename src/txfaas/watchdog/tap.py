@@ -1,0 +1,253 @@
+"""``twistd faas-watchdog``: options, and the one place that builds the watchdog's real objects.
+
+Configured like OpenFaaS's watchdog: every flag falls back to the OpenFaaS
+environment variable named in its help (``fprocess``, ``mode``,
+``read_timeout``, ...).  Durations read ``10``, ``10s``, ``1m30s`` or
+``500ms``; ``0`` means no limit.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application import service
+from twisted.python import usage
+
+from txfaas.config import ConfigError, option_or_env, parse_duration, parse_http_url, parse_size
+from txfaas.watchdog.common import FORK, HTTP, MODES, WatchdogConfig
+from txfaas.watchdog.process import group_launcher
+
+DEFAULTS = WatchdogConfig(fprocess=())
+
+
+def _mode(value: str) -> str:
+    mode = value.strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {value!r}: use {' or '.join(MODES)}")
+    return mode
+
+
+def _command(value: str) -> tuple[str, ...]:
+    try:
+        argv = tuple(shlex.split(value))
+    except ValueError as e:
+        raise ValueError(f"cannot split {value!r}: {e}") from None
+    if not argv:
+        raise ValueError("empty command")
+    return argv
+
+
+def _listen(value: str) -> str:
+    """``8080`` (the OpenFaaS ``port`` variable) means ``tcp:8080``; otherwise a Twisted endpoint."""
+    text = str(value).strip()
+    if text.isdigit():
+        port = int(text)
+        if not 0 < port < 65536:
+            raise ValueError(f"not a TCP port: {text}")
+        return f"tcp:{port}"
+    if not text or ":" not in text:
+        raise ValueError(f"not an endpoint description: {text!r} (e.g. tcp:8080)")
+    return text
+
+
+def _count(value: str) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"not a whole number: {value!r}") from None
+    if n < 0:
+        raise ValueError(f"negative: {n}")
+    return n
+
+
+def _upstream(value: str) -> str:
+    url = parse_http_url(value)
+    if urlsplit(url).scheme != "http":
+        raise ValueError(f"the function's server must speak plain http: {value!r}")
+    return url
+
+
+def _content_type(value: str) -> str:
+    text = value.strip()
+    if not text or any(c in text for c in "\r\n\x00") or not text.isascii():
+        raise ValueError(f"not a content type: {value!r}")
+    return text
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Runs any program as an OpenFaaS-style function over HTTP. fork mode starts the command for "
+        "every request (body on stdin, stdout is the response, Http_* variables in its environment); "
+        "http mode starts it once and proxies to it on --upstream-url. GET /_/health answers 200 when "
+        "ready, 503 while starting or draining. Every option falls back to the OpenFaaS environment "
+        "variable named in its help; durations read 10, 10s, 1m30s or 500ms, and 0 means no limit."
+    )
+    optParameters = [
+        [
+            "fprocess",
+            None,
+            None,
+            "The function's command, split like a shell would [$fprocess, $function_process]",
+        ],
+        ["mode", None, None, "fork: a process per request; http: one process, proxied [$mode; default fork]"],
+        [
+            "upstream-url",
+            None,
+            None,
+            "http mode: where the command serves HTTP, e.g. http://127.0.0.1:5000 "
+            "[$upstream_url, $http_upstream_url]",
+        ],
+        [
+            "listen",
+            None,
+            None,
+            "Twisted endpoint to serve on [$port (a number: tcp:<port>); default tcp:8080]",
+        ],
+        [
+            "read-timeout",
+            None,
+            None,
+            "Longest time to read a whole request, from its first byte (408 after it) [$read_timeout; default 30s]",
+        ],
+        [
+            "write-timeout",
+            None,
+            None,
+            "Longest time to hand a response to a client that reads it (disconnected after it); also "
+            "how long running requests may finish when stopping [$write_timeout; default 30s]",
+        ],
+        [
+            "exec-timeout",
+            None,
+            None,
+            "Longest run of the function: the process group is killed (fork) or the request aborted "
+            "(http), 504; a request's X-Timeout may shorten it [$exec_timeout, $hard_timeout; default 10s]",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "How long an idle keep-alive connection stays open [$idle_timeout; default 5m]",
+        ],
+        [
+            "healthcheck-interval",
+            None,
+            None,
+            "http mode: how often the function's server is probed once up [$healthcheck_interval; default 5s]",
+        ],
+        [
+            "max-inflight",
+            None,
+            None,
+            "Most concurrent calls, 429 beyond [$max_inflight; default 0: no limit]",
+        ],
+        [
+            "content-type",
+            None,
+            None,
+            "fork mode: Content-Type of responses [$content_type; default the request's, "
+            "else application/octet-stream]",
+        ],
+        [
+            "max-request",
+            None,
+            None,
+            "Largest request body, 413 above [$max_request; default 16MiB; 0: no limit]",
+        ],
+        [
+            "max-response",
+            None,
+            None,
+            "Largest function output, 500 (fork) or 502 (http) above [$max_response; default 16MiB; 0: no limit]",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["config"] = build_config(self, os.environ)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def build_config(
+    opts: Mapping[str, Any], environ: Mapping[str, str], setsid: str | bool | None = True
+) -> WatchdogConfig:
+    """Flags, else the OpenFaaS variables, else the defaults; raises :class:`ConfigError`."""
+
+    def get(key: str, envs: tuple[str, ...], default: Any, parse: Any) -> Any:
+        return option_or_env(opts, key, envs, default, parse, environ)
+
+    d = DEFAULTS
+    fprocess = get("fprocess", ("fprocess", "function_process"), None, _command)
+    if fprocess is None:
+        raise ConfigError("--fprocess", "the function's command is required (or set $fprocess)")
+    path = environ.get("PATH", os.defpath)
+    if shutil.which(fprocess[0], path=path) is None:
+        raise ConfigError("--fprocess", f"command not found: {fprocess[0]}")
+    mode = get("mode", ("mode",), FORK, _mode)
+    upstream = get("upstream-url", ("upstream_url", "http_upstream_url"), None, _upstream)
+    if mode == HTTP and upstream is None:
+        raise ConfigError("--upstream-url", "http mode needs the function's URL (or set $upstream_url)")
+    if setsid is True:
+        setsid = shutil.which("setsid")
+    return WatchdogConfig(
+        fprocess=fprocess,
+        mode=mode,
+        upstream_url=upstream,
+        listen=get("listen", ("port",), d.listen, _listen),
+        read_timeout=get("read-timeout", ("read_timeout",), d.read_timeout, parse_duration),
+        write_timeout=get("write-timeout", ("write_timeout",), d.write_timeout, parse_duration),
+        exec_timeout=get("exec-timeout", ("exec_timeout", "hard_timeout"), d.exec_timeout, parse_duration),
+        idle_timeout=get("idle-timeout", ("idle_timeout",), d.idle_timeout, parse_duration),
+        healthcheck_interval=get(
+            "healthcheck-interval", ("healthcheck_interval",), d.healthcheck_interval, parse_duration
+        ),
+        max_inflight=get("max-inflight", ("max_inflight",), d.max_inflight, _count),
+        content_type=get("content-type", ("content_type",), None, _content_type),
+        max_request=get("max-request", ("max_request",), d.max_request, parse_size),
+        max_response=get("max-response", ("max_response",), d.max_response, parse_size),
+        environ=dict(environ),
+        launcher=group_launcher(setsid or None, sys.executable),
+    )
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, serverFromString
+    from twisted.internet.protocol import Protocol
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from txfaas.watchdog.fork import ForkRunner
+    from txfaas.watchdog.http import HTTPRunner
+    from txfaas.watchdog.process import OrphanReaper, become_subreaper
+    from txfaas.watchdog.server import Watchdog
+
+    config: WatchdogConfig = options["config"]
+    become_subreaper()
+    reaper = OrphanReaper(reactor)
+    runner: Any
+    if config.mode == HTTP:
+        assert config.upstream_url is not None
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = max(config.max_inflight, 64)
+        agent = Agent(reactor, pool=pool, connectTimeout=5)
+        parts = urlsplit(config.upstream_url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+
+        def probe() -> Any:
+            d = connectProtocol(HostnameEndpoint(reactor, host, port, timeout=2), Protocol())
+            return d.addCallback(lambda proto: proto.transport.loseConnection())
+
+        runner = HTTPRunner(
+            reactor, reactor, agent, config, reaper, probe, close_pool=pool.closeCachedConnections
+        )
+    else:
+        runner = ForkRunner(reactor, config, reaper)
+    return Watchdog(config, reactor, runner, serverFromString(reactor, config.listen))
