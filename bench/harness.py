@@ -1,0 +1,535 @@
+"""Building blocks of the benchmarks in ``bench/``: tools, private servers, wrk runs, statistics.
+
+Synchronous on purpose: a benchmark driver only starts processes, runs ``wrk``
+and reads ``/proc``; it has no reactor of its own, so it cannot steal CPU from
+the processes it measures.  Everything it starts goes on an :class:`ExitStack`
+kept by the caller, so processes and temporary folders go away on success,
+exceptions, Ctrl-C and SIGTERM alike.  Traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """A failure the operator must see as one message (a tool missing, a server not answering)."""
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def ensure_commands(packages: dict[str, str]) -> None:
+    """Install the Debian ``packages`` (command -> package) whose command is not on PATH.
+
+    ``apt-get install -y`` first; if that fails (an old or empty package list),
+    ``apt-get update`` once and install again.  Services are not started by the
+    install on this machine (policy-rc.d), and we never use the system ones anyway.
+    """
+    missing = sorted({pkg for cmd, pkg in packages.items() if shutil.which(cmd) is None})
+    if not missing:
+        return
+    if shutil.which("apt-get") is None:
+        raise BenchError(f"missing {', '.join(missing)} and no apt-get to install them")
+    say(f"installing with apt-get: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, check=False)
+        if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            raise BenchError(f"apt-get install {' '.join(missing)} failed")
+    still = [cmd for cmd in packages if shutil.which(cmd) is None]
+    if still:
+        raise BenchError(f"still not on PATH after installing: {', '.join(still)}")
+
+
+def ensure_python_module(module: str, requirement: str) -> None:
+    """Import ``module``, installing ``requirement`` into this interpreter's environment if missing."""
+    try:
+        __import__(module)
+        return
+    except ImportError:
+        pass
+    say(f"installing {requirement} into {sys.prefix}")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement])
+    if result.returncode != 0:
+        raise BenchError(f"pip install {requirement} failed")
+    __import__(module)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Child:
+    """A child process in its own session (Ctrl-C reaches only us; we stop it in order)."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log_path.parent,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        self._log.flush()
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Ask politely, then kill the whole process group (nginx workers, twistd's children)."""
+        if self.alive():
+            try:
+                os.kill(self.popen.pid, sig)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.popen.poll() is None:
+            self.popen.wait(5)
+        self._log.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (nginx's workers), from ``/proc``."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except OSError:
+        pass
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the parent's pid; the command name (field 2) may hold spaces and ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time of ``pids`` so far (``/proc/<pid>/stat`` utime + stime)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the ')' field 3 is at index 0, so utime (14) and stime (15) are at 11 and 12.
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds all cores have spent busy since boot (``/proc/stat``, everything but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET ``url`` directly (never through an environment proxy)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_http(
+    url: str, child: Child, status: int = 200, body: bytes | None = None, timeout: float = 20.0
+) -> None:
+    """Wait until ``url`` answers ``status`` (and ``body``); fail at once if ``child`` died."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise BenchError(f"{child.name} exited with {child.popen.returncode}:\n{child.tail()}")
+        try:
+            code, got = http_get(url)
+            if code == status and (body is None or got == body):
+                return
+            last = f"{code} {got[:200]!r}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.1)
+    raise BenchError(f"{url} did not answer {status} within {timeout:g}s (last: {last})\n{child.tail()}")
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+_NGINX_COMMON = """\
+worker_processes 1;
+daemon off;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/{name}-body;
+    proxy_temp_path {dir}/{name}-proxy;
+    fastcgi_temp_path {dir}/{name}-fastcgi;
+    uwsgi_temp_path {dir}/{name}-uwsgi;
+    scgi_temp_path {dir}/{name}-scgi;
+    # nginx closes a keep-alive connection after 1000 requests by default; the gateway
+    # (twisted.web) never does, so lift the limit to compare like with like.
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+{body}
+}}
+"""
+
+
+def nginx_function_conf(directory: Path, port: int) -> str:
+    """The function: ``return 200 "ok"`` on every path."""
+    body = f"""\
+    server {{
+        listen {LOOPBACK}:{port};
+        location / {{ return 200 "ok"; }}
+    }}"""
+    return _NGINX_COMMON.format(dir=directory, name="function", body=body)
+
+
+def nginx_proxy_conf(directory: Path, port: int, upstream_port: int) -> str:
+    """``proxy_pass`` to the function, keeping upstream connections alive."""
+    body = f"""\
+    upstream function {{
+        server {LOOPBACK}:{upstream_port};
+        keepalive 64;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen {LOOPBACK}:{port};
+        location / {{
+            proxy_pass http://function;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}"""
+    return _NGINX_COMMON.format(dir=directory, name="proxy", body=body)
+
+
+class Nginx(Child):
+    """A private nginx (own config, pid, logs and temp paths; ``daemon off``) as a child."""
+
+    def __init__(self, name: str, directory: Path, conf: str) -> None:
+        conf_path = directory / f"{name}.conf"
+        conf_path.write_text(conf)
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        check = subprocess.run(
+            [nginx, "-t", "-q", "-p", str(directory), "-e", str(directory / f"{name}-error.log"),
+             "-c", str(conf_path)],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if check.returncode != 0:
+            raise BenchError(f"nginx rejected {conf_path}:\n{check.stderr}")
+        super().__init__(
+            f"nginx ({name})",
+            [nginx, "-p", str(directory), "-e", str(directory / f"{name}-error.log"), "-c", str(conf_path)],
+            directory / f"{name}.out",
+        )
+
+    def workers(self) -> list[int]:
+        return children_of(self.pid)
+
+    def stop(self, sig: int = signal.SIGQUIT, timeout: float = 10.0) -> None:
+        super().stop(sig, timeout)
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+def twistd_command() -> list[str]:
+    """The ``twistd`` next to this interpreter (the venv's), else the module."""
+    script = Path(sys.executable).parent / "twistd"
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+# Settings the gateway would otherwise take from our environment.
+_GATEWAY_ENV = ("upstream_timeout", "read_timeout", "write_timeout", "basic_auth", "secret_mount_path")
+
+
+class Gateway(Child):
+    """``twistd -n --pidfile= faas-gateway ...`` with one function deployed from a JSON file."""
+
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        port: int,
+        functions: list[dict[str, Any]],
+        redis: str = "memory:",
+        extra: Sequence[str] = (),
+    ) -> None:
+        functions_path = directory / f"{name}-functions.json"
+        functions_path.write_text(json.dumps(functions))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TXFAAS_") and k not in _GATEWAY_ENV}
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [
+            *twistd_command(),
+            "-n",
+            "--pidfile=",
+            "faas-gateway",
+            f"--listen=tcp:{port}:interface={LOOPBACK}",
+            f"--redis={redis}",
+            "--amqp=memory:",
+            f"--functions={functions_path}",
+            *extra,
+        ]
+        super().__init__(name, argv, directory / f"{name}.log", env)
+
+
+# --------------------------------------------------------------------------- redis clean-up
+
+
+def redis_delete_prefix(host: str, port: int, db: int, prefix: str, timeout: float = 5.0) -> int:
+    """Delete every key starting with ``prefix`` (SCAN + DEL over raw RESP); return how many."""
+
+    def command(sock: socket.socket, reader: Any, *args: str) -> Any:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for a in args:
+            data = a.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        sock.sendall(b"".join(parts))
+        return read(reader)
+
+    def read(reader: Any) -> Any:
+        line = reader.readline().rstrip(b"\r\n")
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise BenchError(f"redis: {rest.decode()}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = reader.read(n + 2)[:-2]
+            return data.decode()
+        if kind == b"*":
+            return [read(reader) for _ in range(int(rest))]
+        raise BenchError(f"redis: unexpected reply {line!r}")
+
+    deleted = 0
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        command(sock, reader, "SELECT", str(db))
+        cursor = "0"
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+        while True:
+            cursor, keys = command(sock, reader, "SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
+            if keys:
+                deleted += command(sock, reader, "DEL", *keys)
+            if cursor == "0":
+                return deleted
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_TIME = r"([0-9.]+)(us|ms|s|m|h)"
+
+
+def latency_ms(text: str) -> float:
+    """``'415.09us'``, ``'1.03ms'``, ``'2.00s'``, ``'1.50m'`` -> milliseconds."""
+    m = re.fullmatch(_TIME, text.strip())
+    if not m:
+        raise ValueError(f"not a wrk time: {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    seconds: float
+    socket_errors: dict[str, int] = field(default_factory=dict)
+    non_2xx: int = 0
+    #: CPU seconds used by each watched process group during the run (filled in by the caller)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx + sum(self.socket_errors.values())
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["errors"] = self.errors
+        return data
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Read ``wrk --latency`` output: Requests/sec, the 50%/99% lines, counts and errors."""
+
+    def need(pattern: str) -> re.Match[str]:
+        m = re.search(pattern, text, re.MULTILINE)
+        if not m:
+            raise BenchError(f"wrk output has no {pattern!r}:\n{text}")
+        return m
+
+    rps = float(need(r"^Requests/sec:\s*([0-9.]+)").group(1))
+    p50 = need(rf"^\s*50(?:\.0+)?%\s+{_TIME}\s*$")
+    p99 = need(rf"^\s*99(?:\.0+)?%\s+{_TIME}\s*$")
+    total = need(rf"^\s*(\d+) requests in {_TIME}")
+    result = WrkResult(
+        rps=rps,
+        p50_ms=latency_ms(p50.group(1) + p50.group(2)),
+        p99_ms=latency_ms(p99.group(1) + p99.group(2)),
+        requests=int(total.group(1)),
+        seconds=latency_ms(total.group(2) + total.group(3)) / 1000.0,
+    )
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if errors:
+        result.socket_errors = dict(
+            zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True)
+        )
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non_2xx:
+        result.non_2xx = int(non_2xx.group(1))
+    return result
+
+
+def wrk_command(
+    url: str, connections: int, seconds: float, threads: int | None = None, script: Path | None = None
+) -> list[str]:
+    threads = threads or min(2, connections)
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    return [*argv, url]
+
+
+def run_wrk(
+    url: str,
+    connections: int,
+    seconds: float,
+    *,
+    script: Path | None = None,
+    watch: dict[str, Callable[[], list[int]]] | None = None,
+) -> WrkResult:
+    """One wrk run; ``watch`` names process groups whose CPU time is measured over the run."""
+    if not url.startswith(f"http://{LOOPBACK}:"):
+        raise BenchError(f"refusing to load anything but {LOOPBACK}: {url}")
+    pids = {name: get() for name, get in (watch or {}).items()}
+    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before = machine_busy_seconds()
+    done = subprocess.run(
+        wrk_command(url, connections, seconds, script=script),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+    )
+    after = {name: cpu_seconds(p) for name, p in pids.items()}
+    busy = machine_busy_seconds() - busy_before
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    result = parse_wrk(done.stdout)
+    result.cpu_s = {name: round(after[name] - before[name], 3) for name in pids}
+    if watch is not None:
+        wrk = (wrk_after.ru_utime - wrk_before.ru_utime) + (wrk_after.ru_stime - wrk_before.ru_stime)
+        result.cpu_s["wrk"] = round(wrk, 3)
+        # What the rest of the (shared) machine used meanwhile: a noise indicator.
+        result.cpu_s["others"] = round(max(0.0, busy - sum(result.cpu_s.values())), 3)
+    return result
+
+
+def post_script(directory: Path, size: int) -> Path:
+    """A wrk Lua script sending a POST with a ``size``-byte body."""
+    path = directory / f"post-{size}.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.body = string.rep("x", {size})\n'
+        'wrk.headers["Content-Type"] = "application/octet-stream"\n'
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def summary(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
+    """Median, min and max of the runs (and the runs themselves)."""
+    if not values:
+        return {"median": None, "min": None, "max": None, "runs": []}
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "runs": [round(v, digits) for v in values],
+    }
+
+
+def make_tempdir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    # nginx's workers drop to 'nobody' when started as root: let them reach their temp paths.
+    path.chmod(0o755)
+    return path

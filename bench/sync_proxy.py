@@ -1,0 +1,591 @@
+"""The sync-proxy benchmark: the gateway's ``/function/{name}`` against nginx, on loopback.
+
+One command starts everything it needs and stops it again::
+
+    .venv/bin/python bench/sync_proxy.py [--rounds 3] [--duration 10] [--connections 50]
+        [--concurrency-sweep] [--plot] [--redis] [--profile 10]
+
+Targets, all answering the same small request with ``200 "ok"``:
+
+- ``direct``   (a) a private nginx ``return 200 "ok"`` (the function);
+- ``nginx``    (b) a second private nginx ``proxy_pass``-ing to (a) with upstream keep-alive;
+- ``gateway``  (c) ``twistd faas-gateway`` (memory store) with a function ``bench`` whose url is (a);
+- ``gateway-redis`` (``--redis``) the same with the real Redis store (unique key prefix, removed after).
+
+Cases, interleaved round by round so that noise hits every target alike:
+
+- sync proxy: req/s and p50/p99 at ``--connections``, ratios c/b and c/a per round, then medianed;
+- added latency at one connection: p50 (and p99) of each proxy minus that of (a), per round;
+- CPU-seconds per 10,000 calls in the proxying process (``/proc/<pid>/stat`` utime+stime);
+- with ``--concurrency-sweep`` (or ``--plot``): the same at 1, 10, 50 and 200 connections.
+
+It prints one table and writes ``bench/results/sync_proxy-<time>.json`` (and ``.png`` with
+``--plot``, ``-profile.txt`` and ``-profile.collapsed`` with ``--profile``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (
+    LOOPBACK,
+    BenchError,
+    Gateway,
+    Nginx,
+    WrkResult,
+    ensure_commands,
+    ensure_python_module,
+    free_port,
+    make_tempdir,
+    nginx_function_conf,
+    nginx_proxy_conf,
+    post_script,
+    redis_delete_prefix,
+    run_wrk,
+    say,
+    summary,
+    wait_http,
+)
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+SWEEP = (1, 10, 50, 200)
+TARGET_RATIO = 0.06  # issue 2: gateway / nginx proxy_pass throughput at 50 connections
+
+
+@dataclass
+class Target:
+    key: str
+    label: str
+    url: str
+    #: the process group doing this target's work, for CPU per call
+    worker: str
+
+
+@dataclass
+class Run:
+    round: int
+    connections: int
+    target: str
+    result: WrkResult
+
+    def cpu_per_10k(self, group: str) -> float | None:
+        if not self.result.requests:
+            return None
+        return self.result.cpu_s.get(group, 0.0) / self.result.requests * 10_000
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median over them) [3]")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run [10]")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measured run [2]")
+    p.add_argument("--connections", type=int, default=50, help="connections of the main case [50]")
+    p.add_argument(
+        "--concurrency-sweep", action="store_true", help=f"also measure at {', '.join(map(str, SWEEP))}"
+    )
+    p.add_argument("--plot", action="store_true", help="write a PNG of req/s and p99 (implies the sweep)")
+    p.add_argument(
+        "--redis",
+        nargs="?",
+        const="redis://127.0.0.1:6379/0",
+        default=None,
+        metavar="URL",
+        help="also run the gateway on the real Redis store [redis://127.0.0.1:6379/0]",
+    )
+    p.add_argument("--post-bytes", type=int, default=0, help="POST a body of this size instead of GET [0]")
+    p.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after measuring, profile the gateway under load with py-spy for this long",
+    )
+    p.add_argument("--results", type=Path, default=BENCH / "results", help="where files go [bench/results]")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.duration <= 0 or args.connections < 1 or args.warmup < 0:
+        p.error("--rounds, --duration and --connections must be positive, --warmup not negative")
+    if args.plot:
+        args.concurrency_sweep = True
+    return args
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "?"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def environment() -> dict[str, Any]:
+    commit = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg(),
+        "python": platform.python_version(),
+        "wrk": _version(["wrk", "-v"]),
+        "nginx": _version(["nginx", "-v"]),
+        "txfaas_commit": commit + ("+dirty src/" if dirty else ""),
+    }
+
+
+def measure(
+    args: argparse.Namespace,
+    targets: list[Target],
+    levels: list[int],
+    watch: dict[str, Callable[[], list[int]]],
+    script: Path | None,
+) -> list[Run]:
+    """Every round runs every level on every target in turn: a, b, c, a, b, c, ..."""
+    runs: list[Run] = []
+    total = args.rounds * len(levels) * len(targets)
+    n = 0
+    for rnd in range(1, args.rounds + 1):
+        for connections in levels:
+            for target in targets:
+                n += 1
+                if args.warmup:
+                    run_wrk(target.url, connections, args.warmup, script=script)
+                result = run_wrk(target.url, connections, args.duration, script=script, watch=watch)
+                if not result.requests:
+                    raise BenchError(f"{target.label}: no request completed at {connections} connections")
+                run = Run(rnd, connections, target.key, result)
+                runs.append(run)
+                errors = f"  ERRORS {result.errors}" if result.errors else ""
+                others = result.cpu_s.get("others", 0.0) / result.seconds
+                cpu = run.cpu_per_10k(target.worker)
+                say(
+                    f"[{n:>3}/{total}] round {rnd} c={connections:<3} {target.label:<22} "
+                    f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
+                    f"cpu {cpu:6.3f} s/10k  others {others:4.2f} cores{errors}"
+                )
+    return runs
+
+
+def analyse(runs: list[Run], targets: list[Target], levels: list[int], main_c: int) -> dict[str, Any]:
+    by: dict[tuple[str, int, int], Run] = {(r.target, r.connections, r.round): r for r in runs}
+    rounds = sorted({r.round for r in runs})
+    keys = [t.key for t in targets]
+    worker = {t.key: t.worker for t in targets}
+
+    def level(c: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"targets": {}, "ratios": {}}
+        for key in keys:
+            mine = [by[key, c, r] for r in rounds]
+            out["targets"][key] = {
+                "rps": summary([m.result.rps for m in mine], 1),
+                "p50_ms": summary([m.result.p50_ms for m in mine]),
+                "p99_ms": summary([m.result.p99_ms for m in mine]),
+                "cpu_s_per_10k": summary([m.cpu_per_10k(worker[key]) or 0.0 for m in mine]),
+                "errors": sum(m.result.errors for m in mine),
+            }
+        # Throughput ratios per round (same round, same level), then the median.
+        for num in keys:
+            for den in keys:
+                if keys.index(den) < keys.index(num):
+                    values = [by[num, c, r].result.rps / by[den, c, r].result.rps for r in rounds]
+                    out["ratios"][f"{num}/{den}"] = summary(values)
+        return out
+
+    cases: dict[str, Any] = {"sync_proxy": {"connections": main_c, **level(main_c)}}
+    base = keys[0]
+    added: dict[str, Any] = {}
+    for key in keys[1:]:
+        added[f"{key}-{base}"] = {
+            "p50_ms": summary([by[key, 1, r].result.p50_ms - by[base, 1, r].result.p50_ms for r in rounds]),
+            "p99_ms": summary([by[key, 1, r].result.p99_ms - by[base, 1, r].result.p99_ms for r in rounds]),
+        }
+    cases["added_latency_1conn"] = added
+    cases["cpu_s_per_10k_calls"] = {
+        "connections": main_c,
+        **{key: cases["sync_proxy"]["targets"][key]["cpu_s_per_10k"] for key in keys},
+    }
+    cases["concurrency"] = {str(c): level(c) for c in levels}
+    ratio = cases["sync_proxy"]["ratios"].get("gateway/nginx", {}).get("median")
+    cases["sync_proxy"]["goal"] = {
+        "gateway/nginx": TARGET_RATIO,
+        "met": ratio is not None and ratio >= TARGET_RATIO,
+    }
+    return cases
+
+
+def _mm(s: dict[str, Any], fmt: str) -> str:
+    return f"{format(s['median'], fmt)} ({format(s['min'], fmt)}-{format(s['max'], fmt)})"
+
+
+def table(cases: dict[str, Any], targets: list[Target], rounds: int, levels: list[int]) -> str:
+    labels = {t.key: t.label for t in targets}
+    main = cases["sync_proxy"]
+    lines = [
+        f"sync proxy at {main['connections']} connections (median of {rounds} rounds, min-max)",
+        f"{'target':<24}{'req/s':>26}{'p50 ms':>26}{'p99 ms':>26}{'CPU s/10k calls':>24}",
+    ]
+    for key, s in main["targets"].items():
+        flag = f"  ({s['errors']} errors)" if s["errors"] else ""
+        lines.append(
+            f"{labels[key]:<24}{_mm(s['rps'], '.0f'):>26}{_mm(s['p50_ms'], '.3f'):>26}"
+            f"{_mm(s['p99_ms'], '.3f'):>26}{_mm(s['cpu_s_per_10k'], '.3f'):>24}{flag}"
+        )
+    lines.append("")
+    lines.append("throughput ratios (per round, then median; min-max)")
+    for name, s in main["ratios"].items():
+        lines.append(f"  {name:<28}{_mm(s, '.3f')}")
+    goal = main["goal"]
+    if "gateway" in main["targets"] and "nginx" in main["targets"]:
+        verdict = "met" if goal["met"] else "NOT met"
+        lines.append(f"  goal gateway/nginx >= {goal['gateway/nginx']}: {verdict}")
+    lines.append("")
+    lines.append("added latency at 1 connection (per round, then median; min-max)")
+    for name, s in cases["added_latency_1conn"].items():
+        lines.append(f"  {name:<28}p50 {_mm(s['p50_ms'], '+.3f')} ms   p99 {_mm(s['p99_ms'], '+.3f')} ms")
+    if len(levels) > 2:
+        lines.append("")
+        lines.append("concurrency sweep: req/s (p99 ms), medians")
+        lines.append(f"{'connections':<14}" + "".join(f"{labels[t.key]:>28}" for t in targets))
+        for c in levels:
+            row = cases["concurrency"][str(c)]["targets"]
+            cells = "".join(
+                f"{row[t.key]['rps']['median']:>18.0f} ({row[t.key]['p99_ms']['median']:6.2f})"
+                for t in targets
+            )
+            lines.append(f"{c:<14}{cells}")
+    return "\n".join(lines)
+
+
+def plot(cases: dict[str, Any], targets: list[Target], levels: list[int], path: Path, title: str) -> None:
+    ensure_python_module("matplotlib", "matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for t in targets:
+        rows = [cases["concurrency"][str(c)]["targets"][t.key] for c in levels]
+        for ax, metric in ((left, "rps"), (right, "p99_ms")):
+            med = [r[metric]["median"] for r in rows]
+            lo = [m - r[metric]["min"] for m, r in zip(med, rows, strict=True)]
+            hi = [r[metric]["max"] - m for m, r in zip(med, rows, strict=True)]
+            ax.errorbar(levels, med, yerr=[lo, hi], marker="o", capsize=3, label=t.label)
+    for ax, ylabel in ((left, "requests/s"), (right, "p99 latency (ms)")):
+        ax.set_xscale("log")
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("connections")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    left.set_yscale("log")
+    right.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def profile(
+    args: argparse.Namespace, gateway: Gateway, url: str, script: Path | None, out: Path
+) -> dict[str, Any]:
+    """py-spy on the gateway while wrk loads it; collapsed stacks plus a summary of the top costs."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        found = shutil.which("py-spy")
+        if found is None:
+            ensure_python_module("pip", "pip")
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+        else:
+            spy = Path(found)
+    collapsed = out.with_suffix(".collapsed")
+    say(f"profiling the gateway (pid {gateway.pid}) for {args.profile:g}s with py-spy")
+    recorder = subprocess.Popen(
+        [str(spy), "record", "--nonblocking", "--nolineno", "-r", "250", "-d", f"{args.profile:g}",
+         "-f", "raw", "-o", str(collapsed), "-p", str(gateway.pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        load = run_wrk(url, args.connections, args.profile, script=script)
+        _, err = recorder.communicate(timeout=args.profile + 30)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.wait()
+    if recorder.returncode != 0 or not collapsed.exists():
+        raise BenchError(f"py-spy failed ({recorder.returncode}): {err}")
+    report = summarise_stacks(collapsed.read_text().splitlines())
+    report["rps_while_profiled"] = round(load.rps, 1)
+    lines = [
+        f"py-spy, {args.profile:g}s at {args.connections} connections, {report['samples']} samples "
+        f"({load.rps:.0f} req/s while sampled)",
+        "",
+        "self time by area (% of samples)",
+        *(f"  {pct:6.1f}%  {area}" for area, pct in report["self_by_area"]),
+        "",
+        "inclusive time, top functions (% of samples)",
+        *(f"  {pct:6.1f}%  {name}" for name, pct in report["inclusive"]),
+        "",
+        "self time, top functions (% of samples)",
+        *(f"  {pct:6.1f}%  {name}" for name, pct in report["self"]),
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    return report
+
+
+_AREAS = (
+    ("untilConcludes (twisted/python/util.py)", "socket send syscall (tcp writeSomeData)"),
+    ("Connection.doRead (twisted/internet/tcp.py)", "socket recv syscall (tcp doRead)"),
+    ("EPollReactor.doPoll", "epoll (reactor loop)"),
+    ("txfaas/gateway/proxy.py", "txfaas proxy.py"),
+    ("txfaas/headers.py", "txfaas headers.py"),
+    ("txfaas/runtime.py", "txfaas runtime.py (LimitedSite/Request)"),
+    ("txfaas/", "txfaas (other)"),
+    ("treq/", "treq"),
+    ("hyperlink/", "hyperlink (URL parsing)"),
+    ("idna/", "idna"),
+    ("http/cookiejar.py", "http.cookiejar (treq's cookie jar)"),
+    ("urllib/parse.py", "urllib.parse"),
+    ("uuid.py", "uuid (call ids)"),
+    ("twisted/web/_newclient.py", "twisted.web client (_newclient)"),
+    ("twisted/web/client.py", "twisted.web client (Agent, pool)"),
+    ("twisted/web/http_headers.py", "twisted.web Headers"),
+    ("twisted/web/", "twisted.web server (http.py, server.py)"),
+    ("twisted/internet/defer.py", "twisted Deferreds"),
+    ("twisted/internet/", "twisted.internet (reactor, tcp, timers)"),
+    ("twisted/protocols/", "twisted.protocols (LineReceiver)"),
+    ("twisted/logger/", "twisted.logger"),
+    ("twisted/python/", "twisted.python (context, log wrappers)"),
+    ("twisted/", "twisted (other)"),
+    ("prometheus_client/", "prometheus_client"),
+    ("zope/", "zope.interface"),
+    ("attr/", "attrs"),
+)
+# The reactor's trunk (every sample passes through it): left out of the inclusive ranking.
+_TRUNK = (
+    "(twistd)",
+    "twisted/scripts/",
+    "twisted/application/",
+    "twisted/python/log.py",
+    "twisted/python/context.py",
+    "ReactorBase.run ",
+    "ReactorBase.mainLoop ",
+    "EPollReactor.doPoll ",
+    "_PollLikeMixin._doReadOrWrite ",
+)
+
+
+def _area(frame: str) -> str:
+    for needle, name in _AREAS:
+        if needle in frame:
+            return name
+    return "Python stdlib / other"
+
+
+def _short(frame: str) -> str:
+    """``'request (/x/site-packages/treq/client.py)'`` -> ``'request (treq/client.py)'``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", "/src/", "/lib/python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})"
+
+
+def summarise_stacks(lines: list[str], top: int = 40) -> dict[str, Any]:
+    """Self and inclusive sample shares from py-spy's collapsed stacks (``a;b;c count``)."""
+    total = 0
+    self_counts: dict[str, int] = {}
+    incl_counts: dict[str, int] = {}
+    area_counts: dict[str, int] = {}
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        leaf = frames[-1]
+        self_counts[_short(leaf)] = self_counts.get(_short(leaf), 0) + count
+        area_counts[_area(leaf)] = area_counts.get(_area(leaf), 0) + count
+        for frame in {_short(f) for f in frames}:
+            if not any(t in frame for t in _TRUNK):
+                incl_counts[frame] = incl_counts.get(frame, 0) + count
+
+    def ranked(counts: dict[str, int], n: int) -> list[tuple[str, float]]:
+        items = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [(k, round(100.0 * v / total, 1)) for k, v in items]
+
+    return {
+        "samples": total,
+        "self_by_area": ranked(area_counts, len(area_counts)) if total else [],
+        "inclusive": ranked(incl_counts, top) if total else [],
+        "self": ranked(self_counts, top) if total else [],
+    }
+
+
+def run(args: argparse.Namespace, stack: ExitStack) -> int:
+    ensure_commands({"wrk": "wrk", "nginx": "nginx"})
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = args.results / f"sync_proxy-{stamp}"
+    tmp = make_tempdir("txfaas-bench-")
+    stack.callback(shutil.rmtree, tmp, True)
+    env = environment()
+
+    fn_port, px_port, gw_port = free_port(), free_port(), free_port()
+    function = Nginx("function", tmp, nginx_function_conf(tmp, fn_port))
+    stack.callback(function.stop)
+    wait_http(f"http://{LOOPBACK}:{fn_port}/", function, body=b"ok")
+    proxy = Nginx("proxy", tmp, nginx_proxy_conf(tmp, px_port, fn_port))
+    stack.callback(proxy.stop)
+    wait_http(f"http://{LOOPBACK}:{px_port}/", proxy, body=b"ok")
+
+    deploy = [{"service": "bench", "image": "bench", "url": f"http://{LOOPBACK}:{fn_port}"}]
+    gateway = Gateway("gateway", tmp, gw_port, deploy)
+    stack.callback(gateway.stop)
+    wait_http(f"http://{LOOPBACK}:{gw_port}/function/bench", gateway, body=b"ok")
+
+    targets = [
+        Target("direct", "(a) direct nginx", f"http://{LOOPBACK}:{fn_port}/", "function"),
+        Target("nginx", "(b) nginx proxy_pass", f"http://{LOOPBACK}:{px_port}/", "nginx-proxy"),
+        Target("gateway", "(c) gateway", f"http://{LOOPBACK}:{gw_port}/function/bench", "gateway"),
+    ]
+    watch: dict[str, Callable[[], list[int]]] = {
+        "function": function.workers,
+        "nginx-proxy": proxy.workers,
+        "gateway": lambda: [gateway.pid],
+    }
+    if args.redis:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(args.redis)
+        prefix = f"bench:{uuid.uuid4().hex[:12]}:"
+        db = int((parts.path or "/0").strip("/") or 0)
+        # Registered before the gateway's stop, so it runs after the gateway has stopped.
+        stack.callback(
+            lambda: say(
+                f"removed {redis_delete_prefix(parts.hostname or LOOPBACK, parts.port or 6379, db, prefix)}"
+                f" redis keys under {prefix}"
+            )
+        )
+        rd_port = free_port()
+        redis_gw = Gateway(
+            "gateway-redis", tmp, rd_port, deploy, redis=args.redis, extra=[f"--redis-prefix={prefix}"]
+        )
+        stack.callback(redis_gw.stop)
+        wait_http(f"http://{LOOPBACK}:{rd_port}/function/bench", redis_gw, body=b"ok")
+        targets.append(
+            Target(
+                "gateway-redis",
+                "(c') gateway, Redis",
+                f"http://{LOOPBACK}:{rd_port}/function/bench",
+                "gateway-redis",
+            )
+        )
+        watch["gateway-redis"] = lambda: [redis_gw.pid]
+
+    script = post_script(tmp, args.post_bytes) if args.post_bytes else None
+    levels = sorted({1, args.connections, *(SWEEP if args.concurrency_sweep else ())})
+    request = f"POST {args.post_bytes} bytes" if args.post_bytes else "GET"
+    say(
+        f"sync proxy benchmark: {args.rounds} rounds x {len(levels)} levels x {len(targets)} targets, "
+        f"{args.duration:g}s each after {args.warmup:g}s warm-up; {request}"
+    )
+    say(
+        f"  nginx: worker_processes 1 for the function and 1 for the proxy (fair to the one-process gateway "
+        f"on this {env['cpus']}-core machine); wrk threads = min(2, connections); {env['wrk']}"
+    )
+    runs = measure(args, targets, levels, watch, script)
+    env["load_after"] = os.getloadavg()
+    cases = analyse(runs, targets, levels, args.connections)
+
+    results: dict[str, Any] = {
+        "benchmark": "sync_proxy",
+        "started": stamp,
+        "environment": env,
+        "settings": {
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "connections": args.connections,
+            "levels": levels,
+            "request": request,
+            "wrk_threads": "min(2, connections)",
+            "nginx": "worker_processes 1 each for function and proxy; upstream keepalive 64; "
+            "keepalive_requests unlimited",
+            "gateway": "twistd faas-gateway, --redis memory: --amqp memory:, default pool size",
+        },
+        "targets": {t.key: {"label": t.label, "url": t.url, "cpu_of": t.worker} for t in targets},
+        "cases": cases,
+        "runs": [
+            {"round": r.round, "connections": r.connections, "target": r.target, **r.result.to_json()}
+            for r in runs
+        ],
+    }
+    text = table(cases, targets, args.rounds, levels)
+    if args.plot:
+        png = base.with_suffix(".png")
+        plot(cases, targets, levels, png, f"txfaas sync proxy, loopback, {env['cpus']} cores ({stamp})")
+        results["plot"] = str(png)
+    if args.profile:
+        report = profile(args, gateway, targets[2].url, script, Path(f"{base}-profile.txt"))
+        results["profile"] = report
+    json_path = base.with_suffix(".json")
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    say("")
+    say(text)
+    say("")
+    say(f"results: {json_path}")
+    if args.plot:
+        say(f"plot:    {results['plot']}")
+    if args.profile:
+        say(f"profile: {base}-profile.txt (collapsed stacks: {base}-profile.collapsed)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    try:
+        with ExitStack() as stack:
+            return run(args, stack)
+    except BenchError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: stopped everything started\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
