@@ -200,7 +200,7 @@ async def test_publish_to_an_undeclared_queue_raises_queue_unavailable_instead_o
 async def test_concurrent_publishes_to_existing_and_missing_queues_fail_exactly_the_missing_ones(
     make_queue, admin
 ):
-    """pika pins a Basic.Return on the lowest tag of a multiple ack; the message id must decide."""
+    """Each outcome belongs to its own message (the unit tests pin pika's return/ack pairing)."""
     name = unique("mix")
     q = await make_queue([name])
     await q.ready(10)

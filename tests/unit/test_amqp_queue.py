@@ -373,12 +373,20 @@ def test_publishes_are_pipelined_not_serialized_one_confirm_at_a_time():
 def test_a_confirm_that_never_comes_fails_the_publish_after_confirm_timeout():
     """As under a broker memory alarm."""
     reactor, q = make(confirm_timeout=5.0)
-    connect(q)
+    conn = connect(q)
     out = run(q.publish(a_call()))
-    reactor.advance(4.9)
-    assert out == []
+    reactor.advance(1.0)
+    later = run(q.publish(a_call()))
+    conn.publisher.published[1][3].callback(None)  # the later one is confirmed; the first never is
+    reactor.advance(3.9)
+    assert out == [] and later == [None]
     reactor.advance(0.2)
     assert "did not confirm within 5s" in str(failed_with(out, QueueUnavailable))
+    conn.publisher.published[0][3].callback(None)  # a confirm after the deadline is ignored
+    third = run(q.publish(a_call()))
+    reactor.advance(5.1)
+    assert failed_with(third, QueueUnavailable)
+    assert reactor.getDelayedCalls() == []  # nothing left pending
 
 
 def test_a_nack_fails_the_publish():

@@ -133,6 +133,46 @@ class _Publisher:
         return True
 
 
+class _Deadlines:
+    """Cancels the confirms still pending at their deadline, with one timer for them all.
+
+    ``addTimeout`` costs a DelayedCall per publish (about 6 µs here, a tenth of a publish);
+    confirm deadlines are ``now + confirm_timeout``, added in order, so a FIFO will do."""
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._pending: deque[tuple[float, Deferred]] = deque()
+        self._timer: Any = None
+
+    def watch(self, d: Deferred, deadline: float) -> None:
+        pending = self._pending
+        while pending and pending[0][1].called:
+            pending.popleft()
+        pending.append((deadline, d))
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        delay = max(0.0, self._pending[0][0] - self._clock.seconds())
+        self._timer = self._clock.callLater(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        pending = self._pending
+        while pending and (pending[0][1].called or pending[0][0] <= now):
+            _, d = pending.popleft()
+            if not d.called:
+                d.cancel()  # its publish raises QueueUnavailable; a late confirm is ignored
+        if pending and self._timer is None:
+            self._schedule()
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
 @attrs.define(eq=False)
 class AMQPDelivery:
     """One message handed to a consumer; implements ``txfaas.queue.Delivery``."""
@@ -426,6 +466,7 @@ class AMQPQueue(Service):
         self._closing = False
         self._closed: Deferred | None = None
         self._last_error = "not connected yet"
+        self._deadlines = _Deadlines(reactor)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -517,6 +558,7 @@ class AMQPQueue(Service):
             except Exception:
                 for protocol in list(self._protocols):
                     _abort(protocol)
+        self._deadlines.stop()
         self._conn = None
         self._pub = None
 
@@ -729,7 +771,10 @@ class AMQPQueue(Service):
         The whole call (waiting for a connection, then for the confirm) is bounded by
         ``confirm_timeout``; every failure is :class:`QueueUnavailable`."""
         deadline = self._reactor.seconds() + self._confirm_timeout
-        publisher = self._live_publisher() or await self._usable(self._confirm_timeout)
+        publisher = self._live_publisher()
+        waited = publisher is None
+        if publisher is None:
+            publisher = await self._usable(self._confirm_timeout)
         properties = pika.BasicProperties(
             delivery_mode=2,
             message_id=call.call_id,
@@ -743,9 +788,15 @@ class AMQPQueue(Service):
         except Exception as e:
             raise QueueUnavailable(f"cannot publish: {_describe(e)}") from None
         try:
-            await self._bounded(confirm, deadline - self._reactor.seconds())
+            if waited:
+                await self._bounded(confirm, deadline - self._reactor.seconds())
+            else:
+                self._deadlines.watch(confirm, deadline)
+                await confirm
         except defer.CancelledError:
-            raise
+            if self._reactor.seconds() < deadline:
+                raise  # our caller gave up (the gateway's client went away)
+            raise QueueUnavailable(f"the broker did not confirm within {self._confirm_timeout:g}s") from None
         except defer.TimeoutError:
             raise QueueUnavailable(f"the broker did not confirm within {self._confirm_timeout:g}s") from None
         except pika.exceptions.UnroutableError:
