@@ -58,6 +58,10 @@ def _describe(failure: BaseException) -> str:
     return f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__
 
 
+def _was_cancelled(e: BaseException) -> bool:
+    return any(f.check(CancelledError) for f in getattr(e, "reasons", None) or ())
+
+
 @implementer(IBodyProducer)
 class _BytesProducer:
     """The request body, written in one go (it is already in memory)."""
@@ -202,6 +206,9 @@ class HTTPRunner:
         except CancelledError:
             raise
         except Exception as e:
+            if _was_cancelled(e):
+                # Agent reports its own cancellation as ResponseNeverReceived([CancelledError]).
+                raise CancelledError() from None
             self.log.warn("no answer from {url}: {error}", url=self._config.upstream_url, error=_describe(e))
             return FunctionResult.text(502, f"the function's server did not answer: {_describe(e)}")
         try:

@@ -5,8 +5,8 @@ Every function process starts in a new session and process group (through
 ``killpg`` reaches its children and grandchildren.  The watchdog makes itself
 a *child subreaper* (Linux): orphans of a killed group are re-parented to it
 instead of to PID 1, and :class:`OrphanReaper` reaps them.  Without that, a
-watchdog running as PID 1 in a container, or under an init that does not reap
-(as on the machine this was written on), would pile up zombies.
+watchdog running as PID 1 in a container would pile up zombies, and one started
+by a shell script (which never reaps strangers) would leave them to it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,169 @@
+"""Process hygiene helpers: the group launcher, group kills, the orphan reaper, output logging."""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import Logger, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from txfaas.watchdog.process import (
+    PYTHON_SETSID_SHIM,
+    OrphanReaper,
+    OutputLog,
+    Tail,
+    group_launcher,
+    kill_group,
+)
+
+
+class LauncherTests(SynchronousTestCase):
+    def test_setsid_is_used_when_installed(self) -> None:
+        self.assertEqual(group_launcher("/usr/bin/setsid", "/py"), ("/usr/bin/setsid", "--"))
+
+    def test_a_python_shim_replaces_a_missing_setsid(self) -> None:
+        self.assertEqual(group_launcher(None, "/py"), ("/py", "-c", PYTHON_SETSID_SHIM))
+
+
+class KillGroupTests(SynchronousTestCase):
+    def test_kill_group_says_whether_the_group_existed(self) -> None:
+        sent: list[tuple[int, int]] = []
+        self.assertTrue(kill_group(12, signal.SIGTERM, lambda pgid, sig: sent.append((pgid, sig))))
+        self.assertEqual(sent, [(12, signal.SIGTERM)])
+
+        def gone(pgid: int, sig: int) -> None:
+            raise ProcessLookupError()
+
+        self.assertFalse(kill_group(12, signal.SIGKILL, gone))
+
+    def test_a_group_we_may_not_signal_is_left_alone(self) -> None:
+        def foreign(pgid: int, sig: int) -> None:
+            raise PermissionError()
+
+        self.assertFalse(kill_group(12, signal.SIGKILL, foreign))
+
+
+class FakeChildren:
+    """A process table: zombie children waiting to be reaped, and live groups."""
+
+    def __init__(self) -> None:
+        self.zombies: list[int] = []
+        self.reaped: list[int] = []
+        self.groups: dict[int, int] = {}  # pgid -> live members
+        self.known: dict[int, object] = {}
+        self.twisted_reaped: list[int] = []
+
+    def waitid(self, idtype: int, ident: int, options: int) -> Any:
+        assert options & os.WNOWAIT and options & os.WNOHANG
+        if not self.zombies and not self.known:
+            raise ChildProcessError()
+        return SimpleNamespace(si_pid=self.zombies[0]) if self.zombies else None
+
+    def waitpid(self, pid: int, options: int) -> tuple[int, int]:
+        self.zombies.remove(pid)
+        self.reaped.append(pid)
+        return pid, 0
+
+    def killpg(self, pgid: int, sig: int) -> None:
+        if not self.groups.get(pgid):
+            raise ProcessLookupError()
+
+    def reap_known(self) -> None:
+        for pid in list(self.known):
+            if pid in self.zombies:
+                self.zombies.remove(pid)
+                del self.known[pid]
+                self.twisted_reaped.append(pid)
+
+    def reaper(self, clock: Clock) -> OrphanReaper:
+        return OrphanReaper(
+            clock,
+            waitid=self.waitid,
+            waitpid=self.waitpid,
+            killpg=self.killpg,
+            known=lambda: self.known,
+            reap_known=self.reap_known,
+        )
+
+
+class ReaperTests(SynchronousTestCase):
+    def test_orphans_are_reaped_and_twistds_own_children_are_left_to_twisted(self) -> None:
+        table = FakeChildren()
+        table.known[20] = object()
+        table.zombies = [10, 20, 30]
+        reaper = table.reaper(Clock())
+        self.assertEqual(reaper.reap_orphans(), 2)
+        self.assertEqual(table.reaped, [10, 30])  # waitpid only for strangers
+        self.assertEqual(table.twisted_reaped, [20])  # Twisted collected its own status
+
+    def test_no_children_at_all_is_not_an_error(self) -> None:
+        table = FakeChildren()
+        self.assertEqual(table.reaper(Clock()).reap_orphans(), 0)
+
+    def test_a_watched_group_is_swept_until_empty_then_settled_fires(self) -> None:
+        clock = Clock()
+        table = FakeChildren()
+        table.groups[7] = 2
+        reaper = table.reaper(clock)
+        settled = reaper.settled()
+        self.successResultOf(settled)  # nothing watched yet
+        reaper.watch(7)
+        settled = reaper.settled()
+        clock.advance(reaper.busy_interval)
+        self.assertNoResult(settled)
+        table.groups[7] = 0
+        table.zombies = [71, 72]
+        clock.advance(reaper.busy_interval)
+        self.successResultOf(settled)
+        self.assertEqual(table.reaped, [71, 72])
+        self.assertEqual(reaper.watched, frozenset())
+
+    def test_the_idle_sweep_runs_every_second_once_started_and_stop_ends_it(self) -> None:
+        clock = Clock()
+        table = FakeChildren()
+        reaper = table.reaper(clock)
+        reaper.start()
+        table.zombies = [5]
+        clock.advance(reaper.idle_interval)
+        self.assertEqual(table.reaped, [5])
+        self.successResultOf(reaper.stop())
+        table.zombies = [6]
+        clock.advance(10)
+        self.assertEqual(table.reaped, [5])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class OutputLogTests(SynchronousTestCase):
+    def lines(self, observer: Any) -> list[str]:
+        return [e["line"] for e in observer if "line" in e]
+
+    def test_output_is_logged_line_by_line_across_chunks(self) -> None:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        out = OutputLog(Logger(), "stderr", {"call_id": "x"})
+        out.feed(b"a\r\nb")
+        out.feed(b"c\n")
+        out.feed(b"tail")
+        out.close()
+        self.assertEqual(self.lines(observer), ["a", "bc", "tail"])
+
+    def test_long_lines_are_cut_and_a_flood_stops_being_logged(self) -> None:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        out = OutputLog(Logger(), "stderr", {})
+        out.max_line, out.max_total = 4, 10
+        out.feed(b"123456789\n")
+        out.feed(b"ab\ncd\n")
+        self.assertEqual(self.lines(observer), ["1234"])
+        self.assertTrue(any("not logging the rest" in e["log_format"] for e in observer))
+
+
+class TailTests(SynchronousTestCase):
+    def test_tail_keeps_the_last_bytes(self) -> None:
+        tail = Tail(4)
+        for chunk in (b"abc", b"defgh", b"ij"):
+            tail.feed(chunk)
+        self.assertEqual(tail.value(), b"ghij")
