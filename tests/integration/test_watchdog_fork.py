@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,8 +26,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.web.http_headers import Headers
 
 from tests.support import ROOT, TwistdProcess, free_port, run_twistd_sync, sleep, wait_for
+from txfaas.watchdog.common import Invocation, WatchdogConfig
+from txfaas.watchdog.fork import ForkRunner
+from txfaas.watchdog.process import OrphanReaper, group_launcher, native_group_spawn
 
 FUNCTIONS = ROOT / "docker" / "functions"
 PY = sys.executable
@@ -353,9 +358,32 @@ def test_help_documents_every_setting_with_its_variable_and_default():
     assert "0 means no limit" in text
 
 
-@pytest.mark.parametrize("variable", ["port"])
-def test_the_openfaas_port_variable_picks_the_listening_port(variable):
-    from txfaas.watchdog.tap import build_config
-
-    config = build_config({}, {"fprocess": "cat", variable: "9123", "PATH": os.environ["PATH"]})
-    assert config.listen == "tcp:9123"
+@pytest.mark.parametrize("how", ["native", "setsid", "python-shim"])
+@pytest_twisted.ensureDeferred
+async def test_every_way_of_spawning_makes_the_function_lead_its_own_group_and_cancel_empties_it(how):
+    """In-process, with the real reactor: the three spawn paths tap.py may pick between."""
+    spawn = native_group_spawn(reactor) if how == "native" else None
+    if how == "native":
+        assert spawn is not None, "posix_spawn(setsid=True) should work on Linux"
+    launcher = () if how == "native" else group_launcher(shutil.which("setsid") if how == "setsid" else None)
+    path = pgid_file()
+    config = WatchdogConfig(
+        fprocess=("sh", "-c", spawner(path)[7:-1]), launcher=launcher, environ=dict(os.environ)
+    )
+    # This test process is not the watchdog: watch groups, but leave reaping strangers to others.
+    reaper = OrphanReaper(reactor, waitid=lambda *a: None)
+    runner = ForkRunner(reactor, config, reaper, spawn=spawn)
+    runner.start()
+    try:
+        call = Invocation(method=b"POST", uri=b"/", path=b"/", query=b"", headers=Headers(), body=b"")
+        d = runner.invoke(call)
+        d.addErrback(lambda f: f.trap(Exception))
+        await wait_for(lambda: path.exists() and path.read_text().strip(), what="the function to start")
+        pgid = int(path.read_text())
+        assert os.getpgid(pgid) == pgid and os.getsid(pgid) == pgid
+        await wait_for(lambda: len(group_members(pgid)) >= 3, what="sh and its two sleeps")
+        d.cancel()
+        await wait_for(lambda: not group_members(pgid), timeout=5, what=f"group {pgid} to be empty")
+    finally:
+        await runner.stop()
+        path.unlink(missing_ok=True)

@@ -142,6 +142,7 @@ def test_make_service_builds_a_watchdog_around_the_modes_runner(monkeypatch, env
     options = tap.Options()
     options["config"] = build({"listen": "tcp:0:interface=127.0.0.1"}, fprocess="cat", **env)
     monkeypatch.setattr(process, "become_subreaper", lambda: True)  # not this test process
+    monkeypatch.setattr(process, "native_group_spawn", lambda reactor: None)
     service = tap.makeService(options)
     assert isinstance(service, Watchdog)
     assert isinstance(service._runner, runner)

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txfaas.watchdog.common import FunctionResult, Invocation, WatchdogConfig
-from txfaas.watchdog.process import OrphanReaper, OutputLog, Tail, kill_group
+from txfaas.watchdog.process import OrphanReaper, OutputLog, Spawn, Tail, default_spawn, kill_group
 
 _ENV_NAME = re.compile(rb"^[A-Za-z0-9_-]+$")
 
@@ -61,7 +61,12 @@ def function_environ(base: Mapping[str, str], call: Invocation) -> dict[str, str
 
 
 class ForkRunner:
-    """Starts ``config.fprocess`` once per call, in its own process group."""
+    """Starts ``config.fprocess`` once per call, in its own process group.
+
+    ``spawn`` starts a process (``reactor.spawnProcess`` by default, behind
+    ``config.launcher``); ``tap.py`` passes
+    :func:`~txfaas.watchdog.process.spawn_group_leader` when it works here.
+    """
 
     log = Logger()
     stderr_tail = 4096
@@ -73,8 +78,9 @@ class ForkRunner:
         reaper: OrphanReaper,
         *,
         killpg: Callable[[int, int], None] = os.killpg,
+        spawn: Spawn | None = None,
     ) -> None:
-        self._reactor = reactor
+        self._spawn = spawn or default_spawn(reactor)
         self._config = config
         self._reaper = reaper
         self._killpg = killpg
@@ -105,7 +111,7 @@ class ForkRunner:
         result: Deferred[FunctionResult] = Deferred(lambda _: proto.abort())
         proto.result = result
         try:
-            self._reactor.spawnProcess(proto, self._argv[0], self._argv, env=env, usePTY=False)
+            self._spawn(proto, self._argv[0], self._argv, env)
         except (OSError, ValueError) as e:
             self.log.error("cannot start {command}: {error}", command=self._config.command, error=e)
             return succeed(FunctionResult.text(500, f"cannot start the function: {e}"))

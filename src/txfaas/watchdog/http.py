@@ -34,7 +34,7 @@ from zope.interface import implementer
 from txfaas.config import format_duration
 from txfaas.headers import end_to_end
 from txfaas.watchdog.common import FunctionResult, Invocation, WatchdogConfig
-from txfaas.watchdog.process import OrphanReaper, OutputLog, kill_group
+from txfaas.watchdog.process import OrphanReaper, OutputLog, Spawn, default_spawn, kill_group
 
 _DROP_REQUEST = frozenset({b"host", b"content-length"})
 _DROP_RESPONSE = frozenset({b"content-length"})
@@ -147,9 +147,10 @@ class HTTPRunner:
         *,
         killpg: Callable[[int, int], None] = os.killpg,
         close_pool: Callable[[], Deferred[Any]] | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
         assert config.upstream_url, "http mode needs upstream_url"
-        self._reactor = reactor
+        self._spawn_process = spawn or default_spawn(reactor)
         self._clock = clock
         self._agent = agent
         self._config = config
@@ -232,9 +233,7 @@ class HTTPRunner:
             return
         proto = _ServerProcess(self)
         try:
-            self._reactor.spawnProcess(
-                proto, self._argv[0], self._argv, env=dict(self._config.environ), usePTY=False
-            )
+            self._spawn_process(proto, self._argv[0], self._argv, dict(self._config.environ))
         except (OSError, ValueError) as e:
             self.log.error("cannot start {command}: {error}", command=self._config.command, error=e)
             self._schedule_restart()

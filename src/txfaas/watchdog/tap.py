@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from twisted.application import service
 from twisted.python import usage
 
@@ -226,11 +227,14 @@ def makeService(options: Options) -> service.IService:
 
     from txfaas.watchdog.fork import ForkRunner
     from txfaas.watchdog.http import HTTPRunner
-    from txfaas.watchdog.process import OrphanReaper, become_subreaper
+    from txfaas.watchdog.process import OrphanReaper, become_subreaper, native_group_spawn
     from txfaas.watchdog.server import Watchdog
 
     config: WatchdogConfig = options["config"]
     become_subreaper()
+    spawn = native_group_spawn(reactor)
+    if spawn is not None:
+        config = attrs.evolve(config, launcher=())  # no setsid exec needed
     reaper = OrphanReaper(reactor)
     runner: Any
     if config.mode == HTTP:
@@ -246,8 +250,15 @@ def makeService(options: Options) -> service.IService:
             return d.addCallback(lambda proto: proto.transport.loseConnection())
 
         runner = HTTPRunner(
-            reactor, reactor, agent, config, reaper, probe, close_pool=pool.closeCachedConnections
+            reactor,
+            reactor,
+            agent,
+            config,
+            reaper,
+            probe,
+            close_pool=pool.closeCachedConnections,
+            spawn=spawn,
         )
     else:
-        runner = ForkRunner(reactor, config, reaper)
+        runner = ForkRunner(reactor, config, reaper, spawn=spawn)
     return Watchdog(config, reactor, runner, serverFromString(reactor, config.listen))
