@@ -36,6 +36,10 @@ class BenchError(Exception):
     """A failure the operator must see as one message (a tool missing, a server not answering)."""
 
 
+class WrkTimeout(BenchError):
+    """wrk did not end long after its duration (seen when the shared machine was swapping)."""
+
+
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -481,12 +485,17 @@ def run_wrk(
     before = {name: cpu_seconds(p) for name, p in pids.items()}
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy_before = machine_busy_seconds()
-    done = subprocess.run(
-        wrk_command(url, connections, seconds, script=script),
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-    )
+    try:
+        done = subprocess.run(
+            wrk_command(url, connections, seconds, script=script),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+        )
+    except subprocess.TimeoutExpired:
+        raise WrkTimeout(
+            f"wrk -c{connections} -d{seconds:g}s {url} still running after {seconds + 30:g}s"
+        ) from None
     after = {name: cpu_seconds(p) for name, p in pids.items()}
     busy = machine_busy_seconds() - busy_before
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -19,8 +19,9 @@ Cases, interleaved round by round so that noise hits every target alike:
 - CPU-seconds per 10,000 calls in the proxying process (``/proc/<pid>/stat`` utime+stime);
 - with ``--concurrency-sweep`` (or ``--plot``): the same at 1, 10, 50 and 200 connections.
 
-It prints one table and writes ``bench/results/sync_proxy-<time>.json`` (and ``.png`` with
-``--plot``, ``-profile.txt`` and ``-profile.collapsed`` with ``--profile``).
+It prints one table and writes ``bench/results/sync_proxy-<time>.json`` and ``.txt`` (the table),
+``.png`` with ``--plot``, ``-profile.txt`` and ``-profile.collapsed`` with ``--profile``, and
+``-partial.json`` with the runs so far when it is stopped or fails midway.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from harness import (
     Gateway,
     Nginx,
     WrkResult,
+    WrkTimeout,
     ensure_commands,
     ensure_python_module,
     free_port,
@@ -156,18 +158,25 @@ def measure(
     levels: list[int],
     watch: dict[str, Callable[[], list[int]]],
     script: Path | None,
-) -> list[Run]:
-    """Every round runs every level on every target in turn: a, b, c, a, b, c, ..."""
-    runs: list[Run] = []
+    runs: list[Run],
+) -> None:
+    """Every round runs every level on every target in turn: a, b, c, a, b, c, ... (into ``runs``)."""
     total = args.rounds * len(levels) * len(targets)
     n = 0
     for rnd in range(1, args.rounds + 1):
         for connections in levels:
             for target in targets:
                 n += 1
-                if args.warmup:
-                    run_wrk(target.url, connections, args.warmup, script=script)
-                result = run_wrk(target.url, connections, args.duration, script=script, watch=watch)
+                for attempt in (1, 2):
+                    try:
+                        if args.warmup:
+                            run_wrk(target.url, connections, args.warmup, script=script)
+                        result = run_wrk(target.url, connections, args.duration, script=script, watch=watch)
+                        break
+                    except WrkTimeout as e:
+                        if attempt == 2:
+                            raise
+                        say(f"warning: {e}; trying once more")
                 if not result.requests:
                     raise BenchError(f"{target.label}: no request completed at {connections} connections")
                 run = Run(rnd, connections, target.key, result)
@@ -180,7 +189,6 @@ def measure(
                     f"{result.rps:>9.0f} req/s  p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
                     f"cpu {cpu:6.3f} s/10k  others {others:4.2f} cores{errors}"
                 )
-    return runs
 
 
 def analyse(runs: list[Run], targets: list[Target], levels: list[int], main_c: int) -> dict[str, Any]:
@@ -519,10 +527,6 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
         f"  nginx: worker_processes 1 for the function and 1 for the proxy (fair to the one-process gateway "
         f"on this {env['cpus']}-core machine); wrk threads = min(2, connections); {env['wrk']}"
     )
-    runs = measure(args, targets, levels, watch, script)
-    env["load_after"] = os.getloadavg()
-    cases = analyse(runs, targets, levels, args.connections)
-
     results: dict[str, Any] = {
         "benchmark": "sync_proxy",
         "started": stamp,
@@ -540,30 +544,46 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
             "gateway": "twistd faas-gateway, --redis memory: --amqp memory:, default pool size",
         },
         "targets": {t.key: {"label": t.label, "url": t.url, "cpu_of": t.worker} for t in targets},
-        "cases": cases,
-        "runs": [
+    }
+    runs: list[Run] = []
+
+    def runs_json() -> list[dict[str, Any]]:
+        return [
             {"round": r.round, "connections": r.connections, "target": r.target, **r.result.to_json()}
             for r in runs
-        ],
-    }
+        ]
+
+    try:
+        measure(args, targets, levels, watch, script, runs)
+    except BaseException as e:
+        if runs:  # keep what was measured
+            partial = args.results / f"sync_proxy-{stamp}-partial.json"
+            results.update(incomplete=f"{type(e).__name__}: {e}", runs=runs_json())
+            partial.write_text(json.dumps(results, indent=2) + "\n")
+            say(f"partial results: {partial}")
+        raise
+    env["load_after"] = os.getloadavg()
+    cases = analyse(runs, targets, levels, args.connections)
+    results.update(cases=cases, runs=runs_json())
     text = table(cases, targets, args.rounds, levels)
     if args.plot:
         png = base.with_suffix(".png")
         plot(cases, targets, levels, png, f"txfaas sync proxy, loopback, {env['cpus']} cores ({stamp})")
         results["plot"] = str(png)
-    if args.profile:
-        report = profile(args, gateway, targets[2].url, script, Path(f"{base}-profile.txt"))
-        results["profile"] = report
     json_path = base.with_suffix(".json")
     json_path.write_text(json.dumps(results, indent=2) + "\n")
+    base.with_suffix(".txt").write_text(text + "\n")
     say("")
     say(text)
     say("")
-    say(f"results: {json_path}")
+    say(f"results: {json_path} (table: {base.with_suffix('.txt').name})")
     if args.plot:
         say(f"plot:    {results['plot']}")
     if args.profile:
-        say(f"profile: {base}-profile.txt (collapsed stacks: {base}-profile.collapsed)")
+        profile_path = Path(f"{base}-profile.txt")
+        results["profile"] = profile(args, gateway, targets[2].url, script, profile_path)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        say(f"profile: {profile_path} (collapsed stacks: {profile_path.with_suffix('.collapsed').name})")
     return 0
 
 
