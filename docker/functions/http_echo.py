@@ -15,7 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 
 
 class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # keep-alive, so the watchdog's connection pool is used
+    disable_nagle_algorithm = True  # headers and body go out in two writes
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)

@@ -167,3 +167,20 @@ class TailTests(SynchronousTestCase):
         for chunk in (b"abc", b"defgh", b"ij"):
             tail.feed(chunk)
         self.assertEqual(tail.value(), b"ghij")
+
+
+class ReaperStopTests(SynchronousTestCase):
+    def test_stop_gives_up_on_a_group_that_never_empties_after_its_timeout(self) -> None:
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        table = FakeChildren()
+        table.groups[9] = 1  # a member stuck in uninterruptible sleep
+        reaper = table.reaper(clock)
+        reaper.watch(9)
+        stopped = reaper.stop(timeout=10)
+        clock.advance(9.99)
+        self.assertNoResult(stopped)
+        clock.advance(0.01)
+        self.successResultOf(stopped)
+        self.assertTrue(any("giving up" in e["log_format"] for e in observer))
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -395,3 +396,48 @@ class QuickAnswerTests(FrontTestCase):
         client = self.request()
         self.assertEqual(client.responses()[0][0], 503)
         self.assertEqual(self.watchdog.inflight, 0)
+
+
+class FakePort:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopListening(self) -> Deferred[None]:
+        self.stopped = True
+        return succeed(None)
+
+
+class FakeEndpoint:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.port = FakePort()
+        self.factories: list[Any] = []
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        self.factories.append(factory)
+        return fail(self.error) if self.error else succeed(self.port)
+
+
+class ListenTests(SynchronousTestCase):
+    def test_it_listens_before_start_and_stops_listening_only_after_draining(self) -> None:
+        endpoint = FakeEndpoint()
+        runner = FakeRunner()
+        watchdog = Watchdog(config(), Clock(), runner, endpoint)
+        watchdog.privilegedStartService()
+        self.assertEqual(endpoint.factories, [watchdog.site])
+        watchdog.startService()
+        self.assertTrue(runner.started)
+        stopped = watchdog.stopService()
+        self.assertFalse(endpoint.port.stopped)  # health keeps answering 503 while the runner stops
+        runner.stopped.callback(None)
+        self.successResultOf(stopped)
+        self.assertTrue(endpoint.port.stopped)
+
+    def test_a_port_it_cannot_listen_on_stops_twistd_with_one_line_not_a_traceback(self) -> None:
+        endpoint = FakeEndpoint(CannotListenError("", 8080, OSError(98, "Address already in use")))
+        watchdog = Watchdog(config(), Clock(), FakeRunner(), endpoint)
+        with self.assertRaises(SystemExit) as caught:
+            watchdog.privilegedStartService()
+        message = str(caught.exception.code)
+        self.assertTrue(message.startswith("faas-watchdog: cannot listen on tcp:8080: "), message)
+        self.assertNotIn("\n", message)

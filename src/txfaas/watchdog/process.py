@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import process as _twisted_process
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
@@ -198,9 +198,26 @@ class OrphanReaper:
                 lambda f: self.log.failure("orphan reaper stopped", f)
             )
 
-    def stop(self) -> Deferred[None]:
-        """Fires when every watched group is gone; then stops sweeping."""
+    def stop(self, timeout: float = 10.0) -> Deferred[None]:
+        """Fires when every watched group is gone (or after ``timeout``, with a warning); then stops sweeping.
+
+        SIGKILL cannot end a process stuck in uninterruptible sleep (a dead
+        NFS server, say): shutting down must not wait for it forever.
+        """
         d = self.settled()
+        if timeout and not d.called:
+            d.addTimeout(timeout, self._clock)
+
+            def stuck(failure: Any) -> None:
+                failure.trap(TimeoutError)
+                self.log.warn(
+                    "process groups {groups} still not empty after SIGKILL and {timeout}s; giving up on them",
+                    groups=sorted(self._watched),
+                    timeout=timeout,
+                )
+                self._waiters = [w for w in self._waiters if w is not d]
+
+            d.addErrback(stuck)
 
         def halt(result: None) -> None:
             if self._loop is not None and self._loop.running:

@@ -301,7 +301,8 @@ class Watchdog(Service):
         outcome: list[Any] = []
         self._endpoint.listen(self.site).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
-            outcome[0].raiseException()  # cannot listen: twistd refuses to start
+            # twistd refuses to start: one line for the operator, not a traceback.
+            raise SystemExit(f"faas-watchdog: cannot listen on {self.config.listen}: {outcome[0].value}")
         if outcome:
             self.port = outcome[0]
 
