@@ -237,6 +237,16 @@ class ReadTimeoutTests(FrontTestCase):
         self.clock.advance(0.001)
         self.assertEqual([r[0] for r in client.responses()], [200, 408])
 
+    def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout(self) -> None:
+        self.make(read_timeout=1.0, idle_timeout=60.0)
+        client = self.request(raw=b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")
+        self.runner.answer()
+        self.clock.advance(59.9)
+        self.assertFalse(client.closed)
+        self.clock.advance(0.1)
+        self.assertTrue(client.closed)
+        self.assertEqual([r[0] for r in client.responses()], [200])
+
     def test_a_connection_that_never_sends_is_closed_without_an_answer(self) -> None:
         self.make(read_timeout=1.0)
         client = self.connect()
@@ -441,3 +451,16 @@ class ListenTests(SynchronousTestCase):
         message = str(caught.exception.code)
         self.assertTrue(message.startswith("faas-watchdog: cannot listen on tcp:8080: "), message)
         self.assertNotIn("\n", message)
+
+
+class RunnerBugTests(FrontTestCase):
+    def test_a_runner_raising_synchronously_is_a_500_and_does_not_hold_a_slot(self) -> None:
+        self.make(max_inflight=1)
+
+        def broken(call: Invocation) -> Deferred[FunctionResult]:
+            raise RuntimeError("bug")
+
+        self.runner.invoke = broken  # type: ignore[method-assign]
+        self.assertEqual(self.request().responses()[0][0], 500)
+        self.assertEqual(self.watchdog.inflight, 0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -245,7 +245,6 @@ class _Exchange:
         "request",
         "responded",
         "started",
-        "stopping",
         "timeout",
         "timeout_source",
     )
@@ -259,7 +258,6 @@ class _Exchange:
         self.channel: _Channel | None = None
         self.gone = False
         self.responded = False
-        self.stopping = False
 
 
 class Watchdog(Service):
@@ -345,7 +343,6 @@ class Watchdog(Service):
                     grace=format_duration(grace),
                 )
         for ex in list(self._exchanges):
-            ex.stopping = True
             if not ex.responded and ex.deferred is not None:
                 ex.deferred.cancel()
             elif ex.channel is not None and ex.channel.transport is not None:
@@ -397,7 +394,13 @@ class Watchdog(Service):
         ex = _Exchange(request, self._clock.seconds(), timeout, source)
         self._exchanges.add(ex)
         request.notifyFinish().addErrback(self._gone, ex)
-        d = self._runner.invoke(call)
+        try:
+            d = self._runner.invoke(call)
+        except Exception:
+            self.log.failure("the runner failed to start a call")
+            self._close(ex)
+            self._reply(request, 500, "the watchdog failed to run the function")
+            return
         ex.deferred = d
         if timeout:
             d.addTimeout(timeout, self._clock)
