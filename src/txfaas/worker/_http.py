@@ -1,0 +1,158 @@
+"""The worker's HTTP plumbing: one request, body included, over an injected ``IAgent``.
+
+treq's ``HTTPClient`` always wraps its agent in a ``ContentDecoderAgent``
+(it adds ``Accept-Encoding: gzip`` and gunzips the answer) and, by default,
+a ``RedirectAgent``.  The worker must hand on the function's bytes exactly as
+sent and must never follow a redirect, so it drives the agent itself: no
+decoding, no redirects, no cookies.  Cancelling :func:`fetch`'s Deferred aborts
+the TCP connection, whether the response headers have arrived or not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
+
+Pairs = list[tuple[bytes, bytes]]
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written at once (no cooperator, no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@attrs.frozen
+class RawResponse:
+    code: int
+    headers: Pairs
+    body: bytes
+
+
+def make_headers(pairs: Pairs) -> Headers:
+    headers = Headers()
+    for name, value in pairs:
+        headers.addRawHeader(name, value)
+    return headers
+
+
+def header_pairs(headers: Headers) -> Pairs:
+    return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+
+
+class _BodyReader(Protocol):
+    def __init__(self, done: defer.Deferred[bytes]) -> None:
+        self._done = done
+        self._parts: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: no length was given and the connection ended: that is the end.
+            self._done.callback(b"".join(self._parts))
+        else:
+            self._done.errback(reason)
+
+
+def read_body(response: IResponse) -> defer.Deferred[bytes]:
+    """The whole body; cancelling aborts the connection.
+
+    (Twisted's ``readBody`` means to, but the transport it is handed is a
+    ``TransportProxyProducer`` without ``abortConnection``, so it only warns.)
+    """
+
+    def cancel(_: defer.Deferred[bytes]) -> None:
+        transport = reader.transport
+        if transport is None:
+            return
+        abort = getattr(getattr(transport, "_producer", None), "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            transport.loseConnection()
+
+    done: defer.Deferred[bytes] = defer.Deferred(cancel)
+    reader = _BodyReader(done)
+    response.deliverBody(reader)
+    return done
+
+
+async def _fetch(agent: IAgent, method: bytes, url: bytes, headers: Pairs, body: bytes | None) -> RawResponse:
+    producer = None if body is None else BytesProducer(body)
+    response = await agent.request(method, url, make_headers(headers), producer)
+    data = await read_body(response)
+    return RawResponse(response.code, header_pairs(response.headers), data)
+
+
+def fetch(
+    agent: IAgent, method: bytes, url: bytes, headers: Pairs, body: bytes | None
+) -> defer.Deferred[RawResponse]:
+    """Send one request and read the whole answer.
+
+    ``body=None`` sends no body (and no ``Content-Length``).  Cancelling the
+    Deferred aborts the connection and always fails it with ``CancelledError``
+    (the agent itself would report ``ResponseNeverReceived``), so ``addTimeout``
+    turns it into ``TimeoutError`` and callers can tell cancellation from a
+    broken function.
+    """
+    inner = defer.Deferred.fromCoroutine(_fetch(agent, method, url, headers, body))
+    cancelled = False
+
+    def cancel(_: defer.Deferred[RawResponse]) -> None:
+        nonlocal cancelled
+        cancelled = True
+        inner.cancel()
+
+    outer: defer.Deferred[RawResponse] = defer.Deferred(cancel)
+
+    def relay(result: Any) -> None:
+        if cancelled:
+            return None  # outer fails with CancelledError; whatever the abort caused is moot
+        if isinstance(result, Failure):
+            outer.errback(result)
+        else:
+            outer.callback(result)
+        return None
+
+    inner.addBoth(relay)
+    return outer
+
+
+def describe(error: BaseException) -> str:
+    """One line saying why a request failed (``ResponseFailed`` hides its reasons in a list)."""
+    if isinstance(error, ResponseFailed):
+        reasons: list[Any] = error.reasons
+        return "; ".join(describe(r.value) for r in reasons) or "response failed"
+    text = str(error).strip()
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name

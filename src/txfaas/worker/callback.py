@@ -1,0 +1,247 @@
+"""Callback delivery: POST the function's answer to the caller's ``X-Callback-Url``.
+
+What the receiver gets
+----------------------
+``POST <X-Callback-Url>`` with the function's response body (the exact bytes
+the function sent: nothing is decoded), the function's response headers
+(hop-by-hop ones removed) and:
+
+- ``X-Call-Id``: the call id (the handle the gateway answered with);
+- ``X-Function-Name``: the function;
+- ``X-Function-Status``: the function's HTTP status; ``504`` when it did not
+  answer within its exec_timeout, ``502`` when it could not be reached, ``404``
+  when the function was deleted after the call was queued;
+- ``X-Duration-Seconds``: how long the call took, in seconds.
+
+Redirects are never followed (a 3xx counts as a failed delivery), and every
+connection is made through :class:`txfaas.ssrf.FilteringReactor`, so the
+callback host's addresses are checked again at delivery time: a name that
+now resolves to a private address is refused.  Connections are not reused
+between callbacks, so each delivery resolves the name afresh.
+
+Signing (Standard Webhooks)
+---------------------------
+With ``--callback-secret`` set, each callback also carries the
+`Standard Webhooks <https://www.standardwebhooks.com/>`_ headers:
+
+- ``webhook-id``: the call id (the same on every delivery of one call: use it
+  to drop duplicates);
+- ``webhook-timestamp``: Unix time of the delivery, in seconds;
+- ``webhook-signature``: ``v1,`` + base64(HMAC-SHA256(key, ``"{id}.{timestamp}."`` + body)).
+
+The key: a secret written ``whsec_<base64>`` (the Standard Webhooks form) is the
+base64-decoded bytes; any other secret is its UTF-8 text, used as is.
+
+A receiver checks a callback like this (standard library only)::
+
+    import base64, hashlib, hmac, time
+
+    def verify(secret: str, headers, body: bytes, tolerance: int = 300) -> str:
+        '''Return the call id of an authentic callback; raise ValueError otherwise.'''
+        key = base64.b64decode(secret[6:]) if secret.startswith("whsec_") else secret.encode()
+        call_id = headers["webhook-id"]
+        timestamp = headers["webhook-timestamp"]
+        if abs(time.time() - int(timestamp)) > tolerance:
+            raise ValueError("timestamp too old or too new: a replay?")
+        signed = f"{call_id}.{timestamp}.".encode() + body
+        expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        for candidate in headers["webhook-signature"].split():
+            version, _, signature = candidate.partition(",")
+            if version == "v1" and hmac.compare_digest(signature, expected):
+                return call_id
+        raise ValueError("bad signature")
+
+(:func:`verify` below is the same check, used by txfaas's own tests.)
+
+Failures
+--------
+A delivery that fails (refused address, connection error, timeout, non-2xx) is
+recorded on the call (``callbackState: failed``, ``callbackStatus``) and the
+message is acknowledged: the function is never run again for its callback.
+Retrying failed callbacks durably is a later step; :class:`CallbackDelivery`
+is the seam where it plugs in.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IAgent
+
+from txfaas.headers import CALL_ID, DURATION, end_to_end
+from txfaas.ssrf import CallbackRefused, parse_callback_url
+from txfaas.worker._http import Pairs, describe, fetch
+
+FUNCTION_NAME = b"X-Function-Name"
+FUNCTION_STATUS = b"X-Function-Status"
+WEBHOOK_ID = b"webhook-id"
+WEBHOOK_TIMESTAMP = b"webhook-timestamp"
+WEBHOOK_SIGNATURE = b"webhook-signature"
+
+# Headers the worker sets itself: the function's own values for them are dropped.
+_OURS = frozenset(
+    name.lower()
+    for name in (
+        CALL_ID,
+        FUNCTION_NAME,
+        FUNCTION_STATUS,
+        DURATION,
+        WEBHOOK_ID,
+        WEBHOOK_TIMESTAMP,
+        WEBHOOK_SIGNATURE,
+        b"Content-Length",
+        b"Host",
+    )
+)
+
+DELIVERED = "delivered"
+FAILED = "failed"
+
+
+def parse_signing_secret(text: str) -> bytes:
+    """The HMAC key: ``whsec_<base64>`` is decoded (Standard Webhooks); anything else is UTF-8 text."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty signing secret")
+    if text.startswith("whsec_"):
+        try:
+            key = base64.b64decode(text[6:], validate=True)
+        except ValueError:
+            raise ValueError("a whsec_ secret must be followed by base64") from None
+        if not key:
+            raise ValueError("empty signing secret")
+        return key
+    return text.encode("utf-8")
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
+
+
+def verify(key: bytes, headers: Mapping[str, str], body: bytes, now: float, tolerance: float = 300) -> str:
+    """Check a signed callback as a receiver would; return the call id or raise :class:`ValueError`."""
+    try:
+        msg_id = headers["webhook-id"]
+        timestamp = int(headers["webhook-timestamp"])
+        signatures = headers["webhook-signature"]
+    except (KeyError, ValueError):
+        raise ValueError("missing or malformed webhook headers") from None
+    if abs(now - timestamp) > tolerance:
+        raise ValueError("timestamp outside the tolerance")
+    expected = sign(key, msg_id, timestamp, body)
+    for candidate in signatures.split():
+        if hmac.compare_digest(candidate, expected):
+            return msg_id
+    raise ValueError("no valid signature")
+
+
+@attrs.frozen
+class Callback:
+    """One callback to deliver: where, for which call, and the function's answer."""
+
+    url: str
+    call_id: str
+    function: str
+    status_code: int
+    headers: Pairs = attrs.field(factory=list)
+    body: bytes = b""
+    duration: float = 0.0
+
+
+@attrs.frozen
+class CallbackOutcome:
+    state: str  # DELIVERED or FAILED
+    status: int | None = None  # the receiver's HTTP status, when it answered
+    error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.state == DELIVERED
+
+
+class CallbackDelivery:
+    """Delivers one callback, once, within a timeout.  Success is a 2xx answer.
+
+    ``agent`` must be an ``Agent`` over :class:`txfaas.ssrf.FilteringReactor`
+    (that is what re-checks addresses) with a non-persistent pool; only
+    ``tap.py`` builds it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        agent: IAgent,
+        *,
+        timeout: float = 10.0,
+        signing_key: bytes | None = None,
+    ) -> None:
+        self._clock = clock
+        self._agent = agent
+        self._timeout = timeout
+        self._key = signing_key
+
+    def headers_for(self, callback: Callback) -> Pairs:
+        headers = end_to_end(callback.headers, drop=_OURS)
+        headers += [
+            (CALL_ID, callback.call_id.encode("latin-1")),
+            (FUNCTION_NAME, callback.function.encode("latin-1")),
+            (FUNCTION_STATUS, str(callback.status_code).encode("ascii")),
+            (DURATION, f"{callback.duration:.6f}".encode("ascii")),
+        ]
+        if self._key is not None:
+            timestamp = int(self._clock.seconds())
+            headers += [
+                (WEBHOOK_ID, callback.call_id.encode("latin-1")),
+                (WEBHOOK_TIMESTAMP, str(timestamp).encode("ascii")),
+                (
+                    WEBHOOK_SIGNATURE,
+                    sign(self._key, callback.call_id, timestamp, callback.body).encode("ascii"),
+                ),
+            ]
+        return headers
+
+    async def deliver(self, callback: Callback) -> CallbackOutcome:
+        """POST the callback; never raises except :class:`CancelledError` (the worker is stopping)."""
+        try:
+            parse_callback_url(callback.url)
+            url = callback.url.encode("ascii")
+        except (CallbackRefused, UnicodeEncodeError) as e:
+            return self._failed(callback, f"bad callback URL: {e}")
+        d = fetch(self._agent, b"POST", url, self.headers_for(callback), callback.body)
+        d.addTimeout(self._timeout, self._clock)
+        try:
+            response = await d
+        except defer.TimeoutError:
+            return self._failed(callback, f"no answer within {self._timeout:g}s")
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            return self._failed(callback, describe(e))
+        if 200 <= response.code < 300:
+            self.log.info(
+                "call {call_id}: callback delivered ({status})",
+                call_id=callback.call_id,
+                status=response.code,
+            )
+            return CallbackOutcome(DELIVERED, response.code)
+        return self._failed(callback, f"receiver answered {response.code}", response.code)
+
+    def _failed(self, callback: Callback, error: str, status: int | None = None) -> CallbackOutcome:
+        self.log.warn(
+            "call {call_id}: callback to {url} failed: {error}",
+            call_id=callback.call_id,
+            url=callback.url,
+            error=error,
+        )
+        return CallbackOutcome(FAILED, status, error)

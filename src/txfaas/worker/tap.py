@@ -1,0 +1,336 @@
+"""``twistd -n faas-worker``: options, and the only place the worker's real objects are built."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.python import usage
+
+from txfaas.config import (
+    AMQPURL,
+    ConfigError,
+    RedisURL,
+    option_or_env,
+    parse_amqp_url,
+    parse_duration,
+    parse_http_url,
+    parse_networks,
+    parse_redis_url,
+    parse_size,
+    read_secret,
+)
+from txfaas.model import check_queue_name
+from txfaas.ssrf import AddressPolicy
+from txfaas.worker.callback import parse_signing_secret
+from txfaas.worker.service import WorkerConfig
+
+PLUGIN = "faas-worker"
+log = Logger()
+DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+# flag -> (environment variables, default shown in --help, help text)
+_FLAGS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "amqp": (
+        ("TXFAAS_AMQP",),
+        DEFAULT_AMQP,
+        "RabbitMQ URL (amqp://user:pass@host:port/vhost), or memory: for an in-process queue.",
+    ),
+    "redis": (
+        ("TXFAAS_REDIS",),
+        DEFAULT_REDIS,
+        "Redis URL (redis://[:pass@]host[:port][/db]), or memory: for an in-process store.",
+    ),
+    "redis-prefix": (("TXFAAS_REDIS_PREFIX",), "txfaas:", "Prefix of every Redis key."),
+    "max-inflight": (
+        ("TXFAAS_MAX_INFLIGHT", "max_inflight"),
+        "100",
+        "Calls run at once by this process (also the broker prefetch).",
+    ),
+    "exec-timeout": (
+        ("TXFAAS_EXEC_TIMEOUT",),
+        "30s",
+        "Time limit of a call whose function sets none (10, 10s, 1m30s, 500ms); the call is cut off "
+        "and its status is 504.",
+    ),
+    "function-url-template": (
+        ("TXFAAS_FUNCTION_URL_TEMPLATE",),
+        "http://{name}:8080",
+        "Where a function without its own URL answers ({name}, {namespace}).",
+    ),
+    "gateway-url": (
+        ("TXFAAS_GATEWAY_URL",),
+        "",
+        "Invoke functions through this gateway (its /function/{name}) instead of directly.",
+    ),
+    "callback-allow": (
+        ("TXFAAS_CALLBACK_ALLOW",),
+        "",
+        "Comma-separated CIDRs and host names callbacks may reach although not public (e.g. 127.0.0.0/8).",
+    ),
+    "callback-secret": (
+        ("TXFAAS_CALLBACK_SECRET",),
+        "",
+        "Sign callbacks (Standard Webhooks) with this key: whsec_<base64>, or any text used as is.",
+    ),
+    "callback-secret-file": (("TXFAAS_CALLBACK_SECRET_FILE",), "", "Read --callback-secret from this file."),
+    "callback-timeout": (("TXFAAS_CALLBACK_TIMEOUT",), "10s", "Time limit of one callback delivery."),
+    "consumer-timeout": (
+        ("TXFAAS_CONSUMER_TIMEOUT",),
+        "30m",
+        "The broker's consumer_timeout; exec timeouts plus callback time must stay below it.",
+    ),
+    "drain-timeout": (
+        ("TXFAAS_DRAIN_TIMEOUT",),
+        "30s",
+        "On SIGTERM, how long running calls may finish before they go back to the queue.",
+    ),
+    "max-result-size": (
+        ("TXFAAS_MAX_RESULT_SIZE",),
+        "1MiB",
+        "Largest response body kept in the call's stored result (callbacks get it whole).",
+    ),
+    "call-ttl": (("TXFAAS_CALL_TTL",), "24h", "How long call records and results are kept."),
+    "listen": (("TXFAAS_WORKER_LISTEN",), "tcp:8081", "Endpoint of the worker's /healthz and /metrics."),
+}
+
+
+def _help(flag: str) -> str:
+    envs, default, text = _FLAGS[flag]
+    shown = f"; default {default}" if default else ""
+    return f"{text} [{', '.join('$' + e for e in envs)}{shown}]"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Consume queued calls, invoke the functions, record each outcome in Redis, deliver callbacks, "
+        "then acknowledge. Every flag falls back to the environment variable named in its help."
+    )
+    optParameters = [[flag, None, None, _help(flag)] for flag in _FLAGS]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["queue"] = []
+
+    def opt_queue(self, name: str) -> None:
+        """A queue to consume; repeat for several [$TXFAAS_QUEUES, comma-separated; default faas-request]"""
+        self["queue"].append(name)
+
+
+@attrs.frozen
+class Settings:
+    """The parsed options: the worker's config plus what only ``makeService`` needs."""
+
+    worker: WorkerConfig
+    amqp: AMQPURL
+    redis: RedisURL
+    redis_prefix: str
+    call_ttl: float
+    callback_policy: AddressPolicy
+    signing_key: bytes | None
+    listen: str
+
+
+def _positive_int(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise ValueError(f"must be at least 1, not {n}")
+    return n
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def _queues(value: Any) -> tuple[str, ...]:
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
+    for name in names:
+        check_queue_name(name, "queue")
+    return tuple(dict.fromkeys(names))
+
+
+def _template(value: str) -> str:
+    """A URL template using ``{name}`` and ``{namespace}``; checked by filling it in once."""
+    try:
+        example = value.format(name="f", namespace="n")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"bad template {value!r}: use {{name}} and {{namespace}} ({e})") from None
+    parse_http_url(example)
+    return value
+
+
+def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Turn parsed flags (and the environment) into :class:`Settings`; :class:`ConfigError` names the flag."""
+    environ = os.environ if environ is None else environ
+
+    def get(flag: str, parse: Any) -> Any:
+        envs, default, _ = _FLAGS[flag]
+        return option_or_env(options, flag, envs, parse(default) if default else None, parse, environ)
+
+    queue_names = option_or_env(
+        {"queue": options.get("queue") or None},
+        "queue",
+        ("TXFAAS_QUEUES",),
+        ("faas-request",),
+        _queues,
+        environ,
+    )
+    networks, hosts = get("callback-allow", parse_networks) or ((), ())
+    secret = get("callback-secret", str)
+    secret_file = get("callback-secret-file", str)
+    if secret_file:
+        if secret:
+            raise ConfigError("--callback-secret-file", "give --callback-secret or its file, not both")
+        secret = read_secret(os.path.dirname(secret_file) or ".", os.path.basename(secret_file))
+    try:
+        key = parse_signing_secret(secret) if secret else None
+    except ValueError as e:
+        raise ConfigError("--callback-secret", str(e)) from None
+    worker = WorkerConfig(
+        queues=queue_names,
+        max_inflight=get("max-inflight", _positive_int),
+        exec_timeout=get("exec-timeout", _positive_duration),
+        function_url_template=get("function-url-template", _template),
+        gateway_url=get("gateway-url", parse_http_url),
+        callback_timeout=get("callback-timeout", _positive_duration),
+        consumer_timeout=get("consumer-timeout", _positive_duration),
+        drain_timeout=get("drain-timeout", parse_duration),
+        max_result_size=get("max-result-size", parse_size),
+    ).check()
+    return Settings(
+        worker=worker,
+        amqp=get("amqp", parse_amqp_url),
+        redis=get("redis", parse_redis_url),
+        redis_prefix=get("redis-prefix", str),
+        call_ttl=get("call-ttl", _positive_duration),
+        callback_policy=AddressPolicy(allow_networks=networks, allow_hosts=hosts),
+        signing_key=key,
+        listen=get("listen", str),
+    )
+
+
+class _Listener(StreamServerEndpointService):
+    """A listening port whose failure to bind is one line and a non-zero exit, not a traceback."""
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        self._raiseSynchronously = True
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(
+                f"{PLUGIN}: --listen {self.description}: cannot listen ({e.socketError})"
+            ) from None
+
+
+class _Closer(service.Service):
+    """Closes the HTTP connection pools last, once the worker has drained."""
+
+    def __init__(self, *pools: Any) -> None:
+        self._pools = pools
+
+    def stopService(self) -> Any:
+        from twisted.internet import defer
+
+        super().stopService()
+        return defer.DeferredList([pool.closeCachedConnections() for pool in self._pools], consumeErrors=True)
+
+
+def makeService(options: Mapping[str, Any]) -> service.IService:
+    try:
+        settings = settings_from(options)
+    except ConfigError as e:
+        raise SystemExit(f"{PLUGIN}: {e}") from None
+    from twisted.internet import reactor
+
+    return build(reactor, settings)
+
+
+def build(reactor: Any, settings: Settings) -> service.MultiService:
+    """Real objects from settings: store, queue, HTTP agents, metrics, the worker and its listener."""
+    from prometheus_client import CollectorRegistry
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.server import Site
+
+    from txfaas.ssrf import FilteringReactor
+    from txfaas.worker.callback import CallbackDelivery
+    from txfaas.worker.service import WorkerMetrics, WorkerService
+    from txfaas.worker.web import worker_resource
+
+    config = settings.worker
+    if settings.redis.memory:
+        from txfaas.store.memory import MemoryStore
+
+        store: Any = MemoryStore()
+    else:
+        from txfaas.store.redis import RedisStore
+
+        store = RedisStore.connect(
+            settings.redis, reactor, prefix=settings.redis_prefix, call_ttl=settings.call_ttl
+        )
+    if settings.amqp.memory:
+        from txfaas.queue.memory import MemoryQueue
+
+        queue: Any = MemoryQueue(list(config.queues))
+    else:
+        from txfaas.queue.amqp import AMQPQueue
+
+        queue = AMQPQueue(reactor, settings.amqp, declare=config.queues)
+
+    function_pool = HTTPConnectionPool(reactor, persistent=True)
+    function_pool.maxPersistentPerHost = config.max_inflight
+    # Callbacks: no reused connections, so every delivery resolves and checks the host again.
+    callback_pool = HTTPConnectionPool(reactor, persistent=False)
+    callbacks = CallbackDelivery(
+        reactor,
+        Agent(FilteringReactor(reactor, settings.callback_policy), pool=callback_pool),
+        timeout=config.callback_timeout,
+        signing_key=settings.signing_key,
+    )
+    registry = CollectorRegistry()
+    worker = WorkerService(
+        reactor,
+        config,
+        queue,
+        store,
+        Agent(reactor, pool=function_pool),
+        callbacks,
+        WorkerMetrics(registry),
+    )
+    try:
+        endpoint = serverFromString(reactor, settings.listen)
+    except ValueError as e:
+        raise SystemExit(f"{PLUGIN}: --listen {settings.listen}: {e}") from None
+    site = Site(worker_resource(worker.health, registry))
+    site.displayTracebacks = False
+
+    top = service.MultiService()
+    # Stopped in reverse order: the listener first, then the worker drains, then the pools close.
+    _Closer(function_pool, callback_pool).setServiceParent(top)
+    worker.setServiceParent(top)
+    _Listener(endpoint, site, settings.listen).setServiceParent(top)
+    log.info(
+        "faas-worker: queues {queues}, max in flight {n}, exec timeout {t:g}s",
+        queues=",".join(config.queues),
+        n=config.max_inflight,
+        t=config.exec_timeout,
+    )
+    return top

@@ -1,0 +1,73 @@
+"""The worker's own HTTP endpoints (``--listen``): ``/healthz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+
+class HealthResource(resource.Resource):
+    """200 ``ok`` when the broker and Redis answer, else 503 naming what does not."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, health: Callable[[], Awaitable[list[str]]]) -> None:
+        super().__init__()
+        self._health = health
+
+    def render_GET(self, request: server.Request) -> object:
+        d = defer.ensureDeferred(self._health())
+        d.addCallbacks(self._answer, self._failed, callbackArgs=(request,), errbackArgs=(request,))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return server.NOT_DONE_YET
+
+    def _answer(self, problems: list[str], request: server.Request) -> None:
+        if problems:
+            self._write(request, 503, f"unavailable: {', '.join(problems)}\n")
+        else:
+            self._write(request, 200, "ok\n")
+
+    def _failed(self, failure: Failure, request: server.Request) -> None:
+        if failure.check(defer.CancelledError):
+            return
+        self.log.failure("health check failed", failure)
+        self._write(request, 503, "unavailable: health check failed\n")
+
+    @staticmethod
+    def _write(request: server.Request, code: int, text: str) -> None:
+        if request._disconnected or request.finished:
+            return
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.write(text.encode())
+        request.finish()
+
+
+class MetricsResource(resource.Resource):
+    """The registry's metrics in Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self._registry)
+
+
+def worker_resource(
+    health: Callable[[], Awaitable[list[str]]], registry: CollectorRegistry
+) -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"healthz", HealthResource(health))
+    root.putChild(b"metrics", MetricsResource(registry))
+    return root

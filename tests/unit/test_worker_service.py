@@ -1,0 +1,671 @@
+"""The worker's handling of one message: invoke, record, call back, ack, in that order.
+
+Everything is in memory and synchronous: a ``Clock``, ``MemoryQueue``/``MemoryStore``, and
+treq's ``RequestTraversalAgent`` in front of loopback resources (real HTTP framing, no sockets).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from prometheus_client import CollectorRegistry
+from treq.testing import RequestTraversalAgent
+from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.web import resource, server
+
+from tests.support import Recorder, never_answer
+from txfaas.model import Call, CallRecord, CallResult, CallStatus, FunctionSpec
+from txfaas.queue import QueueUnavailable
+from txfaas.store import StoreUnavailable
+from txfaas.testing import MemoryQueue, MemoryStore
+from txfaas.worker.callback import CallbackDelivery
+from txfaas.worker.service import WorkerConfig, WorkerMetrics, WorkerService
+
+Q = "faas-request"
+CALLBACK = "http://receiver.test:9000/hook"
+
+
+class FlakyStore(MemoryStore):
+    """A MemoryStore whose writes alone can fail (Redis lost after the function ran)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes_fail = False
+        self.writes = 0
+
+    async def put_call(self, record: CallRecord) -> None:
+        self.writes += 1
+        if self.writes_fail:
+            raise StoreUnavailable("writes down")
+        await super().put_call(record)
+
+    async def put_result(self, call_id: str, result: CallResult) -> None:
+        if self.writes_fail:
+            raise StoreUnavailable("writes down")
+        await super().put_result(call_id, result)
+
+
+class RefusingAgent:
+    """A function host that refuses connections."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        self.requests += 1
+        return defer.fail(ConnectionRefusedError("nobody listens"))
+
+
+class Harness:
+    def __init__(
+        self,
+        respond: Any = None,
+        callback_respond: Any = None,
+        function_resource: resource.Resource | None = None,
+        agent: Any = None,
+        **config: Any,
+    ) -> None:
+        self.clock = Clock()
+        self.queue = MemoryQueue([Q])
+        self.store = FlakyStore()
+        self.function = Recorder(respond)
+        self.function_agent = agent or RequestTraversalAgent(function_resource or self.function)
+        self.receiver = Recorder(callback_respond)
+        self.callback_agent = RequestTraversalAgent(self.receiver)
+        self.registry = CollectorRegistry()
+        settings = {"queues": (Q,), "retry_delay": 1.0, "drain_timeout": 30.0, **config}
+        self.worker = WorkerService(
+            self.clock,
+            WorkerConfig(**settings),
+            self.queue,
+            self.store,
+            self.function_agent,
+            CallbackDelivery(self.clock, self.callback_agent, timeout=10.0),
+            WorkerMetrics(self.registry),
+        )
+
+    def deploy(self, name: str = "echo", **kwargs: Any) -> FunctionSpec:
+        spec = FunctionSpec(service=name, url=f"http://{name}.test:8080", **kwargs)
+        self.store.functions[name] = spec
+        return spec
+
+    def enqueue(self, call: Call | None = None, record: CallRecord | None = None, **kwargs: Any) -> Call:
+        if call is None:
+            fields = {"call_id": "call-1", "function": "echo", "callback_url": CALLBACK, "accepted_at": 1.0}
+            fields.update(kwargs)
+            call = Call(**fields)
+        self.store.calls[call.call_id] = record or CallRecord.for_call(call)
+        d = defer.Deferred.fromCoroutine(self.queue.publish(call))
+        assert d.called
+        return call
+
+    def start(self) -> None:
+        self.worker.startService()
+
+    def flush(self) -> None:
+        if isinstance(self.function_agent, RequestTraversalAgent):
+            self.function_agent.flush()
+        self.callback_agent.flush()
+
+    def record(self, call_id: str = "call-1") -> CallRecord:
+        return self.store.calls[call_id]
+
+    @property
+    def unacked(self) -> int:
+        return len(self.queue._unacked)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+def test_call_is_invoked_recorded_called_back_and_acked():
+    """The function gets the queued request; outcome, result and callback are recorded; then the ack."""
+    h = Harness(respond=lambda req: (201, {"X-Out": "yes", "Content-Type": "text/plain"}, b"made it"))
+    h.deploy()
+    h.enqueue(
+        method="PUT",
+        path="/sub/path",
+        query="a=1&b=two%20words",
+        headers=[("Content-Type", "application/json"), ("X-Custom", "kept"), ("X-Call-Id", "spoofed")],
+        body=b'{"in": 1}',
+    )
+    h.start()
+    h.flush()
+
+    [req] = h.function.requests
+    assert req["method"] == "PUT"
+    assert req["uri"] == "/sub/path?a=1&b=two%20words"
+    assert req["body"] == b'{"in": 1}'
+    assert req["headers"]["x-custom"] == ["kept"]
+    assert req["headers"]["content-type"] == ["application/json"]
+    assert req["headers"]["x-call-id"] == ["call-1"]
+    assert req["headers"]["host"] == ["echo.test:8080"]
+
+    record = h.record()
+    assert record.status == CallStatus.SUCCEEDED
+    assert record.status_code == 201
+    assert record.attempts == 1
+    assert record.started_at == 0.0 and record.finished_at == 0.0 and record.duration == 0.0
+    assert record.callback_state == "delivered"
+    assert record.callback_status == 200
+    assert record.callback_attempts == 1
+    result = h.store.results["call-1"]
+    assert (result.status_code, result.body, result.truncated) == (201, b"made it", False)
+    assert ("X-Out", "yes") in result.headers
+
+    [cb] = h.receiver.requests
+    assert cb["method"] == "POST" and cb["uri"] == "/hook"
+    assert cb["body"] == b"made it"
+    assert cb["headers"]["x-call-id"] == ["call-1"]
+    assert cb["headers"]["x-function-name"] == ["echo"]
+    assert cb["headers"]["x-function-status"] == ["201"]
+    assert cb["headers"]["x-duration-seconds"] == ["0.000000"]
+    assert cb["headers"]["x-out"] == ["yes"]
+
+    assert h.unacked == 0 and h.queue.pending(Q) == 0
+    assert h.worker.in_flight == 0
+
+
+def test_get_without_body_sends_no_body_and_empty_post_sends_empty_body():
+    """A bodiless GET goes out without Content-Length; a POST always says how long its body is."""
+    h = Harness()
+    h.deploy()
+    h.enqueue(call_id="g", method="GET", callback_url=None)
+    h.enqueue(call_id="p", method="POST", callback_url=None)
+    h.start()
+    h.flush()
+    get, post = h.function.requests
+    assert get["method"] == "GET" and "content-length" not in get["headers"]
+    assert post["method"] == "POST" and post["headers"]["content-length"] == ["0"]
+
+
+def test_ack_comes_only_after_the_outcome_is_recorded_and_the_callback_answered():
+    """While the callback receiver has not answered, the message stays unacknowledged."""
+    answer: defer.Deferred = defer.Deferred()
+    h = Harness(callback_respond=lambda req: answer)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert h.record().status == CallStatus.SUCCEEDED
+    assert h.record().callback_state == "pending"
+    assert h.unacked == 1
+    answer.callback((204, {}, b""))
+    h.flush()
+    assert h.record().callback_state == "delivered"
+    assert h.unacked == 0
+
+
+def test_exec_timeout_aborts_the_function_connection_and_records_504():
+    """A function that never answers is cut off at exec_timeout: connection closed, 504, timed_out."""
+    h = Harness(respond=never_answer, exec_timeout=5.0)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    h.clock.advance(4.9)
+    h.flush()
+    assert h.record().status == CallStatus.RUNNING
+    assert h.function.disconnected == []
+    h.clock.advance(0.1)
+    h.flush()
+    assert h.function.disconnected == ["/"]
+    record = h.record()
+    assert record.status == CallStatus.TIMED_OUT
+    assert record.status_code == 504
+    assert record.duration == pytest.approx(5.0)
+    assert "exec_timeout" in record.error
+    [cb] = h.receiver.requests
+    assert cb["headers"]["x-function-status"] == ["504"]
+    assert cb["headers"]["x-duration-seconds"] == ["5.000000"]
+    assert h.unacked == 0
+
+
+class TrickleResource(resource.Resource):
+    """Sends the headers and part of the body, then nothing more."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: list[Any] = []
+
+    def render(self, request: server.Request) -> Any:
+        request.setHeader(b"Content-Length", b"100")
+        request.write(b"partial")
+        request.notifyFinish().addErrback(self.lost.append)
+        return server.NOT_DONE_YET
+
+
+def test_exec_timeout_covers_reading_the_body():
+    """Headers in time but a body that never ends still times out, and the connection is aborted."""
+    trickle = TrickleResource()
+    h = Harness(function_resource=trickle, exec_timeout=3.0)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert h.record().status == CallStatus.RUNNING
+    h.clock.advance(3.0)
+    h.flush()
+    assert len(trickle.lost) == 1
+    assert h.record().status == CallStatus.TIMED_OUT
+    assert h.unacked == 0
+
+
+def test_the_function_record_timeout_overrides_the_default():
+    """``exec_timeout`` in the function's envVars is its limit, not the worker's default."""
+    h = Harness(respond=never_answer, exec_timeout=30.0)
+    h.deploy(env_vars={"exec_timeout": "2s"})
+    h.enqueue()
+    h.start()
+    h.flush()
+    h.clock.advance(2.0)
+    h.flush()
+    assert h.record().status == CallStatus.TIMED_OUT
+    assert h.record().error.endswith("(2s)")
+
+
+def test_a_function_timeout_above_the_consumer_timeout_budget_is_clamped():
+    """A function timeout that would outlast the broker's consumer timeout is cut to what fits."""
+    h = Harness(consumer_timeout=300.0, callback_timeout=10.0)
+    spec = h.deploy(env_vars={"exec_timeout": "1h"})
+    assert h.worker.timeout_for(spec) == 300.0 - 10.0 - 60.0 - 30.0
+
+
+def test_unreachable_function_is_502_failed_and_called_back():
+    """A refused connection is status 502 (failed); the callback says so."""
+    h = Harness(agent=RefusingAgent())
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    record = h.record()
+    assert (record.status, record.status_code) == (CallStatus.FAILED, 502)
+    assert "unreachable" in record.error
+    [cb] = h.receiver.requests
+    assert cb["headers"]["x-function-status"] == ["502"]
+    assert b"unreachable" in cb["body"]
+    assert h.unacked == 0
+
+
+def test_function_deleted_after_queueing_is_404_failed():
+    """No function record: final ``failed``, status 404, callback says 404; the message is done."""
+    h = Harness()
+    h.enqueue()
+    h.start()
+    h.flush()
+    record = h.record()
+    assert (record.status, record.status_code) == (CallStatus.FAILED, 404)
+    assert "not found" in record.error
+    assert h.function.requests == []
+    assert h.receiver.requests[0]["headers"]["x-function-status"] == ["404"]
+    assert h.unacked == 0
+
+
+def test_function_error_status_is_failed_with_its_code():
+    """A 500 from the function is a ``failed`` call with status code 500, still acknowledged."""
+    h = Harness(respond=lambda req: (500, {}, b"boom"))
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert (h.record().status, h.record().status_code) == (CallStatus.FAILED, 500)
+    assert h.receiver.requests[0]["body"] == b"boom"
+    assert h.unacked == 0
+
+
+def test_redelivered_final_call_is_not_run_again_but_its_callback_is_delivered():
+    """A call already final (worker died before its ack) only gets its pending callback, from the store."""
+    h = Harness()
+    h.deploy()
+    call = Call(call_id="call-1", function="echo", callback_url=CALLBACK)
+    done = attrs.evolve(
+        CallRecord.for_call(call), status=CallStatus.SUCCEEDED, status_code=200, attempts=1, duration=1.5
+    )
+    h.store.results["call-1"] = CallResult(200, [("X-Kept", "1")], b"stored body")
+    h.enqueue(call, record=done)
+    h.start()
+    h.flush()
+    assert h.function.requests == []
+    [cb] = h.receiver.requests
+    assert cb["body"] == b"stored body"
+    assert cb["headers"]["x-kept"] == ["1"]
+    assert cb["headers"]["x-duration-seconds"] == ["1.500000"]
+    assert h.record().callback_state == "delivered"
+    assert h.record().attempts == 1
+    assert h.metric("txfaas_worker_skipped_total") == 1
+    assert h.unacked == 0
+
+
+def test_redelivered_final_call_with_delivered_callback_is_only_acked():
+    """Final and called back: nothing is run or sent again."""
+    h = Harness()
+    h.deploy()
+    call = Call(call_id="call-1", function="echo", callback_url=CALLBACK)
+    done = attrs.evolve(CallRecord.for_call(call), status=CallStatus.FAILED, callback_state="delivered")
+    h.enqueue(call, record=done)
+    h.start()
+    h.flush()
+    assert h.function.requests == [] and h.receiver.requests == []
+    assert h.unacked == 0 and h.queue.pending(Q) == 0
+
+
+def test_call_found_running_is_run_again_and_the_attempt_counted():
+    """A ``running`` record means the last worker died mid-call: run again, attempts + 1."""
+    h = Harness()
+    h.deploy()
+    call = Call(call_id="call-1", function="echo", callback_url=CALLBACK)
+    running = attrs.evolve(CallRecord.for_call(call), status=CallStatus.RUNNING, attempts=1, started_at=0.5)
+    h.enqueue(call, record=running)
+    h.start()
+    h.flush()
+    assert len(h.function.requests) == 1
+    assert h.record().attempts == 2
+    assert h.record().status == CallStatus.SUCCEEDED
+
+
+def test_missing_record_is_created_and_the_call_runs():
+    """A call whose record is gone (expired, or never written) still runs and gets a record."""
+    h = Harness()
+    h.deploy()
+    call = h.enqueue()
+    del h.store.calls[call.call_id]
+    h.start()
+    h.flush()
+    assert h.record().status == CallStatus.SUCCEEDED
+    assert h.record().accepted_at == 1.0
+
+
+def test_store_down_gives_the_message_back_after_a_growing_delay_and_never_acks():
+    """Redis unreachable: nothing runs, no ack; requeued after 1s, then 2s; completes once Redis is back."""
+    h = Harness()
+    h.deploy()
+    h.enqueue()
+    h.store.available = False
+    h.start()
+    assert h.unacked == 1
+    h.clock.advance(0.99)
+    assert h.queue._unacked and next(iter(h.queue._unacked)).delivery_count == 0
+    h.clock.advance(0.01)  # requeued at 1s and redelivered at once to the same consumer
+    assert next(iter(h.queue._unacked)).delivery_count == 1
+    h.clock.advance(1.99)
+    assert next(iter(h.queue._unacked)).delivery_count == 1
+    h.clock.advance(0.01)  # the second wait is 2s
+    assert next(iter(h.queue._unacked)).delivery_count == 2
+    assert h.function.requests == []
+    assert h.metric("txfaas_worker_requeued_total", reason="store") == 2
+    h.store.available = True
+    h.clock.advance(4.0)
+    h.flush()
+    assert len(h.function.requests) == 1
+    assert h.record().status == CallStatus.SUCCEEDED
+    assert h.unacked == 0 and h.queue.pending(Q) == 0
+
+
+def test_outcome_writes_are_retried_so_the_function_does_not_run_twice():
+    """Redis lost after the function answered: the outcome is written when it is back, no second run."""
+    gate: defer.Deferred = defer.Deferred()
+    h = Harness(respond=lambda req: gate)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    h.store.writes_fail = True
+    gate.callback((200, {}, b"once"))
+    h.flush()
+    assert h.record().status == CallStatus.RUNNING
+    assert h.unacked == 1
+    h.clock.advance(1.0)
+    h.clock.advance(2.0)
+    h.store.writes_fail = False
+    h.clock.advance(4.0)
+    h.flush()
+    assert h.record().status == CallStatus.SUCCEEDED
+    assert h.store.results["call-1"].body == b"once"
+    assert len(h.function.requests) == 1
+    assert h.unacked == 0
+
+
+def test_outcome_never_recorded_is_never_acked():
+    """Redis down for longer than the recording patience: the message goes back, unacknowledged."""
+    gate: defer.Deferred = defer.Deferred()
+    h = Harness(respond=lambda req: gate)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    h.store.writes_fail = True
+    h.store.available = False  # reads fail too, so the redelivery waits as well
+    gate.callback((200, {}, b"lost?"))
+    h.flush()
+    for _ in range(200):
+        h.clock.advance(1.0)
+    [delivery] = h.queue._unacked
+    assert delivery.delivery_count >= 1
+    assert delivery.settled is None
+    assert h.record().status == CallStatus.RUNNING
+
+
+def test_failed_callback_is_recorded_and_the_message_acked_without_rerun():
+    """A callback answered with 500 is ``failed`` (status kept); the function is not run again."""
+    h = Harness(callback_respond=lambda req: (500, {}, b"no"))
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    record = h.record()
+    assert record.status == CallStatus.SUCCEEDED
+    assert (record.callback_state, record.callback_status, record.callback_attempts) == ("failed", 500, 1)
+    assert len(h.function.requests) == 1
+    assert h.metric("txfaas_worker_callbacks_total", outcome="failed") == 1
+    assert h.unacked == 0
+
+
+def test_callback_redirect_is_not_followed():
+    """A 3xx from the receiver is a failed delivery; the Location is never requested."""
+    h = Harness(callback_respond=lambda req: (302, {"Location": "http://receiver.test:9000/other"}, b""))
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert [r["uri"] for r in h.receiver.requests] == ["/hook"]
+    assert (h.record().callback_state, h.record().callback_status) == ("failed", 302)
+
+
+def test_call_without_callback_url_sends_nothing():
+    """No X-Callback-Url: no callback, callback state stays empty."""
+    h = Harness()
+    h.deploy()
+    h.enqueue(callback_url=None)
+    h.start()
+    h.flush()
+    assert h.receiver.requests == []
+    assert h.record().callback_state is None
+    assert h.unacked == 0
+
+
+def test_large_result_is_truncated_in_the_store_but_the_callback_gets_it_whole():
+    """The stored body stops at max_result_size (flagged ``truncated``); the callback body is complete."""
+    h = Harness(respond=lambda req: (200, {}, b"x" * 100), max_result_size=10)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    result = h.store.results["call-1"]
+    assert (result.body, result.truncated) == (b"x" * 10, True)
+    assert h.receiver.requests[0]["body"] == b"x" * 100
+
+
+def test_no_more_than_max_inflight_calls_run_at_once():
+    """With max_inflight 2 and five queued calls, two run; each finished call lets the next one start."""
+    gates: list[defer.Deferred] = []
+
+    def respond(req):
+        gates.append(defer.Deferred())
+        return gates[-1]
+
+    h = Harness(respond=respond, max_inflight=2)
+    h.deploy()
+    for i in range(5):
+        h.enqueue(call_id=f"c{i}", callback_url=None)
+    h.start()
+    h.flush()
+    assert len(h.function.requests) == 2
+    assert h.metric("txfaas_worker_calls_in_flight") == 2
+    gates[0].callback((200, {}, b""))
+    h.flush()
+    h.flush()
+    assert len(h.function.requests) == 3
+    assert h.queue.pending(Q) == 2
+
+
+def test_redelivery_of_a_call_running_here_joins_it_instead_of_running_twice():
+    """The broker redelivers a call this process still runs (channel closed): one run, both settled."""
+    gate: defer.Deferred = defer.Deferred()
+    h = Harness(respond=lambda req: gate)
+    h.deploy()
+    call = h.enqueue()
+    h.start()
+    h.flush()
+
+    class Stale:
+        def __init__(self, call: Call) -> None:
+            self.call, self.redelivered, self.delivery_count = call, True, 1
+            self.acked = 0
+
+        def ack(self) -> None:
+            self.acked += 1
+
+        def nack(self, requeue: bool = True) -> None:
+            raise AssertionError("should be acked")
+
+    again = Stale(call)
+    h.worker.handle(again)
+    gate.callback((200, {}, b""))
+    h.flush()
+    assert len(h.function.requests) == 1
+    assert again.acked == 1
+    assert h.unacked == 0
+
+
+def test_metrics_count_outcomes_durations_and_callbacks():
+    """Outcomes by function and status, a duration sample per call, callbacks by outcome."""
+    h = Harness(respond=lambda req: (200, {}, b""))
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert h.metric("txfaas_worker_calls_total", function="echo", status="succeeded") == 1
+    assert h.metric("txfaas_worker_call_duration_seconds_count", function="echo") == 1
+    assert h.metric("txfaas_worker_callbacks_total", outcome="delivered") == 1
+    assert h.metric("txfaas_worker_calls_in_flight") == 0
+
+
+def test_stop_lets_in_flight_calls_finish_then_closes_the_queue():
+    """SIGTERM: no new messages; a running call finishes and is acked before the queue closes."""
+    gate: defer.Deferred = defer.Deferred()
+    h = Harness(respond=lambda req: gate)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    stopped = h.worker.stopService()
+    assert not stopped.called
+    h.enqueue(call_id="late", callback_url=None)
+    assert len(h.function.requests) == 1
+    gate.callback((200, {}, b"done"))
+    h.flush()
+    assert stopped.called
+    assert h.record().status == CallStatus.SUCCEEDED
+    assert h.record().callback_state == "delivered"
+    assert h.queue.pending(Q) == 1  # "late" was never taken
+
+
+def test_stop_gives_calls_past_the_drain_limit_back_to_the_queue():
+    """Calls still running at the drain limit are aborted and requeued, never acked as done."""
+    h = Harness(respond=never_answer, drain_timeout=10.0, exec_timeout=60.0)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    stopped = h.worker.stopService()
+    h.clock.advance(9.9)
+    assert not stopped.called
+    h.clock.advance(0.1)
+    h.flush()
+    assert stopped.called
+    assert h.function.disconnected == ["/"]
+    assert h.queue.pending(Q) == 1  # back on the queue
+    assert h.record().status == CallStatus.RUNNING
+    assert h.receiver.requests == []
+
+
+def test_start_retries_an_unreachable_broker():
+    """If the broker cannot be reached at start, the worker retries with backoff and then consumes."""
+    h = Harness()
+    h.deploy()
+    h.enqueue(callback_url=None)
+    h.queue.available = False
+    original = h.queue.start
+    tries: list[float] = []
+
+    async def start() -> None:
+        tries.append(h.clock.seconds())
+        if h.queue.available:
+            return await original()
+        raise QueueUnavailable("down")
+
+    h.queue.start = start  # type: ignore[method-assign]
+    h.start()
+    h.clock.advance(1.0)
+    assert tries == [0.0, 1.0]
+    h.queue.available = True
+    h.clock.advance(2.0)
+    h.flush()
+    assert tries == [0.0, 1.0, 3.0]
+    assert h.record().status == CallStatus.SUCCEEDED
+
+
+def test_health_names_what_does_not_answer():
+    """``health()`` is empty when broker and Redis answer, and names the ones that do not."""
+    h = Harness()
+    assert h.worker.health
+    d = defer.Deferred.fromCoroutine(h.worker.health())
+    assert d.result == []
+    h.store.available = False
+    d = defer.Deferred.fromCoroutine(h.worker.health())
+    assert d.result == ["redis"]
+    h.queue.available = False
+    d = defer.Deferred.fromCoroutine(h.worker.health())
+    assert d.result == ["broker", "redis"]
+
+
+@pytest.mark.parametrize(
+    ("base", "path", "query", "gateway", "expected"),
+    [
+        ("http://fn:8080", "/", "", None, b"http://fn:8080/"),
+        ("http://fn:8080/prefix", "/a/b", "x=1", None, b"http://fn:8080/prefix/a/b?x=1"),
+        ("http://fn:8080", "/caf\u00e9", "q=a b", None, b"http://fn:8080/caf%C3%A9?q=a%20b"),
+        ("http://fn:8080", "/a%2Fb", "", None, b"http://fn:8080/a%2Fb"),
+        ("http://fn:8080", "/", "", "http://gw:8080", b"http://gw:8080/function/echo"),
+        ("http://fn:8080", "/sub", "k=v", "http://gw:8080", b"http://gw:8080/function/echo/sub?k=v"),
+    ],
+)
+def test_function_url(base, path, query, gateway, expected):
+    """The function's base URL (or the gateway's /function/{name}) + the queued sub-path and query."""
+    h = Harness(gateway_url=gateway)
+    spec = FunctionSpec(service="echo", url=base)
+    call = Call(call_id="c", function="echo", path=path, query=query)
+    assert h.worker.url_for(call, spec) == expected
+
+
+def test_function_url_template_is_used_without_a_function_url():
+    """A function with no URL of its own is reached through --function-url-template."""
+    h = Harness(function_url_template="http://{name}.fns.svc:8080")
+    spec = FunctionSpec(service="echo")
+    assert h.worker.url_for(Call(call_id="c", function="echo"), spec) == b"http://echo.fns.svc:8080/"
