@@ -226,7 +226,7 @@ def makeService(options: Options) -> service.IService:
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from txfaas.watchdog.fork import ForkRunner
-    from txfaas.watchdog.http import HTTPRunner
+    from txfaas.watchdog.http import HTTPRunner, UpstreamEndpoint
     from txfaas.watchdog.process import OrphanReaper, become_subreaper, native_group_spawn
     from txfaas.watchdog.server import Watchdog
 
@@ -245,9 +245,11 @@ def makeService(options: Options) -> service.IService:
         # sent on a connection the server is closing cannot be retried safely. Reconnecting on
         # loopback is cheap, and under load connections never sit idle that long.
         pool.cachedConnectionTimeout = 1.0
-        agent = Agent(reactor, pool=pool, connectTimeout=5)
         parts = urlsplit(config.upstream_url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        agent = Agent.usingEndpointFactory(
+            reactor, UpstreamEndpoint(HostnameEndpoint(reactor, host, port, timeout=5)), pool=pool
+        )
 
         def probe() -> Any:
             d = connectProtocol(HostnameEndpoint(reactor, host, port, timeout=2), Protocol())
