@@ -44,7 +44,9 @@ class MemoryQueue:
     """Implements ``CallQueue`` in memory, with prefetch, redelivery and a dead-letter list.
 
     Set ``available = False`` to make publishing fail as an unreachable broker would.
-    Deliveries are made synchronously, from ``publish``/``ack``/``nack``/``consume``.
+    Deliveries are made synchronously, from ``publish``/``ack``/``nack``/``consume``: a
+    handler may be re-entered while its own code is still settling a delivery (a call
+    requeued by ``nack`` comes straight back), which a real broker never does.
     """
 
     log = Logger()
