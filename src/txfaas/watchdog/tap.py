@@ -121,8 +121,9 @@ class Options(usage.Options):
             "write-timeout",
             None,
             None,
-            "Longest time to hand a response to a client that reads it (disconnected after it); also "
-            "how long running requests may finish when stopping [$write_timeout; default 30s]",
+            "Longest time to hand the response over to the client (one that does not read it is "
+            "disconnected); also how long running requests may finish when stopping "
+            "[$write_timeout; default 30s]",
         ],
         [
             "exec-timeout",
