@@ -639,15 +639,39 @@ def test_a_consumer_channel_closed_by_the_broker_is_reopened_after_a_backoff_del
     q.consume(["faas-request"], 4, got)
     [channel] = conn.consumer_channels()
     channel.close_by_broker()  # e.g. consumer_timeout's 406
+    opened = len(conn.channels)
     reactor.advance(2.9)
     assert len(conn.consumer_channels()) == 1
     reactor.advance(0.2)
     old, new = conn.consumer_channels()
     assert new.is_open and new.qos == 4
-    assert [queue for queue, _ in new.declared] == ["faas-request"]
+    assert [q for c in conn.channels[opened:] for q, _ in c.declared] == ["faas-request"]  # declared again
     call = a_call()
     new.deliver(1, call)
     assert got.deliveries[-1].call == call
+
+
+def test_a_consumer_still_consumes_a_queue_whose_declaration_the_broker_refuses():
+    """E.g. the queue exists as a classic queue: 406 inequivalent arg, yet it can be consumed."""
+    _, q = make(declare=())
+    conn = connect(q)
+    original = FakeChannel.queue_declare
+
+    def refuse(self, queue, durable=False, arguments=None, passive=False):
+        self._closed(pika.exceptions.ChannelClosedByBroker(406, "PRECONDITION_FAILED - inequivalent arg"))
+        return defer.fail(pika.exceptions.ChannelClosedByBroker(406, "PRECONDITION_FAILED"))
+
+    FakeChannel.queue_declare = refuse
+    try:
+        got = Collector()
+        q.consume(["old"], 1, got)
+    finally:
+        FakeChannel.queue_declare = original
+    [channel] = conn.consumer_channels()
+    assert [queue for queue, _ in channel.consumers.values()] == ["old"]
+    channel.deliver(1, a_call("old"))
+    assert len(got.deliveries) == 1
+    assert q.connected
 
 
 def test_a_consumer_the_broker_cancels_is_restarted_on_a_new_channel():

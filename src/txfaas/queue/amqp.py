@@ -237,11 +237,16 @@ class _Consumer:
         channel = None
         timeout = self.owner._connect_timeout
         try:
+            for queue in self.queues:
+                # Again here (a deleted queue comes back), each on its own short-lived channel:
+                # a queue that exists with other arguments is refused (logged), yet consumable.
+                try:
+                    await self.owner._declare(conn, queue)
+                except QueueUnavailable:
+                    pass
             channel = await self.owner._bounded(conn.channel(), timeout)
             channel.on_closed.addCallback(self._closed, channel)
             await self.owner._bounded(channel.basic_qos(prefetch_count=self.prefetch), timeout)
-            for queue in self.queues:
-                await self.owner._bounded(self.owner._declare_on(channel, queue), timeout)
             if not self.active or self.owner._closing:
                 _close_quietly(channel)
                 return
