@@ -503,12 +503,9 @@ class AMQPQueue(Service):
         if self._closing:
             raise QueueUnavailable("the queue is closed")
         endpoint = self._endpoint if self._endpoint is not None else self._default_endpoint()
-        self._service = ClientService(
-            _WatchedEndpoint(endpoint, self._connect_failed),
-            _ConnectionFactory(self._new_protocol),
-            retryPolicy=self._next_delay,
-            clock=self._reactor,
-        )
+        watched: Any = _WatchedEndpoint(endpoint, self._connect_failed)
+        factory: Any = _ConnectionFactory(self._new_protocol)
+        self._service = ClientService(watched, factory, retryPolicy=self._next_delay, clock=self._reactor)
         self._service.startService()
 
     def startService(self) -> None:
@@ -535,7 +532,12 @@ class AMQPQueue(Service):
             self._closed.addErrback(lambda f: self.log.failure("closing the AMQP queue failed", f))
         # Every caller waits on its own Deferred for the same closing.
         done: Deferred = Deferred()
-        self._closed.addCallback(lambda r: (done.callback(None), r)[1])
+
+        def finished(result: object) -> object:
+            done.callback(None)
+            return result
+
+        self._closed.addCallback(finished)
         await done
 
     async def _close(self) -> None:
@@ -570,7 +572,7 @@ class AMQPQueue(Service):
     # -- connections -------------------------------------------------------------------------
 
     def _default_endpoint(self) -> Any:
-        endpoint = HostnameEndpoint(
+        endpoint: Any = HostnameEndpoint(
             self._reactor, self._url.host, self._url.port, timeout=self._connect_timeout
         )
         if self._url.tls:
