@@ -42,9 +42,13 @@ DeliveryHandler = Callable[[Delivery], None]
 
 class CallQueue(Protocol):
     async def start(self) -> None:
-        """Connect and declare the queues given at construction; fires when ready.
+        """Start connecting (in the background) and declaring the queues given at construction.
 
-        Raise :class:`QueueUnavailable` if the broker cannot be reached."""
+        Returns at once and never fails because the broker is down: a gateway must start
+        and answer 503 to async posts while it is unreachable.  Use :meth:`ready` to wait."""
+
+    async def ready(self, timeout: float) -> None:
+        """Wait until the queue is usable; :class:`QueueUnavailable` after ``timeout`` seconds."""
 
     async def declare(self, queue: str) -> None:
         """Make sure a (durable) queue exists."""

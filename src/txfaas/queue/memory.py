@@ -64,6 +64,10 @@ class MemoryQueue:
         if not self.available:
             raise QueueUnavailable("memory queue marked unavailable")
 
+    async def ready(self, timeout: float) -> None:
+        if not self.available:
+            raise QueueUnavailable("memory queue marked unavailable")
+
     async def declare(self, queue: str) -> None:
         if not self.available:
             raise QueueUnavailable("memory queue marked unavailable")
