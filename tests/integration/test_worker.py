@@ -363,3 +363,31 @@ async def test_sigterm_lets_a_running_call_finish_before_exiting(env):
     record = await env.record(call)
     assert (record.status, record.callback_state) == (CallStatus.SUCCEEDED, "delivered")
     assert function.disconnected == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_connection_cut_under_the_worker_it_reconnects_and_finishes_the_work(env):
+    """Every Redis connection of the worker is cut (TCP proxy): the next call still runs once and
+    is recorded and called back, after txredisapi reconnects (the message waits, unacked)."""
+    proxy = TCPProxy(reactor, "127.0.0.1", 6379)
+    proxy_port = proxy.listen()
+    try:
+        function = Recorder(lambda request: (200, {}, b"ok"))
+        receiver = Recorder()
+        name = await env.deploy(function)
+        cb_url = env.serve(receiver) + "/cb"
+        redis_url = env.redis_url.replace(":6379/", f":{proxy_port}/")
+        assert redis_url != env.redis_url
+        env.redis_url, original = redis_url, env.redis_url
+        try:
+            await env.start_worker()
+        finally:
+            env.redis_url = original
+        assert proxy.drop_all() >= 1
+        call = await env.enqueue(name, cb_url)
+        await wait_for(lambda: receiver.requests, timeout=20, what="the callback after Redis came back")
+        record = await wait_for(lambda: env.record(call), what="the record")
+        assert record.status == CallStatus.SUCCEEDED
+        assert len(function.requests) == 1
+    finally:
+        await proxy.close()
