@@ -251,8 +251,13 @@ def makeService(options: Options) -> service.IService:
     return build_gateway(reactor, options["config"])
 
 
-def build_gateway(reactor: Any, config: GatewayConfig) -> service.IService:
-    """Build the gateway service from its config (the only place real clients are made)."""
+def build_gateway(
+    reactor: Any, config: GatewayConfig, *, store: Any = None, queue: Any = None
+) -> service.IService:
+    """Build the gateway service from its config (the only place real clients are made).
+
+    ``store`` and ``queue`` may be given (``faas-local`` shares in-memory ones with a worker).
+    """
     from prometheus_client import disable_created_metrics
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -266,10 +271,12 @@ def build_gateway(reactor: Any, config: GatewayConfig) -> service.IService:
 
     disable_created_metrics()
     closers = []
-    if config.redis.memory:
+    if store is not None:
+        pass
+    elif config.redis.memory:
         from txfaas.store.memory import MemoryStore
 
-        store: Any = MemoryStore()
+        store = MemoryStore()
     else:
         from txfaas.store.redis import RedisStore
 
@@ -277,10 +284,12 @@ def build_gateway(reactor: Any, config: GatewayConfig) -> service.IService:
             config.redis, reactor, prefix=config.redis_prefix, call_ttl=config.call_ttl
         )
         closers.append(store.close)
-    if config.amqp.memory:
+    if queue is not None:
+        pass
+    elif config.amqp.memory:
         from txfaas.queue.memory import MemoryQueue
 
-        queue: Any = MemoryQueue(["faas-request"])
+        queue = MemoryQueue(["faas-request"])
     else:
         from txfaas.queue.amqp import AMQPQueue
 

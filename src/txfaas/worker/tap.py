@@ -263,8 +263,12 @@ def makeService(options: Mapping[str, Any]) -> service.IService:
     return build(reactor, settings)
 
 
-def build(reactor: Any, settings: Settings) -> service.MultiService:
-    """Real objects from settings: store, queue, HTTP agents, metrics, the worker and its listener."""
+def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = None) -> service.MultiService:
+    """Real objects from settings: store, queue, HTTP agents, metrics, the worker and its listener.
+
+    ``store`` and ``queue`` may be given (the single-process ``faas-local`` shares its
+    in-memory ones with the gateway); otherwise they are made from the settings.
+    """
     from prometheus_client import CollectorRegistry
     from twisted.internet.endpoints import serverFromString
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -276,20 +280,24 @@ def build(reactor: Any, settings: Settings) -> service.MultiService:
     from txfaas.worker.web import worker_resource
 
     config = settings.worker
-    if settings.redis.memory:
+    if store is not None:
+        pass
+    elif settings.redis.memory:
         from txfaas.store.memory import MemoryStore
 
-        store: Any = MemoryStore()
+        store = MemoryStore()
     else:
         from txfaas.store.redis import RedisStore
 
         store = RedisStore.connect(
             settings.redis, reactor, prefix=settings.redis_prefix, call_ttl=settings.call_ttl
         )
-    if settings.amqp.memory:
+    if queue is not None:
+        pass
+    elif settings.amqp.memory:
         from txfaas.queue.memory import MemoryQueue
 
-        queue: Any = MemoryQueue(list(config.queues))
+        queue = MemoryQueue(list(config.queues))
     else:
         from txfaas.queue.amqp import AMQPQueue
 
