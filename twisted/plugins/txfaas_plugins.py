@@ -25,3 +25,10 @@ faasWatchdog = ServiceMaker(
     "Runs any program as an OpenFaaS-style function over HTTP.",
     "faas-watchdog",
 )
+
+faasLocal = ServiceMaker(
+    "txfaas local",
+    "txfaas.local.tap",
+    "Gateway and worker in one process on an in-memory queue and store (nothing durable).",
+    "faas-local",
+)

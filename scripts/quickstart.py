@@ -1,0 +1,245 @@
+"""Start the whole txfaas system on this machine and print curl commands to try it.
+
+Run through ``scripts/run`` (which sets up .venv first).  With RabbitMQ and Redis
+answering on 127.0.0.1 it runs ``faas-gateway`` and ``faas-worker`` against them;
+otherwise ``faas-local`` (gateway and worker in one process, in-memory queue and
+store: nothing is durable).  Sample functions run under ``faas-watchdog``:
+
+- ``echo``: returns its input;
+- ``wordcount``: counts lines, words and bytes of its input;
+- ``slow``: sleeps for the seconds it is given (exec_timeout 3s, so ``5`` times out).
+
+A tiny callback receiver prints every callback it gets.  Ctrl-C stops everything.
+This is a launcher script, not part of the txfaas package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FUNCTIONS = ROOT / "docker" / "functions"
+VENV_BIN = Path(sys.executable).parent
+
+
+def answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(preferred: int | None = None) -> int:
+    if preferred and not answers(preferred):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "twistd"), "-n", "--pidfile=", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=self.logdir,
+        )
+        self.children.append((name, proc))
+        return proc
+
+    def check(self) -> None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                tail = (self.logdir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+                raise SystemExit(f"quickstart: {name} exited with {proc.returncode}:\n" + "\n".join(tail))
+
+    def stop(self) -> None:
+        for _name, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _name, proc in self.children:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_http(url: str, procs: Processes, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        procs.check()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"quickstart: {url} did not answer within {timeout:g}s")
+        time.sleep(0.2)
+
+
+class CallbackHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        print(
+            f"\n[callback] call {self.headers.get('X-Call-Id')} of {self.headers.get('X-Function-Name')}: "
+            f"status {self.headers.get('X-Function-Status')}, "
+            f"{self.headers.get('X-Duration-Seconds')}s, body {body[:200]!r}",
+            flush=True,
+        )
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8080, help="gateway port (default 8080, else a free one)")
+    parser.add_argument(
+        "--local", action="store_true", help="in-memory mode even if RabbitMQ and Redis answer"
+    )
+    parser.add_argument("--exit-after", type=float, default=0, help=argparse.SUPPRESS)  # for tests
+    args = parser.parse_args()
+
+    durable = not args.local and answers(5672) and answers(6379)
+    logdir = Path(tempfile.mkdtemp(prefix="txfaas-quickstart-"))
+    procs = Processes(logdir)
+    gateway_port = free_port(args.port)
+    callback_port = free_port(8099)
+    callback_server = http.server.ThreadingHTTPServer(("127.0.0.1", callback_port), CallbackHandler)
+    threading.Thread(target=callback_server.serve_forever, daemon=True).start()
+
+    functions = {
+        "echo": ("echo.py", {}),
+        "wordcount": ("wordcount.py", {}),
+        "slow": ("sleep.py", {"exec_timeout": "3s"}),
+    }
+    deployments = []
+    try:
+        for name, (script, env) in functions.items():
+            port = free_port()
+            procs.start(
+                f"fn-{name}",
+                ["faas-watchdog", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                env={"fprocess": f"{sys.executable} {FUNCTIONS / script}", "mode": "fork", **env},
+            )
+            deployments.append(
+                {
+                    "service": name,
+                    "image": f"txfaas/{name}",
+                    "url": f"http://127.0.0.1:{port}",
+                    "envVars": env,
+                }
+            )
+        functions_file = logdir / "functions.json"
+        functions_file.write_text(json.dumps(deployments, indent=2))
+
+        common = ["--callback-allow", "127.0.0.0/8"]
+        if durable:
+            print("quickstart: RabbitMQ and Redis answer on 127.0.0.1: calls are durable.")
+            procs.start(
+                "gateway",
+                [
+                    "faas-gateway",
+                    "--listen",
+                    f"tcp:{gateway_port}:interface=127.0.0.1",
+                    "--functions",
+                    str(functions_file),
+                    *common,
+                ],
+            )
+            worker_port = free_port()
+            procs.start(
+                "worker",
+                ["faas-worker", "--listen", f"tcp:{worker_port}:interface=127.0.0.1", *common],
+            )
+            wait_http(f"http://127.0.0.1:{worker_port}/healthz", procs)
+        else:
+            print(
+                "quickstart: RabbitMQ or Redis does not answer on 127.0.0.1 (or --local was given):\n"
+                "            gateway and worker run in ONE process on an in-memory queue and store.\n"
+                "            NOTHING IS DURABLE in this mode: a restart forgets functions and calls."
+            )
+            procs.start(
+                "local",
+                [
+                    "faas-local",
+                    "--listen",
+                    f"tcp:{gateway_port}:interface=127.0.0.1",
+                    "--functions",
+                    str(functions_file),
+                    *common,
+                ],
+            )
+        gateway = f"http://127.0.0.1:{gateway_port}"
+        wait_http(f"{gateway}/healthz", procs)
+        callback = f"http://127.0.0.1:{callback_port}/"
+        demo = f"demo-{os.urandom(3).hex()}"
+        print(
+            f"""
+txfaas is running: gateway {gateway}, logs in {logdir}
+Try:
+
+# a synchronous call
+curl -s {gateway}/function/echo -d 'hello txfaas'
+curl -s {gateway}/function/wordcount -d 'one two three'
+# an asynchronous call: 202 at once, the result reaches the callback receiver (printed here)
+curl -s -i {gateway}/async-function/wordcount -d 'four five' -H 'X-Callback-Url: {callback}' -H 'X-Call-Id: {demo}'
+# its status and its result
+curl -s {gateway}/system/calls/{demo}
+curl -s {gateway}/system/calls/{demo}/result
+# a call that outlasts its exec_timeout (3s): 504
+curl -s -i {gateway}/function/slow -d 5
+# the functions, OpenFaaS-style
+curl -s {gateway}/system/functions
+
+Ctrl-C stops everything.""",
+            flush=True,
+        )
+        started = time.monotonic()
+        while True:
+            procs.check()
+            time.sleep(0.5)
+            if args.exit_after and time.monotonic() - started > args.exit_after:
+                break
+    except KeyboardInterrupt:
+        print("\nquickstart: stopping")
+    finally:
+        procs.stop()
+        callback_server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
