@@ -61,7 +61,7 @@ class Processes:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115
+        log = open(self.logdir / f"{name}.log", "wb")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(
             [str(VENV_BIN / "twistd"), "-n", "--pidfile=", *args],
