@@ -218,3 +218,37 @@ def listen_http(res: resource.Resource, port: int = 0):
     site = server.Site(res)
     site.displayTracebacks = False
     return reactor.listenTCP(port, site, interface="127.0.0.1")
+
+
+async def delete_queues(*names: str, host: str = "127.0.0.1", port: int = 5672) -> None:
+    """Delete test queues on the broker through a short-lived pika connection."""
+    import pika
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    params = pika.ConnectionParameters(credentials=pika.PlainCredentials("guest", "guest"))
+    conn = await connectProtocol(TCP4ClientEndpoint(reactor, host, port), TwistedProtocolConnection(params))
+    await conn.ready
+    closed = conn.closed
+    try:
+        channel = await conn.channel()
+        for name in names:
+            await channel.queue_delete(name)
+    finally:
+        conn.close()
+        if closed is not None:
+            await closed
+
+
+async def delete_redis_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (test isolation)."""
+    from txfaas.config import parse_redis_url
+    from txfaas.store.redis import RedisStore
+
+    store = RedisStore.connect(parse_redis_url(redis_url), reactor, prefix=prefix)
+    try:
+        keys = await store._redis.keys(f"{prefix}*")
+        if keys:
+            await store._redis.delete(keys)
+    finally:
+        await store.close()

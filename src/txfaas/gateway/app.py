@@ -233,8 +233,18 @@ class GatewayApp:
         )
 
     async def _declare_queue(self, spec: FunctionSpec) -> None:
+        """Declare a function's named queue; a broker that is down does not block the deploy
+        (the queue is remembered and declared as soon as the broker is back)."""
         if self._queue is not None and spec.queue != DEFAULT_QUEUE:
-            await self._queue.declare(spec.queue)
+            try:
+                await self._queue.declare(spec.queue)
+            except QueueUnavailable as e:
+                self.log.warn(
+                    "queue {queue} of {function} not declared yet (it will be on reconnection): {error}",
+                    queue=spec.queue,
+                    function=spec.service,
+                    error=e,
+                )
 
     # --- asynchronous calls -----------------------------------------------------------------
 
