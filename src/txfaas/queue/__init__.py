@@ -59,6 +59,16 @@ class CallQueue(Protocol):
         Raise :class:`QueueUnavailable` when the broker is unreachable, refuses the
         message (nack, unroutable) or does not confirm within the queue's bound."""
 
+    async def publish_delayed(self, call: Call, delay: float) -> float:
+        """Put ``call`` on ``call.queue`` in about ``delay`` seconds; fire once the broker has it.
+
+        The wait is spent in the broker (a delay queue), not in this process: a restart
+        loses nothing.  Returns the delay actually used, at most ``delay`` (0: published
+        at once); ``call.not_before`` tells the consumer whether to send it round again."""
+
+    async def dead_letter(self, call: Call) -> None:
+        """Put ``call`` (``call.dead`` says why) on the dead-letter queue; fire once confirmed."""
+
     def consume(self, queues: list[str], prefetch: int, handler: DeliveryHandler) -> None:
         """Start delivering from ``queues``, at most ``prefetch`` unacknowledged at once.
 

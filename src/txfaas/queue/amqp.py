@@ -14,6 +14,30 @@ One :class:`AMQPQueue` owns one AMQP connection, kept up by a
 - the queues given at construction, to ``declare`` or to ``consume`` are
   remembered and declared again on every new connection.
 
+With a :class:`Topology` (the worker passes one), it also declares what retries
+and dead letters need, and ``publish_delayed``/``dead_letter`` use it:
+
+- ``{prefix}.retry``: a direct exchange; every work queue (and the callback
+  queue) is bound to it by its own name.
+- one delay tier per TTL: a fanout exchange ``{prefix}.delay.{ms}`` and a quorum
+  queue of the same name with ``x-message-ttl: ms``, dead-lettering to
+  ``{prefix}.retry`` at-least-once (``x-dead-letter-strategy: at-least-once``,
+  which needs ``x-overflow: reject-publish``).  A delayed message is published
+  to the tier's exchange *with the target queue's name as routing key*; the
+  fanout ignores the key, the tier queue keeps it, and when the TTL expires the
+  broker dead-letters the message to ``{prefix}.retry`` with that same key,
+  which routes it back to its queue.  If the target is not bound yet, the
+  at-least-once strategy keeps the message in the tier until it is.
+- the dead-letter queue and the callback queue (plain quorum queues).
+
+Work queues keep their plain arguments (``x-queue-type`` only): adding
+``x-delivery-limit``/``x-dead-letter-*`` to a queue that exists without them makes
+every declare fail with 406, and gateway and worker would have to agree on them.
+The delivery limit is enforced by the worker from the quorum queue's own
+``x-delivery-count``; an operator may add a broker-side one with a policy (see
+the README), and dead letters the broker makes that way are understood too (their
+``x-death`` header gives the reason).
+
 pika's Twisted adapter imports the global reactor, so it is imported only in
 :meth:`AMQPQueue.start`; the rest of pika (spec, exceptions) does not.
 """
@@ -39,12 +63,66 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txfaas.config import AMQPURL
-from txfaas.model import Call
+from txfaas.model import Call, DeadMark, DeadReason
 from txfaas.queue import DeliveryHandler, QueueUnavailable
+from txfaas.retry import DEFAULT_TIERS, pick_tier
 
 #: The message header carrying the call's metadata (JSON); the body is the raw request body.
 CALL_HEADER = "txfaas-call"
 QUEUE_TYPES = ("quorum", "classic")
+
+
+@attrs.frozen
+class Topology:
+    """Names and delays of the retry/dead-letter topology (see the module docstring)."""
+
+    prefix: str = "txfaas"
+    delay_tiers: tuple[float, ...] = DEFAULT_TIERS
+    dead_letter_queue: str = "txfaas.dead-letter"
+    callback_queue: str = "txfaas.callbacks"
+
+    @property
+    def retry_exchange(self) -> str:
+        return f"{self.prefix}.retry"
+
+    def tier_name(self, tier: float) -> str:
+        return f"{self.prefix}.delay.{round(tier * 1000)}"
+
+    def tier_arguments(self, tier: float) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-message-ttl": round(tier * 1000),
+            "x-dead-letter-exchange": self.retry_exchange,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+
+_BROKER_REASONS = {"delivery_limit": DeadReason.DELIVERY_LIMIT, "rejected": DeadReason.REJECTED}
+
+
+def _broker_death(headers: dict[str, Any], call: Call, now: float) -> DeadMark | None:
+    """The dead mark of a message the broker dead-lettered (from its newest ``x-death`` entry)."""
+    deaths = headers.get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+        return None
+    death = deaths[0]
+    reason = death.get("reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode("latin-1")
+    if not isinstance(reason, str) or reason == "expired":
+        return None  # a retry back from its delay tier, not a dead letter
+    when = death.get("time")
+    at = when.timestamp() if hasattr(when, "timestamp") else now
+    queue = death.get("queue")
+    if isinstance(queue, bytes):
+        queue = queue.decode("latin-1")
+    return DeadMark(
+        reason=_BROKER_REASONS.get(reason, reason),
+        at=at,
+        error=f"dead-lettered by the broker from {queue} ({reason})",
+        attempts=call.attempt,
+    )
 
 
 def _describe(error: BaseException | None) -> str:
@@ -217,6 +295,7 @@ class _Consumer:
         self.active = True
         self.channel: Any = None
         self.tags: list[str] = []
+        self._tag_queue: dict[str, str] = {}
         self.unsettled = 0
         self._backlog: deque[AMQPDelivery] = deque()
         self._starting = False
@@ -255,6 +334,7 @@ class _Consumer:
             for queue in self.queues:
                 consumer, tag = await self.owner._bounded(channel.basic_consume(queue=queue), timeout)
                 self.tags.append(tag)
+                self._tag_queue[tag] = queue
                 reading = Deferred.fromCoroutine(self._read(channel, consumer))
                 reading.addErrback(lambda f: self.log.failure("reading deliveries failed", f))
         except Exception as e:
@@ -336,17 +416,18 @@ class _Consumer:
             return
         self._failures = 0
         headers = properties.headers or {}
+        queue = self._tag_queue.get(method.consumer_tag, method.routing_key)
         try:
             call = Call.decode(headers[CALL_HEADER], message.body)
         except Exception as e:
-            self.log.error(
-                "undecodable message {tag} from {queue} ({reason}): rejected without requeue",
-                tag=method.delivery_tag,
-                queue=method.routing_key,
-                reason=_describe(e) if not isinstance(e, KeyError) else f"no {CALL_HEADER} header",
-            )
-            self._reject(channel, method.delivery_tag, requeue=False)
-            return
+            reason = _describe(e) if not isinstance(e, KeyError) else f"no {CALL_HEADER} header"
+            call = self._undecodable(channel, message, queue, reason)
+            if call is None:
+                return
+        if call.dead is None:
+            dead = _broker_death(headers, call, self.owner._reactor.seconds())
+            if dead is not None:
+                call = attrs.evolve(call, dead=dead)
         count = headers.get("x-delivery-count")
         if not isinstance(count, int) or isinstance(count, bool):
             count = 1 if method.redelivered else 0
@@ -392,6 +473,62 @@ class _Consumer:
             self._pump()
         elif self.unsettled <= 0:
             _close_quietly(channel)  # stopped and drained: the channel has no more use
+
+    def _undecodable(self, channel: Any, message: Any, queue: str, reason: str) -> Call | None:
+        """A message that is not a txfaas call.
+
+        Without a topology it is rejected (dropped, as before).  With one, a work queue's is
+        moved to the dead-letter queue as it is (published, confirmed, then acked), and one
+        read from the dead-letter queue is handed over as a placeholder call to be kept."""
+        method, properties = message.method, message.properties
+        topology = self.owner._topology
+        if topology is None:
+            self.log.error(
+                "undecodable message {tag} from {queue} ({reason}): rejected without requeue",
+                tag=method.delivery_tag,
+                queue=queue,
+                reason=reason,
+            )
+            self._reject(channel, method.delivery_tag, requeue=False)
+            return None
+        now = self.owner._reactor.seconds()
+        message_id = properties.message_id or f"undecodable-{method.delivery_tag}-{int(now * 1000)}"
+        if queue == topology.dead_letter_queue:
+            return Call(
+                call_id=str(message_id),
+                function="",
+                body=message.body,
+                queue=queue,
+                dead=DeadMark(DeadReason.UNDECODABLE, now, f"not a txfaas message: {reason}"),
+            )
+        self.log.error(
+            "undecodable message {tag} from {queue} ({reason}): moving it to {dlq}",
+            tag=method.delivery_tag,
+            queue=queue,
+            reason=reason,
+            dlq=topology.dead_letter_queue,
+        )
+        d = Deferred.fromCoroutine(
+            self.owner._publish_raw(str(message_id), "", topology.dead_letter_queue, message.body, properties)
+        )
+
+        def moved(_: object) -> None:
+            if channel.is_open:
+                channel.basic_ack(delivery_tag=method.delivery_tag)
+
+        def failed(f: Any) -> None:
+            self.log.warn(
+                "could not move undecodable message {tag} to {dlq} ({reason}); it stays in {queue}",
+                tag=method.delivery_tag,
+                dlq=topology.dead_letter_queue,
+                reason=_describe(f.value),
+                queue=queue,
+            )
+            self.owner._reactor.callLater(1.0, self._reject, channel, method.delivery_tag, True)
+
+        d.addCallbacks(moved, failed)
+        d.addErrback(lambda f: self.log.failure("moving an undecodable message failed", f))
+        return None
 
     @staticmethod
     def _reject(channel: Any, tag: int, requeue: bool) -> None:
@@ -448,12 +585,15 @@ class AMQPQueue(Service):
         retry_policy: Callable[[int], float] | None = None,
         endpoint: Any = None,
         connection_name: str = "txfaas",
+        topology: Topology | None = None,
     ) -> None:
         if queue_type not in QUEUE_TYPES:
             raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, not {queue_type!r}")
         self._reactor = reactor
         self._url = url
-        self._queues: list[str] = list(dict.fromkeys(declare))
+        self._topology = topology
+        extra = (topology.dead_letter_queue, topology.callback_queue) if topology is not None else ()
+        self._queues: list[str] = list(dict.fromkeys([*declare, *extra]))
         self._queue_arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
         self._confirm_timeout = confirm_timeout
         self._connect_timeout = connect_timeout
@@ -629,6 +769,8 @@ class AMQPQueue(Service):
             closed = conn.closed  # .closed fires once and becomes None: keep this one
             closed.addCallback(self._connection_lost, conn)
             publisher = await self._open_publisher(conn)
+            if self._topology is not None:
+                await self._declare_topology(conn, self._topology)
             for queue in list(self._queues):
                 try:
                     await self._declare(conn, queue)
@@ -750,12 +892,64 @@ class AMQPQueue(Service):
         """Declare on a short-lived channel: a refusal closes the channel, not the publisher."""
         channel = await self._bounded(conn.channel(), self._connect_timeout)
         try:
-            await self._bounded(self._declare_on(channel, queue), self._connect_timeout)
+            try:
+                await self._bounded(self._declare_on(channel, queue), self._connect_timeout)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                # e.g. 406 PRECONDITION_FAILED: the queue exists with other arguments.  Not fatal
+                # for the connection; logged on every connection until someone fixes it.
+                self.log.error("cannot declare queue {queue}: {reason}", queue=queue, reason=_describe(e))
+                raise QueueUnavailable(f"cannot declare queue {queue!r}: {_describe(e)}") from None
+            await self._bind_for_retries(conn, channel, queue)
+        finally:
+            _close_quietly(channel)
+
+    async def _bind_for_retries(self, conn: Any, channel: Any, queue: str) -> None:
+        """Bind a work (or callback) queue to the retry exchange by its own name."""
+        topology = self._topology
+        if topology is None or queue == topology.dead_letter_queue:
+            return
+        try:
+            if not channel.is_open:  # the declare was refused: bind on a fresh channel
+                channel = await self._bounded(conn.channel(), self._connect_timeout)
+            await self._bounded(
+                channel.queue_bind(queue, topology.retry_exchange, routing_key=queue), self._connect_timeout
+            )
+        except Exception as e:
+            self.log.error(
+                "cannot bind queue {queue} to {exchange}: {reason}; its retries wait in the delay "
+                "queues until it is bound",
+                queue=queue,
+                exchange=topology.retry_exchange,
+                reason=_describe(e),
+            )
+
+    async def _declare_topology(self, conn: Any, topology: Topology) -> None:
+        """The retry exchange and the delay tiers (exchange + TTL queue + binding each)."""
+        channel = await self._bounded(conn.channel(), self._connect_timeout)
+        name = topology.retry_exchange
+        try:
+            await self._bounded(
+                channel.exchange_declare(name, exchange_type="direct", durable=True), self._connect_timeout
+            )
+            for tier in topology.delay_tiers:
+                name = topology.tier_name(tier)
+                await self._bounded(
+                    channel.exchange_declare(name, exchange_type="fanout", durable=True),
+                    self._connect_timeout,
+                )
+                await self._bounded(
+                    channel.queue_declare(name, durable=True, arguments=topology.tier_arguments(tier)),
+                    self._connect_timeout,
+                )
+                await self._bounded(channel.queue_bind(name, name), self._connect_timeout)
         except pika.exceptions.ChannelClosedByBroker as e:
-            # e.g. 406 PRECONDITION_FAILED: the queue exists with other arguments.  Not fatal
-            # for the connection; logged on every connection until someone fixes it.
-            self.log.error("cannot declare queue {queue}: {reason}", queue=queue, reason=_describe(e))
-            raise QueueUnavailable(f"cannot declare queue {queue!r}: {_describe(e)}") from None
+            # Not fatal: plain publishing and consuming still work; delayed publishes fail (503/requeue).
+            self.log.error(
+                "cannot declare {name} (retry/delay topology): {reason}; delete it to let txfaas "
+                "declare it again",
+                name=name,
+                reason=_describe(e),
+            )
         finally:
             _close_quietly(channel)
 
@@ -777,20 +971,51 @@ class AMQPQueue(Service):
 
         The whole call (waiting for a connection, then for the confirm) is bounded by
         ``confirm_timeout``; every failure is :class:`QueueUnavailable`."""
-        deadline = self._reactor.seconds() + self._confirm_timeout
-        publisher = self._live_publisher()
-        waited = publisher is None
-        if publisher is None:
-            publisher = await self._usable(self._confirm_timeout)
+        await self._publish_call(call, "", call.queue)
+
+    async def publish_delayed(self, call: Call, delay: float) -> float:
+        """Put ``call`` on ``call.queue`` after about ``delay`` seconds, through a delay tier.
+
+        Returns the tier's delay (the largest not above ``delay``), or 0 when the wait is
+        too short for any tier and the call was published at once."""
+        topology = self._need_topology()
+        tier = pick_tier(topology.delay_tiers, delay)
+        if tier is None:
+            await self.publish(call)
+            return 0.0
+        await self._publish_call(call, topology.tier_name(tier), call.queue)
+        return tier
+
+    async def dead_letter(self, call: Call) -> None:
+        """Put ``call`` (its ``dead`` mark set) on the dead-letter queue, confirmed."""
+        topology = self._need_topology()
+        await self._publish_call(call, "", topology.dead_letter_queue)
+
+    def _need_topology(self) -> Topology:
+        if self._topology is None:
+            raise QueueUnavailable("this queue was built without a retry/dead-letter topology")
+        return self._topology
+
+    async def _publish_call(self, call: Call, exchange: str, routing_key: str) -> None:
         properties = pika.BasicProperties(
             delivery_mode=2,
             message_id=call.call_id,
             timestamp=int(call.accepted_at),
             headers={CALL_HEADER: call.encode_meta().decode()},
         )
+        await self._publish_raw(call.call_id, exchange, routing_key, call.body, properties)
+
+    async def _publish_raw(
+        self, message_id: str, exchange: str, routing_key: str, body: bytes, properties: Any
+    ) -> None:
+        deadline = self._reactor.seconds() + self._confirm_timeout
+        publisher = self._live_publisher()
+        waited = publisher is None
+        if publisher is None:
+            publisher = await self._usable(self._confirm_timeout)
         try:
             confirm = publisher.channel.basic_publish(
-                exchange="", routing_key=call.queue, body=call.body, properties=properties, mandatory=True
+                exchange=exchange, routing_key=routing_key, body=body, properties=properties, mandatory=True
             )
         except Exception as e:
             raise QueueUnavailable(f"cannot publish: {_describe(e)}") from None
@@ -809,12 +1034,14 @@ class AMQPQueue(Service):
         except pika.exceptions.UnroutableError:
             pass  # pika may pin another message's return on this one: decided below
         except pika.exceptions.NackError:
-            publisher.take_return(call.call_id)
+            publisher.take_return(message_id)
             raise QueueUnavailable("the broker refused the message (nack)") from None
         except Exception as e:
             raise QueueUnavailable(f"lost before the broker confirmed: {_describe(e)}") from None
-        if publisher.take_return(call.call_id):
-            raise QueueUnavailable(f"no queue named {call.queue!r}")
+        if publisher.take_return(message_id):
+            raise QueueUnavailable(
+                f"no queue named {routing_key!r}" if not exchange else f"{exchange!r} routed it nowhere"
+            )
 
     # -- consuming ---------------------------------------------------------------------------
 

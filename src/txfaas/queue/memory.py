@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txfaas.model import Call
@@ -51,10 +52,21 @@ class MemoryQueue:
 
     log = Logger()
 
-    def __init__(self, queues: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        queues: list[str] | None = None,
+        *,
+        clock: IReactorTime | None = None,
+        dead_letter_queue: str = "txfaas.dead-letter",
+    ) -> None:
         self.messages: dict[str, deque[tuple[Call, int]]] = {q: deque() for q in queues or []}
+        #: Every call dead-lettered (``dead_letter``) or rejected without requeue, in order.
         self.dead_letters: list[Call] = []
         self.published: list[Call] = []
+        #: Delayed publishes: (delay, call), in order.  Without a clock they wait here for ever.
+        self.delayed: list[tuple[float, Call]] = []
+        self.clock = clock
+        self.dead_letter_queue = dead_letter_queue
         self.available = True
         self._consumers: list[tuple[list[str], int, DeliveryHandler]] = []
         self._unacked: set[MemoryDelivery] = set()
@@ -80,6 +92,31 @@ class MemoryQueue:
             raise QueueUnavailable(f"no queue named {call.queue!r}")
         self.published.append(call)
         self.messages[call.queue].append((call, 0))
+        self._pump()
+
+    async def publish_delayed(self, call: Call, delay: float) -> float:
+        """Deliver ``call`` after exactly ``delay`` seconds on the clock (no tiers here)."""
+        if not self.available:
+            raise QueueUnavailable("memory queue marked unavailable")
+        if call.queue not in self.messages:
+            raise QueueUnavailable(f"no queue named {call.queue!r}")
+        if delay <= 0:
+            await self.publish(call)
+            return 0.0
+        self.delayed.append((delay, call))
+        if self.clock is not None:
+            self.clock.callLater(delay, self._arrive, call)
+        return delay
+
+    def _arrive(self, call: Call) -> None:
+        self.messages.setdefault(call.queue, deque()).append((call, 0))
+        self._pump()
+
+    async def dead_letter(self, call: Call) -> None:
+        if not self.available:
+            raise QueueUnavailable("memory queue marked unavailable")
+        self.dead_letters.append(call)
+        self.messages.setdefault(self.dead_letter_queue, deque()).append((call, 0))
         self._pump()
 
     def consume(self, queues: list[str], prefetch: int, handler: DeliveryHandler) -> None:

@@ -5,9 +5,10 @@ The store knows nothing of HTTP or of the processes that use it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
-from txfaas.model import CallRecord, CallResult, FunctionSpec
+from txfaas.model import CallRecord, CallResult, DeadLetter, FunctionSpec
 
 
 class StoreError(Exception):
@@ -65,3 +66,30 @@ class CallStore(Protocol):
     async def put_result(self, call_id: str, result: CallResult) -> None: ...
 
     async def get_result(self, call_id: str) -> CallResult | None: ...
+
+    async def transition_call(
+        self, record: CallRecord, from_statuses: Collection[str], *, create: bool = False
+    ) -> CallRecord | None:
+        """Write ``record`` only if the stored record's status is one of ``from_statuses``, atomically.
+
+        Returns None when written, else the record found (whose status refused it).  With
+        ``create`` a missing record is written too; without, a missing one is :class:`NotFound`."""
+
+
+class DeadLetterStore(Protocol):
+    """The dead letters, kept until re-queued or removed (no TTL)."""
+
+    async def put_dead_letter(self, letter: DeadLetter) -> None:
+        """Keep ``letter`` (replacing one with the same call id)."""
+
+    async def get_dead_letter(self, call_id: str) -> DeadLetter | None: ...
+
+    async def list_dead_letters(
+        self, function: str | None = None, offset: int = 0, limit: int = 100
+    ) -> list[DeadLetter]:
+        """Oldest first; only ``function``'s when given."""
+
+    async def count_dead_letters(self, function: str | None = None) -> int: ...
+
+    async def remove_dead_letter(self, call_id: str) -> bool:
+        """Forget it; False if there was none."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import attrs
 
-from txfaas.model import CallRecord, CallResult, FunctionSpec
+from txfaas.model import CallRecord, CallResult, DeadLetter, FunctionSpec
 from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
 
 
 class MemoryStore:
-    """Implements both ``FunctionStore`` and ``CallStore``.
+    """Implements ``FunctionStore``, ``CallStore`` and ``DeadLetterStore``.
 
     Set ``available = False`` to make every call raise :class:`StoreUnavailable`,
     as an unreachable Redis would.  TTLs are not enforced.
@@ -20,6 +22,7 @@ class MemoryStore:
         self.invocations: dict[str, int] = {}
         self.calls: dict[str, CallRecord] = {}
         self.results: dict[str, CallResult] = {}
+        self.dead_letters: dict[str, DeadLetter] = {}
         self.available = True
 
     def _check(self) -> None:
@@ -95,3 +98,42 @@ class MemoryStore:
     async def get_result(self, call_id: str) -> CallResult | None:
         self._check()
         return self.results.get(call_id)
+
+    async def transition_call(
+        self, record: CallRecord, from_statuses: Collection[str], *, create: bool = False
+    ) -> CallRecord | None:
+        self._check()
+        current = self.calls.get(record.call_id)
+        if current is None:
+            if not create:
+                raise NotFound(record.call_id)
+        elif current.status not in from_statuses:
+            return current
+        self.calls[record.call_id] = record
+        return None
+
+    async def put_dead_letter(self, letter: DeadLetter) -> None:
+        self._check()
+        self.dead_letters[letter.call_id] = letter
+
+    async def get_dead_letter(self, call_id: str) -> DeadLetter | None:
+        self._check()
+        return self.dead_letters.get(call_id)
+
+    def _dead(self, function: str | None) -> list[DeadLetter]:
+        letters = [d for d in self.dead_letters.values() if function is None or d.function == function]
+        return sorted(letters, key=lambda d: (d.mark.at, d.call_id))
+
+    async def list_dead_letters(
+        self, function: str | None = None, offset: int = 0, limit: int = 100
+    ) -> list[DeadLetter]:
+        self._check()
+        return self._dead(function)[offset : offset + limit]
+
+    async def count_dead_letters(self, function: str | None = None) -> int:
+        self._check()
+        return len(self._dead(function))
+
+    async def remove_dead_letter(self, call_id: str) -> bool:
+        self._check()
+        return self.dead_letters.pop(call_id, None) is not None

@@ -10,11 +10,18 @@ Keys (``prefix`` defaults to ``txfaas:``):
 - ``{prefix}invocations``: hash, function name -> invocation count
 - ``{prefix}call:{id}``: JSON call record, with the status TTL
 - ``{prefix}result:{id}``: JSON function response, with the status TTL
+- ``{prefix}dead:{id}``: JSON dead letter (the whole message, body in base64), no TTL
+- ``{prefix}dead-letters``: sorted set of dead-lettered call ids, scored by the time
+- ``{prefix}dead-letters:fn:{function}``: the same, per function
+
+Status transitions (``transition_call``) and dead-letter writes are Lua scripts,
+so each is atomic: a cancel and a worker starting the call cannot both win.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -23,12 +30,55 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txfaas.config import RedisURL
-from txfaas.model import CallRecord, CallResult, FunctionSpec
+from txfaas.model import CallRecord, CallResult, DeadLetter, FunctionSpec
 from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
 
 
 def _dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
+
+
+# KEYS[1] call key; ARGV[1] new JSON, ARGV[2] TTL, ARGV[3] "1" to create when missing,
+# ARGV[4..] the statuses it may replace.  -> {1} written, {0} missing, {0, current} refused.
+_TRANSITION = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  if ARGV[3] == '1' then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return {1}
+  end
+  return {0}
+end
+local status = cjson.decode(raw)['status']
+for i = 4, #ARGV do
+  if ARGV[i] == status then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    return {1}
+  end
+end
+return {0, raw}
+"""
+
+# KEYS: letter key, all index, function index; ARGV: JSON, score, call id.
+_PUT_DEAD = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+
+# KEYS: letter key, all index; ARGV: call id, function index prefix.
+_REMOVE_DEAD = """
+local raw = redis.call('GET', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if not raw then
+  return 0
+end
+local fn = cjson.decode(raw)['function']
+redis.call('ZREM', ARGV[2] .. fn, ARGV[1])
+redis.call('DEL', KEYS[1])
+return 1
+"""
 
 
 class RedisStore:
@@ -201,3 +251,70 @@ class RedisStore:
     async def get_result(self, call_id: str) -> CallResult | None:
         raw = await self._run("GET", self._redis.get(self._result_key(call_id)))
         return None if raw is None else CallResult.from_json(json.loads(raw))
+
+    async def transition_call(
+        self, record: CallRecord, from_statuses: Collection[str], *, create: bool = False
+    ) -> CallRecord | None:
+        reply = await self._run(
+            "EVAL transition",
+            self._redis.eval(
+                _TRANSITION,
+                [self._call_key(record.call_id)],
+                [_dumps(record.to_json()), self._call_ttl, "1" if create else "0", *from_statuses],
+            ),
+        )
+        if int(reply[0]) == 1:
+            return None
+        if len(reply) < 2:
+            raise NotFound(record.call_id)
+        return CallRecord.from_json(json.loads(reply[1]))
+
+    # --- dead letters --------------------------------------------------------------------------
+
+    def _dead_key(self, call_id: str) -> str:
+        return f"{self._prefix}dead:{call_id}"
+
+    def _dead_index(self, function: str | None = None) -> str:
+        base = f"{self._prefix}dead-letters"
+        return base if function is None else f"{base}:fn:{function}"
+
+    async def put_dead_letter(self, letter: DeadLetter) -> None:
+        await self._run(
+            "EVAL put dead letter",
+            self._redis.eval(
+                _PUT_DEAD,
+                [self._dead_key(letter.call_id), self._dead_index(), self._dead_index(letter.function)],
+                [_dumps(letter.to_json()), repr(float(letter.mark.at)), letter.call_id],
+            ),
+        )
+
+    async def get_dead_letter(self, call_id: str) -> DeadLetter | None:
+        raw = await self._run("GET", self._redis.get(self._dead_key(call_id)))
+        return None if raw is None else DeadLetter.from_json(json.loads(raw))
+
+    async def list_dead_letters(
+        self, function: str | None = None, offset: int = 0, limit: int = 100
+    ) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        ids = await self._run(
+            "ZRANGE", self._redis.zrange(self._dead_index(function), offset, offset + limit - 1)
+        )
+        if not ids:
+            return []
+        raws = await self._run("MGET", self._redis.mget([self._dead_key(i) for i in ids]))
+        return [DeadLetter.from_json(json.loads(raw)) for raw in raws if raw is not None]
+
+    async def count_dead_letters(self, function: str | None = None) -> int:
+        return int(await self._run("ZCARD", self._redis.zcard(self._dead_index(function))))
+
+    async def remove_dead_letter(self, call_id: str) -> bool:
+        removed = await self._run(
+            "EVAL remove dead letter",
+            self._redis.eval(
+                _REMOVE_DEAD,
+                [self._dead_key(call_id), self._dead_index()],
+                [call_id, self._dead_index("")],
+            ),
+        )
+        return bool(int(removed))
