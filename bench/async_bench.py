@@ -1,0 +1,1101 @@
+"""The async benchmark: accept rate, end-to-end rate, a 1,000-call burst, exec_timeout lateness, memory.
+
+One command starts everything it needs on loopback (against the shared RabbitMQ and
+Redis, with its own queues and Redis key prefix) and removes it all again::
+
+    .venv/bin/python bench/async_bench.py [--rounds 3] [--calls 2000] [--burst 1000]
+        [--duration 10] [--connections 50] [--profile SECONDS]
+
+Processes (each its own, so none shares the load driver's CPU):
+
+- ``faas-gateway`` and ``faas-worker`` as ``twistd -n`` of this venv, ``--redis-prefix
+  bench:<tag>:``; the functions use two queues of their own (``com.openfaas.queue``):
+  ``bench-accept-<tag>`` (never consumed: case 1) and ``bench-work-<tag>`` (the worker's
+  ``--queue``);
+- ``async_servers.py functions`` (``/ok``, ``/sleep`` 1 s, ``/hang``) and
+  ``async_servers.py receiver`` (callback arrival times), Twisted web servers;
+- ``wrk`` (case 1), ``async_client.py`` (posts with call ids and callbacks; held requests),
+  ``pika_baseline.py`` (raw pika confirmed publishes, case 1's baseline).
+
+Cases, every round in this order (the worker is started after case 1 and stopped after 4):
+
+1. accept rate: ``wrk`` POSTs of ``--size`` bytes to ``/async-function/bench-accept`` (202s/s),
+   then raw pika publish-with-confirms (``--pika-in-flight`` outstanding) to the same quorum
+   queue; ratio per round, then the median.  Goal: >= 0.25.
+2. end to end: ``--calls`` posts with ``X-Callback-Url`` to the trivial function, 100 at a
+   time; completions/s = calls / (last callback - first post).
+3. burst: ``--burst`` calls to a function sleeping 1 s, all at once (one connection each),
+   worker ``--max-inflight`` = burst: time to post them all and time to the last callback.
+   Goal: last callback <= 3 s.
+4. exec_timeout lateness: 20 calls (one every 100 ms) to a function that never answers and
+   has ``txfaas.timeout: 1s``: callback arrival - (record's startedAt + 1 s), split into the
+   timer (finishedAt - startedAt - 1 s) and the rest.  Goal: <= 100 ms.
+
+Then once, on fresh processes: memory per in-flight call.  The worker's RSS (``VmRSS``)
+idle after a warm-up vs with ``--burst`` calls hanging (exec timeout 5 min); the gateway's
+idle vs with ``--burst`` synchronous calls held open on the hanging function.  Goal:
+<= 50 KiB per call in the worker.
+
+It prints one table and writes ``bench/results/async_bench-<time>.json`` and ``.txt``;
+with ``--profile`` also py-spy summaries of the gateway accepting and of the worker
+running a burst (``-profile-*.txt`` and collapsed stacks).  Stopped or failed midway, it
+writes ``-partial.json`` with what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (
+    LOOPBACK,
+    BenchError,
+    Child,
+    WrkTimeout,
+    cpu_seconds,
+    ensure_commands,
+    free_port,
+    http_get,
+    machine_busy_seconds,
+    make_tempdir,
+    post_script,
+    redis_delete_prefix,
+    run_wrk,
+    say,
+    summary,
+    twistd_command,
+    wait_http,
+)
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+GOALS = {
+    "accept_ratio_min": 0.25,
+    "burst_last_callback_s_max": 3.0,
+    "timeout_lateness_ms_max": 100.0,
+    "worker_kib_per_call_max": 50.0,
+}
+HANG_TIMEOUT = 1.0  # the hanging function's own txfaas.timeout in case 4
+HANG_CALLS = 20
+HANG_INTERVAL = 0.1
+E2E_CONCURRENCY = 100
+# Environment the processes would otherwise take settings from.
+_SETTINGS_ENV = ("upstream_timeout", "read_timeout", "write_timeout", "basic_auth", "max_inflight")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Twistd(Child):
+    """``twistd -n --pidfile= <plugin> ...`` of this venv, with no ``TXFAAS_*`` settings inherited."""
+
+    def __init__(self, name: str, directory: Path, plugin: str, args: Sequence[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TXFAAS_") and k not in _SETTINGS_ENV}
+        env["PYTHONUNBUFFERED"] = "1"
+        super().__init__(
+            name, [*twistd_command(), "-n", "--pidfile=", plugin, *args], directory / f"{name}.log", env
+        )
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def steady_rss(pid: int, samples: int = 5, interval: float = 0.2) -> int:
+    values = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        values.append(rss_kib(pid))
+    return int(statistics.median(values))
+
+
+def pids_named(command: str) -> list[int]:
+    """Pids whose command name (``/proc/<pid>/comm``) is ``command``: the shared broker and Redis,
+    to count the CPU they spend on our load (read only; nothing is sent to them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == command:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+SERVICES = {"rabbitmq": "beam.smp", "redis": "redis-server"}
+
+
+def http_post(url: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def get_json(url: str) -> Any:
+    code, body = http_get(url, timeout=10.0)
+    if code != 200:
+        raise BenchError(f"GET {url}: {code} {body[:200]!r}")
+    return json.loads(body)
+
+
+class Broker:
+    """Queue housekeeping on the shared RabbitMQ (a short blocking pika connection each time)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _run(self, action: Any) -> Any:
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            return action(conn.channel())
+        finally:
+            conn.close()
+
+    def purge(self, queue: str) -> int:
+        return self._run(lambda ch: ch.queue_purge(queue).method.message_count)
+
+    def delete(self, queue: str) -> None:
+        import pika
+
+        try:
+            self._run(lambda ch: ch.queue_delete(queue))
+        except pika.exceptions.AMQPError as e:
+            say(f"warning: could not delete queue {queue}: {e}")
+
+    def depth(self, queue: str) -> int:
+        return self._run(lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
+
+
+@dataclass
+class Bench:
+    """What one run started: ports, names, the processes, and how to reach them."""
+
+    args: argparse.Namespace
+    tmp: Path
+    tag: str
+    prefix: str
+    accept_queue: str
+    work_queue: str
+    functions_file: Path
+    functions_port: int
+    receiver_port: int
+    broker: Broker
+    stack: ExitStack
+    functions: Child | None = None
+    receiver: Child | None = None
+    gateways: list[Twistd] = field(default_factory=list)
+
+    @property
+    def functions_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.functions_port}"
+
+    @property
+    def callback_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.receiver_port}/callback"
+
+    def start_gateway(self, name: str) -> tuple[Twistd, str]:
+        port = free_port()
+        gateway = Twistd(
+            name,
+            self.tmp,
+            "faas-gateway",
+            [
+                f"--listen=tcp:{port}:interface={LOOPBACK}:backlog=4096",
+                f"--redis={self.args.redis}",
+                f"--redis-prefix={self.prefix}",
+                f"--amqp={self.args.amqp}",
+                f"--functions={self.functions_file}",
+                "--callback-allow=127.0.0.0/8",
+            ],
+        )
+        self.stack.callback(gateway.stop)
+        base = f"http://{LOOPBACK}:{port}"
+        wait_http(base + "/healthz", gateway, timeout=30)
+        return gateway, base
+
+    def start_worker(self, name: str, max_inflight: int, exec_timeout: str = "30s") -> Twistd:
+        port = free_port()
+        worker = Twistd(
+            name,
+            self.tmp,
+            "faas-worker",
+            [
+                f"--amqp={self.args.amqp}",
+                f"--redis={self.args.redis}",
+                f"--redis-prefix={self.prefix}",
+                f"--queue={self.work_queue}",
+                f"--listen=tcp:{port}:interface={LOOPBACK}",
+                "--callback-allow=127.0.0.0/8",
+                f"--max-inflight={max_inflight}",
+                f"--exec-timeout={exec_timeout}",
+                "--drain-timeout=1s",
+            ],
+        )
+        self.stack.callback(worker.stop)
+        wait_http(f"http://{LOOPBACK}:{port}/healthz", worker, timeout=30)
+        worker.metrics_url = f"http://{LOOPBACK}:{port}/metrics"  # type: ignore[attr-defined]
+        return worker
+
+    def hanging(self) -> int:
+        return int(get_json(self.functions_url + "/stats")["hanging"])
+
+    def release(self) -> int:
+        code, body = http_post(self.functions_url + "/release")
+        if code != 200:
+            raise BenchError(f"release: {code} {body!r}")
+        return int(json.loads(body)["released"])
+
+    def callbacks(self, batch: str) -> dict[str, list[Any]]:
+        return get_json(f"http://{LOOPBACK}:{self.receiver_port}/arrivals?batch={batch}")
+
+    def wait_callbacks(self, batch: str, count: int, timeout: float) -> dict[str, list[Any]]:
+        """Wait until the receiver has ``count`` distinct callbacks of ``batch``; return them."""
+        deadline = time.monotonic() + timeout
+        url = f"http://{LOOPBACK}:{self.receiver_port}/count?batch={batch}"
+        got = 0
+        while time.monotonic() < deadline:
+            got = get_json(url)["count"]
+            if got >= count:
+                return self.callbacks(batch)
+            time.sleep(0.02)
+        raise BenchError(f"only {got} of {count} callbacks of {batch} within {timeout:g}s")
+
+
+def client(*argv: str, timeout: float = 300.0) -> dict[str, Any]:
+    """Run ``async_client.py`` to completion; its JSON answer."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "async_client.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise BenchError(
+            f"async_client {' '.join(argv[:2])} failed ({done.returncode}):\n{done.stderr[-2000:]}"
+        )
+    return json.loads(done.stdout)
+
+
+def post_calls(
+    bench: Bench,
+    url: str,
+    count: int,
+    concurrency: int,
+    batch: str,
+    interval: float = 0.0,
+    callback: bool = True,
+) -> dict[str, Any]:
+    argv = ["post", url, f"--count={count}", f"--concurrency={concurrency}", f"--batch={batch}"]
+    argv += [f"--body-bytes={bench.args.size}"]
+    if callback:
+        argv += ["--header", f"X-Callback-Url: {bench.callback_url}"]
+    if interval:
+        argv += [f"--interval={interval}"]
+    return client(*argv)
+
+
+def statuses(results: list[list[Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[str(r[3])] = counts.get(str(r[3]), 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def burst_figures(posted: dict[str, Any], arrivals: dict[str, list[Any]]) -> dict[str, Any]:
+    """Times from the first post: all answered (202s), first and last callback; rates."""
+    started = posted["started"]
+    answered = [r[2] for r in posted["results"]]
+    arrived = [a[0] for a in arrivals.values()]
+    n = len(posted["results"])
+    last = max(arrived) - started
+    return {
+        "calls": n,
+        "post_all_s": round(max(answered) - started, 4),
+        "first_callback_s": round(min(arrived) - started, 4),
+        "last_callback_s": round(last, 4),
+        "accepts_per_s": round(n / (max(answered) - started), 1),
+        "completions_per_s": round(n / last, 1),
+        "answers": statuses(posted["results"]),
+        "callback_statuses": _count(str(a[1]) for a in arrivals.values()),
+        "duplicate_callbacks": sum(a[2] - 1 for a in arrivals.values()),
+    }
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def lateness(arrival: float, started_at: float, finished_at: float, timeout: float) -> dict[str, float]:
+    """How late a timed-out call's callback is (ms): in all, the timer's part, and what follows it."""
+    due = started_at + timeout
+    return {
+        "total_ms": round((arrival - due) * 1000, 2),
+        "timer_ms": round((finished_at - due) * 1000, 2),
+        "after_timer_ms": round((arrival - finished_at) * 1000, 2),
+    }
+
+
+def per_call_kib(idle_kib: int, loaded_kib: int, calls: int) -> float:
+    return round((loaded_kib - idle_kib) / calls, 2)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def case_accept(bench: Bench, gateway: Twistd, url: str, script: Path) -> dict[str, Any]:
+    args = bench.args
+    for attempt in (1, 2):
+        try:
+            if args.warmup:
+                run_wrk(url, args.connections, args.warmup, script=script)
+            watch = {"gateway": lambda: [gateway.pid]}
+            watch.update({name: lambda c=comm: pids_named(c) for name, comm in SERVICES.items()})
+            result = run_wrk(url, args.connections, args.duration, script=script, watch=watch)
+            break
+        except WrkTimeout as e:
+            if attempt == 2:
+                raise
+            say(f"warning: {e}; trying once more")
+    queued = bench.broker.purge(bench.accept_queue)
+    out = result.to_json()
+    out["queued"] = queued
+    for name in ("gateway", *SERVICES):
+        out[f"{name}_cpu_ms_per_call"] = round(result.cpu_s[name] / max(1, result.requests) * 1000, 4)
+    out["others_cores"] = round(result.cpu_s["others"] / result.seconds, 2)
+    return out
+
+
+def case_pika(bench: Bench) -> dict[str, Any]:
+    args = bench.args
+    broker = pids_named(SERVICES["rabbitmq"])
+    broker_before, busy_before = cpu_seconds(broker), machine_busy_seconds()
+    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "pika_baseline.py"),
+            f"--url={args.amqp}",
+            f"--queue={bench.accept_queue}",
+            f"--messages={args.pika_messages}",
+            f"--in-flight={args.pika_in_flight}",
+            f"--size={args.size}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"pika_baseline failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    elapsed = time.monotonic() - started
+    broker_cpu = cpu_seconds(broker) - broker_before
+    busy = machine_busy_seconds() - busy_before
+    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (client_after.ru_utime - client_before.ru_utime) + (
+        client_after.ru_stime - client_before.ru_stime
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["rabbitmq_cpu_ms_per_call"] = round(broker_cpu / args.pika_messages * 1000, 4)
+    # Everything but the broker and the pika process (which also starts up: a rough figure).
+    out["others_cores"] = round(max(0.0, busy - broker_cpu - client_cpu) / elapsed, 2)
+    out["queued"] = bench.broker.purge(bench.accept_queue)
+    return out
+
+
+def case_e2e(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
+    batch = f"e2e-r{rnd}"
+    posted = post_calls(
+        bench, gateway_url + "/async-function/bench-ok", bench.args.calls, E2E_CONCURRENCY, batch
+    )
+    arrivals = bench.wait_callbacks(batch, bench.args.calls, timeout=max(60.0, bench.args.calls / 20))
+    return burst_figures(posted, arrivals)
+
+
+def case_burst(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
+    batch = f"burst-r{rnd}"
+    n = bench.args.burst
+    posted = post_calls(bench, gateway_url + "/async-function/bench-sleep", n, n, batch)
+    arrivals = bench.wait_callbacks(batch, n, timeout=max(60.0, n / 10))
+    return burst_figures(posted, arrivals)
+
+
+def case_timeout(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
+    batch = f"hang-r{rnd}"
+    posted = post_calls(
+        bench,
+        gateway_url + "/async-function/bench-hang",
+        HANG_CALLS,
+        HANG_CALLS,
+        batch,
+        interval=HANG_INTERVAL,
+    )
+    arrivals = bench.wait_callbacks(batch, HANG_CALLS, timeout=30 + HANG_CALLS * HANG_INTERVAL)
+    samples = []
+    for call_id, (arrival, status, _deliveries) in sorted(arrivals.items()):
+        record = get_json(f"{gateway_url}/system/calls/{call_id}")
+        if record.get("startedAt") is None or record.get("finishedAt") is None:
+            raise BenchError(f"call {call_id}: record without startedAt/finishedAt: {record}")
+        samples.append(
+            {
+                "call_id": call_id,
+                "callback_status": status,
+                "record_status": record.get("statusCode"),
+                **lateness(arrival, record["startedAt"], record["finishedAt"], HANG_TIMEOUT),
+            }
+        )
+    left = bench.release()  # none should be left: the worker aborted them all
+    return {"answers": statuses(posted["results"]), "samples": samples, "left_hanging": left}
+
+
+def run_round(bench: Bench, rnd: int, gateway: Twistd, gateway_url: str, script: Path) -> dict[str, Any]:
+    args = bench.args
+    out: dict[str, Any] = {"round": rnd}
+    accept = case_accept(bench, gateway, gateway_url + "/async-function/bench-accept", script)
+    out["accept"] = accept
+    say(
+        f"round {rnd}: (1) gateway accepts {accept['rps']:8.0f} 202/s  p50 {accept['p50_ms']:.2f} ms  "
+        f"p99 {accept['p99_ms']:.2f} ms  errors {accept['errors']}  queued {accept['queued']}  "
+        f"CPU ms/call: gateway {accept['gateway_cpu_ms_per_call']:.3f} "
+        f"rabbitmq {accept['rabbitmq_cpu_ms_per_call']:.3f} redis {accept['redis_cpu_ms_per_call']:.3f}  "
+        f"others {accept['others_cores']:.2f} cores"
+    )
+    pika_run = case_pika(bench)
+    out["pika"] = pika_run
+    out["accept_ratio"] = round(accept["rps"] / pika_run["rate"], 4)
+    say(
+        f"round {rnd}: (1) raw pika        {pika_run['rate']:8.0f} msg/s  ratio {out['accept_ratio']:.3f}  "
+        f"CPU ms/msg: pika {pika_run['cpu_us_per_msg'] / 1000:.3f} "
+        f"rabbitmq {pika_run['rabbitmq_cpu_ms_per_call']:.3f}  others {pika_run['others_cores']:.2f} cores"
+    )
+    worker = bench.start_worker(f"worker-r{rnd}", max_inflight=max(args.burst, E2E_CONCURRENCY))
+    try:
+        e2e = case_e2e(bench, gateway_url, rnd)
+        out["e2e"] = e2e
+        say(
+            f"round {rnd}: (2) end to end     {e2e['completions_per_s']:8.0f} completions/s "
+            f"({e2e['calls']} calls in {e2e['last_callback_s']:.2f} s; posted in {e2e['post_all_s']:.2f} s; "
+            f"answers {e2e['answers']}, callbacks {e2e['callback_statuses']})"
+        )
+        burst = case_burst(bench, gateway_url, rnd)
+        out["burst"] = burst
+        say(
+            f"round {rnd}: (3) burst of {burst['calls']}: posted in {burst['post_all_s']:.2f} s, "
+            f"first callback {burst['first_callback_s']:.2f} s, last {burst['last_callback_s']:.2f} s "
+            f"(answers {burst['answers']}, callbacks {burst['callback_statuses']})"
+        )
+        hang = case_timeout(bench, gateway_url, rnd)
+        out["timeout"] = hang
+        totals = [s["total_ms"] for s in hang["samples"]]
+        timers = [s["timer_ms"] for s in hang["samples"]]
+        say(
+            f"round {rnd}: (4) exec_timeout lateness: median {statistics.median(totals):.1f} ms, "
+            f"max {max(totals):.1f} ms (timer part median {statistics.median(timers):.1f} ms); "
+            f"callbacks {_count(str(s['callback_status']) for s in hang['samples'])}"
+        )
+    finally:
+        worker.stop()
+    return out
+
+
+def memory_worker(bench: Bench, gateway_url: str) -> dict[str, Any]:
+    n = bench.args.burst
+    worker = bench.start_worker("worker-mem", max_inflight=n, exec_timeout="5m")
+    try:
+        post_calls(bench, gateway_url + "/async-function/bench-ok", 200, 50, "memwarm")
+        bench.wait_callbacks("memwarm", 200, timeout=60)
+        time.sleep(1.0)
+        idle = steady_rss(worker.pid)
+        posted = post_calls(bench, gateway_url + "/async-function/bench-hold", n, E2E_CONCURRENCY, "memhold")
+        _wait(lambda: bench.hanging() >= n, 60, f"{n} calls hanging in the function")
+        time.sleep(1.0)
+        loaded = steady_rss(worker.pid)
+        in_flight = _metric(worker.metrics_url, "txfaas_worker_calls_in_flight")  # type: ignore[attr-defined]
+        released = bench.release()
+        bench.wait_callbacks("memhold", n, timeout=60)
+        time.sleep(1.0)
+        after = steady_rss(worker.pid)
+    finally:
+        worker.stop()
+    return {
+        "calls": n,
+        "answers": statuses(posted["results"]),
+        "in_flight_metric": in_flight,
+        "released": released,
+        "idle_kib": idle,
+        "loaded_kib": loaded,
+        "after_kib": after,
+        "kib_per_call": per_call_kib(idle, loaded, n),
+    }
+
+
+def memory_gateway(bench: Bench) -> dict[str, Any]:
+    n = bench.args.burst
+    gateway, url = bench.start_gateway("gateway-mem")
+    holder = None
+    try:
+        warm = client("post", url + "/function/bench-ok", "--count=200", "--concurrency=50", "--batch=gwarm")
+        time.sleep(1.0)
+        idle = steady_rss(gateway.pid)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                str(BENCH / "async_client.py"),
+                "hold",
+                url + "/function/bench-hold",
+                f"--count={n}",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = holder.stdout.readline() if holder.stdout else ""
+        if line.strip() != "sent":
+            raise BenchError(f"the holding client did not start: {line!r}")
+        _wait(lambda: bench.hanging() >= n, 60, f"{n} synchronous calls hanging in the function")
+        time.sleep(1.0)
+        loaded = steady_rss(gateway.pid)
+        released = bench.release()
+        out, _ = holder.communicate("go\n", timeout=60)
+        held = json.loads(out)
+        time.sleep(1.0)
+        after = steady_rss(gateway.pid)
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        gateway.stop()
+    return {
+        "calls": n,
+        "warmup_answers": statuses(warm["results"]),
+        "released": released,
+        "answered": held["answered"],
+        "idle_kib": idle,
+        "loaded_kib": loaded,
+        "after_kib": after,
+        "kib_per_call": per_call_kib(idle, loaded, n),
+    }
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def _metric(url: str, name: str) -> float | None:
+    code, body = http_get(url)
+    if code != 200:
+        return None
+    for line in body.decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+# --------------------------------------------------------------------------- analysis and output
+
+
+def analyse(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, Any]:
+    done = [r for r in rounds if "timeout" in r]
+    samples = [s for r in done for s in r["timeout"]["samples"]]
+    cases: dict[str, Any] = {
+        "accept": {
+            "gateway_202_per_s": summary([r["accept"]["rps"] for r in rounds], 1),
+            "gateway_p99_ms": summary([r["accept"]["p99_ms"] for r in rounds]),
+            "gateway_cpu_ms_per_call": summary([r["accept"]["gateway_cpu_ms_per_call"] for r in rounds]),
+            "rabbitmq_cpu_ms_per_202": summary([r["accept"]["rabbitmq_cpu_ms_per_call"] for r in rounds]),
+            "redis_cpu_ms_per_202": summary([r["accept"]["redis_cpu_ms_per_call"] for r in rounds]),
+            "others_cores": summary([r["accept"]["others_cores"] for r in rounds], 2),
+            "pika_rabbitmq_cpu_ms_per_msg": summary([r["pika"]["rabbitmq_cpu_ms_per_call"] for r in rounds]),
+            "pika_others_cores": summary([r["pika"]["others_cores"] for r in rounds], 2),
+            "errors": sum(r["accept"]["errors"] for r in rounds),
+            "pika_msgs_per_s": summary([r["pika"]["rate"] for r in rounds], 1),
+            "ratio": summary([r["accept_ratio"] for r in rounds]),
+        },
+        "e2e": {
+            "completions_per_s": summary([r["e2e"]["completions_per_s"] for r in done], 1),
+            "post_all_s": summary([r["e2e"]["post_all_s"] for r in done]),
+            "last_callback_s": summary([r["e2e"]["last_callback_s"] for r in done]),
+        },
+        "burst": {
+            "post_all_s": summary([r["burst"]["post_all_s"] for r in done]),
+            "first_callback_s": summary([r["burst"]["first_callback_s"] for r in done]),
+            "last_callback_s": summary([r["burst"]["last_callback_s"] for r in done]),
+        },
+        "timeout_lateness": {
+            "samples": len(samples),
+            "total_ms": summary([s["total_ms"] for s in samples], 2),
+            "timer_ms": summary([s["timer_ms"] for s in samples], 2),
+            "after_timer_ms": summary([s["after_timer_ms"] for s in samples], 2),
+        },
+        "memory": memory,
+    }
+    for key in ("total_ms", "timer_ms", "after_timer_ms"):
+        cases["timeout_lateness"][key].pop("runs")
+    ratio = cases["accept"]["ratio"]["median"]
+    last = cases["burst"]["last_callback_s"]["median"]
+    late = cases["timeout_lateness"]["total_ms"]["max"]
+    worker_kib = memory.get("worker", {}).get("kib_per_call")
+    cases["goals"] = {
+        "accept_ratio >= 0.25": _met(ratio, lambda v: v >= GOALS["accept_ratio_min"]),
+        "burst last callback <= 3 s": _met(last, lambda v: v <= GOALS["burst_last_callback_s_max"]),
+        "exec_timeout lateness (max) <= 100 ms": _met(late, lambda v: v <= GOALS["timeout_lateness_ms_max"]),
+        "worker memory <= 50 KiB per in-flight call": _met(
+            worker_kib, lambda v: v <= GOALS["worker_kib_per_call_max"]
+        ),
+    }
+    return cases
+
+
+def _met(value: Any, test: Any) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if test(value) else "NOT met"
+
+
+def _mm(s: dict[str, Any], fmt: str) -> str:
+    if s["median"] is None:
+        return "-"
+    return f"{format(s['median'], fmt)} ({format(s['min'], fmt)}-{format(s['max'], fmt)})"
+
+
+def table(cases: dict[str, Any], args: argparse.Namespace, rounds: int) -> str:
+    a, e, b, t, m = (cases[k] for k in ("accept", "e2e", "burst", "timeout_lateness", "memory"))
+    rows = [
+        (
+            f"(1) gateway 202/s, {args.size} B POSTs, wrk -c{args.connections}",
+            _mm(a["gateway_202_per_s"], ".0f"),
+        ),
+        ("    gateway p99 ms", _mm(a["gateway_p99_ms"], ".2f")),
+        ("    gateway CPU ms per 202", _mm(a["gateway_cpu_ms_per_call"], ".3f")),
+        (
+            "    rabbitmq / redis CPU ms per 202",
+            f"{_mm(a['rabbitmq_cpu_ms_per_202'], '.3f')} / {_mm(a['redis_cpu_ms_per_202'], '.3f')}",
+        ),
+        ("    rest of the machine meanwhile, cores", _mm(a["others_cores"], ".2f")),
+        (
+            f"    raw pika confirmed publishes/s ({args.pika_in_flight} in flight)",
+            _mm(a["pika_msgs_per_s"], ".0f"),
+        ),
+        ("    rabbitmq CPU ms per pika message", _mm(a["pika_rabbitmq_cpu_ms_per_msg"], ".3f")),
+        ("    rest of the machine meanwhile, cores", _mm(a["pika_others_cores"], ".2f")),
+        ("    ratio gateway / pika (goal >= 0.25)", _mm(a["ratio"], ".3f")),
+        (f"(2) end-to-end completions/s ({args.calls} calls)", _mm(e["completions_per_s"], ".0f")),
+        ("    time to post them all, s", _mm(e["post_all_s"], ".2f")),
+        (f"(3) burst of {args.burst} 1-s calls: all posted, s", _mm(b["post_all_s"], ".2f")),
+        ("    first callback, s", _mm(b["first_callback_s"], ".2f")),
+        ("    last callback, s (goal <= 3)", _mm(b["last_callback_s"], ".2f")),
+        (f"(4) exec_timeout lateness ms, {t['samples']} calls (goal max <= 100)", _mm(t["total_ms"], ".1f")),
+        ("    of which the timer (finishedAt - startedAt - 1 s)", _mm(t["timer_ms"], ".1f")),
+        ("    of which recording + callback delivery", _mm(t["after_timer_ms"], ".1f")),
+    ]
+    for who in ("worker", "gateway"):
+        mem = m.get(who)
+        if mem:
+            what = "async calls" if who == "worker" else "sync calls"
+            rows.append(
+                (
+                    f"memory: {who} KiB per in-flight call ({mem['calls']} {what})",
+                    f"{mem['kib_per_call']:.1f}  (RSS {mem['idle_kib'] / 1024:.1f} -> "
+                    f"{mem['loaded_kib'] / 1024:.1f} MiB, {mem['after_kib'] / 1024:.1f} after)",
+                )
+            )
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"async benchmark: median of {rounds} rounds (min-max)", ""]
+    lines += [f"{label:<{width}}{value}" for label, value in rows]
+    lines += ["", "goals:"] + [f"  {goal}: {verdict}" for goal, verdict in cases["goals"].items()]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- profiling
+
+_AREAS = (
+    ("txfaas/gateway/", "txfaas gateway"),
+    ("txfaas/worker/", "txfaas worker"),
+    ("txfaas/queue/", "txfaas queue (amqp.py)"),
+    ("txfaas/store/", "txfaas store (redis.py)"),
+    ("txfaas/", "txfaas (other)"),
+    ("pika/", "pika"),
+    ("txredisapi", "txredisapi"),
+    ("klein/", "klein"),
+    ("werkzeug/", "werkzeug (klein routing)"),
+    ("untilConcludes (twisted/python/util.py)", "socket send syscall"),
+    ("Connection.doRead (twisted/internet/tcp.py)", "socket recv syscall"),
+    ("EPollReactor.doPoll", "epoll"),
+    ("twisted/web/_newclient.py", "twisted.web client"),
+    ("twisted/web/client.py", "twisted.web client"),
+    ("twisted/web/", "twisted.web server"),
+    ("twisted/internet/defer.py", "twisted Deferreds"),
+    ("twisted/internet/", "twisted.internet"),
+    ("twisted/logger/", "twisted.logger"),
+    ("twisted/python/", "twisted.python"),
+    ("twisted/", "twisted (other)"),
+    ("json/", "json"),
+    ("uuid.py", "uuid"),
+    ("prometheus_client/", "prometheus_client"),
+    ("attr/", "attrs"),
+)
+_TRUNK = ("twisted/scripts/", "twisted/application/app.py", "ReactorBase.run ", "ReactorBase.mainLoop ")
+
+
+def summarise_stacks(lines: list[str], top: int = 30) -> dict[str, Any]:
+    """Self time by area and inclusive time by function, from py-spy's collapsed stacks."""
+    from sync_proxy import _short
+
+    total = 0
+    areas: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        leaf = frames[-1]
+        area = next((name for needle, name in _AREAS if needle in leaf), "Python stdlib / other")
+        areas[area] = areas.get(area, 0) + count
+        own[_short(leaf)] = own.get(_short(leaf), 0) + count
+        for frame in {_short(f) for f in frames}:
+            if not any(t in frame for t in _TRUNK):
+                inclusive[frame] = inclusive.get(frame, 0) + count
+
+    def ranked(counts: dict[str, int], n: int) -> list[tuple[str, float]]:
+        return [
+            (k, round(100.0 * v / total, 1)) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        ]
+
+    return {
+        "samples": total,
+        "self_by_area": ranked(areas, 40) if total else [],
+        "inclusive": ranked(inclusive, top) if total else [],
+        "self": ranked(own, top) if total else [],
+    }
+
+
+def _py_spy() -> str:
+    spy = Path(sys.executable).parent / "py-spy"
+    if spy.exists():
+        return str(spy)
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    return str(Path(sys.executable).parent / "py-spy")
+
+
+def profiled(pid: int, seconds: float, out: Path, load: Any) -> tuple[dict[str, Any], Any]:
+    """Sample ``pid`` with py-spy for ``seconds`` while ``load()`` runs; the summary and load's result."""
+    collapsed = out.with_suffix(".collapsed")
+    recorder = subprocess.Popen(
+        [_py_spy(), "record", "--nonblocking", "--nolineno", "-r", "250", "-d", f"{seconds:g}",
+         "-f", "raw", "-o", str(collapsed), "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        result = load()
+        _, err = recorder.communicate(timeout=seconds + 30)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.wait()
+    if recorder.returncode != 0 or not collapsed.exists():
+        raise BenchError(f"py-spy failed ({recorder.returncode}): {err}")
+    report = summarise_stacks(collapsed.read_text().splitlines())
+    lines = [
+        f"{report['samples']} samples",
+        "",
+        "self time by area (% of samples)",
+        *(f"  {pct:6.1f}%  {area}" for area, pct in report["self_by_area"]),
+        "",
+        "inclusive time, top functions (% of samples)",
+        *(f"  {pct:6.1f}%  {name}" for name, pct in report["inclusive"]),
+        "",
+        "self time, top functions (% of samples)",
+        *(f"  {pct:6.1f}%  {name}" for name, pct in report["self"]),
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    return report, result
+
+
+def profile(bench: Bench, gateway: Twistd, gateway_url: str, script: Path, base: Path) -> dict[str, Any]:
+    args = bench.args
+    reports: dict[str, Any] = {}
+    say(f"profiling the gateway (pid {gateway.pid}) accepting, {args.profile:g}s")
+    url = gateway_url + "/async-function/bench-accept"
+    report, load = profiled(
+        gateway.pid,
+        args.profile,
+        Path(f"{base}-profile-accept.txt"),
+        lambda: run_wrk(url, args.connections, args.profile, script=script),
+    )
+    report["rps_while_profiled"] = load.rps
+    reports["gateway_accept"] = report
+    bench.broker.purge(bench.accept_queue)
+    worker = bench.start_worker("worker-profile", max_inflight=args.burst)
+    try:
+        say(f"profiling the worker (pid {worker.pid}) and the gateway during a burst of {args.burst}")
+
+        def burst() -> Any:
+            return case_burst(bench, gateway_url, 99)
+
+        gw_out = Path(f"{base}-profile-burst-gateway.txt")
+        gw_spy = subprocess.Popen(
+            [_py_spy(), "record", "--nonblocking", "--nolineno", "-r", "250", "-d", "6", "-f", "raw",
+             "-o", str(gw_out.with_suffix(".collapsed")), "-p", str(gateway.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        report, figures = profiled(worker.pid, 6.0, Path(f"{base}-profile-burst-worker.txt"), burst)
+        gw_spy.wait(60)
+        report["burst_while_profiled"] = figures
+        reports["worker_burst"] = report
+        gw_collapsed = gw_out.with_suffix(".collapsed")
+        if gw_collapsed.exists():
+            reports["gateway_burst"] = summarise_stacks(gw_collapsed.read_text().splitlines())
+    finally:
+        worker.stop()
+    return reports
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="rounds of cases 1-4 (medians over them) [3]")
+    p.add_argument("--calls", type=int, default=2000, help="calls of the end-to-end case (2) [2000]")
+    p.add_argument(
+        "--burst", type=int, default=1000, help="calls posted at once in (3) and held for memory [1000]"
+    )
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of each measured wrk run in (1) [10]"
+    )
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk load before each (1) run [2]")
+    p.add_argument("--connections", type=int, default=50, help="wrk connections in (1) [50]")
+    p.add_argument("--size", type=int, default=256, help="body bytes of every post and pika message [256]")
+    p.add_argument("--pika-messages", type=int, default=30000, help="messages per pika baseline run [30000]")
+    p.add_argument("--pika-in-flight", type=int, default=200, help="unconfirmed pika publishes [200]")
+    p.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS", help="then profile with py-spy")
+    p.add_argument("--results", type=Path, default=BENCH / "results", help="where files go [bench/results]")
+    args = p.parse_args(argv)
+    if min(args.rounds, args.calls, args.burst, args.connections) < 1 or args.duration <= 0:
+        p.error("--rounds, --calls, --burst, --connections and --duration must be positive")
+    return args
+
+
+def environment() -> dict[str, Any]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        text = (done.stdout + done.stderr).strip().splitlines()
+        return text[0] if text else "?"
+
+    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg(),
+        "python": platform.python_version(),
+        "wrk": first_line(["wrk", "-v"]),
+        "txfaas_commit": commit + ("+dirty src/" if dirty else ""),
+    }
+
+
+def functions_json(bench: Bench) -> list[dict[str, Any]]:
+    def fn(name: str, route: str, queue: str, **annotations: str) -> dict[str, Any]:
+        return {
+            "service": name,
+            "image": "bench",
+            "url": f"{bench.functions_url}/{route}",
+            "annotations": {"com.openfaas.queue": queue, **annotations},
+        }
+
+    return [
+        fn("bench-accept", "ok", bench.accept_queue),
+        fn("bench-ok", "ok", bench.work_queue),
+        fn("bench-sleep", "sleep", bench.work_queue),
+        fn("bench-hang", "hang", bench.work_queue, **{"txfaas.timeout": f"{HANG_TIMEOUT:g}s"}),
+        fn("bench-hold", "hang", bench.work_queue),
+    ]
+
+
+def run(args: argparse.Namespace, stack: ExitStack) -> int:
+    ensure_commands({"wrk": "wrk"})
+    args.results.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = args.results / f"async_bench-{stamp}"
+    tmp = make_tempdir("txfaas-async-bench-")
+    stack.callback(shutil.rmtree, tmp, True)
+    tag = uuid.uuid4().hex[:10]
+    bench = Bench(
+        args=args,
+        tmp=tmp,
+        tag=tag,
+        prefix=f"bench:{tag}:",
+        accept_queue=f"bench-accept-{tag}",
+        work_queue=f"bench-work-{tag}",
+        functions_file=tmp / "functions.json",
+        functions_port=free_port(),
+        receiver_port=free_port(),
+        broker=Broker(args.amqp),
+        stack=stack,
+    )
+    redis = urlsplit(args.redis)
+    db = int((redis.path or "/0").strip("/") or 0)
+
+    def clean_up() -> None:
+        for queue in (bench.accept_queue, bench.work_queue):
+            bench.broker.delete(queue)
+        removed = redis_delete_prefix(redis.hostname or LOOPBACK, redis.port or 6379, db, bench.prefix)
+        say(
+            f"removed queues {bench.accept_queue}, {bench.work_queue} and {removed} redis keys under {bench.prefix}"
+        )
+
+    # Registered first, so it runs last: after every process it started has stopped.
+    stack.callback(clean_up)
+    env = environment()
+    for role, port in (("functions", bench.functions_port), ("receiver", bench.receiver_port)):
+        child = Child(
+            role,
+            [sys.executable, str(BENCH / "async_servers.py"), role, f"--port={port}"],
+            tmp / f"{role}.log",
+        )
+        stack.callback(child.stop)
+        setattr(bench, role, child)
+    wait_http(f"{bench.functions_url}/stats", bench.functions)  # type: ignore[arg-type]
+    wait_http(f"http://{LOOPBACK}:{bench.receiver_port}/count?batch=x", bench.receiver)  # type: ignore[arg-type]
+    bench.functions_file.write_text(json.dumps(functions_json(bench)))
+    gateway, gateway_url = bench.start_gateway("gateway")
+    script = post_script(tmp, args.size)
+    say(
+        f"async benchmark: {args.rounds} rounds; queues {bench.accept_queue}, {bench.work_queue}; "
+        f"redis prefix {bench.prefix}; {env['cpus']} cores, load {env['load_before'][0]:.2f}"
+    )
+    results: dict[str, Any] = {
+        "benchmark": "async_bench",
+        "started": stamp,
+        "environment": env,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "goals": GOALS,
+    }
+    rounds: list[dict[str, Any]] = []
+    memory: dict[str, Any] = {}
+    try:
+        for rnd in range(1, args.rounds + 1):
+            rounds.append(run_round(bench, rnd, gateway, gateway_url, script))
+        if not args.no_memory:
+            memory["worker"] = memory_worker(bench, gateway_url)
+            w = memory["worker"]
+            say(
+                f"memory: worker {w['kib_per_call']:.1f} KiB per in-flight call "
+                f"({w['idle_kib']} -> {w['loaded_kib']} KiB with {w['calls']} hanging; in-flight metric "
+                f"{w['in_flight_metric']})"
+            )
+            memory["gateway"] = memory_gateway(bench)
+            g = memory["gateway"]
+            say(
+                f"memory: gateway {g['kib_per_call']:.1f} KiB per in-flight sync call "
+                f"({g['idle_kib']} -> {g['loaded_kib']} KiB with {g['calls']} held)"
+            )
+    except BaseException as e:
+        if rounds:
+            partial = Path(f"{base}-partial.json")
+            results.update(incomplete=f"{type(e).__name__}: {e}", rounds=rounds, memory=memory)
+            partial.write_text(json.dumps(results, indent=2) + "\n")
+            say(f"partial results: {partial}")
+        raise
+    env["load_after"] = os.getloadavg()
+    cases = analyse(rounds, memory)
+    results.update(cases=cases, rounds=rounds)
+    text = table(cases, args, len(rounds))
+    json_path = base.with_suffix(".json")
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    base.with_suffix(".txt").write_text(text + "\n")
+    say("")
+    say(text)
+    say("")
+    say(f"results: {json_path} (table: {base.with_suffix('.txt').name})")
+    if args.profile:
+        results["profile"] = profile(bench, gateway, gateway_url, script, base)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        say(f"profiles: {base}-profile-*.txt")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    try:
+        with ExitStack() as stack:
+            return run(args, stack)
+    except BenchError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: stopped everything started\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
