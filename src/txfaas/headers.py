@@ -95,6 +95,16 @@ def check_subpath(segments: Iterable[bytes]) -> None:
                 raise BadPath(f"path segment may not contain {label} (after percent-decoding)")
 
 
+def raw_subpath(path: bytes, skip: int) -> list[bytes]:
+    """The raw (still percent-encoded) segments of ``path`` after its first ``skip`` ones.
+
+    ``raw_subpath(b"/function/echo/a/b%20c", 3) == [b"a", b"b%20c"]`` (the leading empty
+    segment counts).  twisted.web's ``postpath`` is percent-decoded, so it cannot be
+    forwarded as it is: ``a%2Fb`` would become two segments.
+    """
+    return path.split(b"/")[skip:]
+
+
 def to_str_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """Header bytes -> strings, losslessly (latin-1), for JSON records and queue messages."""
     return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in pairs]

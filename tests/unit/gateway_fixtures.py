@@ -12,7 +12,6 @@ from io import BytesIO
 from typing import Any
 
 import treq
-from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock, Cooperator
@@ -24,7 +23,7 @@ from twisted.web.http_headers import Headers
 from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
 from txfaas.gateway.functions import FunctionCache
 from txfaas.gateway.metrics import GatewayMetrics
-from txfaas.gateway.proxy import FunctionProxy, ProxySettings, TransparentAgent, refusing_cookie_jar
+from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
 from txfaas.model import FunctionSpec
 from txfaas.testing import MemoryQueue, MemoryStore
 
@@ -91,7 +90,7 @@ class GatewayTestCase(SynchronousTestCase):
         self.function_agent = RequestTraversalAgent(self.function)
         self.metrics = GatewayMetrics()
         self.functions = FunctionCache(self.store, self.clock)
-        fn_client = HTTPClient(TransparentAgent(self.function_agent), cookiejar=refusing_cookie_jar())
+        fn_client = ProxyClient(self.function_agent)
         self.proxy = FunctionProxy(
             self.clock,
             fn_client,

@@ -242,6 +242,12 @@ class AsyncAcceptTests(GatewayTestCase):
         record = self.store.calls[call_id]
         self.assertEqual((record.status, record.function), ("queued", "echo"))
 
+    def test_sub_path_is_queued_as_the_client_sent_it(self) -> None:
+        response, _ = self.call("POST", "/async-function/echo/a%20b/c%3Fd?q=%2F", data=b"x")
+        self.assertEqual(response.code, 202)
+        [call] = self.queue.published
+        self.assertEqual((call.path, call.query), ("/a%20b/c%3Fd", "q=%2F"))
+
     def test_client_call_id_is_kept_and_a_repeat_is_not_queued_twice(self) -> None:
         headers = {"X-Call-Id": ["order-42"]}
         first, _ = self.call("POST", "/async-function/echo", headers=headers, data=b"a")

@@ -10,7 +10,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.web.http_headers import Headers
 
 from tests.unit.gateway_fixtures import GatewayTestCase
-from txfaas.gateway.proxy import TransparentAgent
+from txfaas.gateway.proxy import ProxyClient
 
 
 class ForwardingTests(GatewayTestCase):
@@ -213,9 +213,7 @@ class RefusingAgent:
 
 class UnreachableTests(GatewayTestCase):
     def test_connection_refused_is_502_naming_the_function(self) -> None:
-        from treq.client import HTTPClient
-
-        self.proxy._client = HTTPClient(TransparentAgent(RefusingAgent()))
+        self.proxy._client = ProxyClient(RefusingAgent())
         self.deploy("echo")
         response, body = self.call("GET", "/function/echo")
         self.assertEqual(response.code, 502)

@@ -275,8 +275,8 @@ class GatewayApp:
             check_name(name, "function name")
         except ValidationError as e:
             raise HTTPError(400, str(e)) from None
-        # Klein's branch route leaves the raw (still percent-encoded) sub-path in postpath.
-        subpath = list(request.postpath)
+        # As the client sent it (Klein's postpath is percent-decoded: not for forwarding).
+        subpath = hdr.raw_subpath(request.path, 3)
         try:
             hdr.check_subpath(subpath)
         except hdr.BadPath as e:

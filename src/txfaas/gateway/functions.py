@@ -34,6 +34,13 @@ class FunctionCache:
         self._counts: dict[str, int] = {}
         self._loop: task.LoopingCall | None = None
 
+    def cached(self, name: str) -> FunctionSpec | None:
+        """The function's record if it is cached and fresh (no I/O), else None."""
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] > self._clock.seconds():
+            return entry[1]
+        return None
+
     async def get(self, name: str) -> FunctionSpec | None:
         entry = self._entries.get(name)
         if entry is not None and entry[0] > self._clock.seconds():

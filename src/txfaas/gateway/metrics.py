@@ -52,15 +52,31 @@ class GatewayMetrics:
             registry=r,
         )
 
+        # Labelled children, looked up once per (function, code) rather than per call.
+        self._started: dict[str, tuple] = {}
+        self._finished: dict[tuple[str, int], tuple] = {}
+
     def started(self, name: str) -> None:
-        self.invocation_started.labels(name).inc()
-        self.inflight.labels(name).inc()
+        children = self._started.get(name)
+        if children is None:
+            children = self._started[name] = (
+                self.invocation_started.labels(name),
+                self.inflight.labels(name),
+            )
+        children[0].inc()
+        children[1].inc()
 
     def finished(self, name: str, code: int, seconds: float) -> None:
-        label = str(code)
-        self.inflight.labels(name).dec()
-        self.invocation_total.labels(name, label).inc()
-        self.seconds.labels(name, label).observe(seconds)
+        children = self._finished.get((name, code))
+        if children is None:
+            label = str(code)
+            children = self._finished[(name, code)] = (
+                self.invocation_total.labels(name, label),
+                self.seconds.labels(name, label),
+            )
+        self._started[name][1].dec()
+        children[0].inc()
+        children[1].observe(seconds)
 
     def async_answer(self, name: str, code: int) -> None:
         self.async_calls.labels(name, str(code)).inc()

@@ -259,13 +259,12 @@ def build_gateway(
     ``store`` and ``queue`` may be given (``faas-local`` shares in-memory ones with a worker).
     """
     from prometheus_client import disable_created_metrics
-    from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
     from txfaas.gateway.functions import FunctionCache
     from txfaas.gateway.metrics import GatewayMetrics
-    from txfaas.gateway.proxy import FunctionProxy, ProxySettings, TransparentAgent, refusing_cookie_jar
+    from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
     from txfaas.runtime import LimitedSite
 
@@ -297,7 +296,7 @@ def build_gateway(
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.pool_size
-    client = HTTPClient(TransparentAgent(Agent(reactor, pool=pool)), cookiejar=refusing_cookie_jar())
+    client = ProxyClient(Agent(reactor, pool=pool))
     closers.append(pool.closeCachedConnections)
 
     metrics = GatewayMetrics()
