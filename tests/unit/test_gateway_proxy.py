@@ -245,3 +245,24 @@ class MetricsTests(GatewayTestCase):
         self.clock.advance(1.0)
         self.assertEqual(self.store.invocations["echo"], 2)
         self.successResultOf(defer.Deferred.fromCoroutine(self.functions.stop()))
+
+
+class EndpointFactoryTests(GatewayTestCase):
+    def test_endpoints_are_made_once_per_host_and_reused(self) -> None:
+        from twisted.internet.endpoints import HostnameEndpoint
+        from twisted.web.client import URI
+        from twisted.web.error import SchemeNotSupported
+
+        from txfaas.gateway.proxy import CachingEndpointFactory
+
+        factory = CachingEndpointFactory(self.clock)
+        first = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/a"))
+        again = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/b?x"))
+        other = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8081/a"))
+        self.assertIs(first, again)
+        self.assertIsNot(first, other)
+        self.assertIsInstance(first, HostnameEndpoint)
+        tls = factory.endpointForURI(URI.fromBytes(b"https://fn.local/a"))
+        self.assertNotIsInstance(tls, HostnameEndpoint)  # wrapped in TLS
+        with self.assertRaises(SchemeNotSupported):
+            factory.endpointForURI(URI.fromBytes(b"ftp://fn.local/a"))

@@ -264,7 +264,7 @@ def build_gateway(
     from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
     from txfaas.gateway.functions import FunctionCache
     from txfaas.gateway.metrics import GatewayMetrics
-    from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
+    from txfaas.gateway.proxy import CachingEndpointFactory, FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
     from txfaas.runtime import LimitedSite
 
@@ -296,7 +296,7 @@ def build_gateway(
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = config.pool_size
-    client = ProxyClient(Agent(reactor, pool=pool))
+    client = ProxyClient(Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor), pool=pool))
     closers.append(pool.closeCachedConnections)
 
     metrics = GatewayMetrics()
