@@ -45,6 +45,11 @@ class Env:
         self.redis_url = redis_url
         self.queue = unique("wq")
         self.prefix = unique("wtest") + ":"
+        # The worker's own queues and retry topology, unique too: never the shared defaults.
+        self.retry_prefix = unique("wr")
+        self.dead_letter_queue = self.retry_prefix + ".dead"
+        self.callback_queue = self.retry_prefix + ".callbacks"
+        self.delay_tiers = "50ms,200ms,1s"
         self.publisher = AMQPQueue(
             reactor, parse_amqp_url(amqp_url), declare=(self.queue,), retry_policy=lambda attempt: 0.2
         )
@@ -98,6 +103,14 @@ class Env:
                 f"tcp:{port}:interface=127.0.0.1",
                 "--callback-allow",
                 "127.0.0.0/8",
+                "--retry-prefix",
+                self.retry_prefix,
+                "--dead-letter-queue",
+                self.dead_letter_queue,
+                "--callback-queue",
+                self.callback_queue,
+                "--delay-tiers",
+                self.delay_tiers,
                 *extra,
             ],
         )
@@ -115,16 +128,24 @@ class Env:
         for port in self.ports:
             await port.stopListening()
         await self.publisher.close()
-        await _delete_queue(self.queue)
+        await delete_topology(
+            [self.queue, self.dead_letter_queue, self.callback_queue],
+            self.retry_prefix,
+            self.delay_tiers,
+        )
         keys = await self.store._redis.keys(f"{self.prefix}*")
         if keys:
             await self.store._redis.delete(keys)
         await self.store.close()
 
 
-async def _delete_queue(name: str) -> None:
+async def delete_topology(queues: list[str], retry_prefix: str | None = None, tiers: str = "") -> None:
+    """Delete a test's queues, and its retry exchange and delay tiers (queue + exchange each)."""
     from pika.adapters.twisted_connection import TwistedProtocolConnection
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from txfaas.queue.amqp import Topology
+    from txfaas.retry import parse_tiers
 
     params = pika.ConnectionParameters(credentials=pika.PlainCredentials("guest", "guest"))
     conn = await connectProtocol(
@@ -132,9 +153,18 @@ async def _delete_queue(name: str) -> None:
     )
     await conn.ready
     closed = conn.closed
+    exchanges: list[str] = []
+    if retry_prefix:
+        topology = Topology(prefix=retry_prefix)
+        tier_names = [topology.tier_name(t) for t in parse_tiers(tiers)] if tiers else []
+        queues = [*queues, *tier_names]
+        exchanges = [topology.retry_exchange, *tier_names]
     try:
         channel = await conn.channel()
-        await channel.queue_delete(name)
+        for name in queues:
+            await channel.queue_delete(name)
+        for name in exchanges:
+            await channel.exchange_delete(name)
     finally:
         conn.close()
         if closed is not None:
@@ -251,7 +281,7 @@ async def test_exec_timeout_closes_the_function_connection_and_calls_back_504_in
     function = Recorder(never_answer)
     receiver = Recorder()
     name = await env.deploy(function)
-    await env.start_worker("--exec-timeout", "2s")
+    await env.start_worker("--exec-timeout", "2s", "--max-attempts", "1")
     call = await env.enqueue(name, env.serve(receiver) + "/cb")
     await wait_for(lambda: function.requests, timeout=15, what="the call reaching the function")
     await wait_for(lambda: receiver.requests, timeout=5, what="the 504 callback")
@@ -265,8 +295,8 @@ async def test_exec_timeout_closes_the_function_connection_and_calls_back_504_in
 
 @pytest_twisted.ensureDeferred
 async def test_worker_killed_mid_call_the_call_is_completed_by_the_next_worker(env):
-    """SIGKILL while the function runs: the broker redelivers, a new worker runs it again (attempt 2)
-    and the callback arrives once."""
+    """SIGKILL while the function runs: the broker redelivers, a new worker runs it again (the same
+    attempt, one interruption counted) and the callback arrives once."""
     first: defer.Deferred = defer.Deferred()
 
     def respond(request):
@@ -293,7 +323,7 @@ async def test_worker_killed_mid_call_the_call_is_completed_by_the_next_worker(e
         return r if r.callback_state == "delivered" else None
 
     record = await wait_for(final, timeout=5, what="the final record")
-    assert (record.status, record.attempts) == (CallStatus.SUCCEEDED, 2)
+    assert (record.status, record.attempts, record.interruptions) == (CallStatus.SUCCEEDED, 1, 1)
     await sleep(0.5)
     assert len(receiver.requests) == 1
 

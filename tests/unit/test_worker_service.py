@@ -20,6 +20,7 @@ from twisted.web import resource, server
 from tests.support import Recorder, never_answer
 from txfaas.model import Call, CallRecord, CallResult, CallStatus, FunctionSpec
 from txfaas.queue import QueueUnavailable
+from txfaas.retry import RetryPolicy
 from txfaas.store import StoreUnavailable
 from txfaas.testing import MemoryQueue, MemoryStore
 from txfaas.worker.callback import CallbackDelivery
@@ -67,25 +68,35 @@ class Harness:
         callback_respond: Any = None,
         function_resource: resource.Resource | None = None,
         agent: Any = None,
+        random: Any = lambda: 0.0,
+        signing_key: bytes | None = None,
         **config: Any,
     ) -> None:
         self.clock = Clock()
-        self.queue = MemoryQueue([Q])
+        self.queue = MemoryQueue([Q], clock=self.clock)
         self.store = FlakyStore()
         self.function = Recorder(respond)
         self.function_agent = agent or RequestTraversalAgent(function_resource or self.function)
         self.receiver = Recorder(callback_respond)
         self.callback_agent = RequestTraversalAgent(self.receiver)
         self.registry = CollectorRegistry()
-        settings = {"queues": (Q,), "retry_delay": 1.0, "drain_timeout": 30.0, **config}
+        # One attempt unless a test asks for retries: most tests here pin what one attempt does.
+        settings = {
+            "queues": (Q,),
+            "retry_delay": 1.0,
+            "drain_timeout": 30.0,
+            "retry": RetryPolicy(max_attempts=1),
+            **config,
+        }
         self.worker = WorkerService(
             self.clock,
             WorkerConfig(**settings),
             self.queue,
             self.store,
             self.function_agent,
-            CallbackDelivery(self.clock, self.callback_agent, timeout=10.0),
+            CallbackDelivery(self.clock, self.callback_agent, timeout=10.0, signing_key=signing_key),
             WorkerMetrics(self.registry),
+            random=random,
         )
 
     def deploy(self, name: str = "echo", **kwargs: Any) -> FunctionSpec:
@@ -355,8 +366,9 @@ def test_redelivered_final_call_with_delivered_callback_is_only_acked():
     assert h.unacked == 0 and h.queue.pending(Q) == 0
 
 
-def test_call_found_running_is_run_again_and_the_attempt_counted():
-    """A ``running`` record means the last worker died mid-call: run again, attempts + 1."""
+def test_call_found_running_is_run_again_and_the_interruption_counted():
+    """A ``running`` record of this attempt means the last worker died mid-call: run it again, as
+    the same attempt (``attempts`` is the attempt number), counting one interruption."""
     h = Harness()
     h.deploy()
     call = Call(call_id="call-1", function="echo", callback_url=CALLBACK)
@@ -365,7 +377,7 @@ def test_call_found_running_is_run_again_and_the_attempt_counted():
     h.start()
     h.flush()
     assert len(h.function.requests) == 1
-    assert h.record().attempts == 2
+    assert (h.record().attempts, h.record().interruptions) == (1, 1)
     assert h.record().status == CallStatus.SUCCEEDED
 
 
@@ -452,7 +464,8 @@ def test_outcome_never_recorded_is_never_acked():
 
 
 def test_failed_callback_is_recorded_and_the_message_acked_without_rerun():
-    """A callback answered with 500 is ``failed`` (status kept); the function is not run again."""
+    """A callback answered with 500 is recorded (call status kept) and queued for a retry; the
+    work message is acked and the function is not run again."""
     h = Harness(callback_respond=lambda req: (500, {}, b"no"))
     h.deploy()
     h.enqueue()
@@ -460,21 +473,23 @@ def test_failed_callback_is_recorded_and_the_message_acked_without_rerun():
     h.flush()
     record = h.record()
     assert record.status == CallStatus.SUCCEEDED
-    assert (record.callback_state, record.callback_status, record.callback_attempts) == ("failed", 500, 1)
+    assert (record.callback_state, record.callback_status, record.callback_attempts) == ("retrying", 500, 1)
     assert len(h.function.requests) == 1
     assert h.metric("txfaas_worker_callbacks_total", outcome="failed") == 1
     assert h.unacked == 0
+    [(_, job)] = h.queue.delayed
+    assert job.queue == "txfaas.callbacks" and job.callback_job.attempt == 2
 
 
 def test_callback_redirect_is_not_followed():
-    """A 3xx from the receiver is a failed delivery; the Location is never requested."""
+    """A 3xx from the receiver is a failed delivery (to be retried); the Location is never requested."""
     h = Harness(callback_respond=lambda req: (302, {"Location": "http://receiver.test:9000/other"}, b""))
     h.deploy()
     h.enqueue()
     h.start()
     h.flush()
     assert [r["uri"] for r in h.receiver.requests] == ["/hook"]
-    assert (h.record().callback_state, h.record().callback_status) == ("failed", 302)
+    assert (h.record().callback_state, h.record().callback_status) == ("retrying", 302)
 
 
 def test_call_without_callback_url_sends_nothing():

@@ -184,3 +184,65 @@ def test_help_names_every_flag_and_its_environment_variable():
     ]:  # fmt: skip
         assert f"{flag}=" in text, flag
     assert "$TXFAAS_AMQP" in text and "$max_inflight" in text and "$TXFAAS_QUEUES" in text
+
+
+def test_retry_and_dead_letter_defaults():
+    """Five attempts on 408/429/500/502/503/504 waiting 1 s to 2 min; callbacks 10 attempts over at
+    most 24 h; max age 6 h; delivery limit 5; the default queue and tier names."""
+    w = parse().worker
+    assert (w.retry.max_attempts, w.retry.min_wait, w.retry.max_wait) == (5, 1.0, 120.0)
+    assert w.retry.codes == {408, 429, 500, 502, 503, 504}
+    assert (w.callback_retry.max_attempts, w.callback_retry.max_age) == (10, 24 * 3600.0)
+    assert (w.callback_retry.min_wait, w.callback_retry.max_wait) == (5.0, 3600.0)
+    assert (w.max_age, w.delivery_limit) == (6 * 3600.0, 5)
+    assert (w.callback_queue, w.dead_letter_queue) == ("txfaas.callbacks", "txfaas.dead-letter")
+    assert w.delay_tiers[0] == 1.0 and w.delay_tiers[-1] == 3600.0
+    assert parse().retry_prefix == "txfaas"
+
+
+def test_retry_flags_and_their_environment_variables():
+    s = parse(
+        "--max-attempts=3",
+        "--retry-codes=429 503",
+        "--retry-min-wait=10ms",
+        "--retry-max-wait=50ms",
+        "--callback-max-attempts=2",
+        "--callback-max-age=1m",
+        "--max-age=30s",
+        "--delivery-limit=0",
+        "--delay-tiers=20ms,100ms",
+        "--retry-prefix=t1",
+        "--dead-letter-queue=t1.dlq",
+        "--callback-queue=t1.cb",
+    )
+    w = s.worker
+    assert (w.retry.max_attempts, w.retry.codes, w.retry.min_wait, w.retry.max_wait) == (
+        3,
+        {429, 503},
+        0.01,
+        0.05,
+    )
+    assert (w.callback_retry.max_attempts, w.callback_retry.max_age, w.max_age) == (2, 60.0, 30.0)
+    assert (w.delivery_limit, w.delay_tiers, s.retry_prefix) == (0, (0.02, 0.1), "t1")
+    assert (w.dead_letter_queue, w.callback_queue) == ("t1.dlq", "t1.cb")
+    env = parse(environ={"TXFAAS_MAX_ATTEMPTS": "7", "TXFAAS_DELAY_TIERS": "1s"}).worker
+    assert (env.retry.max_attempts, env.delay_tiers) == (7, (1.0,))
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--max-attempts=0"], "--max-attempts"),
+        (["--retry-codes=abc"], "--retry-codes"),
+        (["--retry-codes=,"], "--retry-codes"),
+        (["--retry-min-wait=10s", "--retry-max-wait=1s"], "--retry-max-wait"),
+        (["--delay-tiers=0"], "--delay-tiers"),
+        (["--delivery-limit=-1"], "--delivery-limit"),
+        (["--callback-queue=faas-request"], "--queue"),
+        (["--dead-letter-queue=bad name"], "--dead-letter-queue"),
+    ],
+)
+def test_bad_retry_settings_name_their_flag(argv, flag):
+    with pytest.raises(ConfigError) as e:
+        parse(*argv)
+    assert str(e.value).startswith(flag + ":")

@@ -21,6 +21,8 @@ class MemoryDelivery:
     settled: str | None = None
     #: The consumer it was handed to (prefetch counts per consumer, as RabbitMQ's does).
     _consumer: object = None
+    #: The queue it came from (a requeue puts it back there, whatever ``call.queue`` says).
+    _source: str | None = None
 
     def ack(self) -> None:
         self._settle("ack")
@@ -35,7 +37,7 @@ class MemoryDelivery:
         self._queue._unacked.discard(self)
         # Requeue before pumping, so the call is redelivered (first) rather than left waiting.
         if how == "requeue":
-            self._queue._requeue(self.call, self.delivery_count + 1)
+            self._queue._requeue(self.call, self.delivery_count + 1, self._source)
         elif how == "dead":
             self._queue.dead_letters.append(self.call)
         self._queue._pump()
@@ -140,8 +142,8 @@ class MemoryQueue:
     def pending(self, queue: str) -> int:
         return len(self.messages.get(queue, ()))
 
-    def _requeue(self, call: Call, count: int) -> None:
-        self.messages.setdefault(call.queue, deque()).appendleft((call, count))
+    def _requeue(self, call: Call, count: int, source: str | None = None) -> None:
+        self.messages.setdefault(source or call.queue, deque()).appendleft((call, count))
 
     def _pump(self) -> None:
         if self._pumping:
@@ -158,7 +160,7 @@ class MemoryQueue:
                         if mine >= prefetch or not self.messages[q]:
                             continue
                         call, count = self.messages[q].popleft()
-                        delivery = MemoryDelivery(call, count > 0, count, self, consumer=consumer)
+                        delivery = MemoryDelivery(call, count > 0, count, self, consumer=consumer, source=q)
                         self._unacked.add(delivery)
                         mine += 1
                         progress = True

@@ -11,7 +11,10 @@ the function sent: nothing is decoded), the function's response headers
 - ``X-Function-Status``: the function's HTTP status; ``504`` when it did not
   answer within its exec_timeout, ``502`` when it could not be reached, ``404``
   when the function was deleted after the call was queued;
-- ``X-Duration-Seconds``: how long the call took, in seconds.
+- ``X-Duration-Seconds``: how long the call took, in seconds;
+- ``X-Retry``: how many times the function was retried before this answer
+  (0: the first attempt answered), and ``X-Retry-Max``: how many retries it
+  was allowed (``--max-attempts`` or ``com.openfaas.retry.attempts``, minus one).
 
 Redirects are never followed (a 3xx counts as a failed delivery), and every
 connection is made through :class:`txfaas.ssrf.FilteringReactor`, so the
@@ -55,11 +58,12 @@ A receiver checks a callback like this (standard library only)::
 
 Failures
 --------
-A delivery that fails (refused address, connection error, timeout, non-2xx) is
-recorded on the call (``callbackState: failed``, ``callbackStatus``) and the
-message is acknowledged: the function is never run again for its callback.
-Retrying failed callbacks durably is a later step; :class:`CallbackDelivery`
-is the seam where it plugs in.
+:class:`CallbackDelivery` makes one attempt and says whether a failure is worth
+another (:attr:`CallbackOutcome.retryable`): connection errors (a host that
+now resolves only to refused addresses among them), timeouts, 408, 429, 3xx and
+5xx are; 410, other 4xx and a malformed URL are not.  The worker
+retries durably, through the callback queue, never running the function again
+(see :mod:`txfaas.worker.service`).
 """
 
 from __future__ import annotations
@@ -76,11 +80,14 @@ from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
 from txfaas.headers import CALL_ID, DURATION, end_to_end
+from txfaas.retry import callback_retryable
 from txfaas.ssrf import CallbackRefused, parse_callback_url
 from txfaas.worker._http import Pairs, describe, fetch
 
 FUNCTION_NAME = b"X-Function-Name"
 FUNCTION_STATUS = b"X-Function-Status"
+RETRY = b"X-Retry"
+RETRY_MAX = b"X-Retry-Max"
 WEBHOOK_ID = b"webhook-id"
 WEBHOOK_TIMESTAMP = b"webhook-timestamp"
 WEBHOOK_SIGNATURE = b"webhook-signature"
@@ -93,6 +100,8 @@ _OURS = frozenset(
         FUNCTION_NAME,
         FUNCTION_STATUS,
         DURATION,
+        RETRY,
+        RETRY_MAX,
         WEBHOOK_ID,
         WEBHOOK_TIMESTAMP,
         WEBHOOK_SIGNATURE,
@@ -155,6 +164,9 @@ class Callback:
     headers: Pairs = attrs.field(factory=list)
     body: bytes = b""
     duration: float = 0.0
+    #: ``X-Retry`` / ``X-Retry-Max`` (left out when None).
+    retries: int | None = None
+    max_retries: int | None = None
 
 
 @attrs.frozen
@@ -162,6 +174,8 @@ class CallbackOutcome:
     state: str  # DELIVERED or FAILED
     status: int | None = None  # the receiver's HTTP status, when it answered
     error: str | None = None
+    #: Is a failure worth another attempt (no answer, 408, 429, 3xx, 5xx)?
+    retryable: bool = False
 
     @property
     def delivered(self) -> bool:
@@ -199,6 +213,10 @@ class CallbackDelivery:
             (FUNCTION_STATUS, str(callback.status_code).encode("ascii")),
             (DURATION, f"{callback.duration:.6f}".encode("ascii")),
         ]
+        if callback.retries is not None:
+            headers.append((RETRY, str(callback.retries).encode("ascii")))
+        if callback.max_retries is not None:
+            headers.append((RETRY_MAX, str(callback.max_retries).encode("ascii")))
         if self._key is not None:
             timestamp = int(self._clock.seconds())
             headers += [
@@ -217,17 +235,19 @@ class CallbackDelivery:
             parse_callback_url(callback.url)
             url = callback.url.encode("ascii")
         except (CallbackRefused, UnicodeEncodeError) as e:
-            return self._failed(callback, f"bad callback URL: {e}")
+            return self._failed(callback, f"bad callback URL: {e}", retryable=False)
         d = fetch(self._agent, b"POST", url, self.headers_for(callback), callback.body)
         d.addTimeout(self._timeout, self._clock)
         try:
             response = await d
         except defer.TimeoutError:
-            return self._failed(callback, f"no answer within {self._timeout:g}s")
+            return self._failed(callback, f"no answer within {self._timeout:g}s", retryable=True)
         except defer.CancelledError:
             raise
         except Exception as e:
-            return self._failed(callback, describe(e))
+            # Connection errors (an address the policy refuses looks like a name that does not
+            # resolve: it may resolve elsewhere later) are worth another attempt.
+            return self._failed(callback, describe(e), retryable=True)
         if 200 <= response.code < 300:
             self.log.info(
                 "call {call_id}: callback delivered ({status})",
@@ -235,13 +255,20 @@ class CallbackDelivery:
                 status=response.code,
             )
             return CallbackOutcome(DELIVERED, response.code)
-        return self._failed(callback, f"receiver answered {response.code}", response.code)
+        return self._failed(
+            callback,
+            f"receiver answered {response.code}",
+            retryable=callback_retryable(response.code),
+            status=response.code,
+        )
 
-    def _failed(self, callback: Callback, error: str, status: int | None = None) -> CallbackOutcome:
+    def _failed(
+        self, callback: Callback, error: str, *, retryable: bool, status: int | None = None
+    ) -> CallbackOutcome:
         self.log.warn(
             "call {call_id}: callback to {url} failed: {error}",
             call_id=callback.call_id,
             url=callback.url,
             error=error,
         )
-        return CallbackOutcome(FAILED, status, error)
+        return CallbackOutcome(FAILED, status, error, retryable)

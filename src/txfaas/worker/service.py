@@ -1,19 +1,42 @@
 """The worker: consume a queued call, invoke the function, record the outcome, call back, ack.
 
-For each delivery, in this order:
+For each delivery from a work queue, in this order:
 
-1. Read the call's record.  A record that is already final (a redelivery of a
-   call that finished, e.g. the worker died before its ack) is not run again:
-   only its callback is (re)delivered if it was not delivered yet.
-2. Record ``running`` (``startedAt``, ``attempts + 1``).  A record found
-   ``running`` means an earlier worker died mid-call: the call runs again
-   (at-least-once) and the attempt is counted.
-3. Invoke the function with the queued method, path, query, headers and body,
-   cancelling the request (which aborts the TCP connection) at exec_timeout.
+1. A retry that came out of a delay tier before its due time (``notBefore``) is
+   sent round again for the rest of the wait (see :mod:`txfaas.retry`).
+2. Read the call's record.  A message of an older attempt or an older replay
+   than the record's is stale (a newer one exists): acked and dropped.  A
+   record that is already final (a redelivery of a call that finished, e.g.
+   the worker died before its ack) is not run again: only what may be missing
+   is redone (its dead letter, a callback never tried).  A ``cancelled`` call
+   is acked and never runs.
+3. A call older than ``--max-age`` goes to the dead letters (``max_age``).  A
+   record found ``running`` for this very attempt means an earlier worker died
+   mid-call (an *interruption*): the call runs again (at-least-once), unless it
+   was interrupted more than ``--delivery-limit`` times: then it keeps killing
+   workers and goes to the dead letters (``delivery_limit``).
+4. Record ``running`` (atomically: a cancel that came first wins), invoke the
+   function with the queued method, path, query, headers and body, cancelling
+   the request (which aborts the TCP connection) at exec_timeout.
    Timeout -> 504; unreachable -> 502; function deleted since queued -> 404.
-4. Store the response (body cut at ``max_result_size``) and the final status.
-5. Deliver the callback, record its outcome.
-6. Ack.  Nothing is acked before its outcome is in the store.
+5. A retry code (and attempts left): publish the next attempt to a delay queue
+   (confirmed), then record ``retrying`` with ``nextAttemptAt``, then ack.  The
+   wait lives in RabbitMQ, so a worker restart loses nothing.
+6. Otherwise store the response (body cut at ``max_result_size``) and the final
+   status; attempts exhausted -> also a dead letter (``attempts_exhausted``).
+7. Deliver the callback once; a failure worth retrying becomes a *callback job*
+   (the function's answer, kept in the message) published to a delay queue for
+   the callback queue: the function never runs again for its callback.
+8. Ack.  Nothing is acked before its outcome is in the store and everything it
+   started (retry, dead letter, callback job) is confirmed by the broker.
+
+Deliveries from the callback queue run steps 1, 2 (their own staleness rule)
+and 7.  Deliveries from the dead-letter queue (the worker's own, and any the
+broker dead-letters under an operator's policy) are *kept*: written to the
+dead-letter store with their reason, the record marked ``dead_lettered``, then
+acked.  Every dead letter is published with confirms before its original is
+acked: a crash in between makes a duplicate (the store keeps one per call id),
+never a loss.
 
 When the store does not answer, a finished call's writes are retried for up to
 :data:`RECORD_PATIENCE` seconds (so the function does not run twice); any other
@@ -26,6 +49,7 @@ with it, instead of running the function a second time.
 
 from __future__ import annotations
 
+import random as _random
 from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
@@ -43,14 +67,20 @@ from txfaas.config import ConfigError, format_duration
 from txfaas.headers import CALL_ID, end_to_end, to_bytes_pairs, to_str_pairs
 from txfaas.model import (
     Call,
+    CallbackJob,
+    CallbackState,
     CallRecord,
     CallResult,
     CallStatus,
+    DeadLetter,
+    DeadMark,
+    DeadReason,
     FunctionSpec,
     ValidationError,
     outcome_status,
 )
 from txfaas.queue import CallQueue, Delivery
+from txfaas.retry import DEFAULT_TIERS, CallbackPolicy, RetryConfigError, RetryPolicy, parse_retry_after
 from txfaas.store import StoreUnavailable
 from txfaas.worker._http import describe, fetch
 from txfaas.worker.callback import Callback, CallbackDelivery
@@ -59,6 +89,8 @@ from txfaas.worker.callback import Callback, CallbackDelivery
 RECORD_PATIENCE = 60.0
 #: Safety margin between the longest a message may stay unacked and the broker's consumer timeout.
 ACK_MARGIN = 30.0
+#: Deliveries from the dead-letter queue handled at once.
+KEEPER_PREFETCH = 10
 
 # Request headers the worker sets itself (the body producer sets Content-Length; the
 # agent sets Host for the function's own address).
@@ -66,6 +98,10 @@ _REQUEST_DROP = frozenset({b"host", b"content-length", CALL_ID.lower()})
 _URL_SAFE = "/%:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _URL_SAFE + "?"
 _TEXT = [(b"Content-Type", b"text/plain; charset=utf-8")]
+# Statuses a starting attempt may replace (a cancel, or a finish, that came first wins).
+_STARTABLE = frozenset({CallStatus.QUEUED, CallStatus.RETRYING, CallStatus.RUNNING})
+
+CALL, CALLBACK, DEAD = "call", "callback", "dead"
 
 
 @attrs.frozen
@@ -84,6 +120,18 @@ class WorkerConfig:
     retry_delay: float = 0.5
     max_retry_delay: float = 30.0
     health_timeout: float = 2.0
+    #: Function retries (``--max-attempts``, ``--retry-*``); functions' annotations override it.
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    #: Callback retries (``--callback-max-attempts``, ``--callback-max-age``, ...).
+    callback_retry: CallbackPolicy = attrs.field(factory=CallbackPolicy)
+    #: A call older than this when picked up goes to the dead letters.
+    max_age: float = 6 * 3600.0
+    #: Interruptions (the worker died mid-call) a call survives before it is dead-lettered.
+    delivery_limit: int = 5
+    callback_queue: str = "txfaas.callbacks"
+    dead_letter_queue: str = "txfaas.dead-letter"
+    #: The broker's delay tiers: a retry arriving less than half the smallest early runs now.
+    delay_tiers: tuple[float, ...] = DEFAULT_TIERS
 
     @property
     def exec_timeout_limit(self) -> float:
@@ -106,6 +154,22 @@ class WorkerConfig:
                 f"for recording + {format_duration(ACK_MARGIN)} margin must stay below --consumer-timeout "
                 f"{format_duration(self.consumer_timeout)} (the broker's consumer_timeout), or the broker "
                 "takes calls back while they run and they run twice",
+            )
+        names = {"attempts": "--max-attempts", "min_wait": "--retry-min-wait", "max_wait": "--retry-max-wait"}
+        try:
+            self.retry.check(names)
+        except RetryConfigError as e:
+            raise ConfigError(e.field, e.problem) from None
+        if self.callback_retry.max_attempts < 1:
+            raise ConfigError("--callback-max-attempts", "must be at least 1")
+        if self.callback_retry.max_wait < self.callback_retry.min_wait:
+            raise ConfigError("--callback-max-wait", "must not be below --callback-min-wait")
+        if self.delivery_limit < 0:
+            raise ConfigError("--delivery-limit", "must not be negative")
+        overlap = {self.callback_queue, self.dead_letter_queue} & set(self.queues)
+        if overlap or self.callback_queue == self.dead_letter_queue:
+            raise ConfigError(
+                "--queue", "the work queues, --callback-queue and --dead-letter-queue must all differ"
             )
         return self
 
@@ -142,6 +206,38 @@ class WorkerMetrics:
             "Redelivered messages whose call had already finished (not run again).",
             registry=registry,
         )
+        self.retries = Counter(
+            "txfaas_worker_retries",
+            "Attempts scheduled again after a retry code, by function.",
+            ["function"],
+            registry=registry,
+        )
+        self.callback_retries = Counter(
+            "txfaas_worker_callback_retries", "Callback deliveries scheduled again.", registry=registry
+        )
+        self.dead_letters = Counter(
+            "txfaas_worker_dead_letters",
+            "Calls sent to the dead-letter queue, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.kept = Counter(
+            "txfaas_worker_dead_letters_kept",
+            "Dead letters written to the dead-letter store, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.stale = Counter(
+            "txfaas_worker_stale",
+            "Messages dropped because a newer attempt, replay or delivery already exists.",
+            ["kind"],
+            registry=registry,
+        )
+        self.hops = Counter(
+            "txfaas_worker_delay_hops",
+            "Retries that arrived before their due time and were sent round again.",
+            registry=registry,
+        )
 
 
 @attrs.frozen
@@ -154,6 +250,7 @@ class FunctionResponse:
 
 @attrs.define(eq=False)
 class _Job:
+    kind: str
     call: Call
     deliveries: list[Delivery]
     deferred: defer.Deferred[None] | None = None
@@ -163,9 +260,9 @@ class _Job:
 class WorkerService(Service):
     """Consumes calls from ``queue``; reads and writes ``store``; invokes functions through ``agent``.
 
-    ``store`` is both a ``CallStore`` and a ``FunctionStore``.  ``agent`` is an
-    ``IAgent`` (only ``tap.py`` builds the real one, with a connection pool sized
-    to ``max_inflight``).
+    ``store`` is a ``CallStore``, ``FunctionStore`` and ``DeadLetterStore``.  ``agent`` is
+    an ``IAgent`` (only ``tap.py`` builds the real one, with a connection pool sized to
+    ``max_inflight``).  ``random`` draws the retry jitter (tests pass a fixed one).
     """
 
     log = Logger()
@@ -179,6 +276,8 @@ class WorkerService(Service):
         agent: IAgent,
         callbacks: CallbackDelivery,
         metrics: WorkerMetrics,
+        *,
+        random: Callable[[], float] = _random.random,
     ) -> None:
         self._clock = reactor
         self.config = config
@@ -187,10 +286,12 @@ class WorkerService(Service):
         self._agent = agent
         self._callbacks = callbacks
         self.metrics = metrics
-        self._jobs: dict[str, _Job] = {}
+        self._random = random
+        self._jobs: dict[tuple[str, str], _Job] = {}
         self._stopping = False
         self._failures = 0
         self._starting: defer.Deferred[None] | None = None
+        self._handlers = {CALL: self._execute, CALLBACK: self._execute_callback, DEAD: self._keep}
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -213,11 +314,17 @@ class WorkerService(Service):
                 attempt += 1
                 self.log.warn("broker not reachable ({error}); retrying in {delay:g}s", error=e, delay=delay)
                 await task.deferLater(self._clock, delay, lambda: None)
-        self._queue.consume(list(self.config.queues), self.config.max_inflight, self.handle)
+        config = self.config
+        # The dead-letter and callback queues first: work may need them as soon as it arrives.
+        self._queue.consume([config.dead_letter_queue], KEEPER_PREFETCH, self.handle_dead_letter)
+        self._queue.consume([config.callback_queue], config.max_inflight, self.handle_callback)
+        self._queue.consume(list(config.queues), config.max_inflight, self.handle)
         self.log.info(
-            "consuming {queues} (max in flight {n})",
-            queues=",".join(self.config.queues),
-            n=self.config.max_inflight,
+            "consuming {queues} (max in flight {n}), callbacks from {callbacks}, dead letters from {dead}",
+            queues=",".join(config.queues),
+            n=config.max_inflight,
+            callbacks=config.callback_queue,
+            dead=config.dead_letter_queue,
         )
 
     def _start_failed(self, failure: Failure) -> None:
@@ -284,9 +391,21 @@ class WorkerService(Service):
     # --- deliveries ----------------------------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> None:
-        """The queue's delivery handler: start handling the call (or join the same call running here)."""
+        """Delivery handler of the work queues: run the call (or join the same call running here)."""
+        self._begin(CALL, delivery)
+
+    def handle_callback(self, delivery: Delivery) -> None:
+        """Delivery handler of the callback queue: deliver a kept answer again."""
+        self._begin(CALLBACK, delivery)
+
+    def handle_dead_letter(self, delivery: Delivery) -> None:
+        """Delivery handler of the dead-letter queue: keep the dead letter in the store."""
+        self._begin(DEAD, delivery)
+
+    def _begin(self, kind: str, delivery: Delivery) -> None:
         call = delivery.call
-        running = self._jobs.get(call.call_id)
+        key = (kind, call.call_id)
+        running = self._jobs.get(key)
         if running is not None:
             self.log.info(
                 "call {call_id}: redelivered while running here; it will be settled with the running call",
@@ -297,8 +416,8 @@ class WorkerService(Service):
         if self._stopping:
             _settle(delivery, ack=False)
             return
-        job = _Job(call, [delivery])
-        self._jobs[call.call_id] = job
+        job = _Job(kind, call, [delivery])
+        self._jobs[key] = job
         self.metrics.in_flight.inc()
         job.deferred = defer.Deferred.fromCoroutine(self._process(job))
         job.deferred.addErrback(self._process_failed, job)
@@ -314,8 +433,9 @@ class WorkerService(Service):
         if job.settled:
             return
         job.settled = True
-        if self._jobs.get(job.call.call_id) is job:
-            del self._jobs[job.call.call_id]
+        key = (job.kind, job.call.call_id)
+        if self._jobs.get(key) is job:
+            del self._jobs[key]
             self.metrics.in_flight.dec()
         for delivery in job.deliveries:
             _settle(delivery, ack)
@@ -323,7 +443,7 @@ class WorkerService(Service):
     async def _process(self, job: _Job) -> None:
         call = job.call
         try:
-            await self._execute(call, job.deliveries[0])
+            await self._handlers[job.kind](call, job.deliveries[0])
         except StoreUnavailable as e:
             await self._give_back(job, "store", f"store unavailable: {e}")
         except defer.CancelledError:
@@ -355,40 +475,105 @@ class WorkerService(Service):
     def _delay(self, failures: int) -> float:
         return min(self.config.retry_delay * 2 ** min(failures, 30), self.config.max_retry_delay)
 
+    async def _early(self, call: Call) -> bool:
+        """A retry that left its delay tier before its due time: send it round again for the rest."""
+        left = call.not_before - self._clock.seconds()
+        tiers = self.config.delay_tiers
+        if left <= 0 or (tiers and left < tiers[0] / 2):
+            return False
+        tier = await self._queue.publish_delayed(call, left)
+        self.metrics.hops.inc()
+        self.log.debug(
+            "call {call_id}: {left:.3f}s early; waiting {tier:g}s more",
+            call_id=call.call_id,
+            left=left,
+            tier=tier,
+        )
+        return True
+
+    def _stale(self, kind: str, call: Call, why: str) -> None:
+        self.metrics.stale.labels(kind).inc()
+        self.log.info("call {call_id}: {why}; dropping this message", call_id=call.call_id, why=why)
+
+    # --- calls ---------------------------------------------------------------------------------
+
     async def _execute(self, call: Call, delivery: Delivery) -> None:
+        if await self._early(call):
+            return
         record = await self._store.get_call(call.call_id)
         if record is None:
             self.log.warn("call {call_id}: no record in the store; creating one", call_id=call.call_id)
             record = CallRecord.for_call(call)
-        if record.final:
-            self.metrics.skipped.inc()
-            self.log.info(
-                "call {call_id}: already {status}; not running it again",
-                call_id=call.call_id,
-                status=record.status,
-            )
-            await self._callback(call, record, None)
+        if call.replay < record.replays:
+            self._stale(CALL, call, f"replay {call.replay} is older than the record's {record.replays}")
             return
-        if record.status == CallStatus.RUNNING:
+        if call.replay > record.replays:
+            # Re-queued from the dead letters, and the record was not reset: this message wins.
+            record = CallRecord.for_call(call)
+        if record.final:
+            await self._redelivered_final(call, record)
+            return
+        if record.attempts > call.attempt or (
+            record.attempts == call.attempt and record.status == CallStatus.RETRYING
+        ):
+            self._stale(
+                CALL, call, f"attempt {call.attempt} is over (record: {record.status} {record.attempts})"
+            )
+            return
+        now = self._clock.seconds()
+        if call.accepted_at and now - call.accepted_at > self.config.max_age:
+            age = format_duration(round(now - call.accepted_at))
+            await self._dead_letter(
+                call,
+                record,
+                DeadReason.MAX_AGE,
+                f"not run: {age} old when picked up (--max-age {format_duration(self.config.max_age)})",
+            )
+            return
+        interrupted = record.status == CallStatus.RUNNING and record.attempts == call.attempt
+        if interrupted:
+            interruptions = record.interruptions + 1
+            if interruptions > self.config.delivery_limit:
+                await self._dead_letter(
+                    call,
+                    record,
+                    DeadReason.DELIVERY_LIMIT,
+                    f"attempt {call.attempt} was cut short {interruptions} times (the worker running it "
+                    f"died or lost its broker connection; --delivery-limit {self.config.delivery_limit})",
+                )
+                return
             self.log.info(
-                "call {call_id}: attempt {n} was interrupted (delivery {count}); running it again",
+                "call {call_id}: attempt {n} was interrupted ({i} time(s)); running it again",
                 call_id=call.call_id,
-                n=record.attempts,
-                count=delivery.delivery_count,
+                n=call.attempt,
+                i=interruptions,
             )
         spec = await self._store.get_function(call.function)
+        policy = self.retry_policy_for(spec)
         started = self._clock.seconds()
-        record = attrs.evolve(
+        running = attrs.evolve(
             record,
             status=CallStatus.RUNNING,
             started_at=started,
-            attempts=record.attempts + 1,
+            attempts=call.attempt,
+            max_attempts=policy.max_attempts,
             finished_at=None,
             duration=None,
             status_code=None,
             error=None,
+            next_attempt_at=None,
+            interruptions=record.interruptions + 1 if interrupted else record.interruptions,
+            replays=call.replay,
         )
-        await self._store.put_call(record)
+        found = await self._store.transition_call(
+            running, _STARTABLE, create=True, attempts_at_most=call.attempt
+        )
+        if found is not None:
+            if found.final:
+                await self._redelivered_final(call, found)
+            else:
+                self._stale(CALL, call, f"the record moved on ({found.status}, attempt {found.attempts})")
+            return
         response = await self._invoke(call, spec)
         finished = self._clock.seconds()
         duration = max(0.0, finished - started)
@@ -399,36 +584,337 @@ class WorkerService(Service):
             body=response.body[:limit],
             truncated=len(response.body) > limit,
         )
+        self.metrics.duration.labels(call.function).observe(duration)
+        code = response.status_code
+        if spec is not None and policy.should_retry(code, call.attempt):
+            await self._retry(call, running, response, result, policy, finished, duration)
+            return
+        # Retries ran out (with --max-attempts 1 there are none: the outcome is just final).
+        exhausted = spec is not None and policy.max_attempts > 1 and policy.retryable(code)
+        status = CallStatus.DEAD_LETTERED if exhausted else outcome_status(code)
+        error = response.error
+        if exhausted:
+            error = f"{policy.max_attempts} attempt(s), the last answered {code}" + (
+                f": {response.error}" if response.error else ""
+            )
         record = attrs.evolve(
-            record,
-            status=outcome_status(response.status_code),
-            status_code=response.status_code,
+            running,
+            status=status,
+            status_code=code,
             finished_at=finished,
             duration=duration,
-            error=response.error,
+            error=error,
+            dead_reason=DeadReason.ATTEMPTS if exhausted else None,
         )
         await self._patiently(call, lambda: self._store.put_result(call.call_id, result))
-        await self._patiently(call, lambda: self._store.put_call(record))
+        found = await self._patiently(
+            call,
+            lambda: self._store.transition_call(
+                record, {CallStatus.RUNNING}, create=True, attempts_at_most=call.attempt
+            ),
+        )
+        if found is not None:
+            self._stale(CALL, call, f"another run already recorded the outcome ({found.status})")
+            return
         self.metrics.calls.labels(call.function, record.status).inc()
-        self.metrics.duration.labels(call.function).observe(duration)
         self.log.info(
-            "call {call_id}: {function} -> {status} ({code}) in {duration:.3f}s",
+            "call {call_id}: {function} -> {status} ({code}) in {duration:.3f}s, attempt {n} of {m}",
             call_id=call.call_id,
             function=call.function,
             status=record.status,
-            code=response.status_code,
+            code=code,
             duration=duration,
+            n=call.attempt,
+            m=policy.max_attempts,
         )
+        if exhausted:
+            await self._send_to_dead_letters(call, DeadReason.ATTEMPTS, record.error, finished)
         await self._callback(call, record, response)
 
-    async def _patiently(self, call: Call, write: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def _retry(
+        self,
+        call: Call,
+        running: CallRecord,
+        response: FunctionResponse,
+        result: CallResult,
+        policy: RetryPolicy,
+        finished: float,
+        duration: float,
+    ) -> None:
+        """Publish the next attempt to a delay queue (confirmed), then record ``retrying``."""
+        retry_after = parse_retry_after(_header(response.headers, b"retry-after"), finished)
+        wait = policy.wait(call.attempt, self._random, retry_after)
+        due = finished + wait
+        await self._queue.publish_delayed(
+            attrs.evolve(call, attempt=call.attempt + 1, not_before=due, dead=None), wait
+        )
+        record = attrs.evolve(
+            running,
+            status=CallStatus.RETRYING,
+            status_code=response.status_code,
+            finished_at=finished,
+            duration=duration,
+            error=response.error or f"function answered {response.status_code}",
+            next_attempt_at=due,
+        )
+        await self._patiently(call, lambda: self._store.put_result(call.call_id, result))
+        await self._patiently(
+            call,
+            lambda: self._store.transition_call(
+                record, {CallStatus.RUNNING}, create=True, attempts_at_most=call.attempt
+            ),
+        )
+        self.metrics.retries.labels(call.function).inc()
+        self.log.info(
+            "call {call_id}: {function} answered {code}; attempt {n} of {m} in {wait:.3f}s",
+            call_id=call.call_id,
+            function=call.function,
+            code=response.status_code,
+            n=call.attempt + 1,
+            m=policy.max_attempts,
+            wait=wait,
+        )
+
+    def retry_policy_for(self, spec: FunctionSpec | None) -> RetryPolicy:
+        """The worker's retry policy, with the function's ``com.openfaas.retry.*`` annotations."""
+        if spec is None:
+            return self.config.retry
+        try:
+            return self.config.retry.for_function(spec.annotations)
+        except RetryConfigError as e:
+            self.log.warn(
+                "function {name}: {error}; using the worker's retry settings", name=spec.service, error=e
+            )
+            return self.config.retry
+
+    async def _redelivered_final(self, call: Call, record: CallRecord) -> None:
+        """A call that finished already: redo only what may be missing, never the call."""
+        self.metrics.skipped.inc()
+        self.log.info(
+            "call {call_id}: already {status}; not running it again",
+            call_id=call.call_id,
+            status=record.status,
+        )
+        if record.status == CallStatus.CANCELLED:
+            return
+        if record.status == CallStatus.DEAD_LETTERED and record.dead_reason != DeadReason.CALLBACK:
+            # The worker may have died between recording it and publishing the dead letter.
+            await self._send_to_dead_letters(
+                call,
+                record.dead_reason or DeadReason.ATTEMPTS,
+                record.error,
+                record.finished_at or self._clock.seconds(),
+                attempts=record.attempts,
+            )
+        if record.dead_reason in (DeadReason.MAX_AGE, DeadReason.DELIVERY_LIMIT):
+            return  # no answer to call back with
+        await self._callback(call, record, None)
+
+    async def _dead_letter(self, call: Call, record: CallRecord, reason: str, error: str) -> None:
+        """Record ``dead_lettered`` and publish the call to the dead-letter queue (before the ack)."""
+        now = self._clock.seconds()
+        record = attrs.evolve(
+            record,
+            status=CallStatus.DEAD_LETTERED,
+            dead_reason=reason,
+            error=error,
+            finished_at=now,
+            next_attempt_at=None,
+            callback_state=CallbackState.FAILED if record.callback_state else None,
+            callback_error="no callback: the call was dead-lettered before it answered"
+            if record.callback_state
+            else None,
+        )
+        await self._patiently(call, lambda: self._store.put_call(record))
+        self.metrics.calls.labels(call.function, record.status).inc()
+        self.log.warn(
+            "call {call_id}: dead-lettered ({reason}): {error}",
+            call_id=call.call_id,
+            reason=reason,
+            error=error,
+        )
+        await self._send_to_dead_letters(call, reason, error, now)
+
+    async def _send_to_dead_letters(
+        self, call: Call, reason: str, error: str | None, at: float, attempts: int | None = None
+    ) -> None:
+        mark = DeadMark(reason, at, error, call.attempt if attempts is None else attempts)
+        await self._queue.dead_letter(attrs.evolve(call, dead=mark, not_before=0.0))
+        self.metrics.dead_letters.labels(reason).inc()
+
+    # --- callbacks -----------------------------------------------------------------------------
+
+    async def _callback(self, call: Call, record: CallRecord, response: FunctionResponse | None) -> None:
+        """The first delivery of a finished call's callback (later ones go through the callback queue)."""
+        url = record.callback_url or call.callback_url
+        if not url or record.callback_state not in (CallbackState.PENDING, None):
+            return
+        if response is None:
+            # A redelivery of a finished call: send what the store kept (the body may be cut short).
+            stored = await self._store.get_result(call.call_id)
+            if stored is None:
+                stored = CallResult(record.status_code or 502)
+            response = FunctionResponse(stored.status_code, to_bytes_pairs(stored.headers), stored.body)
+        job = CallbackJob(
+            status_code=response.status_code,
+            headers=to_str_pairs(response.headers),
+            duration=record.duration or 0.0,
+            attempt=1,
+            first_at=self._clock.seconds(),
+            retries=max(0, (record.attempts or 1) - 1),
+            max_retries=max(0, (record.max_attempts or 1) - 1),
+        )
+        message = Call(
+            call_id=call.call_id,
+            function=call.function,
+            body=response.body,
+            callback_url=url,
+            accepted_at=call.accepted_at,
+            queue=self.config.callback_queue,
+            replay=call.replay,
+            callback_job=job,
+        )
+        await self._deliver(message, job, record)
+
+    async def _execute_callback(self, call: Call, delivery: Delivery) -> None:
+        job = call.callback_job
+        if job is None or not call.callback_url:
+            self.log.error(
+                "call {call_id}: a callback-queue message without a callback; dropped", call_id=call.call_id
+            )
+            return
+        if await self._early(call):
+            return
+        record = await self._store.get_call(call.call_id)
+        if record is None:
+            record = attrs.evolve(
+                CallRecord.for_call(call),
+                status=outcome_status(job.status_code),
+                status_code=job.status_code,
+                duration=job.duration,
+            )
+        if call.replay < record.replays:
+            self._stale(CALLBACK, call, f"replay {call.replay} is older than the record's {record.replays}")
+            return
+        if record.callback_state in (CallbackState.DELIVERED, CallbackState.FAILED) or (
+            record.callback_attempts >= job.attempt
+        ):
+            self._stale(
+                CALLBACK,
+                call,
+                f"callback attempt {job.attempt} is over (record: {record.callback_state}, "
+                f"{record.callback_attempts} attempt(s))",
+            )
+            return
+        await self._deliver(call, job, record)
+
+    async def _deliver(self, message: Call, job: CallbackJob, record: CallRecord) -> None:
+        """One callback attempt; then the next one queued, or the end recorded (and dead-lettered)."""
+        assert message.callback_url is not None
+        outcome = await self._callbacks.deliver(
+            Callback(
+                url=message.callback_url,
+                call_id=message.call_id,
+                function=message.function,
+                status_code=job.status_code,
+                headers=to_bytes_pairs(job.headers),
+                body=message.body,
+                duration=job.duration,
+                retries=job.retries,
+                max_retries=job.max_retries,
+            )
+        )
+        self.metrics.callbacks.labels(outcome.state).inc()
+        now = self._clock.seconds()
+        changes: dict[str, Any] = {
+            "callback_url": message.callback_url,
+            "callback_attempts": job.attempt,
+            "callback_status": outcome.status,
+            "callback_error": outcome.error,
+            "callback_next_attempt_at": None,
+        }
+        policy = self.config.callback_retry
+        dead = False
+        if outcome.delivered:
+            changes["callback_state"] = CallbackState.DELIVERED
+        elif outcome.retryable and policy.should_retry(outcome.status, job.attempt, job.first_at, now):
+            wait = policy.wait(job.attempt, self._random, job.first_at, now)
+            if wait is None:
+                dead = True
+            else:
+                await self._queue.publish_delayed(
+                    attrs.evolve(
+                        message,
+                        callback_job=attrs.evolve(job, attempt=job.attempt + 1),
+                        not_before=now + wait,
+                        dead=None,
+                    ),
+                    wait,
+                )
+                self.metrics.callback_retries.inc()
+                self.log.info(
+                    "call {call_id}: callback attempt {n} of {m} in {wait:.3f}s",
+                    call_id=message.call_id,
+                    n=job.attempt + 1,
+                    m=policy.max_attempts,
+                    wait=wait,
+                )
+                changes["callback_state"] = CallbackState.RETRYING
+                changes["callback_next_attempt_at"] = now + wait
+        else:
+            dead = outcome.retryable  # attempts or age exhausted; a 410 or a 4xx just stops
+        if not outcome.delivered and "callback_state" not in changes:
+            changes["callback_state"] = CallbackState.FAILED
+        if dead:
+            error = f"callback failed {job.attempt} time(s), the last: {outcome.error}"
+            changes.update(status=CallStatus.DEAD_LETTERED, dead_reason=DeadReason.CALLBACK, error=error)
+            # The dead letter keeps the answer: re-queuing it delivers the callback, never runs the call.
+            await self._send_to_dead_letters(message, DeadReason.CALLBACK, error, now, attempts=job.attempt)
+        updated = attrs.evolve(record, **changes)
+        await self._patiently(message, lambda: self._store.put_call(updated))
+
+    # --- dead letters --------------------------------------------------------------------------
+
+    async def _keep(self, call: Call, delivery: Delivery) -> None:
+        """Write a dead letter to the store, mark its record, then (the caller) ack it."""
+        mark = call.dead
+        if mark is None:
+            mark = DeadMark(
+                DeadReason.REJECTED, self._clock.seconds(), "in the dead-letter queue, no reason given"
+            )
+            call = attrs.evolve(call, dead=mark)
+        record = await self._store.get_call(call.call_id) if call.function else None
+        if record is not None and call.replay < record.replays:
+            self._stale(DEAD, call, f"replay {call.replay} was re-queued already (record: {record.replays})")
+            return
+        await self._store.put_dead_letter(DeadLetter(call))
+        self.metrics.kept.labels(mark.reason).inc()
+        self.log.info(
+            "call {call_id}: kept in the dead letters ({reason})", call_id=call.call_id, reason=mark.reason
+        )
+        if not call.function:
+            return  # not a txfaas message: there is no record to mark
+        if record is None:
+            record = CallRecord.for_call(call)
+        if record.status == CallStatus.DEAD_LETTERED and record.dead_reason == mark.reason:
+            return
+        updated = attrs.evolve(
+            record,
+            status=CallStatus.DEAD_LETTERED,
+            dead_reason=mark.reason,
+            error=mark.error or record.error,
+            finished_at=record.finished_at or mark.at,
+            next_attempt_at=None,
+        )
+        await self._store.put_call(updated)
+
+    async def _patiently(self, call: Call, write: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """Retry a write of a finished call while the store is down, up to RECORD_PATIENCE."""
         deadline = self._clock.seconds() + RECORD_PATIENCE
         attempt = 0
         while True:
             try:
-                await write()
-                return
+                return await write()
             except StoreUnavailable as e:
                 delay = self._delay(attempt)
                 attempt += 1
@@ -441,37 +927,6 @@ class WorkerService(Service):
                     delay=delay,
                 )
                 await task.deferLater(self._clock, delay, lambda: None)
-
-    async def _callback(self, call: Call, record: CallRecord, response: FunctionResponse | None) -> None:
-        url = record.callback_url or call.callback_url
-        if not url or record.callback_state == "delivered":
-            return
-        if response is None:
-            # A redelivery of a finished call: send what the store kept (the body may be cut short).
-            stored = await self._store.get_result(call.call_id)
-            if stored is None:
-                stored = CallResult(record.status_code or 502)
-            response = FunctionResponse(stored.status_code, to_bytes_pairs(stored.headers), stored.body)
-        outcome = await self._callbacks.deliver(
-            Callback(
-                url=url,
-                call_id=call.call_id,
-                function=call.function,
-                status_code=response.status_code,
-                headers=response.headers,
-                body=response.body,
-                duration=record.duration or 0.0,
-            )
-        )
-        self.metrics.callbacks.labels(outcome.state).inc()
-        record = attrs.evolve(
-            record,
-            callback_url=url,
-            callback_state=outcome.state,
-            callback_attempts=record.callback_attempts + 1,
-            callback_status=outcome.status,
-        )
-        await self._patiently(call, lambda: self._store.put_call(record))
 
     # --- invoking ------------------------------------------------------------------------------
 
@@ -535,6 +990,13 @@ class WorkerService(Service):
             text = f"function {call.function!r} unreachable: {describe(e)}"
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
         return FunctionResponse(raw.code, raw.headers, raw.body)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
 def _settle(delivery: Delivery, ack: bool) -> None:

@@ -27,6 +27,7 @@ from txfaas.config import (
     read_secret,
 )
 from txfaas.model import check_queue_name
+from txfaas.retry import CallbackPolicy, RetryPolicy, parse_codes, parse_tiers
 from txfaas.ssrf import AddressPolicy
 from txfaas.worker.callback import parse_signing_secret
 from txfaas.worker.service import WorkerConfig
@@ -99,6 +100,68 @@ _FLAGS: dict[str, tuple[tuple[str, ...], str, str]] = {
     ),
     "call-ttl": (("TXFAAS_CALL_TTL",), "24h", "How long call records and results are kept."),
     "listen": (("TXFAAS_WORKER_LISTEN",), "tcp:8081", "Endpoint of the worker's /healthz and /metrics."),
+    # Retries, callback retries and dead letters.
+    "max-attempts": (
+        ("TXFAAS_MAX_ATTEMPTS",),
+        "5",
+        "Attempts per call when the function answers a retry code, cannot be reached or times out "
+        "(1: no retries); annotation com.openfaas.retry.attempts overrides it per function.",
+    ),
+    "retry-codes": (
+        ("TXFAAS_RETRY_CODES",),
+        "408,429,500,502,503,504",
+        "Function statuses that are retried (com.openfaas.retry.codes overrides).",
+    ),
+    "retry-min-wait": (
+        ("TXFAAS_RETRY_MIN_WAIT",),
+        "1s",
+        "Shortest wait before a retry; waits double, with full jitter (com.openfaas.retry.min_wait).",
+    ),
+    "retry-max-wait": (
+        ("TXFAAS_RETRY_MAX_WAIT",),
+        "2m",
+        "Longest wait before a retry, Retry-After included (com.openfaas.retry.max_wait).",
+    ),
+    "callback-max-attempts": (
+        ("TXFAAS_CALLBACK_MAX_ATTEMPTS",),
+        "10",
+        "Delivery attempts per callback (on connection errors, timeouts, 408, 429, 3xx, 5xx; 410 stops).",
+    ),
+    "callback-max-age": (
+        ("TXFAAS_CALLBACK_MAX_AGE",),
+        "24h",
+        "No callback attempt later than this after the first one.",
+    ),
+    "callback-min-wait": (("TXFAAS_CALLBACK_MIN_WAIT",), "5s", "Shortest wait before a callback retry."),
+    "callback-max-wait": (("TXFAAS_CALLBACK_MAX_WAIT",), "1h", "Longest wait before a callback retry."),
+    "max-age": (
+        ("TXFAAS_MAX_AGE",),
+        "6h",
+        "A call older than this when a worker picks it up is dead-lettered, not run.",
+    ),
+    "delivery-limit": (
+        ("TXFAAS_DELIVERY_LIMIT",),
+        "5",
+        "Times a call may be found interrupted (its worker died mid-call) and run again before it is "
+        "dead-lettered as a call that keeps killing workers.",
+    ),
+    "delay-tiers": (
+        ("TXFAAS_DELAY_TIERS",),
+        "1s,2s,5s,10s,30s,1m,2m,5m,10m,30m,1h",
+        "The delay queues retries wait in (one RabbitMQ queue per tier); a wait is met within half the "
+        "smallest tier.",
+    ),
+    "retry-prefix": (
+        ("TXFAAS_RETRY_PREFIX",),
+        "txfaas",
+        "Prefix of the retry exchange and delay queues (<prefix>.retry, <prefix>.delay.<ms>).",
+    ),
+    "dead-letter-queue": (("TXFAAS_DEAD_LETTER_QUEUE",), "txfaas.dead-letter", "The dead-letter queue."),
+    "callback-queue": (
+        ("TXFAAS_CALLBACK_QUEUE",),
+        "txfaas.callbacks",
+        "The queue of callbacks waiting for another attempt.",
+    ),
 }
 
 
@@ -137,6 +200,7 @@ class Settings:
     callback_policy: AddressPolicy
     signing_key: bytes | None
     listen: str
+    retry_prefix: str = "txfaas"
 
 
 def _positive_int(value: Any) -> int:
@@ -161,6 +225,28 @@ def _queues(value: Any) -> tuple[str, ...]:
     for name in names:
         check_queue_name(name, "queue")
     return tuple(dict.fromkeys(names))
+
+
+def _non_negative_int(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a whole number: {value!r}") from None
+    if n < 0:
+        raise ValueError(f"must not be negative, not {n}")
+    return n
+
+
+def _prefix(value: str) -> str:
+    check_queue_name(value, "prefix")
+    return value
+
+
+def _codes(value: Any) -> frozenset[int]:
+    codes = parse_codes(value)
+    if not codes:
+        raise ValueError("at least one status code is needed (use --max-attempts 1 for no retries)")
+    return codes
 
 
 def _template(value: str) -> str:
@@ -210,6 +296,23 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         consumer_timeout=get("consumer-timeout", _positive_duration),
         drain_timeout=get("drain-timeout", parse_duration),
         max_result_size=get("max-result-size", parse_size),
+        retry=RetryPolicy(
+            max_attempts=get("max-attempts", _positive_int),
+            min_wait=get("retry-min-wait", parse_duration),
+            max_wait=get("retry-max-wait", parse_duration),
+            codes=get("retry-codes", _codes),
+        ),
+        callback_retry=CallbackPolicy(
+            max_attempts=get("callback-max-attempts", _positive_int),
+            max_age=get("callback-max-age", _positive_duration),
+            min_wait=get("callback-min-wait", parse_duration),
+            max_wait=get("callback-max-wait", parse_duration),
+        ),
+        max_age=get("max-age", _positive_duration),
+        delivery_limit=get("delivery-limit", _non_negative_int),
+        delay_tiers=get("delay-tiers", parse_tiers),
+        callback_queue=get("callback-queue", _prefix),
+        dead_letter_queue=get("dead-letter-queue", _prefix),
     ).check()
     return Settings(
         worker=worker,
@@ -220,6 +323,7 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         callback_policy=AddressPolicy(allow_networks=networks, allow_hosts=hosts),
         signing_key=key,
         listen=get("listen", str),
+        retry_prefix=get("retry-prefix", _prefix),
     )
 
 
@@ -297,11 +401,19 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     elif settings.amqp.memory:
         from txfaas.queue.memory import MemoryQueue
 
-        queue = MemoryQueue(list(config.queues))
+        queue = MemoryQueue(list(config.queues), clock=reactor, dead_letter_queue=config.dead_letter_queue)
     else:
-        from txfaas.queue.amqp import AMQPQueue
+        from txfaas.queue.amqp import AMQPQueue, Topology
 
-        queue = AMQPQueue(reactor, settings.amqp, declare=config.queues)
+        topology = Topology(
+            prefix=settings.retry_prefix,
+            delay_tiers=config.delay_tiers,
+            dead_letter_queue=config.dead_letter_queue,
+            callback_queue=config.callback_queue,
+        )
+        queue = AMQPQueue(reactor, settings.amqp, declare=config.queues, topology=topology)
+    if getattr(queue, "clock", False) is None:
+        queue.clock = reactor  # an in-memory queue shared by faas-local: its delays need a clock
 
     function_pool = HTTPConnectionPool(reactor, persistent=True)
     function_pool.maxPersistentPerHost = config.max_inflight
