@@ -68,12 +68,19 @@ class CallStore(Protocol):
     async def get_result(self, call_id: str) -> CallResult | None: ...
 
     async def transition_call(
-        self, record: CallRecord, from_statuses: Collection[str], *, create: bool = False
+        self,
+        record: CallRecord,
+        from_statuses: Collection[str],
+        *,
+        create: bool = False,
+        attempts_at_most: int | None = None,
     ) -> CallRecord | None:
         """Write ``record`` only if the stored record's status is one of ``from_statuses``, atomically.
 
-        Returns None when written, else the record found (whose status refused it).  With
-        ``create`` a missing record is written too; without, a missing one is :class:`NotFound`."""
+        With ``attempts_at_most``, the stored record's ``attempts`` must not be above it either
+        (a newer attempt has started).  Returns None when written, else the record found (which
+        refused it).  With ``create`` a missing record is written too; without, a missing one is
+        :class:`NotFound`."""
 
 
 class DeadLetterStore(Protocol):

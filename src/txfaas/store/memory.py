@@ -100,14 +100,21 @@ class MemoryStore:
         return self.results.get(call_id)
 
     async def transition_call(
-        self, record: CallRecord, from_statuses: Collection[str], *, create: bool = False
+        self,
+        record: CallRecord,
+        from_statuses: Collection[str],
+        *,
+        create: bool = False,
+        attempts_at_most: int | None = None,
     ) -> CallRecord | None:
         self._check()
         current = self.calls.get(record.call_id)
         if current is None:
             if not create:
                 raise NotFound(record.call_id)
-        elif current.status not in from_statuses:
+        elif current.status not in from_statuses or (
+            attempts_at_most is not None and current.attempts > attempts_at_most
+        ):
             return current
         self.calls[record.call_id] = record
         return None

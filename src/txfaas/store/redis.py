@@ -39,7 +39,8 @@ def _dumps(data: Any) -> str:
 
 
 # KEYS[1] call key; ARGV[1] new JSON, ARGV[2] TTL, ARGV[3] "1" to create when missing,
-# ARGV[4..] the statuses it may replace.  -> {1} written, {0} missing, {0, current} refused.
+# ARGV[4] the most attempts it may replace ("" = any), ARGV[5..] the statuses it may replace.
+# -> {1} written, {0} missing, {0, current} refused.
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then
@@ -49,8 +50,12 @@ if not raw then
   end
   return {0}
 end
-local status = cjson.decode(raw)['status']
-for i = 4, #ARGV do
+local current = cjson.decode(raw)
+if ARGV[4] ~= '' and tonumber(current['attempts'] or 0) > tonumber(ARGV[4]) then
+  return {0, raw}
+end
+local status = current['status']
+for i = 5, #ARGV do
   if ARGV[i] == status then
     redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
     return {1}
@@ -253,14 +258,25 @@ class RedisStore:
         return None if raw is None else CallResult.from_json(json.loads(raw))
 
     async def transition_call(
-        self, record: CallRecord, from_statuses: Collection[str], *, create: bool = False
+        self,
+        record: CallRecord,
+        from_statuses: Collection[str],
+        *,
+        create: bool = False,
+        attempts_at_most: int | None = None,
     ) -> CallRecord | None:
         reply = await self._run(
             "EVAL transition",
             self._redis.eval(
                 _TRANSITION,
                 [self._call_key(record.call_id)],
-                [_dumps(record.to_json()), self._call_ttl, "1" if create else "0", *from_statuses],
+                [
+                    _dumps(record.to_json()),
+                    self._call_ttl,
+                    "1" if create else "0",
+                    "" if attempts_at_most is None else str(attempts_at_most),
+                    *from_statuses,
+                ],
             ),
         )
         if int(reply[0]) == 1:
