@@ -6,10 +6,12 @@ Not pure (it talks to the reactor), but holds no policy of any one process.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.logger import Logger
@@ -192,3 +194,164 @@ class LimitedSite(server.Site):
 
     def log(self, request: Any) -> None:
         """No access log line per request: the hot path stays quiet (metrics count requests)."""
+
+
+# --- several processes on one port -----------------------------------------------------------
+
+CHILD_ENV = "TXFAAS_CHILD_INDEX"
+
+
+def parse_tcp_listen(description: str) -> tuple[str, int, int]:
+    """``tcp:PORT[:interface=HOST][:backlog=N]`` -> (host, port, backlog), for SO_REUSEPORT listening."""
+    parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
+    if parts[0] not in ("tcp", "tcp6") or len(parts) < 2:
+        raise ValueError(f"--workers needs a tcp:PORT endpoint, not {description!r}")
+    port_text = parts[1][5:] if parts[1].startswith("port=") else parts[1]
+    if not port_text.isdigit() or int(port_text) == 0:
+        raise ValueError(f"--workers needs a fixed port, not {parts[1]!r}")
+    host = "::" if parts[0] == "tcp6" else "0.0.0.0"
+    backlog = 50
+    for option in parts[2:]:
+        key, _, value = option.partition("=")
+        if key == "interface":
+            host = value
+        elif key == "backlog" and value.isdigit():
+            backlog = int(value)
+        else:
+            raise ValueError(f"--workers: unsupported endpoint option {option!r}")
+    return host, int(port_text), backlog
+
+
+async def listen_reuseport(reactor: Any, description: str, factory: Any, setting: str = "--listen") -> Any:
+    """Listen with SO_REUSEPORT, so that several processes share the port (the kernel spreads connections)."""
+    import socket
+
+    try:
+        host, port, backlog = parse_tcp_listen(description)
+    except ValueError as e:
+        raise StartupError(f"{setting} {description}: {e}") from None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    except OSError as e:
+        raise StartupError(f"{setting} {description}: cannot listen ({e.strerror})") from None
+    finally:
+        sock.close()  # the reactor holds its own duplicate
+
+
+def prepare_multiprocess_metrics(workers: int) -> None:
+    """With several processes, prometheus_client keeps its values in a shared folder, so that any
+    process's /metrics adds up all of them.  Must run before prometheus_client is imported."""
+    import tempfile
+
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if "prometheus_client" in sys.modules:
+            raise RuntimeError("prometheus_client was imported before the multiprocess folder was set")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="txfaas-metrics-")
+
+
+def is_child() -> bool:
+    return os.environ.get(CHILD_ENV) is not None
+
+
+class ChildProcesses(service.Service):
+    """Runs ``count`` more copies of this very twistd command (marked as children), restarts one
+    that dies, and stops them all (SIGTERM, then waits) when the service stops."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        argv: list[str] | None = None,
+        restart_delay: float = 1.0,
+        grace: float = 1.0,
+    ) -> None:
+        self._grace = grace
+        self._reactor = reactor
+        self._count = count
+        self._argv = list(argv if argv is not None else [sys.executable, *sys.argv])
+        self._restart_delay = restart_delay
+        self._children: dict[int, Any] = {}
+        self._ended: dict[int, defer.Deferred] = {}
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self._count + 1):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        from twisted.internet import protocol
+
+        owner = self
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        class Child(protocol.ProcessProtocol):
+            def processEnded(self, reason: Any) -> None:
+                owner._ended_child(index, self.transport.pid, reason, ended)
+
+        env = dict(os.environ)
+        env[CHILD_ENV] = str(index)
+        transport = self._reactor.spawnProcess(
+            Child(), self._argv[0], self._argv, env=env, childFDs={0: "w", 1: 1, 2: 2}
+        )
+        self._children[index] = transport
+        self._ended[index] = ended
+        self.log.info("started process {index} (pid {pid})", index=index, pid=transport.pid)
+
+    def _ended_child(self, index: int, pid: int | None, reason: Any, ended: defer.Deferred) -> None:
+        self._children.pop(index, None)
+        ended.callback(None)
+        if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)
+        if not self._stopping:
+            self.log.warn(
+                "process {index} ended ({reason}); restarting it in {delay}s",
+                index=index,
+                reason=reason.getErrorMessage(),
+                delay=self._restart_delay,
+            )
+            self._reactor.callLater(self._restart_delay, lambda: self._stopping or self._spawn(index))
+
+    def stopService(self) -> defer.Deferred:
+        """Stop the children.  A SIGTERM sent to the whole process group (systemd, Ctrl-C) has
+        reached them already, and a second one would make Twisted log a traceback: they get
+        ``grace`` seconds to leave on their own before they are sent SIGTERM."""
+        super().stopService()
+        self._stopping = True
+
+        def terminate() -> None:
+            for transport in list(self._children.values()):
+                try:
+                    transport.signalProcess("TERM")
+                except Exception:  # already gone
+                    pass
+
+        timer = self._reactor.callLater(self._grace, terminate)
+        ended = defer.DeferredList(list(self._ended.values()), consumeErrors=True)
+        ended.addBoth(lambda result: (timer.active() and timer.cancel()) or result)
+        return ended
+
+
+def quiet_pool(reactor: Any, *, persistent: bool = True, per_host: int = 2) -> Any:
+    """An ``HTTPConnectionPool`` whose connection factories do not log "Starting factory" /
+    "Stopping factory" for every new connection (noise at info level on busy paths)."""
+    from twisted.web import client
+
+    class QuietFactory(client._HTTP11ClientFactory):
+        noisy = False
+
+    pool = client.HTTPConnectionPool(reactor, persistent=persistent)
+    pool.maxPersistentPerHost = per_host
+    pool._factory = QuietFactory
+    return pool

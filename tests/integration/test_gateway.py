@@ -227,3 +227,41 @@ async def test_health_reports_redis_trouble(redis_url):
         assert (response.code, await response.text()) == (200, "OK\n")
     finally:
         await proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_workers_share_the_port_and_metrics_add_up(redis_url, upstream):
+    recorder, url = upstream
+    port = free_port()
+    prefix = unique("gwtest") + ":"
+    proc = TwistdProcess(
+        "faas-gateway",
+        ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_url, "--redis-prefix", prefix,
+         "--workers", "2"],
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await proc.wait_http(base + "/healthz", status=200)
+        await wait_for(
+            lambda: proc.output().count("gateway listening on") == 2,
+            timeout=20,
+            what="both processes listening",
+        )
+        await deploy(base, "echo", url)
+        for _ in range(40):
+            response = await treq.get(base + "/function/echo", persistent=False)
+            assert response.code == 200
+            await response.content()
+        # /metrics of either process counts all 40 calls.
+        response = await treq.get(base + "/metrics")
+        text = await response.text()
+        assert 'gateway_function_invocation_total{code="200",function_name="echo"} 40.0' in text
+    finally:
+        await proc.stop()
+    assert proc.popen.returncode is not None
+    # The child got SIGTERM from its parent and stopped too.
+    await wait_for(
+        lambda: proc.log_path.read_text().count("Server Shut Down.") == 2,
+        timeout=10,
+        what="both processes to stop",
+    )

@@ -127,3 +127,16 @@ def test_finished_response_cancels_the_write_timer():
     echo.pending[0].finish()
     clock.advance(10)
     assert not transport.disconnecting
+
+
+def test_parse_tcp_listen_for_shared_ports():
+    import pytest
+
+    from txfaas.runtime import parse_tcp_listen
+
+    assert parse_tcp_listen("tcp:8080") == ("0.0.0.0", 8080, 50)
+    assert parse_tcp_listen("tcp:8080:interface=127.0.0.1:backlog=512") == ("127.0.0.1", 8080, 512)
+    assert parse_tcp_listen("tcp6:port=8080:interface=\\:\\:1") == ("::1", 8080, 50)
+    for bad in ["unix:/tmp/s", "tcp:0", "tcp:http", "ssl:443", "tcp:80:foo=1"]:
+        with pytest.raises(ValueError):
+            parse_tcp_listen(bad)

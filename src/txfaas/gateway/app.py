@@ -15,7 +15,6 @@ from typing import Any
 
 import attrs
 from klein import Klein
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -30,17 +29,23 @@ from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.model import (
     DEFAULT_QUEUE,
     Call,
+    CallbackState,
     CallRecord,
+    CallStatus,
+    DeadReason,
     FunctionSpec,
     ValidationError,
     check_name,
+    outcome_status,
     parse_scale_request,
 )
 from txfaas.queue import CallQueue, QueueUnavailable
 from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
-from txfaas.store import AlreadyExists, CallStore, NotFound, StoreUnavailable
+from txfaas.store import AlreadyExists, AsyncCallStore, NotFound, StoreUnavailable
 
 SYSTEM_BODY_LIMIT = 1024 * 1024
+DEAD_LETTER_PAGE = 100
+DEAD_LETTER_PAGE_MAX = 1000
 # Set by the gateway itself, or of no use to the function.
 _ASYNC_DROP = frozenset({b"host", b"content-length", b"x-callback-url", b"x-call-id"})
 
@@ -71,7 +76,7 @@ class GatewayApp:
     def __init__(
         self,
         functions: FunctionCache,
-        calls: CallStore,
+        calls: AsyncCallStore,
         queue: CallQueue | None,
         resolver: Any,
         metrics: GatewayMetrics,
@@ -138,7 +143,7 @@ class GatewayApp:
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self._metrics.registry)
+        return self._metrics.render()
 
     # --- functions --------------------------------------------------------------------------
 
@@ -342,6 +347,118 @@ class GatewayApp:
             raise HTTPError(404, f"no call {call_id!r} (unknown, or older than the status TTL)")
         return _json(request, 200, record.to_json())
 
+    @app.route("/system/calls/<call_id>", methods=["DELETE"])
+    async def cancel_call(self, request: IRequest, call_id: str) -> bytes:
+        """Cancel a call that is queued or waiting for a retry: it never runs (or runs no more)."""
+        _check_call_id(call_id)
+        record = await self._calls.get_call(call_id)
+        if record is None:
+            raise HTTPError(404, f"no call {call_id!r} (unknown, or older than the status TTL)")
+        refusal = f"call {call_id!r} is {{status}}: only a queued or retrying call can be cancelled"
+        if record.status not in CallStatus.CANCELLABLE:
+            raise HTTPError(409, refusal.format(status=record.status))
+        cancelled = attrs.evolve(
+            record,
+            status=CallStatus.CANCELLED,
+            finished_at=time.time(),
+            next_attempt_at=None,
+            callback_state=None,
+            error="cancelled (DELETE /system/calls/{id})",
+        )
+        try:
+            found = await self._calls.transition_call(cancelled, CallStatus.CANCELLABLE)
+        except NotFound:
+            raise HTTPError(404, f"no call {call_id!r} (unknown, or older than the status TTL)") from None
+        if found is not None:  # started (or finished) since we read it
+            raise HTTPError(409, refusal.format(status=found.status))
+        self.log.info("[{call_id}] cancelled (was {status})", call_id=call_id, status=record.status)
+        return _json(request, 202, {"callId": call_id, "status": CallStatus.CANCELLED})
+
+    @app.route("/system/calls/<call_id>/retry", methods=["POST"])
+    async def retry_call(self, request: IRequest, call_id: str) -> bytes:
+        """Re-queue a dead-lettered call: the same call id and body, attempts from 1 again.
+
+        A call dead-lettered for its callback is re-queued to deliver the kept answer again,
+        without running the function."""
+        _check_call_id(call_id)
+        if self._queue is None:
+            raise HTTPError(404, "asynchronous calls are not enabled on this gateway")
+        letter = await self._calls.get_dead_letter(call_id)
+        if letter is None:
+            raise HTTPError(404, f"no dead letter for call {call_id!r}")
+        if not letter.function or letter.mark.reason == DeadReason.UNDECODABLE:
+            raise HTTPError(409, f"dead letter {call_id!r} is not a txfaas call: it cannot be re-queued")
+        record = await self._calls.get_call(call_id)
+        replay = max(letter.call.replay, record.replays if record is not None else 0) + 1
+        now = time.time()
+        dead = letter.call
+        if dead.callback_job is not None:
+            job = attrs.evolve(dead.callback_job, attempt=1, first_at=now)
+            call = attrs.evolve(dead, dead=None, not_before=0.0, replay=replay, callback_job=job)
+            base = record or CallRecord.for_call(call)
+            fresh = attrs.evolve(
+                base,
+                status=outcome_status(job.status_code),
+                status_code=job.status_code,
+                dead_reason=None,
+                error=None,
+                callback_url=call.callback_url,
+                callback_state=CallbackState.RETRYING,
+                callback_attempts=0,
+                callback_next_attempt_at=now,
+                callback_error=None,
+                replays=replay,
+            )
+        else:
+            call = attrs.evolve(dead, dead=None, not_before=0.0, attempt=1, replay=replay, accepted_at=now)
+            fresh = CallRecord.for_call(call)
+        # Publish first: the re-queued message carries the higher replay number, so a worker
+        # runs it even if the record below cannot be written; the dead letter goes last.
+        await self._queue.publish(call)
+        try:
+            await self._calls.put_call(fresh)
+            await self._calls.remove_dead_letter(call_id)
+        except StoreUnavailable as e:
+            self.log.warn(
+                "[{call_id}] re-queued, but the store could not be updated ({error}): the dead letter "
+                "may still be listed",
+                call_id=call_id,
+                error=e,
+            )
+        self.log.info(
+            "[{call_id}] re-queued from the dead letters ({reason}), replay {replay}",
+            call_id=call_id,
+            reason=letter.mark.reason,
+            replay=replay,
+        )
+        location = f"/system/calls/{call_id}"
+        request.setHeader(hdr.CALL_ID, call_id.encode())
+        request.setHeader(b"Location", location.encode())
+        return _json(
+            request,
+            202,
+            {
+                "callId": call_id,
+                "status": fresh.status,
+                "phase": letter.phase,
+                "replay": replay,
+                "location": location,
+            },
+        )
+
+    @app.route("/system/dead-letters", methods=["GET"])
+    async def dead_letters(self, request: IRequest) -> bytes:
+        """The dead letters, oldest first: ``?function=`` filters, ``?limit=`` and ``?offset=`` page."""
+        function = _query_arg(request, b"function")
+        if function is not None:
+            check_name(function, "function")
+        limit = _int_arg(request, b"limit", DEAD_LETTER_PAGE, 1, DEAD_LETTER_PAGE_MAX)
+        offset = _int_arg(request, b"offset", 0, 0, None)
+        letters = await self._calls.list_dead_letters(function, offset, limit)
+        total = await self._calls.count_dead_letters(function)
+        request.setHeader(b"X-Total-Count", str(total).encode())
+        return _json(request, 200, [letter.summary_json() for letter in letters])
+
     @app.route("/system/calls/<call_id>/result", methods=["GET"])
     async def call_result(self, request: IRequest, call_id: str) -> bytes:
         _check_call_id(call_id)
@@ -395,6 +512,27 @@ def _call_id(request: IRequest) -> str:
     if not hdr.valid_call_id(given):
         raise HTTPError(400, "X-Call-Id: invalid (use 1-128 characters of A-Z a-z 0-9 . _ : @ + = -)")
     return given.decode("ascii")
+
+
+def _query_arg(request: IRequest, name: bytes) -> str | None:
+    values = request.args.get(name)
+    if not values:
+        return None
+    return values[-1].decode("utf-8", "replace")
+
+
+def _int_arg(request: IRequest, name: bytes, default: int, low: int, high: int | None) -> int:
+    raw = _query_arg(request, name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError(name.decode(), f"not a whole number: {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        limits = f"from {low}" + (f" to {high}" if high is not None else "")
+        raise ValidationError(name.decode(), f"must be {limits}")
+    return value
 
 
 def _check_call_id(call_id: str) -> str:

@@ -1,12 +1,16 @@
 """The gateway's Prometheus metrics, with OpenFaaS's names and labels (prometheus_client).
 
 Each gateway has its own ``CollectorRegistry`` (injected), so tests and several
-gateways in one process do not share counters.
+gateways in one process do not share counters.  With ``--workers N`` the values
+live in prometheus_client's multiprocess folder and ``/metrics`` of any process
+reports the sum over all of them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class GatewayMetrics:
@@ -20,6 +24,7 @@ class GatewayMetrics:
             "Function invocations started through the gateway (only increases)",
             ["function_name"],
             registry=r,
+            multiprocess_mode="sum",
         )
         self.invocation_total = Counter(
             "gateway_function_invocation",
@@ -38,12 +43,14 @@ class GatewayMetrics:
             "Recorded replicas of each function",
             ["function_name"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.inflight = Gauge(
             "gateway_function_invocation_inflight",
             "Synchronous invocations in progress",
             ["function_name"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.async_calls = Counter(
             "gateway_async_calls",
@@ -77,6 +84,16 @@ class GatewayMetrics:
         self._started[name][1].dec()
         children[0].inc()
         children[1].observe(seconds)
+
+    def render(self) -> bytes:
+        """Prometheus text; with several gateway processes, the sum over all of them."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def async_answer(self, name: str, code: int) -> None:
         self.async_calls.labels(name, str(code)).inc()

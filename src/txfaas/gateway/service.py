@@ -60,6 +60,7 @@ class GatewayService(service.Service):
         functions_file: str | None = None,
         redis_description: str = "redis",
         close: Callable[[], Any] | None = None,
+        listen: Callable[..., Any] = listen,
     ) -> None:
         self.reactor = reactor
         self.site = site
@@ -69,6 +70,7 @@ class GatewayService(service.Service):
         self.functions_file = functions_file
         self.redis_description = redis_description
         self._close = close
+        self._listen = listen
         #: fires once the gateway listens (or never, if start-up failed)
         self.started: defer.Deferred[None] = defer.Deferred()
         self._port: Any = None
@@ -100,7 +102,7 @@ class GatewayService(service.Service):
             for name in sorted(names):
                 await self.queue.declare(name)
         self.functions.start()
-        self._port = await listen(self.reactor, self.listen_on, self.site)
+        self._port = await self._listen(self.reactor, self.listen_on, self.site)
         self.log.info("gateway listening on {address}", address=self._port.getHost())
 
     async def _stop(self) -> None:

@@ -22,6 +22,7 @@ from txfaas.config import (
     parse_size,
     read_secret,
 )
+from txfaas.runtime import parse_tcp_listen, prepare_multiprocess_metrics
 from txfaas.ssrf import AddressPolicy
 
 DEFAULTS = {
@@ -38,6 +39,7 @@ DEFAULTS = {
     "confirm-timeout": 5.0,
     "redis-prefix": "txfaas:",
     "pool-size": 256,
+    "workers": 1,
 }
 
 
@@ -93,6 +95,7 @@ class GatewayConfig:
     confirm_timeout: float
     redis_prefix: str
     pool_size: int
+    workers: int = 1
 
 
 class Options(usage.Options):
@@ -182,6 +185,13 @@ class Options(usage.Options):
             None,
             "Persistent connections kept per function host [$TXFAAS_POOL_SIZE; default 256]",
         ],
+        [
+            "workers",
+            None,
+            None,
+            "Gateway processes sharing the port (SO_REUSEPORT); needs Redis and RabbitMQ, and "
+            "/metrics adds up across them [$TXFAAS_WORKERS; default 1]",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -189,6 +199,8 @@ class Options(usage.Options):
             self["config"] = build_config(self, os.environ)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        # Before prometheus_client is imported (by makeService).
+        prepare_multiprocess_metrics(self["config"].workers)
 
 
 def build_config(opts: Any, environ: Any) -> GatewayConfig:
@@ -224,6 +236,14 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
         auth = (user, password)
     nets, hosts = get("callback-allow", ("TXFAAS_CALLBACK_ALLOW",), parse_networks) or ((), ())
     max_body = get("max-body", ("TXFAAS_MAX_BODY",), parse_size)
+    workers = get("workers", ("TXFAAS_WORKERS",), positive_int)
+    if workers > 1:
+        if redis.memory or get("amqp", ("TXFAAS_AMQP",), str).startswith("memory"):
+            raise ConfigError("--workers", "several processes need --redis and --amqp (not memory:)")
+        try:
+            parse_tcp_listen(get("listen", ("TXFAAS_LISTEN",), str))
+        except ValueError as e:
+            raise ConfigError("--listen", str(e)) from None
     return GatewayConfig(
         listen=get("listen", ("TXFAAS_LISTEN",), str),
         redis=redis,
@@ -242,6 +262,7 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
         confirm_timeout=get("confirm-timeout", ("TXFAAS_CONFIRM_TIMEOUT",), parse_duration),
         redis_prefix=get("redis-prefix", ("TXFAAS_REDIS_PREFIX",), str),
         pool_size=get("pool-size", ("TXFAAS_POOL_SIZE",), positive_int),
+        workers=workers,
     )
 
 
@@ -259,14 +280,14 @@ def build_gateway(
     ``store`` and ``queue`` may be given (``faas-local`` shares in-memory ones with a worker).
     """
     from prometheus_client import disable_created_metrics
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
 
     from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
     from txfaas.gateway.functions import FunctionCache
     from txfaas.gateway.metrics import GatewayMetrics
     from txfaas.gateway.proxy import CachingEndpointFactory, FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
-    from txfaas.runtime import LimitedSite
+    from txfaas.runtime import ChildProcesses, LimitedSite, is_child, listen, listen_reuseport, quiet_pool
 
     disable_created_metrics()
     closers = []
@@ -294,8 +315,7 @@ def build_gateway(
 
         queue = AMQPQueue(reactor, config.amqp, confirm_timeout=config.confirm_timeout)
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = config.pool_size
+    pool = quiet_pool(reactor, per_host=config.pool_size)
     client = ProxyClient(Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor), pool=pool))
     closers.append(pool.closeCachedConnections)
 
@@ -339,6 +359,8 @@ def build_gateway(
             await closer()
 
     top = service.MultiService()
+    if config.workers > 1 and not is_child():
+        ChildProcesses(reactor, config.workers - 1).setServiceParent(top)
     GatewayService(
         reactor,
         site,
@@ -348,5 +370,6 @@ def build_gateway(
         functions_file=config.functions_file,
         redis_description=config.redis_text,
         close=close,
+        listen=listen_reuseport if config.workers > 1 else listen,
     ).setServiceParent(top)
     return top
