@@ -100,3 +100,7 @@ class DeadLetterStore(Protocol):
 
     async def remove_dead_letter(self, call_id: str) -> bool:
         """Forget it; False if there was none."""
+
+
+class AsyncCallStore(CallStore, DeadLetterStore, Protocol):
+    """Call records and dead letters: what the gateway's asynchronous routes use."""

@@ -796,6 +796,15 @@ class WorkerService(Service):
         if call.replay < record.replays:
             self._stale(CALLBACK, call, f"replay {call.replay} is older than the record's {record.replays}")
             return
+        if call.replay > record.replays:
+            # Re-queued from the dead letters, and the record was not reset: this message wins.
+            record = attrs.evolve(
+                record,
+                callback_state=CallbackState.RETRYING,
+                callback_attempts=0,
+                dead_reason=None,
+                replays=call.replay,
+            )
         if record.callback_state in (CallbackState.DELIVERED, CallbackState.FAILED) or (
             record.callback_attempts >= job.attempt
         ):
