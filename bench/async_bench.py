@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -58,7 +59,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,10 @@ class Twistd(Child):
         )
 
 
+class Worker(Twistd):
+    metrics_url = ""
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -148,7 +153,45 @@ def pids_named(command: str) -> list[int]:
     return found
 
 
-SERVICES = {"rabbitmq": "beam.smp", "redis": "redis-server"}
+def listener_pids(port: int, command: str) -> list[int]:
+    """The process listening on loopback ``port`` (``ss -ltnp``), else every process named ``command``.
+
+    A private broker another test starts and stops must not be counted (nor make the sums go down)."""
+    try:
+        out = subprocess.run(
+            ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=5
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    found = sorted({int(pid) for pid in re.findall(r"pid=(\d+)", out)})
+    return found or pids_named(command)
+
+
+class CpuMeter:
+    """CPU-seconds of named process groups from now until :meth:`stop`, plus the load driver's
+    children (clients, reaped) and ``others``: what the rest of the shared machine used meanwhile."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self._pids = {name: get() for name, get in groups.items()}
+        self._before = {name: cpu_seconds(pids) for name, pids in self._pids.items()}
+        self._busy = machine_busy_seconds()
+        self._children = _children_cpu()
+        self._started = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        used = {name: cpu_seconds(pids) - self._before[name] for name, pids in self._pids.items()}
+        used["clients"] = _children_cpu() - self._children
+        elapsed = time.monotonic() - self._started
+        others = machine_busy_seconds() - self._busy - sum(used.values())
+        out = {name: round(v, 3) for name, v in used.items()}
+        out["others_cores"] = round(max(0.0, others) / elapsed, 2) if elapsed > 0 else 0.0
+        out["elapsed_s"] = round(elapsed, 3)
+        return out
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def http_post(url: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
@@ -213,6 +256,8 @@ class Bench:
     receiver_port: int
     broker: Broker
     stack: ExitStack
+    #: name -> how to find its pids (the shared RabbitMQ and Redis, by the port they listen on)
+    services: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
     functions: Child | None = None
     receiver: Child | None = None
     gateways: list[Twistd] = field(default_factory=list)
@@ -245,9 +290,9 @@ class Bench:
         wait_http(base + "/healthz", gateway, timeout=30)
         return gateway, base
 
-    def start_worker(self, name: str, max_inflight: int, exec_timeout: str = "30s") -> Twistd:
+    def start_worker(self, name: str, max_inflight: int, exec_timeout: str = "30s") -> Worker:
         port = free_port()
-        worker = Twistd(
+        worker = Worker(
             name,
             self.tmp,
             "faas-worker",
@@ -265,7 +310,7 @@ class Bench:
         )
         self.stack.callback(worker.stop)
         wait_http(f"http://{LOOPBACK}:{port}/healthz", worker, timeout=30)
-        worker.metrics_url = f"http://{LOOPBACK}:{port}/metrics"  # type: ignore[attr-defined]
+        worker.metrics_url = f"http://{LOOPBACK}:{port}/metrics"
         return worker
 
     def hanging(self) -> int:
@@ -386,8 +431,7 @@ def case_accept(bench: Bench, gateway: Twistd, url: str, script: Path) -> dict[s
         try:
             if args.warmup:
                 run_wrk(url, args.connections, args.warmup, script=script)
-            watch = {"gateway": lambda: [gateway.pid]}
-            watch.update({name: lambda c=comm: pids_named(c) for name, comm in SERVICES.items()})
+            watch = {"gateway": lambda: [gateway.pid], **bench.services}
             result = run_wrk(url, args.connections, args.duration, script=script, watch=watch)
             break
         except WrkTimeout as e:
@@ -397,7 +441,7 @@ def case_accept(bench: Bench, gateway: Twistd, url: str, script: Path) -> dict[s
     queued = bench.broker.purge(bench.accept_queue)
     out = result.to_json()
     out["queued"] = queued
-    for name in ("gateway", *SERVICES):
+    for name in ("gateway", *bench.services):
         out[f"{name}_cpu_ms_per_call"] = round(result.cpu_s[name] / max(1, result.requests) * 1000, 4)
     out["others_cores"] = round(result.cpu_s["others"] / result.seconds, 2)
     return out
@@ -405,7 +449,7 @@ def case_accept(bench: Bench, gateway: Twistd, url: str, script: Path) -> dict[s
 
 def case_pika(bench: Bench) -> dict[str, Any]:
     args = bench.args
-    broker = pids_named(SERVICES["rabbitmq"])
+    broker = bench.services["rabbitmq"]()
     broker_before, busy_before = cpu_seconds(broker), machine_busy_seconds()
     client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
@@ -440,21 +484,43 @@ def case_pika(bench: Bench) -> dict[str, Any]:
     return out
 
 
-def case_e2e(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
-    batch = f"e2e-r{rnd}"
-    posted = post_calls(
-        bench, gateway_url + "/async-function/bench-ok", bench.args.calls, E2E_CONCURRENCY, batch
+def _meter(bench: Bench, gateway: Twistd, worker: Twistd) -> CpuMeter:
+    servers = [c.pid for c in (bench.functions, bench.receiver) if c is not None]
+    return CpuMeter(
+        {
+            "gateway": lambda: [gateway.pid],
+            "worker": lambda: [worker.pid],
+            **bench.services,
+            "servers": lambda: servers,
+        }
     )
-    arrivals = bench.wait_callbacks(batch, bench.args.calls, timeout=max(60.0, bench.args.calls / 20))
-    return burst_figures(posted, arrivals)
 
 
-def case_burst(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
+def _with_cpu(figures: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
+    n = figures["calls"]
+    figures["cpu_s"] = cpu
+    figures["gateway_cpu_ms_per_call"] = round(cpu["gateway"] / n * 1000, 4)
+    figures["worker_cpu_ms_per_call"] = round(cpu["worker"] / n * 1000, 4)
+    figures["others_cores"] = cpu["others_cores"]
+    return figures
+
+
+def case_e2e(bench: Bench, gateway: Twistd, gateway_url: str, worker: Twistd, rnd: int) -> dict[str, Any]:
+    batch = f"e2e-r{rnd}"
+    n = bench.args.calls
+    meter = _meter(bench, gateway, worker)
+    posted = post_calls(bench, gateway_url + "/async-function/bench-ok", n, E2E_CONCURRENCY, batch)
+    arrivals = bench.wait_callbacks(batch, n, timeout=max(60.0, n / 20))
+    return _with_cpu(burst_figures(posted, arrivals), meter.stop())
+
+
+def case_burst(bench: Bench, gateway: Twistd, gateway_url: str, worker: Twistd, rnd: int) -> dict[str, Any]:
     batch = f"burst-r{rnd}"
     n = bench.args.burst
+    meter = _meter(bench, gateway, worker)
     posted = post_calls(bench, gateway_url + "/async-function/bench-sleep", n, n, batch)
     arrivals = bench.wait_callbacks(batch, n, timeout=max(60.0, n / 10))
-    return burst_figures(posted, arrivals)
+    return _with_cpu(burst_figures(posted, arrivals), meter.stop())
 
 
 def case_timeout(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
@@ -485,6 +551,13 @@ def case_timeout(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
     return {"answers": statuses(posted["results"]), "samples": samples, "left_hanging": left}
 
 
+def _cpu_line(figures: dict[str, Any]) -> str:
+    return (
+        f"CPU ms/call: gateway {figures['gateway_cpu_ms_per_call']:.3f} "
+        f"worker {figures['worker_cpu_ms_per_call']:.3f}; others {figures['others_cores']:.2f} cores"
+    )
+
+
 def run_round(bench: Bench, rnd: int, gateway: Twistd, gateway_url: str, script: Path) -> dict[str, Any]:
     args = bench.args
     out: dict[str, Any] = {"round": rnd}
@@ -507,19 +580,19 @@ def run_round(bench: Bench, rnd: int, gateway: Twistd, gateway_url: str, script:
     )
     worker = bench.start_worker(f"worker-r{rnd}", max_inflight=max(args.burst, E2E_CONCURRENCY))
     try:
-        e2e = case_e2e(bench, gateway_url, rnd)
+        e2e = case_e2e(bench, gateway, gateway_url, worker, rnd)
         out["e2e"] = e2e
         say(
             f"round {rnd}: (2) end to end     {e2e['completions_per_s']:8.0f} completions/s "
             f"({e2e['calls']} calls in {e2e['last_callback_s']:.2f} s; posted in {e2e['post_all_s']:.2f} s; "
-            f"answers {e2e['answers']}, callbacks {e2e['callback_statuses']})"
+            f"answers {e2e['answers']}, callbacks {e2e['callback_statuses']}); {_cpu_line(e2e)}"
         )
-        burst = case_burst(bench, gateway_url, rnd)
+        burst = case_burst(bench, gateway, gateway_url, worker, rnd)
         out["burst"] = burst
         say(
             f"round {rnd}: (3) burst of {burst['calls']}: posted in {burst['post_all_s']:.2f} s, "
             f"first callback {burst['first_callback_s']:.2f} s, last {burst['last_callback_s']:.2f} s "
-            f"(answers {burst['answers']}, callbacks {burst['callback_statuses']})"
+            f"(answers {burst['answers']}, callbacks {burst['callback_statuses']}); {_cpu_line(burst)}"
         )
         hang = case_timeout(bench, gateway_url, rnd)
         out["timeout"] = hang
@@ -547,7 +620,7 @@ def memory_worker(bench: Bench, gateway_url: str) -> dict[str, Any]:
         _wait(lambda: bench.hanging() >= n, 60, f"{n} calls hanging in the function")
         time.sleep(1.0)
         loaded = steady_rss(worker.pid)
-        in_flight = _metric(worker.metrics_url, "txfaas_worker_calls_in_flight")  # type: ignore[attr-defined]
+        in_flight = _metric(worker.metrics_url, "txfaas_worker_calls_in_flight")
         released = bench.release()
         bench.wait_callbacks("memhold", n, timeout=60)
         time.sleep(1.0)
@@ -657,11 +730,16 @@ def analyse(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, A
             "completions_per_s": summary([r["e2e"]["completions_per_s"] for r in done], 1),
             "post_all_s": summary([r["e2e"]["post_all_s"] for r in done]),
             "last_callback_s": summary([r["e2e"]["last_callback_s"] for r in done]),
+            "gateway_cpu_ms_per_call": summary([r["e2e"]["gateway_cpu_ms_per_call"] for r in done]),
+            "worker_cpu_ms_per_call": summary([r["e2e"]["worker_cpu_ms_per_call"] for r in done]),
+            "others_cores": summary([r["e2e"]["others_cores"] for r in done], 2),
         },
         "burst": {
             "post_all_s": summary([r["burst"]["post_all_s"] for r in done]),
             "first_callback_s": summary([r["burst"]["first_callback_s"] for r in done]),
             "last_callback_s": summary([r["burst"]["last_callback_s"] for r in done]),
+            "worker_cpu_ms_per_call": summary([r["burst"]["worker_cpu_ms_per_call"] for r in done]),
+            "others_cores": summary([r["burst"]["others_cores"] for r in done], 2),
         },
         "timeout_lateness": {
             "samples": len(samples),
@@ -723,9 +801,16 @@ def table(cases: dict[str, Any], args: argparse.Namespace, rounds: int) -> str:
         ("    ratio gateway / pika (goal >= 0.25)", _mm(a["ratio"], ".3f")),
         (f"(2) end-to-end completions/s ({args.calls} calls)", _mm(e["completions_per_s"], ".0f")),
         ("    time to post them all, s", _mm(e["post_all_s"], ".2f")),
+        (
+            "    CPU ms per call: gateway / worker",
+            f"{_mm(e['gateway_cpu_ms_per_call'], '.3f')} / {_mm(e['worker_cpu_ms_per_call'], '.3f')}",
+        ),
+        ("    rest of the machine meanwhile, cores", _mm(e["others_cores"], ".2f")),
         (f"(3) burst of {args.burst} 1-s calls: all posted, s", _mm(b["post_all_s"], ".2f")),
         ("    first callback, s", _mm(b["first_callback_s"], ".2f")),
         ("    last callback, s (goal <= 3)", _mm(b["last_callback_s"], ".2f")),
+        ("    worker CPU ms per call", _mm(b["worker_cpu_ms_per_call"], ".3f")),
+        ("    rest of the machine meanwhile, cores", _mm(b["others_cores"], ".2f")),
         (f"(4) exec_timeout lateness ms, {t['samples']} calls (goal max <= 100)", _mm(t["total_ms"], ".1f")),
         ("    of which the timer (finishedAt - startedAt - 1 s)", _mm(t["timer_ms"], ".1f")),
         ("    of which recording + callback delivery", _mm(t["after_timer_ms"], ".1f")),
@@ -797,7 +882,10 @@ def summarise_stacks(lines: list[str], top: int = 30) -> dict[str, Any]:
             continue
         total += count
         leaf = frames[-1]
-        area = next((name for needle, name in _AREAS if needle in leaf), "Python stdlib / other")
+        if frames[0].startswith("Thread._bootstrap"):
+            area = "other threads (Twisted's thread pool: getaddrinfo)"
+        else:
+            area = next((name for needle, name in _AREAS if needle in leaf), "Python stdlib / other")
         areas[area] = areas.get(area, 0) + count
         own[_short(leaf)] = own.get(_short(leaf), 0) + count
         for frame in {_short(f) for f in frames}:
@@ -828,78 +916,70 @@ def _py_spy() -> str:
     return str(Path(sys.executable).parent / "py-spy")
 
 
-def profiled(pid: int, seconds: float, out: Path, load: Any) -> tuple[dict[str, Any], Any]:
-    """Sample ``pid`` with py-spy for ``seconds`` while ``load()`` runs; the summary and load's result."""
-    collapsed = out.with_suffix(".collapsed")
-    recorder = subprocess.Popen(
-        [_py_spy(), "record", "--nonblocking", "--nolineno", "-r", "250", "-d", f"{seconds:g}",
-         "-f", "raw", "-o", str(collapsed), "-p", str(pid)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        time.sleep(0.5)
-        result = load()
-        _, err = recorder.communicate(timeout=seconds + 30)
-    finally:
-        if recorder.poll() is None:
-            recorder.kill()
-            recorder.wait()
-    if recorder.returncode != 0 or not collapsed.exists():
-        raise BenchError(f"py-spy failed ({recorder.returncode}): {err}")
-    report = summarise_stacks(collapsed.read_text().splitlines())
-    lines = [
-        f"{report['samples']} samples",
-        "",
-        "self time by area (% of samples)",
-        *(f"  {pct:6.1f}%  {area}" for area, pct in report["self_by_area"]),
-        "",
-        "inclusive time, top functions (% of samples)",
-        *(f"  {pct:6.1f}%  {name}" for name, pct in report["inclusive"]),
-        "",
-        "self time, top functions (% of samples)",
-        *(f"  {pct:6.1f}%  {name}" for name, pct in report["self"]),
-    ]
-    out.write_text("\n".join(lines) + "\n")
-    return report, result
+class Spy:
+    """py-spy sampling one process (250 Hz, idle excluded) until :meth:`finish`."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.collapsed = out.with_suffix(".collapsed")
+        self._proc = subprocess.Popen(
+            [_py_spy(), "record", "--nonblocking", "--nolineno", "-r", "250", "-f", "raw",
+             "-o", str(self.collapsed), "-p", str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    def finish(self) -> dict[str, Any]:
+        """Stop sampling (SIGINT makes py-spy write its file); summarise into ``out``."""
+        self._proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self._proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            _, err = self._proc.communicate()
+        if not self.collapsed.exists():
+            raise BenchError(f"py-spy wrote nothing ({self._proc.returncode}): {err}")
+        report = summarise_stacks(self.collapsed.read_text().splitlines())
+        lines = [
+            f"{report['samples']} samples",
+            "",
+            "self time by area (% of samples)",
+            *(f"  {pct:6.1f}%  {area}" for area, pct in report["self_by_area"]),
+            "",
+            "inclusive time, top functions (% of samples)",
+            *(f"  {pct:6.1f}%  {name}" for name, pct in report["inclusive"]),
+            "",
+            "self time, top functions (% of samples)",
+            *(f"  {pct:6.1f}%  {name}" for name, pct in report["self"]),
+        ]
+        self.out.write_text("\n".join(lines) + "\n")
+        return report
 
 
 def profile(bench: Bench, gateway: Twistd, gateway_url: str, script: Path, base: Path) -> dict[str, Any]:
+    """py-spy on the gateway accepting (case 1), then on the worker and the gateway in cases 2 and 3."""
     args = bench.args
     reports: dict[str, Any] = {}
-    say(f"profiling the gateway (pid {gateway.pid}) accepting, {args.profile:g}s")
-    url = gateway_url + "/async-function/bench-accept"
-    report, load = profiled(
-        gateway.pid,
-        args.profile,
-        Path(f"{base}-profile-accept.txt"),
-        lambda: run_wrk(url, args.connections, args.profile, script=script),
+    say(f"profiling the gateway (pid {gateway.pid}) accepting, {args.profile}s")
+    spy = Spy(gateway.pid, Path(f"{base}-profile-accept-gateway.txt"))
+    time.sleep(0.5)
+    load = run_wrk(
+        gateway_url + "/async-function/bench-accept", args.connections, args.profile, script=script
     )
-    report["rps_while_profiled"] = load.rps
-    reports["gateway_accept"] = report
+    reports["accept_gateway"] = {**spy.finish(), "rps_while_profiled": load.rps}
     bench.broker.purge(bench.accept_queue)
-    worker = bench.start_worker("worker-profile", max_inflight=args.burst)
+    worker = bench.start_worker("worker-profile", max_inflight=max(args.burst, E2E_CONCURRENCY))
     try:
-        say(f"profiling the worker (pid {worker.pid}) and the gateway during a burst of {args.burst}")
-
-        def burst() -> Any:
-            return case_burst(bench, gateway_url, 99)
-
-        gw_out = Path(f"{base}-profile-burst-gateway.txt")
-        gw_spy = subprocess.Popen(
-            [_py_spy(), "record", "--nonblocking", "--nolineno", "-r", "250", "-d", "6", "-f", "raw",
-             "-o", str(gw_out.with_suffix(".collapsed")), "-p", str(gateway.pid)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        report, figures = profiled(worker.pid, 6.0, Path(f"{base}-profile-burst-worker.txt"), burst)
-        gw_spy.wait(60)
-        report["burst_while_profiled"] = figures
-        reports["worker_burst"] = report
-        gw_collapsed = gw_out.with_suffix(".collapsed")
-        if gw_collapsed.exists():
-            reports["gateway_burst"] = summarise_stacks(gw_collapsed.read_text().splitlines())
+        for case, run_case in (("e2e", case_e2e), ("burst", case_burst)):
+            say(f"profiling the worker (pid {worker.pid}) and the gateway in the {case} case")
+            spies = {who: Spy(pid, Path(f"{base}-profile-{case}-{who}.txt")) for who, pid in
+                     (("worker", worker.pid), ("gateway", gateway.pid))}  # fmt: skip
+            time.sleep(0.5)
+            figures = run_case(bench, gateway, gateway_url, worker, 90 + len(reports))
+            for who, spy in spies.items():
+                reports[f"{case}_{who}"] = spy.finish()
+            reports[f"{case}_figures_while_profiled"] = figures
     finally:
         worker.stop()
     return reports
@@ -915,10 +995,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--burst", type=int, default=1000, help="calls posted at once in (3) and held for memory [1000]"
     )
-    p.add_argument(
-        "--duration", type=float, default=10.0, help="seconds of each measured wrk run in (1) [10]"
-    )
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk load before each (1) run [2]")
+    p.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run in (1) [10]")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of wrk load before each (1) run [2]")
     p.add_argument("--connections", type=int, default=50, help="wrk connections in (1) [50]")
     p.add_argument("--size", type=int, default=256, help="body bytes of every post and pika message [256]")
     p.add_argument("--pika-messages", type=int, default=30000, help="messages per pika baseline run [30000]")
@@ -926,7 +1004,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS", help="then profile with py-spy")
+    p.add_argument("--profile", type=int, default=0, metavar="SECONDS", help="then profile with py-spy")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where files go [bench/results]")
     args = p.parse_args(argv)
     if min(args.rounds, args.calls, args.burst, args.connections) < 1 or args.duration <= 0:
@@ -997,6 +1075,11 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     )
     redis = urlsplit(args.redis)
     db = int((redis.path or "/0").strip("/") or 0)
+    amqp_port = urlsplit(args.amqp).port or 5672
+    bench.services = {
+        "rabbitmq": lambda: listener_pids(amqp_port, "beam.smp"),
+        "redis": lambda: listener_pids(redis.port or 6379, "redis-server"),
+    }
 
     def clean_up() -> None:
         for queue in (bench.accept_queue, bench.work_queue):
@@ -1009,16 +1092,20 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     # Registered first, so it runs last: after every process it started has stopped.
     stack.callback(clean_up)
     env = environment()
-    for role, port in (("functions", bench.functions_port), ("receiver", bench.receiver_port)):
+    servers = []
+    for role, port, ready in (
+        ("functions", bench.functions_port, "/stats"),
+        ("receiver", bench.receiver_port, "/count?batch=x"),
+    ):
         child = Child(
             role,
             [sys.executable, str(BENCH / "async_servers.py"), role, f"--port={port}"],
             tmp / f"{role}.log",
         )
         stack.callback(child.stop)
-        setattr(bench, role, child)
-    wait_http(f"{bench.functions_url}/stats", bench.functions)  # type: ignore[arg-type]
-    wait_http(f"http://{LOOPBACK}:{bench.receiver_port}/count?batch=x", bench.receiver)  # type: ignore[arg-type]
+        servers.append(child)
+        wait_http(f"http://{LOOPBACK}:{port}{ready}", child)
+    bench.functions, bench.receiver = servers
     bench.functions_file.write_text(json.dumps(functions_json(bench)))
     gateway, gateway_url = bench.start_gateway("gateway")
     script = post_script(tmp, args.size)

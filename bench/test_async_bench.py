@@ -124,8 +124,21 @@ def _round(rnd: int, gateway: float, pika: float, last: float, late: float) -> d
         "accept": accept,
         "pika": {"rate": pika, "rabbitmq_cpu_ms_per_call": 0.05, "others_cores": 0.1},
         "accept_ratio": gateway / pika,
-        "e2e": {"completions_per_s": 500.0, "post_all_s": 1.0, "last_callback_s": 4.0},
-        "burst": {"post_all_s": 0.5, "first_callback_s": 1.1, "last_callback_s": last},
+        "e2e": {
+            "completions_per_s": 500.0,
+            "post_all_s": 1.0,
+            "last_callback_s": 4.0,
+            "gateway_cpu_ms_per_call": 0.5,
+            "worker_cpu_ms_per_call": 1.0,
+            "others_cores": 0.1,
+        },
+        "burst": {
+            "post_all_s": 0.5,
+            "first_callback_s": 1.1,
+            "last_callback_s": last,
+            "worker_cpu_ms_per_call": 1.0,
+            "others_cores": 0.1,
+        },
         "timeout": {"samples": [sample]},
     }
 
