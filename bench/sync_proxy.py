@@ -51,6 +51,7 @@ from harness import (
     Nginx,
     WrkResult,
     WrkTimeout,
+    children_of,
     ensure_commands,
     ensure_python_module,
     free_port,
@@ -110,6 +111,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="URL",
         help="also run the gateway on the real Redis store [redis://127.0.0.1:6379/0]",
+    )
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the gateway with --workers N on the real Redis store (processes sharing the port)",
     )
     p.add_argument("--post-bytes", type=int, default=0, help="POST a body of this size instead of GET [0]")
     p.add_argument(
@@ -515,6 +523,35 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
             )
         )
         watch["gateway-redis"] = lambda: [redis_gw.pid]
+
+    if args.gateway_workers > 1:
+        prefix_w = f"bench:{uuid.uuid4().hex[:12]}:"
+        stack.callback(lambda: say(f"removed {redis_delete_prefix(LOOPBACK, 6379, 0, prefix_w)} redis keys"))
+        wk_port = free_port()
+        workers_gw = Gateway(
+            "gateway-workers",
+            tmp,
+            wk_port,
+            deploy,
+            redis="redis://127.0.0.1:6379/0",
+            extra=[
+                f"--redis-prefix={prefix_w}",
+                f"--workers={args.gateway_workers}",
+                "--amqp=amqp://guest:guest@127.0.0.1:5672/%2F",
+            ],
+        )
+        stack.callback(workers_gw.stop)
+        wait_http(f"http://{LOOPBACK}:{wk_port}/function/bench", workers_gw, body=b"ok")
+        time.sleep(3)  # the other processes start after the first answers
+        targets.append(
+            Target(
+                "gateway-workers",
+                f"(c'') gateway --workers {args.gateway_workers}",
+                f"http://{LOOPBACK}:{wk_port}/function/bench",
+                "gateway-workers",
+            )
+        )
+        watch["gateway-workers"] = lambda: [workers_gw.pid, *children_of(workers_gw.pid)]
 
     script = post_script(tmp, args.post_bytes) if args.post_bytes else None
     levels = sorted({1, args.connections, *(SWEEP if args.concurrency_sweep else ())})
