@@ -86,7 +86,10 @@ class Env:
         await self.publisher.publish(call)
         return call
 
-    async def start_worker(self, *extra: str, amqp_url: str | None = None) -> tuple[TwistdProcess, str]:
+    async def start_worker(
+        self, *extra: str, amqp_url: str | None = None, wait: bool = True
+    ) -> tuple[TwistdProcess, str]:
+        """Start a worker on this test's queues; ``wait`` for its /healthz (unless it may die first)."""
         port = free_port()
         proc = TwistdProcess(
             "faas-worker",
@@ -116,7 +119,8 @@ class Env:
         )
         self.workers.append(proc)
         base = f"http://127.0.0.1:{port}"
-        await proc.wait_http(base + "/healthz", status=200)
+        if wait:
+            await proc.wait_http(base + "/healthz", status=200)
         return proc, base
 
     async def record(self, call: Call) -> CallRecord | None:

@@ -187,12 +187,30 @@ class RetryTests(GatewayTestCase):
     def test_no_dead_letter_is_404(self) -> None:
         self.assertEqual(self.call("POST", "/system/calls/nothing/retry")[0].code, 404)
 
-    def test_an_unconfirmed_publish_is_503_and_the_dead_letter_stays(self) -> None:
+    def test_an_unconfirmed_publish_is_503_and_the_dead_letter_and_record_stay(self) -> None:
         self.store.dead_letters["c1"] = letter("c1")
+        dead = CallRecord("c1", "echo", status=CallStatus.DEAD_LETTERED, dead_reason="attempts_exhausted")
+        self.store.calls["c1"] = dead
         self.queue.available = False
         response, _ = self.call("POST", "/system/calls/c1/retry")
         self.assertEqual(response.code, 503)
         self.assertIn("c1", self.store.dead_letters)
+        self.assertEqual(self.store.calls["c1"], dead)
+
+    def test_the_record_is_reset_before_the_message_is_published(self) -> None:
+        """A worker must never see the re-queued message before its record says so."""
+        self.store.dead_letters["c1"] = letter("c1")
+        self.store.calls["c1"] = CallRecord("c1", "echo", status=CallStatus.DEAD_LETTERED)
+        seen = []
+        publish = self.queue.publish
+
+        async def watch(call):
+            seen.append(self.store.calls["c1"])
+            await publish(call)
+
+        self.queue.publish = watch
+        self.assertEqual(self.call("POST", "/system/calls/c1/retry")[0].code, 202)
+        self.assertEqual([(r.status, r.replays) for r in seen], [("queued", 1)])
 
     def test_a_message_that_was_not_a_txfaas_call_cannot_be_requeued(self) -> None:
         self.store.dead_letters["x"] = letter("x", function="", dead=DeadMark(DeadReason.UNDECODABLE, 1.0))

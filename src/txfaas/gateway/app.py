@@ -412,16 +412,27 @@ class GatewayApp:
         else:
             call = attrs.evolve(dead, dead=None, not_before=0.0, attempt=1, replay=replay, accepted_at=now)
             fresh = CallRecord.for_call(call)
-        # Publish first: the re-queued message carries the higher replay number, so a worker
-        # runs it even if the record below cannot be written; the dead letter goes last.
-        await self._queue.publish(call)
+        # The record first (with the higher replay number: a late duplicate of the dead letter
+        # is then ignored), so a worker never sees the message before it; then the message,
+        # confirmed; the dead letter goes last, so a failure anywhere leaves it to retry again.
+        await self._calls.put_call(fresh)
         try:
-            await self._calls.put_call(fresh)
+            await self._queue.publish(call)
+        except Exception:
+            if record is not None:
+                try:
+                    await self._calls.put_call(record)
+                except StoreUnavailable as e:
+                    self.log.warn(
+                        "[{call_id}] could not restore the record: {error}", call_id=call_id, error=e
+                    )
+            raise
+        try:
             await self._calls.remove_dead_letter(call_id)
         except StoreUnavailable as e:
             self.log.warn(
-                "[{call_id}] re-queued, but the store could not be updated ({error}): the dead letter "
-                "may still be listed",
+                "[{call_id}] re-queued, but the dead letter could not be removed ({error}): it is still "
+                "listed",
                 call_id=call_id,
                 error=e,
             )

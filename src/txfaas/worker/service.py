@@ -800,6 +800,9 @@ class WorkerService(Service):
             # Re-queued from the dead letters, and the record was not reset: this message wins.
             record = attrs.evolve(
                 record,
+                status=outcome_status(job.status_code),
+                status_code=job.status_code,
+                error=None,
                 callback_state=CallbackState.RETRYING,
                 callback_attempts=0,
                 dead_reason=None,
