@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -113,7 +114,7 @@ def _broker_death(headers: dict[str, Any], call: Call, now: float) -> DeadMark |
     if not isinstance(reason, str) or reason == "expired":
         return None  # a retry back from its delay tier, not a dead letter
     when = death.get("time")
-    at = when.timestamp() if hasattr(when, "timestamp") else now
+    at = when.timestamp() if isinstance(when, datetime) else now
     queue = death.get("queue")
     if isinstance(queue, bytes):
         queue = queue.decode("latin-1")
@@ -421,9 +422,10 @@ class _Consumer:
             call = Call.decode(headers[CALL_HEADER], message.body)
         except Exception as e:
             reason = _describe(e) if not isinstance(e, KeyError) else f"no {CALL_HEADER} header"
-            call = self._undecodable(channel, message, queue, reason)
-            if call is None:
+            placeholder = self._undecodable(channel, message, queue, reason)
+            if placeholder is None:
                 return
+            call = placeholder
         if call.dead is None:
             dead = _broker_death(headers, call, self.owner._reactor.seconds())
             if dead is not None:
