@@ -9,10 +9,11 @@ Definitions (all over call ids; times are seconds on the run's one clock):
 - **lost**: accepted, and none of: a callback answered 2xx by the receiver; a
   ``dead_lettered`` status (or callback state); a final failed status.  A final
   record whose callback delivery ended in a recorded failure (``callbackState:
-  failed``) counts as a final failed status: the failure is visible where the
-  client looks (``GET /system/calls/{id}``), and it is counted on its own line
-  (``callbacks given up``) so it is never hidden; with ``strict_callbacks`` it is
-  lost (for systems that retry callbacks durably).  Everything else is lost: no
+  failed``) is lost with ``strict_callbacks`` (the runner's default: exhausted
+  callback retries end ``dead_lettered``, so a given-up callback means the receiver
+  said stop, which the suite's receiver never does); without it, it counts as a
+  final failed status, visible where the client looks (``GET /system/calls/{id}``).
+  Either way it is counted on its own line (``callbacks given up``).  Everything else is lost: no
   record, a record that never became final, or one that says its callback was
   delivered when none arrived.
 - **unexpected**: callbacks (or executions) for call ids never sent.

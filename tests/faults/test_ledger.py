@@ -193,6 +193,7 @@ def test_the_command_line_quick_run_and_fault_selection():
     assert (quick.calls, quick.rounds["worker_kill"], quick.rounds["poison"]) == (300, 2, 1)
     full = parse_args([])
     assert full.calls == 10_000 and set(full.rounds.values()) == {3}
+    assert full.strict_callbacks and not parse_args(["--lenient-callbacks"]).strict_callbacks
     assert "purge" not in full.rounds
     chosen = parse_args(["--faults", "purge,amqp_cut", "--calls", "50"])
     assert chosen.calls == 50
