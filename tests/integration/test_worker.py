@@ -189,6 +189,9 @@ def test_help_lists_every_flag():
         "--amqp", "--redis", "--redis-prefix", "--queue", "--max-inflight", "--exec-timeout",
         "--gateway-url", "--callback-allow", "--callback-secret", "--listen", "--consumer-timeout",
         "--drain-timeout", "--callback-timeout", "--function-url-template", "--max-result-size",
+        "--max-attempts", "--retry-codes", "--retry-min-wait", "--retry-max-wait", "--callback-max-attempts",
+        "--callback-max-age", "--callback-min-wait", "--callback-max-wait", "--max-age", "--delivery-limit",
+        "--delay-tiers", "--retry-prefix", "--dead-letter-queue", "--callback-queue",
     ]:  # fmt: skip
         assert flag in result.stdout, flag
 

@@ -49,6 +49,12 @@ class FlakyStore(MemoryStore):
             raise StoreUnavailable("writes down")
         await super().put_result(call_id, result)
 
+    async def transition_call(self, record: CallRecord, from_statuses: Any, **kwargs: Any) -> Any:
+        self.writes += 1
+        if self.writes_fail:
+            raise StoreUnavailable("writes down")
+        return await super().transition_call(record, from_statuses, **kwargs)
+
 
 class RefusingAgent:
     """A function host that refuses connections."""
