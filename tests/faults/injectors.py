@@ -19,7 +19,7 @@ a connection went away with deliveries still unacknowledged, so a call may run t
   crash the worker process itself):
 
   * ``undecodable``: a message whose ``txfaas-call`` metadata is not JSON (the worker must
-    reject it without requeueing, or dead-letter it, and carry on);
+    move it to the dead letters, or at least reject it without requeueing, and carry on);
   * ``unprocessable``: well-formed metadata for the run's function whose method is not ASCII,
     which the worker decodes and then fails to handle.  It must end somewhere visible
     (a final or ``dead_lettered`` status) instead of circulating forever.
@@ -202,7 +202,7 @@ class Injector:
         assert admin is not None
         self._poisons += 1
         bad = f"{self._run_id}-poison-{self._poisons}-undecodable"
-        await admin.publish_raw(self._stack.queue, b"\xff\xfe", {CALL_HEADER: "{not json"})
+        await admin.publish_raw(self._stack.queue, b"\xff\xfe", {CALL_HEADER: "{not json"}, message_id=bad)
         self._ledger.poison[bad] = "undecodable"
         ugly = f"{self._run_id}-poison-{self._poisons}-unprocessable"
         meta = Call(
@@ -215,7 +215,9 @@ class Injector:
             accepted_at=time.time(),
             queue=self._stack.queue,
         ).meta()
-        await admin.publish_raw(self._stack.queue, payload(ugly), {CALL_HEADER: json.dumps(meta)})
+        await admin.publish_raw(
+            self._stack.queue, payload(ugly), {CALL_HEADER: json.dumps(meta)}, message_id=ugly
+        )
         self._ledger.poison[ugly] = "unprocessable"
         return FaultEvent("poison", at, self._reactor.seconds(), f"published {bad} and {ugly}")
 

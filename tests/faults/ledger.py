@@ -96,6 +96,8 @@ class Ledger:
     poison: dict[str, str] = attrs.field(factory=dict)
     #: "undecodable message" lines found in the workers' logs.
     undecodable_rejections: int = 0
+    #: call id -> reason, from ``GET /system/dead-letters``; None when the gateway has no such list.
+    dead_letters: dict[str, str] | None = None
     #: queue name -> messages ready at the end (work queue, and any dead-letter queue seen).
     queues: dict[str, int] = attrs.field(factory=dict)
     #: Calls the workers held (``txfaas_worker_calls_in_flight``) when the drain ended; None: unknown.
@@ -134,6 +136,8 @@ class Summary:
     duplicate_callbacks: Duplicates
     recovered: int
     dead_lettered: int
+    #: Entries in ``GET /system/dead-letters`` (accepted calls, poison, ...); None: no such list.
+    dead_letters: int | None
     callbacks_received: int
     callbacks_given_up: int
     corrupt: list[str]
@@ -224,6 +228,8 @@ def _poison_fate(ledger: Ledger, call_id: str, kind: str) -> str:
     record = ledger.records.get(call_id)
     if kind == "undecodable":
         n = sum(1 for k in ledger.poison.values() if k == "undecodable")
+        if ledger.dead_letters and call_id in ledger.dead_letters:
+            return f"dead-lettered ({ledger.dead_letters[call_id]})"
         if record is not None:
             return f"decoded after all? status {record.get('status')}"
         if ledger.undecodable_rejections >= n:
@@ -294,6 +300,7 @@ def summarize(ledger: Ledger, strict_callbacks: bool = False) -> Summary:
         duplicate_callbacks=dup_cb,
         recovered=recovered,
         dead_lettered=dead,
+        dead_letters=None if ledger.dead_letters is None else len(ledger.dead_letters),
         callbacks_received=received,
         callbacks_given_up=given_up,
         corrupt=corrupt,
@@ -340,7 +347,7 @@ def table(summary: Summary, title: str = "txfaas fault suite") -> str:
         ("duplicate executions", f"{de.count} ({de.explained} explained by a crash window)"),
         ("duplicate callbacks", f"{dc.count} ({dc.explained} explained by a crash window)"),
         ("recovered (not accepted, ran)", str(s.recovered)),
-        ("dead-lettered", str(s.dead_lettered)),
+        ("dead-lettered", f"{s.dead_lettered} accepted call(s); dead-letter list: {s.dead_letters}"),
         ("callbacks received", str(s.callbacks_received)),
         ("callbacks given up (recorded)", str(s.callbacks_given_up)),
         ("final statuses", _counts(s.final_status)),

@@ -92,12 +92,16 @@ class StatusPoller:
         self._pool.maxPersistentPerHost = concurrency
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
 
-    async def _one(self, call_id: str, records: dict[str, Any]) -> None:
-        d = self._http.get(f"{self._base}/system/calls/{call_id}")
-        d.addCallback(lambda r: r.content().addCallback(lambda body: (r.code, body)))
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        d = self._http.get(self._base + path)
         d.addTimeout(10, self._reactor)
+        response = await d
+        body = await response.content()
+        return response.code, body
+
+    async def _one(self, call_id: str, records: dict[str, Any]) -> None:
         try:
-            code, body = await d
+            code, body = await self._get(f"/system/calls/{call_id}")
         except Exception:
             return  # unknown this time: polled again
         if code == 404:
@@ -112,6 +116,20 @@ class StatusPoller:
                 for c in call_ids
             ]
         )
+
+    async def dead_letters(self) -> dict[str, str] | None:
+        """Every entry of ``GET /system/dead-letters`` (call id -> reason); None if there is no list."""
+        found: dict[str, str] = {}
+        page, offset = 1000, 0
+        while True:
+            code, body = await self._get(f"/system/dead-letters?limit={page}&offset={offset}")
+            if code != 200:
+                return None
+            letters = json.loads(body)
+            found.update((str(e.get("callId")), str(e.get("reason"))) for e in letters)
+            offset += len(letters)
+            if len(letters) < page:
+                return found
 
     async def close(self) -> None:
         await self._pool.closeCachedConnections()
@@ -297,6 +315,10 @@ class Run:
         unknown = [c for c in [*self.ledger.sent, *self.ledger.poison] if not _final(self.ledger, c)]
         await poller.poll(unknown, self.ledger.records)
         self.ledger.undecodable_rejections = self.stack.worker_logs().count("undecodable message")
+        try:
+            self.ledger.dead_letters = await poller.dead_letters()
+        except Exception as e:
+            self.log.warn("could not list the dead letters: {error}", error=e)
         admin = self.stack.admin
         assert admin is not None
         for name in await self.stack.queue_names():

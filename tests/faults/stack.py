@@ -314,10 +314,12 @@ class Admin:
         except Exception:
             return None
 
-    async def publish_raw(self, queue: str, body: bytes, headers: dict[str, Any] | None) -> None:
+    async def publish_raw(
+        self, queue: str, body: bytes, headers: dict[str, Any] | None, message_id: str | None = None
+    ) -> None:
         async def publish(channel: Any) -> None:
             await channel.confirm_delivery()
-            properties = pika.BasicProperties(delivery_mode=2, headers=headers)
+            properties = pika.BasicProperties(delivery_mode=2, headers=headers, message_id=message_id)
             await channel.basic_publish("", queue, body, properties=properties, mandatory=True)
 
         d = defer.Deferred.fromCoroutine(self._with_channel(publish))

@@ -154,15 +154,18 @@ def test_bodies_that_are_not_the_ones_sent_are_flagged_as_corrupt():
 
 def test_poison_fates_say_whether_it_ended_or_still_circulates():
     ledger = Ledger()
-    ledger.poison.update({"u": "undecodable", "p": "unprocessable", "q": "unprocessable"})
-    ledger.undecodable_rejections = 1
+    ledger.poison.update({"u": "undecodable", "v": "undecodable", "p": "unprocessable", "q": "unprocessable"})
+    ledger.undecodable_rejections = 2
+    ledger.dead_letters = {"v": "undecodable", "q": "delivery_limit"}
     ledger.records.update({"u": None, "p": record("running", attempts=7), "q": record("dead_lettered")})
     s = summarize(ledger)
     assert s.poison == {
         "p": "circulating: running after 7 attempt(s)",
         "q": "ended: dead_lettered after 1 attempt(s)",
         "u": "rejected by a worker (logged)",
+        "v": "dead-lettered (undecodable)",
     }
+    assert s.dead_letters == 2
     assert s.flags == ["the accepted calls did not settle, or the queue did not drain, in time",
                        "poison p: circulating: running after 7 attempt(s)"]  # fmt: skip
 

@@ -43,6 +43,7 @@ async def test_quick_fault_run_loses_nothing_and_every_accepted_call_settles(ser
     assert s.lost == {}, outcome.table
     assert s.unexpected == [] and s.unexpected_executions == [], outcome.table
     assert s.drained, outcome.table
+    assert not [f for f in s.poison.values() if f.startswith(("circulating", "not seen"))], outcome.table
     expected = {k for k in KINDS if outcome.private_broker or k not in NEEDS_PRIVATE_BROKER}
     assert set(s.faults) == expected, outcome.table
     assert Path(outcome.report_path).exists()
