@@ -487,3 +487,31 @@ def test_the_keeper_gives_the_dead_letter_back_while_the_store_is_down():
     h.clock.advance(1.0)
     h.flush()
     assert "c" in h.store.dead_letters and h.queue.pending("txfaas.dead-letter") == 0
+
+
+def test_a_retry_past_max_age_is_dead_lettered_and_the_last_answer_called_back():
+    """Waiting for attempt 2 when --max-age passes: not run; dead-lettered (max_age); the caller
+    gets attempt 1's answer, the one it would otherwise never hear of."""
+    h = Harness(
+        respond=answers(503), max_age=100.0, **retrying(retry=RetryPolicy(min_wait=200.0, max_wait=200.0))
+    )
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert h.record().status == CallStatus.RETRYING and h.receiver.requests == []
+    run_until_quiet(h, 210, step=10.0)
+    assert len(h.function.requests) == 1
+    record = h.record()
+    assert (record.status, record.dead_reason, record.callback_state) == (
+        "dead_lettered",
+        "max_age",
+        "delivered",
+    )
+    [cb] = h.receiver.requests
+    assert (cb["body"], cb["headers"]["x-function-status"], cb["headers"]["x-retry"]) == (
+        b"answer 1: 503",
+        ["503"],
+        ["0"],
+    )
+    assert h.store.dead_letters["call-1"].mark.reason == "max_age"

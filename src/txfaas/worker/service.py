@@ -527,7 +527,8 @@ class WorkerService(Service):
                 call,
                 record,
                 DeadReason.MAX_AGE,
-                f"not run: {age} old when picked up (--max-age {format_duration(self.config.max_age)})",
+                f"attempt {call.attempt} not run: {age} old when picked up "
+                f"(--max-age {format_duration(self.config.max_age)})",
             )
             return
         interrupted = record.status == CallStatus.RUNNING and record.attempts == call.attempt
@@ -706,13 +707,21 @@ class WorkerService(Service):
                 record.finished_at or self._clock.seconds(),
                 attempts=record.attempts,
             )
-        if record.dead_reason in (DeadReason.MAX_AGE, DeadReason.DELIVERY_LIMIT):
+        if (
+            record.dead_reason in (DeadReason.MAX_AGE, DeadReason.DELIVERY_LIMIT)
+            and record.status_code is None
+        ):
             return  # no answer to call back with
         await self._callback(call, record, None)
 
     async def _dead_letter(self, call: Call, record: CallRecord, reason: str, error: str) -> None:
-        """Record ``dead_lettered`` and publish the call to the dead-letter queue (before the ack)."""
+        """Record ``dead_lettered`` and publish the call to the dead-letter queue (before the ack).
+
+        A call an earlier attempt of which answered (it was waiting for a retry) still gets
+        that answer as its callback; one that never answered gets none."""
         now = self._clock.seconds()
+        answered = record.status_code is not None
+        pending = record.callback_state in (CallbackState.PENDING, None) and bool(record.callback_url)
         record = attrs.evolve(
             record,
             status=CallStatus.DEAD_LETTERED,
@@ -720,12 +729,19 @@ class WorkerService(Service):
             error=error,
             finished_at=now,
             next_attempt_at=None,
-            callback_state=CallbackState.FAILED if record.callback_state else None,
-            callback_error="no callback: the call was dead-lettered before it answered"
-            if record.callback_state
-            else None,
+            callback_state=(CallbackState.PENDING if answered else CallbackState.FAILED)
+            if pending
+            else record.callback_state,
+            callback_error=record.callback_error
+            if answered or not pending
+            else "no callback: the call was dead-lettered before it answered",
         )
-        await self._patiently(call, lambda: self._store.put_call(record))
+        found = await self._patiently(
+            call, lambda: self._store.transition_call(record, _STARTABLE, create=True)
+        )
+        if found is not None:  # cancelled (or finished) meanwhile: nothing to dead-letter
+            self._stale(CALL, call, f"the record moved on ({found.status})")
+            return
         self.metrics.calls.labels(call.function, record.status).inc()
         self.log.warn(
             "call {call_id}: dead-lettered ({reason}): {error}",
@@ -734,6 +750,8 @@ class WorkerService(Service):
             error=error,
         )
         await self._send_to_dead_letters(call, reason, error, now)
+        if answered:
+            await self._callback(call, record, None)
 
     async def _send_to_dead_letters(
         self, call: Call, reason: str, error: str | None, at: float, attempts: int | None = None
