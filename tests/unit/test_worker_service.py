@@ -200,6 +200,20 @@ def test_get_without_body_sends_no_body_and_empty_post_sends_empty_body():
     assert post["method"] == "POST" and post["headers"]["content-length"] == ["0"]
 
 
+def test_a_call_no_http_request_can_carry_fails_once_as_400():
+    """A queued call with a non-ASCII method is not requeued until its delivery limit: it fails once."""
+    h = Harness()
+    h.deploy()
+    h.enqueue(call_id="call-1", method="P\u00d6ST", callback_url=None)
+    h.start()
+    h.flush()
+    record = h.record()
+    assert (record.status, record.status_code) == (CallStatus.FAILED, 400)
+    assert "cannot build the request" in record.error
+    assert h.function.requests == []
+    assert h.unacked == 0 and h.queue.pending(Q) == 0
+
+
 def test_ack_comes_only_after_the_outcome_is_recorded_and_the_callback_answered():
     """While the callback receiver has not answered, the message stays unacknowledged."""
     answer: defer.Deferred = defer.Deferred()

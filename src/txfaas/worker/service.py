@@ -996,9 +996,17 @@ class WorkerService(Service):
             text = f"function {call.function!r} not found (deleted after the call was queued?)"
             return FunctionResponse(404, list(_TEXT), text.encode() + b"\n", text)
         timeout = self.timeout_for(spec)
-        headers = end_to_end(to_bytes_pairs(call.headers), drop=_REQUEST_DROP)
-        headers.append((CALL_ID, call.call_id.encode("latin-1")))
-        method = call.method.upper().encode("ascii")
+        try:
+            # A queued call can carry what no HTTP request may (a non-ASCII method, say):
+            # it fails once, as a 400, rather than coming back until its delivery limit.
+            headers = end_to_end(to_bytes_pairs(call.headers), drop=_REQUEST_DROP)
+            headers.append((CALL_ID, call.call_id.encode("latin-1")))
+            method = call.method.upper().encode("ascii")
+            if not method.isalpha():
+                raise ValueError(f"invalid method {call.method!r}")
+        except (UnicodeEncodeError, ValueError) as e:
+            text = f"cannot build the request to function {call.function!r}: {e}"
+            return FunctionResponse(400, list(_TEXT), text.encode() + b"\n", text)
         body: bytes | None = call.body
         if not call.body and method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
             body = None
