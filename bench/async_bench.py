@@ -88,6 +88,8 @@ from harness import (
     wait_http,
 )
 
+from txfaas.config import parse_duration
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 GOALS = {
@@ -100,6 +102,7 @@ HANG_TIMEOUT = 1.0  # the hanging function's own txfaas.timeout in case 4
 HANG_CALLS = 20
 HANG_INTERVAL = 0.1
 E2E_CONCURRENCY = 100
+DELAY_TIER = "1s"  # the worker's only delay queue (no call of the benchmark is retried)
 # Environment the processes would otherwise take settings from.
 _SETTINGS_ENV = ("upstream_timeout", "read_timeout", "write_timeout", "basic_auth", "max_inflight")
 
@@ -237,6 +240,14 @@ class Broker:
         except pika.exceptions.AMQPError as e:
             say(f"warning: could not delete queue {queue}: {e}")
 
+    def delete_exchange(self, exchange: str) -> None:
+        import pika
+
+        try:
+            self._run(lambda ch: ch.exchange_delete(exchange))
+        except pika.exceptions.AMQPError as e:
+            say(f"warning: could not delete exchange {exchange}: {e}")
+
     def depth(self, queue: str) -> int:
         return self._run(lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
 
@@ -251,6 +262,11 @@ class Bench:
     prefix: str
     accept_queue: str
     work_queue: str
+    #: the worker's retry topology, private to this run: <prefix>.retry, <prefix>.delay.1000,
+    #: and its callback-retry and dead-letter queues (shared defaults would mix with other runs)
+    retry_prefix: str
+    callback_queue: str
+    dead_letter_queue: str
     functions_file: Path
     functions_port: int
     receiver_port: int
@@ -306,6 +322,10 @@ class Bench:
                 f"--max-inflight={max_inflight}",
                 f"--exec-timeout={exec_timeout}",
                 "--drain-timeout=1s",
+                f"--retry-prefix={self.retry_prefix}",
+                f"--delay-tiers={DELAY_TIER}",
+                f"--callback-queue={self.callback_queue}",
+                f"--dead-letter-queue={self.dead_letter_queue}",
             ],
         )
         self.stack.callback(worker.stop)
@@ -1036,11 +1056,13 @@ def environment() -> dict[str, Any]:
 
 def functions_json(bench: Bench) -> list[dict[str, Any]]:
     def fn(name: str, route: str, queue: str, **annotations: str) -> dict[str, Any]:
+        # One attempt: a timed-out call's callback comes at once, not after retries.
+        annotations = {"com.openfaas.queue": queue, "com.openfaas.retry.attempts": "1", **annotations}
         return {
             "service": name,
             "image": "bench",
             "url": f"{bench.functions_url}/{route}",
-            "annotations": {"com.openfaas.queue": queue, **annotations},
+            "annotations": annotations,
         }
 
     return [
@@ -1067,6 +1089,9 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
         prefix=f"bench:{tag}:",
         accept_queue=f"bench-accept-{tag}",
         work_queue=f"bench-work-{tag}",
+        retry_prefix=f"bench-{tag}",
+        callback_queue=f"bench-callbacks-{tag}",
+        dead_letter_queue=f"bench-dead-letter-{tag}",
         functions_file=tmp / "functions.json",
         functions_port=free_port(),
         receiver_port=free_port(),
@@ -1082,11 +1107,15 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     }
 
     def clean_up() -> None:
-        for queue in (bench.accept_queue, bench.work_queue):
+        tier = f"{bench.retry_prefix}.delay.{round(parse_duration(DELAY_TIER) * 1000)}"
+        queues = [bench.accept_queue, bench.work_queue, bench.callback_queue, bench.dead_letter_queue, tier]
+        for queue in queues:
             bench.broker.delete(queue)
+        for exchange in (f"{bench.retry_prefix}.retry", tier):  # a delay tier is a queue and an exchange
+            bench.broker.delete_exchange(exchange)
         removed = redis_delete_prefix(redis.hostname or LOOPBACK, redis.port or 6379, db, bench.prefix)
         say(
-            f"removed queues {bench.accept_queue}, {bench.work_queue} and {removed} redis keys under {bench.prefix}"
+            f"removed queues {', '.join(queues)}, exchange {bench.retry_prefix}.retry and {removed} redis keys"
         )
 
     # Registered first, so it runs last: after every process it started has stopped.
