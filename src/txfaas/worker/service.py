@@ -178,7 +178,12 @@ class WorkerMetrics:
     """The worker's Prometheus metrics, on a registry of its own."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.in_flight = Gauge("txfaas_worker_calls_in_flight", "Calls being handled now.", registry=registry)
+        self.in_flight = Gauge(
+            "txfaas_worker_calls_in_flight",
+            "Calls being handled now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.calls = Counter(
             "txfaas_worker_calls",
             "Calls run to a final status.",

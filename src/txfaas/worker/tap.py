@@ -100,6 +100,12 @@ _FLAGS: dict[str, tuple[tuple[str, ...], str, str]] = {
     ),
     "call-ttl": (("TXFAAS_CALL_TTL",), "24h", "How long call records and results are kept."),
     "listen": (("TXFAAS_WORKER_LISTEN",), "tcp:8081", "Endpoint of the worker's /healthz and /metrics."),
+    "processes": (
+        ("TXFAAS_WORKER_PROCESSES",),
+        "1",
+        "Worker processes to run (each with --max-inflight calls); above 1, this process supervises "
+        "them, restarts one that dies, and serves /healthz and /metrics added up over all of them.",
+    ),
     # Retries, callback retries and dead letters.
     "max-attempts": (
         ("TXFAAS_MAX_ATTEMPTS",),
@@ -200,6 +206,7 @@ class Settings:
     callback_policy: AddressPolicy
     signing_key: bytes | None
     listen: str
+    processes: int = 1
     retry_prefix: str = "txfaas"
 
 
@@ -323,6 +330,7 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         callback_policy=AddressPolicy(allow_networks=networks, allow_hosts=hosts),
         signing_key=key,
         listen=get("listen", str),
+        processes=get("processes", _positive_int),
         retry_prefix=get("retry-prefix", _prefix),
     )
 
@@ -364,7 +372,39 @@ def makeService(options: Mapping[str, Any]) -> service.IService:
         raise SystemExit(f"{PLUGIN}: {e}") from None
     from twisted.internet import reactor
 
+    from txfaas.runtime import is_child
+
+    if settings.processes > 1 and not is_child():
+        return build_supervisor(reactor, settings)
     return build(reactor, settings)
+
+
+def build_supervisor(reactor: Any, settings: Settings) -> service.MultiService:
+    """``--processes N``: run N worker processes (the kernel and the broker spread the work), restart
+    one that dies, and serve /healthz (all alive) and /metrics (the sum over all of them)."""
+    import os
+    import tempfile
+
+    from twisted.internet.endpoints import serverFromString
+    from twisted.web.server import Site
+
+    from txfaas.runtime import ChildProcesses
+    from txfaas.worker.web import supervisor_resource
+
+    # Before the children import prometheus_client: their values go to files this process adds up.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="txfaas-worker-metrics-"))
+    children = ChildProcesses(reactor, settings.processes)
+    try:
+        endpoint = serverFromString(reactor, settings.listen)
+    except ValueError as e:
+        raise SystemExit(f"{PLUGIN}: --listen {settings.listen}: {e}") from None
+    site = Site(supervisor_resource(children.alive, settings.processes))
+    site.displayTracebacks = False
+    top = service.MultiService()
+    children.setServiceParent(top)
+    _Listener(endpoint, site, settings.listen).setServiceParent(top)
+    log.info("faas-worker: supervising {n} worker processes", n=settings.processes)
+    return top
 
 
 def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = None) -> service.MultiService:
@@ -378,6 +418,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.server import Site
 
+    from txfaas.runtime import is_child
     from txfaas.ssrf import FilteringReactor
     from txfaas.worker.callback import CallbackDelivery
     from txfaas.worker.service import WorkerMetrics, WorkerService
@@ -446,7 +487,8 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     # Stopped in reverse order: the listener first, then the worker drains, then the pools close.
     _Closer(function_pool, callback_pool).setServiceParent(top)
     worker.setServiceParent(top)
-    _Listener(endpoint, site, settings.listen).setServiceParent(top)
+    if not is_child():  # a supervised worker: its supervisor serves /healthz and /metrics
+        _Listener(endpoint, site, settings.listen).setServiceParent(top)
     log.info(
         "faas-worker: queues {queues}, max in flight {n}, exec timeout {t:g}s",
         queues=",".join(config.queues),

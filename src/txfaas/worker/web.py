@@ -71,3 +71,44 @@ def worker_resource(
     root.putChild(b"healthz", HealthResource(health))
     root.putChild(b"metrics", MetricsResource(registry))
     return root
+
+
+class SupervisorHealth(resource.Resource):
+    """200 while every supervised worker process runs, else 503 naming the missing ones."""
+
+    isLeaf = True
+
+    def __init__(self, alive: Callable[[], list[int]], count: int) -> None:
+        super().__init__()
+        self._alive = alive
+        self._count = count
+
+    def render_GET(self, request: server.Request) -> bytes:
+        running = set(self._alive())
+        missing = [str(i) for i in range(1, self._count + 1) if i not in running]
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        if missing:
+            request.setResponseCode(503)
+            return f"unhealthy: worker processes {', '.join(missing)} not running\n".encode()
+        return b"OK\n"
+
+
+class MultiProcessMetrics(resource.Resource):
+    """The metrics of every worker process, added up (prometheus_client's multiprocess folder)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(registry)
+
+
+def supervisor_resource(alive: Callable[[], list[int]], count: int) -> resource.Resource:
+    root = resource.Resource()
+    root.putChild(b"healthz", SupervisorHealth(alive, count))
+    root.putChild(b"metrics", MultiProcessMetrics())
+    return root
