@@ -288,6 +288,10 @@ class ChildProcesses(service.Service):
         for index in range(1, self._count + 1):
             self._spawn(index)
 
+    def alive(self) -> list[int]:
+        """The indices of the children running now."""
+        return sorted(self._children)
+
     def _spawn(self, index: int) -> None:
         from twisted.internet import protocol
 
