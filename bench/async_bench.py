@@ -11,7 +11,8 @@ Processes (each its own, so none shares the load driver's CPU):
 - ``faas-gateway`` and ``faas-worker`` as ``twistd -n`` of this venv, ``--redis-prefix
   bench:<tag>:``; the functions use two queues of their own (``com.openfaas.queue``):
   ``bench-accept-<tag>`` (never consumed: case 1) and ``bench-work-<tag>`` (the worker's
-  ``--queue``);
+  ``--queue``); the worker's retry topology is private too (``--retry-prefix bench-<tag>``,
+  one delay tier, its own callback and dead-letter queues) and every function has one attempt;
 - ``async_servers.py functions`` (``/ok``, ``/sleep`` 1 s, ``/hang``) and
   ``async_servers.py receiver`` (callback arrival times), Twisted web servers;
 - ``wrk`` (case 1), ``async_client.py`` (posts with call ids and callbacks; held requests),
