@@ -1,4 +1,4 @@
-"""Process plumbing shared by the twistd services: listening, start-up failures, body limits.
+"""Process plumbing shared by the twistd services: start-up failures, listening, HTTP request limits.
 
 Not pure (it talks to the reactor), but holds no policy of any one process.
 """
@@ -8,16 +8,48 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IListeningPort, IReactorCore
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import HTTPChannel
+
+from txfaas.config import ConfigError, format_duration
 
 log = Logger(namespace="txfaas.runtime")
+
+
+# --- start-up failures ----------------------------------------------------------------------
+#
+# One rule for every process: a start-up failure is ONE line naming the setting ("error: --listen
+# tcp:8080: cannot listen (Address already in use)"), on stderr and in the log, and exit status 1;
+# never a traceback.  Raise StartupError (or ConfigError) anywhere in start-up code, then:
+#   - synchronous code that runs before any service started (makeService, privilegedStartService):
+#     ``with exit_on_startup_error(): ...`` raises SystemExit, so nothing else starts;
+#   - asynchronous start-up once services run: ``run_startup(reactor, coroutine_function)`` stops
+#     the reactor (services stop in order) and exits 1 after shutdown (fail_startup).
+
+
+class StartupError(Exception):
+    """A start-up failure whose ``str()`` is the one line the operator sees (naming the setting)."""
+
+
+def _line(message: str) -> str:
+    return f"error: {message}"
+
+
+def _message(failure: Failure) -> str:
+    """The one line for a start-up failure: its own words for the expected kinds, else a summary."""
+    if failure.check(StartupError, ConfigError):
+        return str(failure.value)
+    log.failure("start-up failed", failure)
+    return f"start-up failed: {failure.getErrorMessage()}"
 
 
 def fail_startup(reactor: IReactorCore, message: str) -> None:
@@ -27,7 +59,7 @@ def fail_startup(reactor: IReactorCore, message: str) -> None:
     process leaves with ``os._exit(1)`` so scripts see the failure.
     """
     log.critical("{message}", message=message)
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(_line(message) + "\n")
     sys.stderr.flush()
 
     def leave() -> None:
@@ -42,155 +74,377 @@ def fail_startup(reactor: IReactorCore, message: str) -> None:
         reactor.callWhenRunning(reactor.stop)
 
 
-async def listen(reactor: Any, description: str, factory: Any, setting: str = "--listen") -> IListeningPort:
-    """Listen on a Twisted endpoint string; a failure is one line naming the setting."""
+@contextmanager
+def exit_on_startup_error() -> Iterator[None]:
+    """Turn a :class:`StartupError` or :class:`~txfaas.config.ConfigError` raised inside into
+    ``SystemExit`` with the one line: for code that runs before any service has started
+    (``makeService``, ``privilegedStartService``), where stopping the reactor would still let
+    the other services start."""
     try:
-        endpoint = endpoints.serverFromString(reactor, description)
-    except (ValueError, KeyError, TypeError) as e:
-        raise StartupError(f"{setting} {description}: not a valid endpoint ({e})") from None
-    try:
-        return await endpoint.listen(factory)
-    except Exception as e:  # CannotListenError and friends
-        reason = getattr(e, "socketError", None) or e
-        raise StartupError(f"{setting} {description}: cannot listen ({reason})") from None
-
-
-class StartupError(Exception):
-    """A start-up failure whose ``str()`` is the one line the operator sees."""
+        yield
+    except (StartupError, ConfigError) as e:
+        log.critical("{message}", message=str(e))
+        raise SystemExit(_line(str(e))) from None
 
 
 def run_startup(reactor: IReactorCore, start: Callable[[], Any]) -> defer.Deferred:
     """Run an ``async`` start-up routine; any failure ends the process with one line."""
-
-    def failed(failure: Any) -> None:
-        if failure.check(StartupError):
-            fail_startup(reactor, str(failure.value))
-        else:
-            log.failure("start-up failed", failure)
-            fail_startup(reactor, f"start-up failed: {failure.getErrorMessage()}")
-
     d = defer.Deferred.fromCoroutine(start())
-    d.addErrback(failed)
+    d.addErrback(lambda failure: fail_startup(reactor, _message(failure)))
     return d
 
 
-class LimitedRequest(server.Request):
-    """A request that refuses an over-limit body before reading it (413) and bounds reading time.
+# --- listening ------------------------------------------------------------------------------
 
-    The site provides ``body_limit(path: bytes) -> int | None``, ``clock``,
-    ``read_timeout`` and ``write_timeout`` (seconds, 0 = none).  A declared
-    Content-Length over the limit is refused at once; a chunked body is counted
-    as it arrives.  A client that has not sent its whole request within
-    ``read_timeout`` gets 408 and is disconnected (Twisted's
-    idle timeout resets on every byte, so a trickling client would never be dropped).
-    A response not complete within ``write_timeout`` of the request's arrival has
-    its connection aborted.
+
+async def listen(
+    reactor: Any,
+    description: str,
+    factory: Any,
+    setting: str = "--listen",
+    *,
+    endpoint: IStreamServerEndpoint | None = None,
+) -> IListeningPort:
+    """Listen on a Twisted endpoint string (or on ``endpoint``, described by ``description``);
+    a failure is a :class:`StartupError` naming the setting."""
+    if endpoint is None:
+        try:
+            endpoint = endpoints.serverFromString(reactor, description)
+        except (ValueError, KeyError, TypeError) as e:
+            raise StartupError(f"{setting} {description}: not a valid endpoint ({e})") from None
+    try:
+        return await endpoint.listen(factory)
+    except Exception as e:  # CannotListenError and friends
+        reason = getattr(e, "socketError", None) or e
+        reason = getattr(reason, "strerror", None) or reason
+        raise StartupError(f"{setting} {description}: cannot listen ({reason})") from None
+
+
+class Listener(service.Service):
+    """A listening port as a service: it opens in ``privilegedStartService`` and closes in ``stopService``.
+
+    Opening before any service starts (and before twistd sheds privileges, for ports
+    below 1024) means a port in use ends the process with one line and exit 1 while
+    nothing else has started.  TCP, UNIX and SSL endpoints listen at once; one that
+    answers later and fails ends the process through :func:`fail_startup`.  ``reactor``
+    may be None when ``endpoint`` is given.
     """
 
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        factory: Any,
+        *,
+        setting: str = "--listen",
+        endpoint: IStreamServerEndpoint | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._factory = factory
+        self._setting = setting
+        self._endpoint = endpoint
+        self._opening: defer.Deferred[Any] | None = None
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._open()
+
+    def startService(self) -> None:
+        self._open()  # when started without the privileged phase (a parent that is already running)
+        super().startService()
+
+    def _open(self) -> None:
+        if self._opening is not None:
+            return
+        d = defer.Deferred.fromCoroutine(
+            listen(self._reactor, self._description, self._factory, self._setting, endpoint=self._endpoint)
+        )
+        self._opening = d
+        if d.called:
+            outcome: list[Any] = []
+            d.addBoth(outcome.append)
+            if isinstance(outcome[0], Failure):
+                with exit_on_startup_error():
+                    outcome[0].raiseException()
+            self.port = outcome[0]
+        else:
+            d.addCallbacks(self._opened, lambda f: fail_startup(self._reactor, _message(f)))
+
+    def _opened(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port, self._opening = self.port, None, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+
+# --- HTTP request limits --------------------------------------------------------------------
+
+_READ, _RESPONSE = "read", "response"
+
+
+def _raw_response(status: bytes, message: str) -> bytes:
+    body = message.encode("utf-8") + b"\n"
+    return (
+        b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, len(body), body)
+    )
+
+
+class LimitedChannel(HTTPChannel):
+    """HTTP/1.1 with a body limit, an absolute read deadline, and two kinds of write deadline.
+
+    Its settings come from :class:`LimitedSite` (see there for their meaning).  One
+    timer per request: armed at the request's first byte for reading, moved on
+    (``reset``) to the response deadline once the request is read, cancelled when
+    the response is finished.  A send deadline exists only while the client is not
+    reading (the transport paused this channel).
+    """
+
+    log = Logger()
+
+    # Set by LimitedSite.buildProtocol.
+    bodyLimit: Callable[[bytes], int | None] | None = None
+    readTimeout: float = 0.0
+    responseTimeout: float = 0.0
+    sendTimeout: float = 0.0
+
+    _deadline: Any = None
+    _deadlineKind = _READ
+    _requestStarted = False
+    _rejected = False
     _limit: int | None = None
-    _received = 0
-    _refused = False
-    _read_timer: Any = None
-    _write_timer: Any = None
+    _backedUp = False
+    _sendDeadline: Any = None
 
-    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(channel, *args, **kwargs)
-        site = getattr(channel, "site", None)
-        timeout = getattr(site, "read_timeout", 0)
-        if timeout:
-            self._read_timer = site.clock.callLater(timeout, self._read_timed_out)
+    def __init__(self) -> None:
+        super().__init__()
+        self._flushWaiters: list[Callable[[], None]] = []
 
-    def gotLength(self, length: int | None) -> None:
-        site = getattr(self.channel, "site", None)
-        path = getattr(self.channel, "_path", b"") or b""
-        self._limit = site.body_limit(path) if site is not None and hasattr(site, "body_limit") else None
-        if self._limit is not None and length is not None and length > self._limit:
-            self._refuse(413, f"request body of {length} bytes is over the limit of {self._limit} bytes")
+    # reading
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.readTimeout:  # the first request's deadline counts from the connection's opening
+            self._deadline = self.callLater(self.readTimeout, self._timedOut)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._rejected:
             return
-        super().gotLength(length)
+        if not self._handlingRequest and data:
+            self._requestStarted = True
+            if self._deadline is None and self.readTimeout:
+                self._deadlineKind = _READ
+                self._deadline = self.callLater(self.readTimeout, self._timedOut)
+        super().dataReceived(data)
 
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._limit is not None and self._received > self._limit:
-            self._refuse(413, f"request body is over the limit of {self._limit} bytes")
-            return
-        super().handleContentChunk(data)
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._rejected:
+            super().rawDataReceived(data)
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._read_timer is not None and self._read_timer.active():
-            self._read_timer.cancel()
-        self._read_timer = None
-        if self._refused:
+    def allHeadersReceived(self) -> None:
+        limit = self._limit = self.bodyLimit(self._path) if self.bodyLimit is not None else None
+        if limit is not None and self.length is not None and self.length > limit:
+            self.refuseBody(limit, self.length)
             return
-        site = getattr(self.channel, "site", None)
-        timeout = getattr(site, "write_timeout", 0)
-        if timeout:
-            self._write_timer = site.clock.callLater(timeout, self._write_timed_out)
-        super().requestReceived(command, path, version)
+        super().allHeadersReceived()
 
-    def finish(self) -> Any:
-        self._stop_timers()
-        return super().finish()
+    def allContentReceived(self) -> None:
+        if self._rejected:
+            return
+        self._requestStarted = False
+        deadline = self._deadline
+        if self.responseTimeout:
+            self._deadlineKind = _RESPONSE
+            if deadline is not None and deadline.active():
+                deadline.reset(self.responseTimeout)
+            else:
+                self._deadline = self.callLater(self.responseTimeout, self._timedOut)
+        elif deadline is not None:
+            if deadline.active():
+                deadline.cancel()
+            self._deadline = None
+        super().allContentReceived()
+
+    def refuseBody(self, limit: int, length: int | None = None) -> None:
+        """413: the body (declared, or counted so far) is over ``limit``."""
+        size = f"of {length} bytes " if length is not None else ""
+        self.reject(b"413 Content Too Large", f"the request body {size}is over the limit of {limit} bytes")
+
+    def reject(self, status: bytes, message: str) -> None:
+        """Answer before the request was read to its end, and close: no resource sees it."""
+        if self._rejected:
+            return
+        self._rejected = True
+        self._cancelDeadline()
+        if self.transport is not None:
+            self.transport.write(_raw_response(status, message))
+            self.loseConnection()
+
+    # the one per-request timer
+
+    def _cancelDeadline(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _timedOut(self) -> None:
+        self._deadline = None
+        if self._rejected or self.transport is None:
+            return
+        if self._deadlineKind == _RESPONSE:
+            uri = self.requests[0].uri if self.requests else b"?"
+            self.log.warn(
+                "response to {uri} not finished within {timeout} of the request: closing",
+                uri=uri,
+                timeout=format_duration(self.responseTimeout),
+            )
+            self.transport.abortConnection()
+        elif self._handlingRequest:
+            return
+        elif not self._requestStarted:
+            # Opened and never used: nothing was asked, so nothing to answer.
+            self._rejected = True
+            self.loseConnection()
+        else:
+            self.log.info(
+                "read_timeout: no complete request from {peer} within {timeout}",
+                peer=str(self.transport.getPeer()),
+                timeout=format_duration(self.readTimeout),
+            )
+            self.reject(
+                b"408 Request Timeout", f"read_timeout of {format_duration(self.readTimeout)} exceeded"
+            )
+
+    def requestDone(self, request: Any) -> None:
+        if self._deadline is not None:
+            self._cancelDeadline()
+        if self._backedUp and self.sendTimeout and self._sendDeadline is None:
+            self._sendDeadline = self.callLater(self.sendTimeout, self._sendTimedOut)
+        super().requestDone(request)
+
+    # sending
+
+    def pauseProducing(self) -> None:
+        self._backedUp = True
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._backedUp = False
+        super().resumeProducing()
+        self._flushed()
+
+    def whenFlushed(self, done: Callable[[], None]) -> None:
+        """Call ``done`` once the response just finished has left Twisted's send buffer.
+
+        The transport pauses this channel while more than its buffer size is
+        pending and resumes it once everything was handed to the kernel; a
+        client that does not read within ``sendTimeout`` is disconnected.
+        """
+        if not self._backedUp or self.transport is None:
+            done()
+            return
+        self._flushWaiters.append(done)
+        if self.sendTimeout and self._sendDeadline is None:
+            self._sendDeadline = self.callLater(self.sendTimeout, self._sendTimedOut)
+
+    def _flushed(self) -> None:
+        deadline, self._sendDeadline = self._sendDeadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        waiters, self._flushWaiters = self._flushWaiters, []
+        for done in waiters:
+            done()
+
+    def _sendTimedOut(self) -> None:
+        self._sendDeadline = None
+        if self.transport is None:
+            return
+        self.log.warn(
+            "write_timeout: {peer} did not read the response within {timeout}; disconnecting",
+            peer=str(self.transport.getPeer()),
+            timeout=format_duration(self.sendTimeout),
+        )
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Any) -> None:
-        self._stop_timers()
+        self._cancelDeadline()
         super().connectionLost(reason)
+        self._flushed()
 
-    def _stop_timers(self) -> None:
-        for timer in (self._read_timer, self._write_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._read_timer = self._write_timer = None
 
-    def _write_timed_out(self) -> None:
-        """The response was not complete within the write timeout: cut the connection."""
-        self._write_timer = None
-        log.warn("response to {uri} not written within the write timeout: closing", uri=self.uri)
-        if self.channel is not None and self.channel.transport is not None:
-            self.channel.transport.abortConnection()
+class LimitedRequest(server.Request):
+    """Counts the body as it arrives (chunked too) against the limit its channel chose."""
 
-    def _read_timed_out(self) -> None:
-        self._read_timer = None
-        self._refuse(408, "request not received within the read timeout")
+    _received = 0
 
-    def _refuse(self, code: int, message: str) -> None:
-        """Answer directly on the transport and close: the request never reaches a resource."""
-        self._refused = True
-        reason = {408: b"Request Timeout", 413: b"Content Too Large"}.get(code, b"Error")
-        body = message.encode() + b"\n"
-        transport = self.channel.transport
-        if transport is None:
-            return
-        transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (code, reason, len(body), body)
-        )
-        transport.loseConnection()
+    def handleContentChunk(self, data: bytes) -> None:
+        limit = self.channel._limit
+        if limit is not None:
+            self._received += len(data)
+            if self._received > limit:
+                self.channel.refuseBody(limit)
+                return
+        super().handleContentChunk(data)
 
 
 class LimitedSite(server.Site):
-    """A ``Site`` whose requests are :class:`LimitedRequest` s with the given limits."""
+    """A ``Site`` whose connections are :class:`LimitedChannel` s.  Every duration is seconds, 0 = none.
 
+    - ``body_limit``: a number of bytes (0: none) or ``path -> int | None`` (None: none).
+      A declared Content-Length over it is refused with 413 before any body is read; a
+      chunked body is counted as it arrives.
+    - ``read_timeout``: the whole request (line, headers, body) must arrive within this of
+      its first byte, or of the connection's opening for the first request; else 408 and
+      close.  (Twisted's idle timeout restarts at every byte: a client trickling bytes
+      would never be cut off.)  A connection that sends nothing in that time is closed
+      without an answer.
+    - ``response_timeout``: from the request read in full to its response finished (the
+      last byte handed to the transport); past it the connection is aborted.  The
+      gateway's ``--write-timeout``: Go's ``http.Server.WriteTimeout``, which OpenFaaS's
+      gateway sets, but counted from the end of the request rather than of its headers,
+      so that a slow upload does not eat into the function's ``--upstream-timeout``.
+    - ``send_timeout``: once a response is finished, how long a client may take to accept
+      what Twisted could not yet hand to the kernel; one that does not read is aborted.
+      The watchdog's ``write_timeout``.
+    - ``idle_timeout``: between requests on a keep-alive connection (Twisted's own timer).
+    """
+
+    protocol = LimitedChannel  # type: ignore[assignment]
     requestFactory = LimitedRequest
+    displayTracebacks = False
 
     def __init__(
         self,
         resource: Any,
         clock: Any,
         *,
-        body_limit: Callable[[bytes], int | None] = lambda path: None,
+        body_limit: int | Callable[[bytes], int | None] | None = None,
         read_timeout: float = 0,
-        write_timeout: float = 0,
-        **kwargs: Any,
+        response_timeout: float = 0,
+        send_timeout: float = 0,
+        idle_timeout: float = 12 * 3600,
     ) -> None:
-        super().__init__(resource, reactor=clock, **kwargs)
+        super().__init__(resource, timeout=idle_timeout or None, reactor=clock)
         self.clock = clock
+        if isinstance(body_limit, int):
+            fixed = body_limit
+            body_limit = (lambda path: fixed) if fixed else None
         self.body_limit = body_limit
         self.read_timeout = read_timeout
-        self.write_timeout = write_timeout
-        self.displayTracebacks = False
+        self.response_timeout = response_timeout
+        self.send_timeout = send_timeout
+
+    def buildProtocol(self, addr: Any) -> LimitedChannel:
+        channel = super().buildProtocol(addr)
+        channel.bodyLimit = self.body_limit
+        channel.readTimeout = self.read_timeout
+        channel.responseTimeout = self.response_timeout
+        channel.sendTimeout = self.send_timeout
+        return channel
 
     def log(self, request: Any) -> None:
         """No access log line per request: the hot path stays quiet (metrics count requests)."""

@@ -1,12 +1,17 @@
-"""Request limits shared by the HTTP servers: 413 before reading, chunked counting, read/write deadlines."""
+"""What every process shares: request limits (413 before reading, chunked counting, read, response
+and send deadlines) and start-up failures (one line, exit 1, no traceback)."""
 
 from __future__ import annotations
 
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.web import resource, server
 
-from txfaas.runtime import LimitedSite
+from txfaas.config import ConfigError
+from txfaas.runtime import LimitedSite, Listener, StartupError, exit_on_startup_error, run_startup
 
 
 class Echo(resource.Resource):
@@ -33,17 +38,24 @@ def connect(site: LimitedSite):
     return channel, transport
 
 
-def make(limit=100, read_timeout=0.0, write_timeout=0.0):
+def make(limit=100, read_timeout=0.0, response_timeout=0.0, send_timeout=0.0, body_limit=None):
     clock = Clock()
     echo = Echo()
     site = LimitedSite(
         echo,
         clock,
-        body_limit=lambda path: limit if path.startswith(b"/limited") else None,
+        body_limit=body_limit
+        if body_limit is not None
+        else (lambda path: limit if path.startswith(b"/limited") else None),
         read_timeout=read_timeout,
-        write_timeout=write_timeout,
+        response_timeout=response_timeout,
+        send_timeout=send_timeout,
     )
     return clock, echo, site
+
+
+def active(clock):
+    return [c for c in clock.getDelayedCalls() if c.active()]
 
 
 def test_declared_body_over_limit_is_413_before_any_body_is_read():
@@ -109,7 +121,7 @@ def test_read_timer_is_cancelled_once_the_request_is_complete():
 
 
 def test_response_not_finished_within_write_timeout_is_aborted():
-    clock, echo, site = make(write_timeout=3)
+    clock, echo, site = make(response_timeout=3)
     channel, transport = connect(site)
     channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     assert echo.pending
@@ -120,7 +132,7 @@ def test_response_not_finished_within_write_timeout_is_aborted():
 
 
 def test_finished_response_cancels_the_write_timer():
-    clock, echo, site = make(write_timeout=3)
+    clock, echo, site = make(response_timeout=3)
     channel, transport = connect(site)
     channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     echo.pending[0].write(b"done")
@@ -129,9 +141,122 @@ def test_finished_response_cancels_the_write_timer():
     assert not transport.disconnecting
 
 
-def test_parse_tcp_listen_for_shared_ports():
-    import pytest
+def test_a_fixed_body_limit_applies_to_every_path_and_zero_means_none():
+    _clock, echo, site = make(body_limit=10)
+    channel, transport = connect(site)
+    channel.dataReceived(b"POST /free HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    _clock, echo, site = make(body_limit=0)
+    channel, transport = connect(site)
+    channel.dataReceived(b"POST /limited HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n" + b"c" * 500)
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
 
+
+def test_trickled_request_line_and_headers_are_cut_off_too():
+    """The deadline runs from the connection's opening, not from the end of the request line."""
+    clock, echo, site = make(read_timeout=2)
+    channel, transport = connect(site)
+    clock.advance(1)
+    channel.dataReceived(b"GET /free HT")
+    clock.advance(0.5)
+    channel.dataReceived(b"TP/1.1\r\nHost: x\r\n")
+    clock.advance(0.5)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert b"read_timeout of 2s exceeded" in transport.value()
+
+
+def test_a_connection_that_never_sends_is_closed_at_the_read_timeout_without_an_answer():
+    clock, echo, site = make(read_timeout=2)
+    channel, transport = connect(site)
+    clock.advance(1.99)
+    assert not transport.disconnecting
+    clock.advance(0.01)
+    assert transport.disconnecting
+    assert transport.value() == b""
+
+
+def test_the_next_request_on_a_kept_alive_connection_gets_its_deadline_from_its_first_byte():
+    clock, echo, site = make(read_timeout=2)
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /free HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert active(clock) and [c.func.__name__ for c in active(clock)] == ["__timedOut"]
+    clock.advance(30)  # idle between requests: the idle timeout's business
+    assert not transport.disconnecting
+    channel.dataReceived(b"GET /free HTTP/1.1\r\n")
+    clock.advance(1.99)
+    assert not transport.disconnecting
+    clock.advance(0.01)
+    assert transport.value().count(b"HTTP/1.1 ") == 2
+    assert b"HTTP/1.1 408 " in transport.value()
+
+
+def test_one_timer_per_request_moves_from_reading_to_the_response():
+    """The read deadline's timer becomes the response deadline (reset, not a second callLater)."""
+    clock, echo, site = make(read_timeout=5, response_timeout=3)
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\n")
+    [reading] = [c for c in active(clock) if c.func.__name__ != "__timedOut"]
+    clock.advance(1)
+    channel.dataReceived(b"Host: x\r\n\r\n")
+    assert [c for c in active(clock) if c.func.__name__ != "__timedOut"] == [reading]
+    assert reading.getTime() == 1 + 3
+    clock.advance(2.99)
+    assert not transport.disconnected
+    clock.advance(0.01)
+    assert transport.disconnected  # abortConnection: the response was not finished
+
+
+def test_response_timeout_counts_from_the_end_of_the_request_not_its_start():
+    clock, echo, site = make(read_timeout=10, response_timeout=3)
+    channel, transport = connect(site)
+    channel.dataReceived(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+    clock.advance(5)  # a slow upload
+    channel.dataReceived(b"ab")
+    clock.advance(2.9)
+    assert not transport.disconnected
+    clock.advance(0.1)
+    assert transport.disconnected
+
+
+def test_a_finished_response_the_client_does_not_read_is_aborted_at_the_send_timeout():
+    clock, echo, site = make(send_timeout=4)
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    channel.pauseProducing()  # what the transport does when its send buffer is full
+    echo.pending[0].write(b"x" * 10)
+    echo.pending[0].finish()
+    clock.advance(3.99)
+    assert not transport.disconnected
+    clock.advance(0.01)
+    assert transport.disconnected
+
+
+def test_a_client_that_reads_in_time_is_not_cut_and_when_flushed_fires():
+    clock, echo, site = make(send_timeout=4)
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    channel.pauseProducing()
+    echo.pending[0].finish()
+    flushed = []
+    channel.whenFlushed(lambda: flushed.append(True))
+    clock.advance(2)
+    channel.resumeProducing()
+    assert flushed == [True]
+    clock.advance(10)
+    assert not transport.disconnected
+
+
+def test_without_send_timeout_a_backed_up_client_is_left_to_the_other_timers():
+    clock, echo, site = make()
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    channel.pauseProducing()
+    echo.pending[0].finish()
+    clock.advance(3600)
+    assert not transport.disconnected
+
+
+def test_parse_tcp_listen_for_shared_ports():
     from txfaas.runtime import parse_tcp_listen
 
     assert parse_tcp_listen("tcp:8080") == ("0.0.0.0", 8080, 50)
@@ -140,3 +265,104 @@ def test_parse_tcp_listen_for_shared_ports():
     for bad in ["unix:/tmp/s", "tcp:0", "tcp:http", "ssl:443", "tcp:80:foo=1"]:
         with pytest.raises(ValueError):
             parse_tcp_listen(bad)
+
+
+# --- start-up failures ----------------------------------------------------------------------
+
+
+class FakePort:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopListening(self):
+        self.stopped = True
+        return succeed(None)
+
+
+class FakeEndpoint:
+    def __init__(self, error: Exception | None = None, later: bool = False) -> None:
+        self.error = error
+        self.port = FakePort()
+        self.pending: Deferred | None = Deferred() if later else None
+
+    def listen(self, factory):
+        if self.pending is not None:
+            return self.pending
+        return fail(self.error) if self.error else succeed(self.port)
+
+
+class FakeReactor:
+    def __init__(self) -> None:
+        self.running = True
+        self.stopped = False
+        self.triggers: list = []
+
+    def addSystemEventTrigger(self, phase, event, f):
+        self.triggers.append((phase, event, f))
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_listener_opens_in_privileged_start_and_closes_on_stop():
+    endpoint = FakeEndpoint()
+    listener = Listener(None, "tcp:8080", object(), endpoint=endpoint)
+    listener.privilegedStartService()
+    assert listener.port is endpoint.port
+    listener.startService()
+    listener.stopService()
+    assert endpoint.port.stopped and listener.port is None
+
+
+def test_a_port_in_use_is_one_line_naming_the_setting_and_system_exit():
+    endpoint = FakeEndpoint(CannotListenError("", 8080, OSError(98, "Address already in use")))
+    listener = Listener(None, "tcp:8080", object(), setting="--metrics-listen", endpoint=endpoint)
+    with pytest.raises(SystemExit) as caught:
+        listener.privilegedStartService()
+    assert caught.value.code == "error: --metrics-listen tcp:8080: cannot listen (Address already in use)"
+
+
+def test_a_bad_endpoint_description_is_one_line_and_system_exit():
+    with pytest.raises(SystemExit) as caught:
+        Listener(MemoryReactor(), "nonsense:8080", object()).privilegedStartService()
+    message = str(caught.value.code)
+    assert message.startswith("error: --listen nonsense:8080: not a valid endpoint")
+    assert "\n" not in message
+
+
+def test_an_endpoint_that_fails_later_ends_the_running_process_with_exit_1(monkeypatch, capsys):
+    reactor = FakeReactor()
+    endpoint = FakeEndpoint(later=True)
+    listener = Listener(reactor, "tcp:8080", object(), endpoint=endpoint)
+    listener.privilegedStartService()
+    assert listener.port is None and not reactor.stopped
+    endpoint.pending.errback(CannotListenError("", 8080, OSError(13, "Permission denied")))
+    assert reactor.stopped
+    assert capsys.readouterr().err == "error: --listen tcp:8080: cannot listen (Permission denied)\n"
+    [(phase, event, leave)] = reactor.triggers
+    exits = []
+    monkeypatch.setattr("os._exit", exits.append)
+    leave()
+    assert (phase, event, exits) == ("after", "shutdown", [1])
+
+
+def test_exit_on_startup_error_turns_config_and_startup_errors_into_one_line_exits():
+    with pytest.raises(SystemExit) as caught, exit_on_startup_error():
+        raise ConfigError("--exec-timeout", "must be more than 0")
+    assert caught.value.code == "error: --exec-timeout: must be more than 0"
+    with pytest.raises(SystemExit) as caught, exit_on_startup_error():
+        raise StartupError("--redis redis://x: unreachable")
+    assert caught.value.code == "error: --redis redis://x: unreachable"
+    with pytest.raises(KeyError), exit_on_startup_error():
+        raise KeyError("a bug stays a bug, with its traceback")
+
+
+def test_run_startup_ends_the_process_with_the_line_of_a_startup_error(capsys):
+    reactor = FakeReactor()
+
+    async def start():
+        raise StartupError("--functions f.json: not valid JSON")
+
+    run_startup(reactor, start)
+    assert reactor.stopped
+    assert capsys.readouterr().err == "error: --functions f.json: not valid JSON\n"

@@ -126,13 +126,19 @@ class Options(usage.Options):
             None,
             "Longest wait for a function's answer, e.g. 60s [$upstream_timeout; default 60s]",
         ],
-        ["read-timeout", None, None, "Longest time to read a whole request [$read_timeout; default 65s]"],
+        [
+            "read-timeout",
+            None,
+            None,
+            "Longest time to read a whole request, from its first byte (from the connection's opening "
+            "for the first one): 408 after it [$read_timeout; default 65s]",
+        ],
         [
             "write-timeout",
             None,
             None,
-            "Longest time from a request's arrival to the end of its response; "
-            "must exceed upstream-timeout [$write_timeout; default 65s]",
+            "Longest time from a request read in full to the end of its response (the connection is "
+            "cut after it); must exceed upstream-timeout [$write_timeout; default 65s]",
         ],
         ["basic-auth", None, None, "true to guard /system/* and /metrics with basic auth [$basic_auth]"],
         [
@@ -351,7 +357,7 @@ def build_gateway(
         reactor,
         body_limit=body_limit,
         read_timeout=config.read_timeout,
-        write_timeout=config.write_timeout,
+        response_timeout=config.write_timeout,  # from the request read to its response finished
     )
 
     async def close() -> None:

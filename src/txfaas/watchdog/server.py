@@ -2,16 +2,16 @@
 
 - ``read_timeout``: an absolute deadline for reading a whole request, from its
   first byte (or from the connection's opening, for the first request) until
-  its body is complete.  Twisted's own idle timeout restarts at every byte, so
-  a client trickling bytes would never be cut off; here it gets ``408`` and
-  the connection is closed.  ``max_request`` caps the body (``413``), counted
-  for chunked bodies too.
+  its body is complete: ``408`` and the connection is closed.  ``max_request``
+  caps the body (``413``), counted for chunked bodies too.  Both, and
+  ``write_timeout`` and ``idle_timeout``, are :class:`txfaas.runtime.LimitedSite`'s,
+  which the gateway uses too.
 - ``exec_timeout`` (shortened, never lengthened, per call by ``X-Timeout``):
   the runner's Deferred is cancelled, which kills the process group (fork) or
   aborts the proxied request (http); the client gets ``504``.
-- ``write_timeout``: from the start of writing the response until Twisted's
-  send buffer has been handed to the kernel; a client that does not read
-  is disconnected (``abortConnection``).
+- ``write_timeout``: once the response is written, until Twisted's send
+  buffer has been handed to the kernel; a client that does not read is
+  disconnected (``abortConnection``).
 - ``max_inflight``: ``429`` beyond it.  ``/_/health``: ``200`` when ready,
   ``503`` while starting, when the function is not ready, and while draining.
 - Stopping (SIGTERM): new requests get ``503``, running ones have
@@ -22,19 +22,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import datetimeToString
 
 from txfaas.config import format_duration, parse_duration
 from txfaas.headers import CALL_ID, DURATION, valid_call_id
+from txfaas.runtime import LimitedChannel, LimitedRequest, LimitedSite, Listener
 from txfaas.watchdog.common import TEXT_PLAIN, FunctionResult, Invocation, Runner, WatchdogConfig
 
 STARTING, RUNNING, DRAINING, STOPPED = "starting", "running", "draining", "stopped"
@@ -42,169 +40,8 @@ X_TIMEOUT = b"X-Timeout"
 HEALTH_PATH = b"/_/health"
 
 
-def _raw_response(status: bytes, message: str) -> bytes:
-    body = message.encode("utf-8") + b"\n"
-    return b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-        status,
-        TEXT_PLAIN,
-        len(body),
-        body,
-    )
-
-
-class _Channel(HTTPChannel):
-    """HTTP/1.1 with an absolute read deadline, a body cap and a write deadline."""
-
-    log = Logger()
-
-    # Set by WatchdogSite.buildProtocol.
-    readTimeout: float = 0.0
-    writeTimeout: float = 0.0
-    maxRequest: int = 0
-
-    _readDeadline: Any = None
-    _writeDeadline: Any = None
-    _requestStarted = False
-    _rejected = False
-    _backedUp = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._flushWaiters: list[Callable[[], None]] = []
-
-    # reading
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._armReadDeadline()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._rejected:
-            return
-        if data and not self._handlingRequest:
-            self._requestStarted = True
-            if self._readDeadline is None:
-                self._armReadDeadline()
-        super().dataReceived(data)
-
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self._rejected:
-            super().rawDataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        if self.maxRequest and self.length is not None and self.length > self.maxRequest:
-            self.reject(
-                b"413 Request Entity Too Large",
-                f"the request body exceeds max_request ({self.maxRequest} bytes)",
-            )
-            return
-        super().allHeadersReceived()
-
-    def allContentReceived(self) -> None:
-        if self._rejected:
-            return
-        self._cancelReadDeadline()
-        self._requestStarted = False
-        super().allContentReceived()
-
-    def _armReadDeadline(self) -> None:
-        if self.readTimeout:
-            self._readDeadline = self.callLater(self.readTimeout, self._readTimedOut)
-
-    def _cancelReadDeadline(self) -> None:
-        if self._readDeadline is not None:
-            if self._readDeadline.active():
-                self._readDeadline.cancel()
-            self._readDeadline = None
-
-    def _readTimedOut(self) -> None:
-        self._readDeadline = None
-        if self._rejected or self._handlingRequest or self.transport is None:
-            return
-        if not self._requestStarted:
-            # Opened and never used: nothing was asked, so nothing to answer.
-            self._rejected = True
-            self.loseConnection()
-            return
-        self.log.info(
-            "read_timeout: no complete request from {peer} within {timeout}",
-            peer=str(self.transport.getPeer()),
-            timeout=format_duration(self.readTimeout),
-        )
-        self.reject(b"408 Request Timeout", f"read_timeout of {format_duration(self.readTimeout)} exceeded")
-
-    def reject(self, status: bytes, message: str) -> None:
-        """Answer before the request was read to its end, and close."""
-        if self._rejected:
-            return
-        self._rejected = True
-        self._cancelReadDeadline()
-        self.transport.write(_raw_response(status, message))
-        self.loseConnection()
-
-    # writing
-
-    def pauseProducing(self) -> None:
-        self._backedUp = True
-        super().pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._backedUp = False
-        super().resumeProducing()
-        self._flushed()
-
-    def whenFlushed(self, done: Callable[[], None]) -> None:
-        """Call ``done`` once the response just written has left Twisted's send buffer.
-
-        The transport pauses this channel when more than its buffer size is
-        pending and resumes it once everything was handed to the kernel; a
-        client that does not read within ``writeTimeout`` is disconnected.
-        """
-        if not self._backedUp or self.transport is None:
-            done()
-            return
-        self._flushWaiters.append(done)
-        if self.writeTimeout and self._writeDeadline is None:
-            self._writeDeadline = self.callLater(self.writeTimeout, self._writeTimedOut)
-
-    def _flushed(self) -> None:
-        if self._writeDeadline is not None:
-            if self._writeDeadline.active():
-                self._writeDeadline.cancel()
-            self._writeDeadline = None
-        waiters, self._flushWaiters = self._flushWaiters, []
-        for done in waiters:
-            done()
-
-    def _writeTimedOut(self) -> None:
-        self._writeDeadline = None
-        self.log.warn(
-            "write_timeout: {peer} did not read the response within {timeout}; disconnecting",
-            peer=str(self.transport.getPeer()),
-            timeout=format_duration(self.writeTimeout),
-        )
-        self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._cancelReadDeadline()
-        super().connectionLost(reason)
-        self._flushed()
-
-
-class _Request(server.Request):
-    """Counts the body against max_request and hands itself to the watchdog."""
-
-    _received = 0
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        limit = self.channel.maxRequest
-        if limit and self._received > limit:
-            self.channel.reject(
-                b"413 Request Entity Too Large", f"the request body exceeds max_request ({limit} bytes)"
-            )
-            return
-        super().handleContentChunk(data)
+class _Request(LimitedRequest):
+    """Hands itself to the watchdog (the body was counted against max_request by LimitedRequest)."""
 
     def process(self) -> None:
         # No resource tree to walk: every request goes to the watchdog.
@@ -216,25 +53,22 @@ class _Request(server.Request):
             self.processingFailed(Failure())
 
 
-class WatchdogSite(server.Site):
-    protocol = _Channel  # type: ignore[assignment]
+class WatchdogSite(LimitedSite):
+    """read_timeout, max_request (413), write_timeout (a client that does not read is cut off) and
+    idle_timeout, as :class:`~txfaas.runtime.LimitedSite` implements them for every process."""
+
     requestFactory = _Request
-    displayTracebacks = False
 
     def __init__(self, watchdog: Watchdog, config: WatchdogConfig, clock: IReactorTime) -> None:
-        super().__init__(resource.Resource(), timeout=config.idle_timeout or None, reactor=clock)
+        super().__init__(
+            resource.Resource(),
+            clock,
+            body_limit=config.max_request,
+            read_timeout=config.read_timeout,
+            send_timeout=config.write_timeout,
+            idle_timeout=config.idle_timeout,
+        )
         self.watchdog = watchdog
-        self._config = config
-
-    def buildProtocol(self, addr: Any) -> _Channel:
-        channel = super().buildProtocol(addr)
-        channel.readTimeout = self._config.read_timeout
-        channel.writeTimeout = self._config.write_timeout
-        channel.maxRequest = self._config.max_request
-        return channel
-
-    def log(self, request: server.Request) -> None:
-        """No access log: the hot path stays lean (failures are logged where they happen)."""
 
 
 class _Exchange:
@@ -255,7 +89,7 @@ class _Exchange:
         self.timeout = timeout
         self.timeout_source = timeout_source
         self.deferred: Deferred[FunctionResult] | None = None
-        self.channel: _Channel | None = None
+        self.channel: LimitedChannel | None = None
         self.gone = False
         self.responded = False
 
@@ -278,7 +112,9 @@ class Watchdog(Service):
         self._endpoint = endpoint
         self.site = WatchdogSite(self, config, clock)
         self.state = STARTING
-        self.port: IListeningPort | None = None
+        self._listener = (
+            Listener(None, config.listen, self.site, endpoint=endpoint) if endpoint is not None else None
+        )
         self._exchanges: set[_Exchange] = set()
         self._drain_waiters: list[Deferred[None]] = []
 
@@ -292,21 +128,19 @@ class Watchdog(Service):
 
     # service
 
+    @property
+    def port(self) -> IListeningPort | None:
+        return self._listener.port if self._listener is not None else None
+
     def privilegedStartService(self) -> None:
+        """Listen before anything starts: a port in use ends twistd with one line (runtime.Listener)."""
         super().privilegedStartService()
-        if self._endpoint is None or self.port is not None:
-            return
-        outcome: list[Any] = []
-        self._endpoint.listen(self.site).addBoth(outcome.append)
-        if outcome and isinstance(outcome[0], Failure):
-            # twistd refuses to start: one line for the operator, not a traceback.
-            raise SystemExit(f"faas-watchdog: cannot listen on {self.config.listen}: {outcome[0].value}")
-        if outcome:
-            self.port = outcome[0]
+        if self._listener is not None:
+            self._listener.privilegedStartService()
 
     def startService(self) -> None:
-        if self._endpoint is not None and self.port is None:
-            self.privilegedStartService()
+        if self._listener is not None and not self._listener.running:
+            self._listener.startService()
         super().startService()
         self._runner.start()
         self.state = RUNNING
@@ -348,8 +182,8 @@ class Watchdog(Service):
             elif ex.channel is not None and ex.channel.transport is not None:
                 ex.channel.transport.abortConnection()
         await self._runner.stop()
-        if self.port is not None:
-            await self.port.stopListening()
+        if self._listener is not None:
+            await self._listener.stopService()  # health answered 503 until now
         self.state = STOPPED
         self.log.info("watchdog stopped")
 
