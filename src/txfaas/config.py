@@ -1,9 +1,11 @@
 """Parsing of configuration values shared by every txfaas process.
 
 Pure: nothing here imports the reactor, pika or txredisapi.  One duration
-parser, one URL parser, one helper for "flag, else environment variable"
-options: every process uses these, so ``10``, ``10s``, ``1m30s`` and
-``500ms`` mean the same thing everywhere.
+parser, one URL parser, one parser for each kind of value (sizes, counts,
+booleans, URL templates), one rule for "flag, else environment variable, else
+default" (:func:`option_or_env`) and one table of flags (:class:`Flags`) that
+makes both ``--help`` and the lookups: every process uses these, so ``10``,
+``10s``, ``1m30s`` and ``500ms`` mean the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -96,6 +98,84 @@ def format_duration(seconds: float) -> str:
         return f"{round(seconds * 1000, 3):g}ms"
     # Fixed-point: ``:g`` would print 1.23457e+06 (which parse_duration refuses) and drop digits.
     return f"{seconds:f}".rstrip("0").rstrip(".") + "s"
+
+
+def parse_positive_duration(value: str | float | int) -> float:
+    """A duration (see :func:`parse_duration`) that must be more than 0."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def parse_positive_int(value: Any) -> int:
+    """A whole number of at least 1 (``"8"``, ``8``)."""
+    n = _whole_number(value)
+    if n < 1:
+        raise ValueError(f"must be at least 1, not {n}")
+    return n
+
+
+def parse_count(value: Any) -> int:
+    """A whole number of at least 0 (a limit where 0 means none, a number of tries)."""
+    n = _whole_number(value)
+    if n < 0:
+        raise ValueError(f"must not be negative, not {n}")
+    return n
+
+
+def _whole_number(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"not a whole number: {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"not a whole number: {value!r}") from None
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def parse_bool(value: Any) -> bool:
+    """``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0`` (any case; empty is false)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"not true or false: {value!r}")
+
+
+def parse_url_template(value: str) -> str:
+    """A function URL template such as ``http://{name}.{namespace}:8080``, returned unchanged.
+
+    Only ``{name}`` and ``{namespace}`` may appear, and filled in it must be an
+    absolute http(s) URL.
+    """
+    try:
+        example = value.format(name="f", namespace="n")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"bad template {value!r}: only {{name}} and {{namespace}} may appear ({e})"
+        ) from None
+    try:
+        parse_http_url(example)
+    except ValueError:
+        raise ValueError(f"not an http(s) URL template: {value!r}") from None
+    return value
+
+
+def format_size(n: int) -> str:
+    """The inverse of :func:`parse_size`, for messages and --help (``16MiB``, ``512KiB``, ``1000``)."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
 
 
 def parse_size(value: str | int) -> int:
@@ -266,6 +346,62 @@ def option_or_env(
         return parse(raw)
     except ValueError as e:
         raise ConfigError(source, str(e)) from None
+
+
+@attrs.frozen
+class Flag:
+    """One setting: its flag (without ``--``), the environment variables it falls back to (first
+    set wins), its default as a user would type it (parsed like any given value; None: no
+    default), and its help.  ``shown`` replaces the default in ``--help`` ("no limit")."""
+
+    name: str
+    env: tuple[str, ...]
+    default: str | None
+    help: str
+    shown: str | None = None
+
+    def usage(self) -> str:
+        """The help text with its variables and default: ``Text [$A, $B; default 5s]``."""
+        default = self.shown if self.shown is not None else self.default
+        where = ", ".join("$" + e for e in self.env)
+        tail = "; ".join(part for part in (where, f"default {default}" if default else "") if part)
+        return f"{self.help} [{tail}]" if tail else self.help
+
+
+class Flags:
+    """A process's table of :class:`Flag` s: ``--help`` lines and "flag, else env, else default"
+    lookups from one place, so that a default shown is the default used."""
+
+    def __init__(self, *flags: Flag) -> None:
+        self._flags = {flag.name: flag for flag in flags}
+
+    def __getitem__(self, name: str) -> Flag:
+        return self._flags[name]
+
+    def __iter__(self) -> Iterator[Flag]:
+        return iter(self._flags.values())
+
+    def opt_parameters(self, leave_out: Iterable[str] = ()) -> list[list[Any]]:
+        """Rows for ``twisted.python.usage.Options.optParameters``."""
+        skip = set(leave_out)
+        return [[flag.name, None, None, flag.usage()] for flag in self if flag.name not in skip]
+
+    def reader(
+        self, options: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    ) -> Callable[[str, Callable[[Any], Any]], Any]:
+        """``get(name, parse)``: the flag's value, else its variables', else its default, parsed."""
+
+        def get(name: str, parse: Callable[[Any], Any]) -> Any:
+            flag = self._flags[name]
+            default = None
+            if flag.default is not None:
+                try:
+                    default = parse(flag.default)
+                except ValueError as e:
+                    raise ConfigError(f"--{name} (default {flag.default})", str(e)) from None
+            return option_or_env(options, name, flag.env, default, parse, environ)
+
+        return get
 
 
 def read_secret(mount_path: str, name: str) -> str:

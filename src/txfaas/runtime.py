@@ -97,6 +97,14 @@ def run_startup(reactor: IReactorCore, start: Callable[[], Any]) -> defer.Deferr
 # --- listening ------------------------------------------------------------------------------
 
 
+def server_endpoint(reactor: Any, description: str, setting: str = "--listen") -> IStreamServerEndpoint:
+    """``serverFromString``; a description it cannot read is a :class:`StartupError` naming the setting."""
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise StartupError(f"{setting} {description}: not a valid endpoint ({e})") from None
+
+
 async def listen(
     reactor: Any,
     description: str,
@@ -108,10 +116,7 @@ async def listen(
     """Listen on a Twisted endpoint string (or on ``endpoint``, described by ``description``);
     a failure is a :class:`StartupError` naming the setting."""
     if endpoint is None:
-        try:
-            endpoint = endpoints.serverFromString(reactor, description)
-        except (ValueError, KeyError, TypeError) as e:
-            raise StartupError(f"{setting} {description}: not a valid endpoint ({e})") from None
+        endpoint = server_endpoint(reactor, description, setting)
     try:
         return await endpoint.listen(factory)
     except Exception as e:  # CannotListenError and friends

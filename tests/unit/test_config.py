@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -12,14 +13,22 @@ from hypothesis import strategies as st
 from txfaas.config import (
     AMQPURL,
     ConfigError,
+    Flag,
+    Flags,
     RedisURL,
     format_duration,
+    format_size,
     option_or_env,
     parse_amqp_url,
+    parse_bool,
+    parse_count,
     parse_duration,
     parse_networks,
+    parse_positive_duration,
+    parse_positive_int,
     parse_redis_url,
     parse_size,
+    parse_url_template,
     read_secret,
 )
 
@@ -369,3 +378,139 @@ def test_format_duration_never_uses_an_exponent():
         text = format_duration(seconds)
         assert "e" not in text.replace("s", "").replace("m", ""), text
         assert math.isfinite(parse_duration(text))
+
+
+# --- small parsers shared by every tap -----------------------------------------------------------
+
+
+def test_parse_positive_duration_refuses_zero_and_takes_every_duration_form():
+    assert parse_positive_duration("1m30s") == 90.0
+    assert parse_positive_duration(2) == 2.0
+    for bad in ["0", "0s", "-1s", "soon"]:
+        with pytest.raises(ValueError):
+            parse_positive_duration(bad)
+
+
+@pytest.mark.parametrize(("value", "n"), [("1", 1), (" 8 ", 8), (256, 256)])
+def test_parse_positive_int_accepts_whole_numbers_from_one(value, n):
+    assert parse_positive_int(value) == n
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "many", "", True])
+def test_parse_positive_int_refuses_zero_negatives_fractions_words_and_booleans(value):
+    with pytest.raises(ValueError):
+        parse_positive_int(value)
+
+
+def test_parse_count_accepts_zero_and_refuses_negatives_and_words():
+    assert (parse_count("0"), parse_count(" 5"), parse_count(7)) == (0, 5, 7)
+    for bad in ["-1", "many", "2.0", False]:
+        with pytest.raises(ValueError):
+            parse_count(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("true", True),
+        ("YES", True),
+        ("on", True),
+        ("1", True),
+        (True, True),
+        ("false", False),
+        ("0", False),
+        ("off", False),
+        ("no", False),
+        ("", False),
+        (False, False),
+    ],
+)
+def test_parse_bool_reads_the_usual_spellings(value, expected):
+    assert parse_bool(value) is expected
+
+
+def test_parse_bool_refuses_anything_else():
+    with pytest.raises(ValueError, match="not true or false"):
+        parse_bool("maybe")
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["http://{name}:8080", "https://{name}.{namespace}.svc:8080/", "http://gw:8080/function/{name}"],
+)
+def test_parse_url_template_returns_a_good_template_unchanged(template):
+    assert parse_url_template(template) == template
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        ("http://{nme}:8080", "only {name} and {namespace}"),
+        ("http://{0}:8080", "only {name} and {namespace}"),
+        ("http://{name:8080", "only {name} and {namespace}"),
+        ("ftp://{name}:21", "not an http(s) URL template"),
+        ("{name}:8080", "not an http(s) URL template"),
+    ],
+)
+def test_parse_url_template_refuses_unknown_fields_and_non_http_urls(template, reason):
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        parse_url_template(template)
+
+
+@pytest.mark.parametrize(("n", "text"), [(16 * 1024**2, "16MiB"), (512 * 1024, "512KiB"), (1000, "1000")])
+def test_format_size_is_short_and_parses_back(n, text):
+    assert format_size(n) == text
+    assert parse_size(text) == n
+
+
+@given(st.integers(min_value=0, max_value=2**40))
+def test_format_size_output_parses_back_to_the_same_size(n):
+    assert parse_size(format_size(n)) == n
+
+
+# --- the flag table ------------------------------------------------------------------------------
+
+FLAGS = Flags(
+    Flag("timeout", ("TIMEOUT", "timeout"), "10s", "Longest wait"),
+    Flag("limit", ("LIMIT",), None, "Largest body", shown="no limit"),
+    Flag("name", (), None, "A name"),
+)
+
+
+def test_flags_usage_names_the_variables_and_the_default():
+    assert [row[:3] for row in FLAGS.opt_parameters()] == [
+        ["timeout", None, None],
+        ["limit", None, None],
+        ["name", None, None],
+    ]
+    assert [row[3] for row in FLAGS.opt_parameters()] == [
+        "Longest wait [$TIMEOUT, $timeout; default 10s]",
+        "Largest body [$LIMIT; default no limit]",
+        "A name",
+    ]
+
+
+def test_flags_opt_parameters_can_leave_flags_out():
+    assert [row[0] for row in FLAGS.opt_parameters(leave_out=("limit",))] == ["timeout", "name"]
+
+
+def test_flags_reader_flag_then_variables_then_parsed_default():
+    get = FLAGS.reader({"timeout": None}, {"timeout": "5s"})
+    assert get("timeout", parse_duration) == 5.0
+    get = FLAGS.reader({"timeout": "1m"}, {"TIMEOUT": "5s"})
+    assert get("timeout", parse_duration) == 60.0
+    get = FLAGS.reader({}, {})
+    assert get("timeout", parse_duration) == 10.0
+    assert get("limit", parse_size) is None
+
+
+def test_flags_reader_errors_name_the_flag_and_the_variable():
+    get = FLAGS.reader({}, {"timeout": "soon"})
+    with pytest.raises(ConfigError, match=r"^--timeout \(from \$timeout\): not a duration"):
+        get("timeout", parse_duration)
+
+
+def test_a_default_its_parser_refuses_is_an_error_naming_the_flag_and_default():
+    get = FLAGS.reader({}, {})
+    with pytest.raises(ConfigError, match=r"^--timeout \(default 10s\)"):
+        get("timeout", parse_positive_int)

@@ -113,3 +113,22 @@ def test_sizes_and_callback_allow():
     assert config.max_async_body == 512 * 1024
     assert config.callback_policy.refusal("127.0.0.1") is None
     assert config.callback_policy.host_allowed("hooks.local")
+
+
+def test_the_defaults_shown_in_help_are_the_defaults_used():
+    """One table makes --help and the lookups: giving every shown default explicitly changes nothing."""
+    explicit = [f"--{flag.name}={flag.default}" for flag in tap.FLAGS if flag.default is not None]
+    assert len(explicit) > 10
+    assert parse(explicit) == parse([])
+    help_text = " ".join(str(tap.Options()).split())
+    assert "[$read_timeout; default 65s]" in help_text
+    assert "[$TXFAAS_MAX_BODY; default no limit]" in help_text
+
+
+def test_pool_size_and_workers_must_be_whole_numbers_of_at_least_one():
+    with pytest.raises(usage.UsageError, match=r"^--pool-size: must be at least 1"):
+        parse(["--pool-size", "0"])
+    with pytest.raises(usage.UsageError, match=r"^--workers: not a whole number"):
+        parse(["--workers", "two"])
+    with pytest.raises(usage.UsageError, match=r"^--basic-auth: not true or false"):
+        parse(["--basic-auth", "perhaps"])

@@ -146,3 +146,20 @@ def test_make_service_builds_a_watchdog_around_the_modes_runner(monkeypatch, env
     service = tap.makeService(options)
     assert isinstance(service, Watchdog)
     assert isinstance(service._runner, runner)
+
+
+def test_the_defaults_shown_in_help_are_the_defaults_used():
+    """One table makes --help and the lookups: every shown default, given explicitly, changes nothing."""
+    explicit = {flag.name: flag.default for flag in tap.FLAGS if flag.default is not None}
+    assert build(explicit, fprocess="cat") == build(fprocess="cat")
+    help_text = " ".join(str(tap.Options()).split())
+    assert "[$max_request; default 16MiB]" in help_text
+
+
+def test_a_listen_description_twisted_cannot_read_is_one_line_at_make_service(monkeypatch):
+    options = tap.Options()
+    options["config"] = build({"listen": "nonsense:8080"}, fprocess="cat")
+    monkeypatch.setattr(process, "become_subreaper", lambda: True)
+    with pytest.raises(SystemExit) as caught:
+        tap.makeService(options)
+    assert str(caught.value.code).startswith("error: --listen nonsense:8080: not a valid endpoint")

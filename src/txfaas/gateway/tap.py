@@ -12,46 +12,98 @@ from twisted.python import usage
 from txfaas.config import (
     AMQPURL,
     ConfigError,
+    Flag,
+    Flags,
     RedisURL,
     format_duration,
-    option_or_env,
     parse_amqp_url,
+    parse_bool,
     parse_duration,
     parse_networks,
+    parse_positive_int,
     parse_redis_url,
     parse_size,
+    parse_url_template,
     read_secret,
 )
 from txfaas.runtime import parse_tcp_listen, prepare_multiprocess_metrics
-from txfaas.ssrf import AddressPolicy
+from txfaas.ssrf import AddressPolicy, literal_first
 
-DEFAULTS = {
-    "listen": "tcp:8080",
-    "redis": "redis://127.0.0.1:6379/0",
-    "amqp": "amqp://guest:guest@127.0.0.1:5672/%2F",
-    "upstream-timeout": 60.0,
-    "read-timeout": 65.0,
-    "write-timeout": 65.0,
-    "function-url-template": "http://{name}:8080",
-    "secret-mount-path": "/var/openfaas/secrets",
-    "max-async-body": 10 * 1024 * 1024,
-    "call-ttl": 24 * 3600.0,
-    "confirm-timeout": 5.0,
-    "redis-prefix": "txfaas:",
-    "pool-size": 256,
-    "workers": 1,
-}
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not true or false: {value!r}")
+FLAGS = Flags(
+    Flag("listen", ("TXFAAS_LISTEN",), "tcp:8080", "Twisted endpoint to serve on"),
+    Flag(
+        "redis",
+        ("TXFAAS_REDIS",),
+        "redis://127.0.0.1:6379/0",
+        "Redis URL, or memory: for an in-process store",
+    ),
+    Flag(
+        "amqp",
+        ("TXFAAS_AMQP",),
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
+        "RabbitMQ URL, or memory: for an in-process queue",
+    ),
+    Flag("upstream-timeout", ("upstream_timeout",), "60s", "Longest wait for a function's answer, e.g. 60s"),
+    Flag(
+        "read-timeout",
+        ("read_timeout",),
+        "65s",
+        "Longest time to read a whole request, from its first byte (from the connection's opening "
+        "for the first one): 408 after it",
+    ),
+    Flag(
+        "write-timeout",
+        ("write_timeout",),
+        "65s",
+        "Longest time from a request read in full to the end of its response (the connection is "
+        "cut after it); must exceed upstream-timeout",
+    ),
+    Flag("basic-auth", ("basic_auth",), None, "true to guard /system/* and /metrics with basic auth"),
+    Flag(
+        "secret-mount-path",
+        ("secret_mount_path",),
+        "/var/openfaas/secrets",
+        "Folder holding basic-auth-user and basic-auth-password; $TXFAAS_BASIC_AUTH_USER and "
+        "$TXFAAS_BASIC_AUTH_PASSWORD take precedence",
+    ),
+    Flag(
+        "function-url-template",
+        ("TXFAAS_FUNCTION_URL_TEMPLATE",),
+        "http://{name}:8080",
+        "Base URL of a function without its own url",
+    ),
+    Flag("functions", ("TXFAAS_FUNCTIONS",), None, "JSON file of functions to deploy at start"),
+    Flag(
+        "max-body",
+        ("TXFAAS_MAX_BODY",),
+        None,
+        "Largest synchronous request body, e.g. 10MiB (413 above it)",
+        shown="no limit",
+    ),
+    Flag("max-async-body", ("TXFAAS_MAX_ASYNC_BODY",), "10MiB", "Largest asynchronous request body"),
+    Flag(
+        "callback-allow",
+        ("TXFAAS_CALLBACK_ALLOW",),
+        None,
+        "CIDRs/hosts allowed as callback targets though not public, comma-separated, e.g. 127.0.0.0/8",
+    ),
+    Flag("call-ttl", ("TXFAAS_CALL_TTL",), "24h", "How long call records are kept"),
+    Flag(
+        "confirm-timeout",
+        ("TXFAAS_CONFIRM_TIMEOUT",),
+        "5s",
+        "Longest wait for the broker to confirm a queued call",
+    ),
+    Flag("redis-prefix", ("TXFAAS_REDIS_PREFIX",), "txfaas:", "Prefix of every Redis key"),
+    Flag("pool-size", ("TXFAAS_POOL_SIZE",), "256", "Persistent connections kept per function host"),
+    Flag(
+        "workers",
+        ("TXFAAS_WORKERS",),
+        "1",
+        "Gateway processes sharing the port (SO_REUSEPORT); needs Redis and RabbitMQ, and "
+        "/metrics adds up across them",
+    ),
+)
 
 
 def _checked(parse: Any) -> Any:
@@ -62,18 +114,6 @@ def _checked(parse: Any) -> Any:
         return value
 
     return check
-
-
-def _template(value: str) -> str:
-    try:
-        value.format(name="x", namespace="y")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"bad template {value!r}: only {{name}} and {{namespace}} may appear ({e})"
-        ) from None
-    if not value.startswith(("http://", "https://")):
-        raise ValueError(f"not an http(s) URL template: {value!r}")
-    return value
 
 
 @attrs.frozen
@@ -105,100 +145,7 @@ class Options(usage.Options):
         "queues the call on RabbitMQ, /system/* manages functions in Redis (OpenFaaS's API). "
         "Every option falls back to the environment variable named in its help."
     )
-    optParameters = [
-        ["listen", None, None, "Twisted endpoint to serve on [$TXFAAS_LISTEN; default tcp:8080]"],
-        [
-            "redis",
-            None,
-            None,
-            "Redis URL, or memory: for an in-process store [$TXFAAS_REDIS; default redis://127.0.0.1:6379/0]",
-        ],
-        [
-            "amqp",
-            None,
-            None,
-            "RabbitMQ URL, or memory: for an in-process queue [$TXFAAS_AMQP; default "
-            "amqp://guest:guest@127.0.0.1:5672/%2F]",
-        ],
-        [
-            "upstream-timeout",
-            None,
-            None,
-            "Longest wait for a function's answer, e.g. 60s [$upstream_timeout; default 60s]",
-        ],
-        [
-            "read-timeout",
-            None,
-            None,
-            "Longest time to read a whole request, from its first byte (from the connection's opening "
-            "for the first one): 408 after it [$read_timeout; default 65s]",
-        ],
-        [
-            "write-timeout",
-            None,
-            None,
-            "Longest time from a request read in full to the end of its response (the connection is "
-            "cut after it); must exceed upstream-timeout [$write_timeout; default 65s]",
-        ],
-        ["basic-auth", None, None, "true to guard /system/* and /metrics with basic auth [$basic_auth]"],
-        [
-            "secret-mount-path",
-            None,
-            None,
-            "Folder holding basic-auth-user and basic-auth-password "
-            "[$secret_mount_path; default /var/openfaas/secrets]; $TXFAAS_BASIC_AUTH_USER and "
-            "$TXFAAS_BASIC_AUTH_PASSWORD take precedence",
-        ],
-        [
-            "function-url-template",
-            None,
-            None,
-            "Base URL of a function without its own url "
-            "[$TXFAAS_FUNCTION_URL_TEMPLATE; default http://{name}:8080]",
-        ],
-        ["functions", None, None, "JSON file of functions to deploy at start [$TXFAAS_FUNCTIONS]"],
-        [
-            "max-body",
-            None,
-            None,
-            "Largest synchronous request body, e.g. 10MiB (413 above it) "
-            "[$TXFAAS_MAX_BODY; default no limit]",
-        ],
-        [
-            "max-async-body",
-            None,
-            None,
-            "Largest asynchronous request body [$TXFAAS_MAX_ASYNC_BODY; default 10MiB]",
-        ],
-        [
-            "callback-allow",
-            None,
-            None,
-            "CIDRs/hosts allowed as callback targets though not public, "
-            "comma-separated, e.g. 127.0.0.0/8 [$TXFAAS_CALLBACK_ALLOW]",
-        ],
-        ["call-ttl", None, None, "How long call records are kept [$TXFAAS_CALL_TTL; default 24h]"],
-        [
-            "confirm-timeout",
-            None,
-            None,
-            "Longest wait for the broker to confirm a queued call [$TXFAAS_CONFIRM_TIMEOUT; default 5s]",
-        ],
-        ["redis-prefix", None, None, "Prefix of every Redis key [$TXFAAS_REDIS_PREFIX; default txfaas:]"],
-        [
-            "pool-size",
-            None,
-            None,
-            "Persistent connections kept per function host [$TXFAAS_POOL_SIZE; default 256]",
-        ],
-        [
-            "workers",
-            None,
-            None,
-            "Gateway processes sharing the port (SO_REUSEPORT); needs Redis and RabbitMQ, and "
-            "/metrics adds up across them [$TXFAAS_WORKERS; default 1]",
-        ],
-    ]
+    optParameters = FLAGS.opt_parameters()
 
     def postOptions(self) -> None:
         try:
@@ -210,19 +157,12 @@ class Options(usage.Options):
 
 
 def build_config(opts: Any, environ: Any) -> GatewayConfig:
-    def get(key: str, envs: tuple[str, ...], parse: Any) -> Any:
-        return option_or_env(opts, key, envs, DEFAULTS.get(key), parse, environ)
+    get = FLAGS.reader(opts, environ)
 
-    def positive_int(value: Any) -> int:
-        n = int(value)
-        if n < 1:
-            raise ValueError(f"must be at least 1, not {n}")
-        return n
-
-    redis_text = get("redis", ("TXFAAS_REDIS",), _checked(parse_redis_url))
+    redis_text = get("redis", _checked(parse_redis_url))
     redis = parse_redis_url(redis_text)
-    upstream = get("upstream-timeout", ("upstream_timeout",), parse_duration)
-    write = get("write-timeout", ("write_timeout",), parse_duration)
+    upstream = get("upstream-timeout", parse_duration)
+    write = get("write-timeout", parse_duration)
     if write and upstream and write <= upstream:
         raise ConfigError(
             "--write-timeout",
@@ -230,44 +170,44 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
             "or responses still within upstream-timeout would be cut",
         )
     auth = None
-    if get("basic-auth", ("basic_auth",), _bool) or False:
+    if get("basic-auth", parse_bool) or False:
         user = environ.get("TXFAAS_BASIC_AUTH_USER")
         password = environ.get("TXFAAS_BASIC_AUTH_PASSWORD")
         if not (user and password):
-            mount = get("secret-mount-path", ("secret_mount_path",), str)
+            mount = get("secret-mount-path", str)
             user = user or read_secret(mount, "basic-auth-user")
             password = password or read_secret(mount, "basic-auth-password")
         if not user or not password:
             raise ConfigError("--basic-auth", "user or password is empty")
         auth = (user, password)
-    nets, hosts = get("callback-allow", ("TXFAAS_CALLBACK_ALLOW",), parse_networks) or ((), ())
-    max_body = get("max-body", ("TXFAAS_MAX_BODY",), parse_size)
-    workers = get("workers", ("TXFAAS_WORKERS",), positive_int)
+    nets, hosts = get("callback-allow", parse_networks) or ((), ())
+    max_body = get("max-body", parse_size)
+    workers = get("workers", parse_positive_int)
     if workers > 1:
-        if redis.memory or get("amqp", ("TXFAAS_AMQP",), str).startswith("memory"):
+        if redis.memory or get("amqp", str).startswith("memory"):
             raise ConfigError("--workers", "several processes need --redis and --amqp (not memory:)")
         try:
-            parse_tcp_listen(get("listen", ("TXFAAS_LISTEN",), str))
+            parse_tcp_listen(get("listen", str))
         except ValueError as e:
             raise ConfigError("--listen", str(e)) from None
     return GatewayConfig(
-        listen=get("listen", ("TXFAAS_LISTEN",), str),
+        listen=get("listen", str),
         redis=redis,
         redis_text=redis_text,
-        amqp=parse_amqp_url(get("amqp", ("TXFAAS_AMQP",), _checked(parse_amqp_url))),
+        amqp=parse_amqp_url(get("amqp", _checked(parse_amqp_url))),
         upstream_timeout=upstream,
-        read_timeout=get("read-timeout", ("read_timeout",), parse_duration),
+        read_timeout=get("read-timeout", parse_duration),
         write_timeout=write,
         basic_auth=auth,
-        function_url_template=get("function-url-template", ("TXFAAS_FUNCTION_URL_TEMPLATE",), _template),
-        functions_file=get("functions", ("TXFAAS_FUNCTIONS",), str),
+        function_url_template=get("function-url-template", parse_url_template),
+        functions_file=get("functions", str),
         max_body=max_body,
-        max_async_body=get("max-async-body", ("TXFAAS_MAX_ASYNC_BODY",), parse_size),
+        max_async_body=get("max-async-body", parse_size),
         callback_policy=AddressPolicy(tuple(nets), tuple(hosts)),
-        call_ttl=get("call-ttl", ("TXFAAS_CALL_TTL",), parse_duration),
-        confirm_timeout=get("confirm-timeout", ("TXFAAS_CONFIRM_TIMEOUT",), parse_duration),
-        redis_prefix=get("redis-prefix", ("TXFAAS_REDIS_PREFIX",), str),
-        pool_size=get("pool-size", ("TXFAAS_POOL_SIZE",), positive_int),
+        call_ttl=get("call-ttl", parse_duration),
+        confirm_timeout=get("confirm-timeout", parse_duration),
+        redis_prefix=get("redis-prefix", str),
+        pool_size=get("pool-size", parse_positive_int),
         workers=workers,
     )
 
@@ -322,7 +262,9 @@ def build_gateway(
         queue = AMQPQueue(reactor, config.amqp, confirm_timeout=config.confirm_timeout)
 
     pool = quiet_pool(reactor, per_host=config.pool_size)
-    client = ProxyClient(Agent.usingEndpointFactory(reactor, CachingEndpointFactory(reactor), pool=pool))
+    # IP-address function URLs need no resolver thread for each new connection.
+    endpoints = CachingEndpointFactory(literal_first(reactor))
+    client = ProxyClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
     closers.append(pool.closeCachedConnections)
 
     metrics = GatewayMetrics()

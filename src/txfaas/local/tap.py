@@ -20,11 +20,9 @@ from txfaas.worker import tap as worker_tap
 log = Logger()
 
 # The gateway's flags, less those that pick the store and queue (always in memory here).
-_GATEWAY_FLAGS = [
-    p
-    for p in gateway_tap.Options.optParameters
-    if p[0] not in ("redis", "amqp", "redis-prefix", "confirm-timeout")
-]
+_GATEWAY_FLAGS = gateway_tap.FLAGS.opt_parameters(
+    leave_out=("redis", "amqp", "redis-prefix", "confirm-timeout")
+)
 _WORKER_FLAGS = ["max-inflight", "exec-timeout", "callback-secret", "callback-timeout", "max-result-size"]
 
 

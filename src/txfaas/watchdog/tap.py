@@ -20,8 +20,18 @@ import attrs
 from twisted.application import service
 from twisted.python import usage
 
-from txfaas.config import ConfigError, option_or_env, parse_duration, parse_http_url, parse_size
-from txfaas.watchdog.common import FORK, HTTP, MODES, WatchdogConfig
+from txfaas.config import (
+    ConfigError,
+    Flag,
+    Flags,
+    format_duration,
+    format_size,
+    parse_count,
+    parse_duration,
+    parse_http_url,
+    parse_size,
+)
+from txfaas.watchdog.common import HTTP, MODES, WatchdogConfig
 from txfaas.watchdog.process import group_launcher
 
 DEFAULTS = WatchdogConfig(fprocess=())
@@ -57,16 +67,6 @@ def _listen(value: str) -> str:
     return text
 
 
-def _count(value: str) -> int:
-    try:
-        n = int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"not a whole number: {value!r}") from None
-    if n < 0:
-        raise ValueError(f"negative: {n}")
-    return n
-
-
 def _upstream(value: str) -> str:
     url = parse_http_url(value)
     if urlsplit(url).scheme != "http":
@@ -81,6 +81,85 @@ def _content_type(value: str) -> str:
     return text
 
 
+_D = DEFAULTS
+FLAGS = Flags(
+    Flag(
+        "fprocess", ("fprocess", "function_process"), None, "The function's command, split like a shell would"
+    ),
+    Flag("mode", ("mode",), _D.mode, "fork: a process per request; http: one process, proxied"),
+    Flag(
+        "upstream-url",
+        ("upstream_url", "http_upstream_url"),
+        None,
+        "http mode: where the command serves HTTP, e.g. http://127.0.0.1:5000",
+    ),
+    Flag(
+        "listen",
+        ("port",),
+        _D.listen,
+        "Twisted endpoint to serve on; $port may be a bare port number (tcp:<port>)",
+    ),
+    Flag(
+        "read-timeout",
+        ("read_timeout",),
+        format_duration(_D.read_timeout),
+        "Longest time to read a whole request, from its first byte (408 after it)",
+    ),
+    Flag(
+        "write-timeout",
+        ("write_timeout",),
+        format_duration(_D.write_timeout),
+        "Longest time to hand the response over to the client (one that does not read it is "
+        "disconnected); also how long running requests may finish when stopping",
+    ),
+    Flag(
+        "exec-timeout",
+        ("exec_timeout", "hard_timeout"),
+        format_duration(_D.exec_timeout),
+        "Longest run of the function: the process group is killed (fork) or the request aborted "
+        "(http), 504; a request's X-Timeout may shorten it",
+    ),
+    Flag(
+        "idle-timeout",
+        ("idle_timeout",),
+        format_duration(_D.idle_timeout),
+        "How long an idle keep-alive connection stays open",
+    ),
+    Flag(
+        "healthcheck-interval",
+        ("healthcheck_interval",),
+        format_duration(_D.healthcheck_interval),
+        "http mode: how often the function's server is probed once up",
+    ),
+    Flag(
+        "max-inflight",
+        ("max_inflight",),
+        str(_D.max_inflight),
+        "Most concurrent calls, 429 beyond",
+        shown="0: no limit",
+    ),
+    Flag(
+        "content-type",
+        ("content_type",),
+        None,
+        "fork mode: Content-Type of responses",
+        shown="the request's, else application/octet-stream",
+    ),
+    Flag(
+        "max-request",
+        ("max_request",),
+        format_size(_D.max_request),
+        "Largest request body, 413 above; 0: no limit",
+    ),
+    Flag(
+        "max-response",
+        ("max_response",),
+        format_size(_D.max_response),
+        "Largest function output, 500 (fork) or 502 (http) above; 0: no limit",
+    ),
+)
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -90,86 +169,7 @@ class Options(usage.Options):
         "ready, 503 while starting or draining. Every option falls back to the OpenFaaS environment "
         "variable named in its help; durations read 10, 10s, 1m30s or 500ms, and 0 means no limit."
     )
-    optParameters = [
-        [
-            "fprocess",
-            None,
-            None,
-            "The function's command, split like a shell would [$fprocess, $function_process]",
-        ],
-        ["mode", None, None, "fork: a process per request; http: one process, proxied [$mode; default fork]"],
-        [
-            "upstream-url",
-            None,
-            None,
-            "http mode: where the command serves HTTP, e.g. http://127.0.0.1:5000 "
-            "[$upstream_url, $http_upstream_url]",
-        ],
-        [
-            "listen",
-            None,
-            None,
-            "Twisted endpoint to serve on [$port (a number: tcp:<port>); default tcp:8080]",
-        ],
-        [
-            "read-timeout",
-            None,
-            None,
-            "Longest time to read a whole request, from its first byte (408 after it) [$read_timeout; default 30s]",
-        ],
-        [
-            "write-timeout",
-            None,
-            None,
-            "Longest time to hand the response over to the client (one that does not read it is "
-            "disconnected); also how long running requests may finish when stopping "
-            "[$write_timeout; default 30s]",
-        ],
-        [
-            "exec-timeout",
-            None,
-            None,
-            "Longest run of the function: the process group is killed (fork) or the request aborted "
-            "(http), 504; a request's X-Timeout may shorten it [$exec_timeout, $hard_timeout; default 10s]",
-        ],
-        [
-            "idle-timeout",
-            None,
-            None,
-            "How long an idle keep-alive connection stays open [$idle_timeout; default 5m]",
-        ],
-        [
-            "healthcheck-interval",
-            None,
-            None,
-            "http mode: how often the function's server is probed once up [$healthcheck_interval; default 5s]",
-        ],
-        [
-            "max-inflight",
-            None,
-            None,
-            "Most concurrent calls, 429 beyond [$max_inflight; default 0: no limit]",
-        ],
-        [
-            "content-type",
-            None,
-            None,
-            "fork mode: Content-Type of responses [$content_type; default the request's, "
-            "else application/octet-stream]",
-        ],
-        [
-            "max-request",
-            None,
-            None,
-            "Largest request body, 413 above [$max_request; default 16MiB; 0: no limit]",
-        ],
-        [
-            "max-response",
-            None,
-            None,
-            "Largest function output, 500 (fork) or 502 (http) above [$max_response; default 16MiB; 0: no limit]",
-        ],
-    ]
+    optParameters = FLAGS.opt_parameters()
 
     def postOptions(self) -> None:
         try:
@@ -182,19 +182,15 @@ def build_config(
     opts: Mapping[str, Any], environ: Mapping[str, str], setsid: str | bool | None = True
 ) -> WatchdogConfig:
     """Flags, else the OpenFaaS variables, else the defaults; raises :class:`ConfigError`."""
-
-    def get(key: str, envs: tuple[str, ...], default: Any, parse: Any) -> Any:
-        return option_or_env(opts, key, envs, default, parse, environ)
-
-    d = DEFAULTS
-    fprocess = get("fprocess", ("fprocess", "function_process"), None, _command)
+    get = FLAGS.reader(opts, environ)
+    fprocess = get("fprocess", _command)
     if fprocess is None:
         raise ConfigError("--fprocess", "the function's command is required (or set $fprocess)")
     path = environ.get("PATH", os.defpath)
     if shutil.which(fprocess[0], path=path) is None:
         raise ConfigError("--fprocess", f"command not found: {fprocess[0]}")
-    mode = get("mode", ("mode",), FORK, _mode)
-    upstream = get("upstream-url", ("upstream_url", "http_upstream_url"), None, _upstream)
+    mode = get("mode", _mode)
+    upstream = get("upstream-url", _upstream)
     if mode == HTTP and upstream is None:
         raise ConfigError("--upstream-url", "http mode needs the function's URL (or set $upstream_url)")
     if setsid is True:
@@ -203,18 +199,16 @@ def build_config(
         fprocess=fprocess,
         mode=mode,
         upstream_url=upstream,
-        listen=get("listen", ("port",), d.listen, _listen),
-        read_timeout=get("read-timeout", ("read_timeout",), d.read_timeout, parse_duration),
-        write_timeout=get("write-timeout", ("write_timeout",), d.write_timeout, parse_duration),
-        exec_timeout=get("exec-timeout", ("exec_timeout", "hard_timeout"), d.exec_timeout, parse_duration),
-        idle_timeout=get("idle-timeout", ("idle_timeout",), d.idle_timeout, parse_duration),
-        healthcheck_interval=get(
-            "healthcheck-interval", ("healthcheck_interval",), d.healthcheck_interval, parse_duration
-        ),
-        max_inflight=get("max-inflight", ("max_inflight",), d.max_inflight, _count),
-        content_type=get("content-type", ("content_type",), None, _content_type),
-        max_request=get("max-request", ("max_request",), d.max_request, parse_size),
-        max_response=get("max-response", ("max_response",), d.max_response, parse_size),
+        listen=get("listen", _listen),
+        read_timeout=get("read-timeout", parse_duration),
+        write_timeout=get("write-timeout", parse_duration),
+        exec_timeout=get("exec-timeout", parse_duration),
+        idle_timeout=get("idle-timeout", parse_duration),
+        healthcheck_interval=get("healthcheck-interval", parse_duration),
+        max_inflight=get("max-inflight", parse_count),
+        content_type=get("content-type", _content_type),
+        max_request=get("max-request", parse_size),
+        max_response=get("max-response", parse_size),
         environ=dict(environ),
         launcher=group_launcher(setsid or None, sys.executable),
     )
@@ -222,16 +216,19 @@ def build_config(
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
-    from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, serverFromString
+    from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
     from twisted.internet.protocol import Protocol
     from twisted.web.client import Agent, HTTPConnectionPool
 
+    from txfaas.runtime import exit_on_startup_error, server_endpoint
     from txfaas.watchdog.fork import ForkRunner
     from txfaas.watchdog.http import HTTPRunner, UpstreamEndpoint
     from txfaas.watchdog.process import OrphanReaper, become_subreaper, native_group_spawn
     from txfaas.watchdog.server import Watchdog
 
     config: WatchdogConfig = options["config"]
+    with exit_on_startup_error():
+        endpoint = server_endpoint(reactor, config.listen)
     become_subreaper()
     spawn = native_group_spawn(reactor)
     if spawn is not None:
@@ -268,4 +265,4 @@ def makeService(options: Options) -> service.IService:
         )
     else:
         runner = ForkRunner(reactor, config, reaper, spawn=spawn)
-    return Watchdog(config, reactor, runner, serverFromString(reactor, config.listen))
+    return Watchdog(config, reactor, runner, endpoint)
