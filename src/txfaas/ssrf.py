@@ -128,6 +128,11 @@ async def check_callback_url(url: str, resolver: IHostnameResolver, policy: Addr
     _scheme, host, port = parse_callback_url(url)
     if policy.host_allowed(host):
         return
+    if _literal(host) is not None:  # an address: no resolver (and no thread) needed
+        reason = policy.refusal(host)
+        if reason is not None:
+            raise CallbackRefused(f"callback host {host!r}: {reason}")
+        return
     collector = _Collector()
     resolver.resolveHostName(collector, host, port)
     addresses = await collector.done
@@ -188,20 +193,82 @@ class FilteringResolver:
         )
 
 
-@implementer(IReactorPluggableNameResolver)
-class FilteringReactor:
-    """The reactor, seen through a :class:`FilteringResolver` (give it to an ``Agent``)."""
+def _literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
 
-    def __init__(self, reactor: Any, policy: AddressPolicy) -> None:
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class LiteralResolver:
+    """Answers IP addresses at once; asks ``resolver`` for names.
+
+    Twisted's default resolver sends every host, addresses included, through a
+    thread pool (``getaddrinfo``): for functions and callbacks at ``127.0.0.1`` or
+    ``10.x`` that is a thread hop per new connection for nothing.
+    """
+
+    def __init__(self, resolver: IHostnameResolver) -> None:
+        self._resolver = resolver
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[type] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        ip = _literal(hostName)
+        if ip is None:
+            return self._resolver.resolveHostName(
+                resolutionReceiver, hostName, portNumber, addressTypes, transportSemantics
+            )
+        resolution = _Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        kind = IPv6Address if ip.version == 6 else IPv4Address
+        if addressTypes is None or kind in addressTypes:
+            resolutionReceiver.addressResolved(kind("TCP", str(ip), portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+@implementer(IReactorPluggableNameResolver)
+class ResolverReactor:
+    """The reactor, seen through another name resolver (give it to an ``Agent``)."""
+
+    def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
         self._reactor = reactor
-        self._resolver = FilteringResolver(reactor.nameResolver, policy)
+        self._resolver = resolver
 
     @property
     def nameResolver(self) -> IHostnameResolver:
         return self._resolver
 
     def installNameResolver(self, resolver: IHostnameResolver) -> IHostnameResolver:
-        raise NotImplementedError("the filtering reactor's resolver is fixed")
+        raise NotImplementedError("this reactor view's resolver is fixed")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
+
+
+def literal_first(reactor: Any) -> ResolverReactor:
+    """The reactor with IP addresses resolved at once (names still through its resolver)."""
+    return ResolverReactor(reactor, LiteralResolver(reactor.nameResolver))
+
+
+class FilteringReactor(ResolverReactor):
+    """The reactor, seen through a :class:`FilteringResolver` (give it to an ``Agent``)."""
+
+    def __init__(self, reactor: Any, policy: AddressPolicy) -> None:
+        super().__init__(reactor, FilteringResolver(LiteralResolver(reactor.nameResolver), policy))

@@ -395,3 +395,63 @@ def test_filtering_reactor_makes_a_hostname_endpoint_fail_for_a_loopback_name():
     assert reactor.tcpClients == []
     assert len(failures) == 1
     assert failures[0].check(DNSLookupError)
+
+
+class _NoThreads:
+    """A resolver that must not be asked (it stands for Twisted's thread-pool resolver)."""
+
+    def resolveHostName(self, *args, **kwargs):
+        raise AssertionError("an IP address went to the resolver")
+
+
+class _Receiver:
+    def __init__(self):
+        self.addresses = []
+        self.done = False
+
+    def resolutionBegan(self, resolution):
+        self.name = resolution.name
+
+    def addressResolved(self, address):
+        self.addresses.append((type(address).__name__, address.host, address.port))
+
+    def resolutionComplete(self):
+        self.done = True
+
+
+def test_ip_addresses_are_answered_without_the_resolver():
+    from txfaas.ssrf import LiteralResolver
+
+    for host, expected in [
+        ("127.0.0.1", ("IPv4Address", "127.0.0.1", 80)),
+        ("::1", ("IPv6Address", "::1", 80)),
+    ]:
+        receiver = _Receiver()
+        LiteralResolver(_NoThreads()).resolveHostName(receiver, host, 80)
+        assert receiver.done and receiver.addresses == [expected]
+
+
+def test_callback_ip_literals_are_checked_without_the_resolver():
+    from twisted.internet.defer import Deferred
+
+    from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
+
+    d = Deferred.fromCoroutine(check_callback_url("http://127.0.0.1:9/", _NoThreads(), AddressPolicy()))
+    failures = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(CallbackRefused)
+    d = Deferred.fromCoroutine(check_callback_url("http://8.8.8.8/", _NoThreads(), AddressPolicy()))
+    results = []
+    d.addCallback(results.append)
+    assert results == [None]
+
+
+def test_filtering_reactor_still_refuses_literal_private_addresses():
+    from txfaas.ssrf import AddressPolicy, FilteringReactor
+
+    class FakeReactor:
+        nameResolver = _NoThreads()
+
+    receiver = _Receiver()
+    FilteringReactor(FakeReactor(), AddressPolicy()).nameResolver.resolveHostName(receiver, "127.0.0.1", 80)
+    assert receiver.done and receiver.addresses == []

@@ -299,10 +299,12 @@ class GatewayApp:
         if spec is None:
             raise HTTPError(404, f"function {name!r} not found")
 
-        existing = await self._calls.get_call(call_id)
-        if existing is not None:
-            # Idempotent post: the same call id is never queued twice.
-            return _accepted(request, existing, duplicate=True)
+        if request.getHeader(hdr.CALL_ID) is not None:
+            # Idempotent post: a call id the client chose is never queued twice.
+            # (One the gateway just made up cannot exist: no Redis round trip for it.)
+            existing = await self._calls.get_call(call_id)
+            if existing is not None:
+                return _accepted(request, existing, duplicate=True)
 
         pairs = [(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
         forwarded = hdr.end_to_end(
@@ -335,7 +337,7 @@ class GatewayApp:
                 error=e,
             )
             found = None
-        self.log.info("[{call_id}] queued for {function}", call_id=call_id, function=name)
+        self.log.debug("[{call_id}] queued for {function}", call_id=call_id, function=name)
         return _accepted(request, found or record, duplicate=False)
 
     # --- call status ------------------------------------------------------------------------

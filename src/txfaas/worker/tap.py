@@ -419,7 +419,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from twisted.web.server import Site
 
     from txfaas.runtime import is_child
-    from txfaas.ssrf import FilteringReactor
+    from txfaas.ssrf import FilteringReactor, literal_first
     from txfaas.worker.callback import CallbackDelivery
     from txfaas.worker.service import WorkerMetrics, WorkerService
     from txfaas.worker.web import worker_resource
@@ -472,7 +472,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
         config,
         queue,
         store,
-        Agent(reactor, pool=function_pool),
+        Agent(literal_first(reactor), pool=function_pool),
         callbacks,
         WorkerMetrics(registry),
     )
