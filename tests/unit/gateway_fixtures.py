@@ -21,10 +21,10 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
-from txfaas.gateway.functions import FunctionCache
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
 from txfaas.model import FunctionSpec
+from txfaas.store.cache import FunctionCache
 from txfaas.testing import MemoryQueue, MemoryStore
 
 

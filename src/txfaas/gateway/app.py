@@ -24,7 +24,6 @@ from twisted.web.iweb import IRequest
 
 from txfaas import __version__
 from txfaas import headers as hdr
-from txfaas.gateway.functions import FunctionCache
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.model import (
     DEFAULT_QUEUE,
@@ -42,6 +41,7 @@ from txfaas.model import (
 from txfaas.queue import CallQueue, QueueUnavailable
 from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
 from txfaas.store import AlreadyExists, AsyncCallStore, NotFound, StoreUnavailable
+from txfaas.store.cache import FunctionCache
 
 SYSTEM_BODY_LIMIT = 1024 * 1024
 DEAD_LETTER_PAGE = 100

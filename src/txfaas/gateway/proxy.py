@@ -48,10 +48,10 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from txfaas import headers as hdr
-from txfaas.gateway.functions import FunctionCache
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.model import MAX_NAME, FunctionSpec
 from txfaas.store import StoreUnavailable
+from txfaas.store.cache import FunctionCache
 
 # Set by the gateway itself (or by the Agent, for Host and Content-Length).
 _REQUEST_DROP = hdr.HOP_BY_HOP | frozenset(

@@ -17,11 +17,11 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from txfaas.gateway.functions import FunctionCache
 from txfaas.model import DEFAULT_QUEUE, FunctionSpec, ValidationError
 from txfaas.queue import CallQueue
 from txfaas.runtime import StartupError, listen, run_startup
 from txfaas.store import AlreadyExists, StoreUnavailable
+from txfaas.store.cache import FunctionCache
 
 
 def load_functions_file(path: str) -> list[FunctionSpec]:

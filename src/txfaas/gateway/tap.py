@@ -229,11 +229,11 @@ def build_gateway(
     from twisted.web.client import Agent
 
     from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
-    from txfaas.gateway.functions import FunctionCache
     from txfaas.gateway.metrics import GatewayMetrics
     from txfaas.gateway.proxy import CachingEndpointFactory, FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
     from txfaas.runtime import ChildProcesses, LimitedSite, is_child, listen, listen_reuseport, quiet_pool
+    from txfaas.store.cache import FunctionCache
 
     disable_created_metrics()
     closers = []

@@ -420,6 +420,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
 
     from txfaas.runtime import is_child
     from txfaas.ssrf import FilteringReactor, literal_first
+    from txfaas.store.cache import FunctionCache
     from txfaas.worker.callback import CallbackDelivery
     from txfaas.worker.service import WorkerMetrics, WorkerService
     from txfaas.worker.web import worker_resource
@@ -471,7 +472,8 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
         reactor,
         config,
         queue,
-        store,
+        # Function records read through a 1 s cache (not one Redis read per call).
+        FunctionCache(store, reactor),
         Agent(literal_first(reactor), pool=function_pool),
         callbacks,
         WorkerMetrics(registry),

@@ -1,7 +1,7 @@
-"""The gateway's view of the function registry: a short-lived cache and batched counters.
+"""A short-lived cache of function records, with batched invocation counters.
 
-Every synchronous call needs the function's record; reading Redis for each one
-would add a round trip to the hot path.  Records are cached for ``ttl`` seconds
+Every synchronous call (gateway) and every queued call (worker) needs the
+function's record; reading Redis for each one would add a round trip per call.  Records are cached for ``ttl`` seconds
 (1 s by default): a function deployed or removed through *this* gateway is seen
 at once (the cache entry is dropped), through another gateway within ``ttl``.
 Unknown names are never cached, so a new function is callable as soon as it is
@@ -22,6 +22,8 @@ from txfaas.store import FunctionStore
 
 
 class FunctionCache:
+    """Cached ``get_function`` in front of a store; every other store method passes through."""
+
     log = Logger()
 
     def __init__(self, store: FunctionStore, clock: Any, ttl: float = 1.0, flush: float = 1.0) -> None:
@@ -71,6 +73,14 @@ class FunctionCache:
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+
+    async def get_function(self, name: str) -> FunctionSpec | None:
+        """The store's ``get_function``, cached (so a FunctionCache can stand in for the store)."""
+        return await self.get(name)
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (call records, listing, writes) goes to the store itself.
+        return getattr(self.store, name)
 
     def forget(self, name: str) -> None:
         self._entries.pop(name, None)
