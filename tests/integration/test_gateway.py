@@ -265,3 +265,18 @@ async def test_workers_share_the_port_and_metrics_add_up(redis_url, upstream):
         timeout=10,
         what="both processes to stop",
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_async_body_limit_413_before_reading(redis_url, upstream):
+    _recorder, url = upstream
+    proc, base = await start_gateway(redis_url, "--max-async-body", "1KiB")
+    try:
+        await deploy(base, "echo", url)
+        response = await treq.post(base + "/async-function/echo", data=b"a" * 2048)
+        assert response.code == 413
+        assert "over the limit of 1024 bytes" in await response.text()
+        response = await treq.post(base + "/async-function/echo", data=b"a" * 1000)
+        assert response.code == 202
+    finally:
+        await proc.stop()
