@@ -14,11 +14,13 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
+from twisted.internet.interfaces import IConsumer, IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from txfaas.config import ConfigError, format_duration
 
@@ -453,6 +455,29 @@ class LimitedSite(server.Site):
 
     def log(self, request: Any) -> None:
         """No access log line per request: the hot path stays quiet (metrics count requests)."""
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one go (no cooperator, no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        if self._body:
+            consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 # --- several processes on one port -----------------------------------------------------------

@@ -11,7 +11,14 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.web import resource, server
 
 from txfaas.config import ConfigError
-from txfaas.runtime import LimitedSite, Listener, StartupError, exit_on_startup_error, run_startup
+from txfaas.runtime import (
+    BytesProducer,
+    LimitedSite,
+    Listener,
+    StartupError,
+    exit_on_startup_error,
+    run_startup,
+)
 
 
 class Echo(resource.Resource):
@@ -366,3 +373,16 @@ def test_run_startup_ends_the_process_with_the_line_of_a_startup_error(capsys):
     run_startup(reactor, start)
     assert reactor.stopped
     assert capsys.readouterr().err == "error: --functions f.json: not valid JSON\n"
+
+
+def test_bytes_producer_writes_the_body_at_once_and_declares_its_length():
+    from twisted.internet.testing import StringTransport as Consumer
+
+    consumer = Consumer()
+    producer = BytesProducer(b"payload")
+    assert producer.length == 7
+    done = producer.startProducing(consumer)
+    assert consumer.value() == b"payload" and done.called
+    empty = Consumer()
+    BytesProducer(b"").startProducing(empty)
+    assert empty.value() == b""

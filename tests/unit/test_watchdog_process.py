@@ -7,13 +7,16 @@ import signal
 from types import SimpleNamespace
 from typing import Any
 
+from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import Logger, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from txfaas.watchdog.process import (
     PYTHON_SETSID_SHIM,
+    GroupLeader,
     OrphanReaper,
     OutputLog,
     Tail,
@@ -46,6 +49,52 @@ class KillGroupTests(SynchronousTestCase):
             raise PermissionError()
 
         self.assertFalse(kill_group(12, signal.SIGKILL, foreign))
+
+
+class FakeProcessTransport:
+    def __init__(self, pid: int, gone: bool = False) -> None:
+        self.pid = pid
+        self.gone = gone
+        self.signals: list[str] = []
+        self.lost = False
+
+    def signalProcess(self, name: str) -> None:
+        if self.gone:
+            from twisted.internet.error import ProcessExitedAlready
+
+            raise ProcessExitedAlready()
+        self.signals.append(name)
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+
+class GroupLeaderTests(SynchronousTestCase):
+    """What the fork and http runners' processes share: the group dies with its leader."""
+
+    def make(self, **kw: Any) -> tuple[GroupLeader, FakeProcessTransport, list[int]]:
+        killed: list[int] = []
+        leader = GroupLeader(killed.append)
+        transport = FakeProcessTransport(4242, **kw)
+        leader.makeConnection(transport)
+        return leader, transport, killed
+
+    def test_the_group_is_named_after_the_leader_and_killed_when_the_leader_exits(self) -> None:
+        leader, _, killed = self.make()
+        self.assertEqual(leader.pgid, 4242)
+        leader.processExited(Failure(ProcessDone(0)))
+        self.assertEqual(killed, [4242])  # orphans left behind in the group
+
+    def test_kill_all_kills_the_group_the_leader_and_closes_the_pipes(self) -> None:
+        leader, transport, killed = self.make()
+        leader.kill_all()
+        self.assertEqual((killed, transport.signals, transport.lost), ([4242], ["KILL"], True))
+
+    def test_kill_all_after_the_leader_exited_does_not_signal_a_group_id_that_may_be_reused(self) -> None:
+        leader, transport, killed = self.make(gone=True)
+        leader.processExited(Failure(ProcessDone(0)))
+        leader.kill_all()
+        self.assertEqual((killed, transport.signals, transport.lost), ([4242], [], True))
 
 
 class FakeChildren:

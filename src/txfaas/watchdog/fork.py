@@ -24,12 +24,19 @@ from urllib.parse import unquote_to_bytes
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorProcess
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txfaas.watchdog.common import FunctionResult, Invocation, WatchdogConfig
-from txfaas.watchdog.process import OrphanReaper, OutputLog, Spawn, Tail, default_spawn, kill_group
+from txfaas.watchdog.process import (
+    GroupLeader,
+    OrphanReaper,
+    OutputLog,
+    Spawn,
+    Tail,
+    default_spawn,
+    kill_group,
+)
 
 _ENV_NAME = re.compile(rb"^[A-Za-z0-9_-]+$")
 
@@ -136,26 +143,24 @@ class ForkRunner:
             self._reaper.watch(pgid)
 
 
-class _FunctionProcess(ProcessProtocol):
+class _FunctionProcess(GroupLeader):
     log = Logger()
 
     def __init__(self, runner: ForkRunner, call: Invocation) -> None:
+        super().__init__(runner._kill)
         self._runner = runner
         self._call = call
         self._limit = runner._config.max_response
         self.result: Deferred[FunctionResult] | None = None
         self.ended: Deferred[None] = Deferred()
-        self.pgid: int | None = None
         self._stdout: list[bytes] = []
         self._size = 0
         self._tail = Tail(runner.stderr_tail)
         fields: dict[str, Any] = {"call_id": call.call_id} if call.call_id else {}
         self._stderr_log = OutputLog(self.log, "stderr", fields)
-        self._exited = False
         self._aborted = False
 
     def connectionMade(self) -> None:
-        self.pgid = self.transport.pid
         if self._call.body:
             self.transport.write(self._call.body)
         self.transport.closeStdin()
@@ -178,12 +183,6 @@ class _FunctionProcess(ProcessProtocol):
             self._tail.feed(data)
             self._stderr_log.feed(data)
 
-    def processExited(self, reason: Failure) -> None:
-        # The leader is gone: anything it left running in its group is an orphan.
-        self._exited = True
-        if self.pgid is not None:
-            self._runner._kill(self.pgid)
-
     def processEnded(self, reason: Failure) -> None:
         self._stderr_log.close()
         if self._aborted:
@@ -197,14 +196,7 @@ class _FunctionProcess(ProcessProtocol):
         if self._aborted:
             return
         self._aborted = True
-        if self.pgid is not None and not self._exited:
-            self._runner._kill(self.pgid)
-        try:
-            self.transport.signalProcess("KILL")
-        except (error.ProcessExitedAlready, OSError):
-            pass
-        # Close our ends of the pipes: a descendant that escaped the group cannot hold us up.
-        self.transport.loseConnection()
+        self.kill_all()
 
     def _answer(self, result: FunctionResult) -> None:
         if self.result is not None and not self.result.called:

@@ -20,21 +20,21 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorProcess, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from txfaas.config import format_duration
 from txfaas.headers import end_to_end
+from txfaas.runtime import BytesProducer
 from txfaas.watchdog.common import FunctionResult, Invocation, WatchdogConfig
-from txfaas.watchdog.process import OrphanReaper, OutputLog, Spawn, default_spawn, kill_group
+from txfaas.watchdog.process import GroupLeader, OrphanReaper, OutputLog, Spawn, default_spawn, kill_group
 
 _DROP_REQUEST = frozenset({b"host", b"content-length"})
 _DROP_RESPONSE = frozenset({b"content-length"})
@@ -76,29 +76,6 @@ class UpstreamEndpoint:
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         return self._endpoint
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """The request body, written in one go (it is already in memory)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        if self._body:
-            consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Collector(Protocol):
@@ -217,7 +194,7 @@ class HTTPRunner:
         headers = Headers()
         for name, value in end_to_end(_pairs(call.headers), _DROP_REQUEST):
             headers.addRawHeader(name, value)
-        body = _BytesProducer(call.body) if call.body or call.method in _BODY_METHODS else None
+        body = BytesProducer(call.body) if call.body or call.method in _BODY_METHODS else None
         try:
             response = await self._agent.request(call.method, self._base + call.uri, headers, body)
         except CancelledError:
@@ -366,32 +343,22 @@ class HTTPRunner:
             await self._close_pool()
 
 
-class _ServerProcess(ProcessProtocol):
+class _ServerProcess(GroupLeader):
     log = Logger()
 
     def __init__(self, runner: HTTPRunner) -> None:
+        super().__init__(runner._kill)
         self._runner = runner
-        self.pgid: int | None = None
-        self._exited = False
         self._ended = False
         self._waiters: list[Deferred[None]] = []
         self._out = OutputLog(self.log, "stdout", {})
         self._err = OutputLog(self.log, "stderr", {})
-
-    def makeConnection(self, transport: Any) -> None:
-        self.pgid = transport.pid
-        super().makeConnection(transport)
 
     def connectionMade(self) -> None:
         self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         (self._out if childFD == 1 else self._err).feed(data)
-
-    def processExited(self, reason: Failure) -> None:
-        self._exited = True
-        if self.pgid is not None:
-            self._runner._kill(self.pgid)
 
     def processEnded(self, reason: Failure) -> None:
         self._out.close()
@@ -411,10 +378,4 @@ class _ServerProcess(ProcessProtocol):
         return d
 
     def abort(self) -> None:
-        if self.pgid is not None and not self._exited:
-            self._runner._kill(self.pgid)
-        try:
-            self.transport.signalProcess("KILL")
-        except (error.ProcessExitedAlready, OSError):
-            pass
-        self.transport.loseConnection()
+        self.kill_all()

@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.internet import process as _twisted_process
 from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
@@ -153,6 +154,41 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL, killpg: Callable[[int, int]
         log.warn("not allowed to signal process group {pgid}", pgid=pgid)
         return False
     return True
+
+
+class GroupLeader(ProcessProtocol):
+    """A function process started as the leader of its own process group.
+
+    When the leader exits, whatever it left running in its group is an orphan
+    and is killed at once; :meth:`kill_all` kills the group, the leader (should
+    it not have made its group yet), and closes our ends of its pipes, so that
+    a descendant that escaped the group cannot hold us up.  ``kill_group(pgid)``
+    is the runner's: it signals the group and has the reaper watch it.
+    """
+
+    pgid: int | None = None
+    _exited = False
+
+    def __init__(self, kill_group: Callable[[int], None]) -> None:
+        self._kill_group = kill_group
+
+    def makeConnection(self, transport: Any) -> None:
+        self.pgid = transport.pid
+        super().makeConnection(transport)
+
+    def processExited(self, reason: Any) -> None:
+        self._exited = True
+        if self.pgid is not None:
+            self._kill_group(self.pgid)
+
+    def kill_all(self) -> None:
+        if self.pgid is not None and not self._exited:
+            self._kill_group(self.pgid)
+        try:
+            self.transport.signalProcess("KILL")
+        except (ProcessExitedAlready, OSError):
+            pass
+        self.transport.loseConnection()
 
 
 class OrphanReaper:
