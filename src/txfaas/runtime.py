@@ -22,7 +22,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from txfaas.config import ConfigError, format_duration
+from txfaas.config import ConfigError, RedisURL, format_duration
 
 log = Logger(namespace="txfaas.runtime")
 
@@ -478,6 +478,18 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+def open_store(reactor: Any, url: RedisURL, *, prefix: str, call_ttl: float) -> Any:
+    """The store a ``--redis`` URL names: an in-process ``MemoryStore`` for ``memory:``, else a
+    ``RedisStore`` that connects in the background (its ``close()`` belongs in shutdown)."""
+    if url.memory:
+        from txfaas.store.memory import MemoryStore
+
+        return MemoryStore()
+    from txfaas.store.redis import RedisStore
+
+    return RedisStore.connect(url, reactor, prefix=prefix, call_ttl=call_ttl)
 
 
 # --- several processes on one port -----------------------------------------------------------

@@ -386,3 +386,20 @@ def test_bytes_producer_writes_the_body_at_once_and_declares_its_length():
     empty = Consumer()
     BytesProducer(b"").startProducing(empty)
     assert empty.value() == b""
+
+
+def test_open_store_memory_url_is_the_in_process_store_and_a_redis_url_a_redis_store(monkeypatch):
+    from txfaas.config import parse_redis_url
+    from txfaas.runtime import open_store
+    from txfaas.store.memory import MemoryStore
+    from txfaas.store.redis import RedisStore
+
+    assert isinstance(open_store(None, parse_redis_url("memory:"), prefix="p:", call_ttl=60), MemoryStore)
+    made = []
+    monkeypatch.setattr(
+        RedisStore, "connect", classmethod(lambda cls, *a, **kw: made.append((a, kw)) or "redis")
+    )
+    reactor = object()
+    url = parse_redis_url("redis://h:1/2")
+    assert open_store(reactor, url, prefix="p:", call_ttl=60) == "redis"
+    assert made == [((url, reactor), {"prefix": "p:", "call_ttl": 60})]

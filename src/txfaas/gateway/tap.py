@@ -232,24 +232,23 @@ def build_gateway(
     from txfaas.gateway.metrics import GatewayMetrics
     from txfaas.gateway.proxy import CachingEndpointFactory, FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
-    from txfaas.runtime import ChildProcesses, LimitedSite, is_child, listen, listen_reuseport, quiet_pool
+    from txfaas.runtime import (
+        ChildProcesses,
+        LimitedSite,
+        is_child,
+        listen,
+        listen_reuseport,
+        open_store,
+        quiet_pool,
+    )
     from txfaas.store.cache import FunctionCache
 
     disable_created_metrics()
     closers = []
-    if store is not None:
-        pass
-    elif config.redis.memory:
-        from txfaas.store.memory import MemoryStore
-
-        store = MemoryStore()
-    else:
-        from txfaas.store.redis import RedisStore
-
-        store = RedisStore.connect(
-            config.redis, reactor, prefix=config.redis_prefix, call_ttl=config.call_ttl
-        )
-        closers.append(store.close)
+    if store is None:
+        store = open_store(reactor, config.redis, prefix=config.redis_prefix, call_ttl=config.call_ttl)
+        if not config.redis.memory:
+            closers.append(store.close)
     if queue is not None:
         pass
     elif config.amqp.memory:
