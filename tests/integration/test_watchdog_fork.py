@@ -14,6 +14,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -334,6 +335,32 @@ def test_an_invalid_setting_is_a_one_line_error_naming_it_not_a_traceback():
         assert "Traceback" not in output, output
         last = output.strip().splitlines()[-1]
         assert expected in last, (args, last)
+
+
+def test_a_port_in_use_or_an_unreadable_endpoint_is_one_line_and_exit_1_before_the_function_starts():
+    marker = Path(tempfile.mkdtemp()) / "started"
+    fprocess = f"sh -c 'touch {marker}; cat'"
+    environ = {k: v for k, v in os.environ.items() if k not in ("fprocess", "function_process")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [
+            (
+                f"tcp:{port}:interface=127.0.0.1",
+                f"error: --listen tcp:{port}:interface=127.0.0.1: cannot listen",
+            ),
+            ("nonsense:8080", "error: --listen nonsense:8080: not a valid endpoint"),
+        ]
+        for listen, expected in cases:
+            # http mode: its command would start with the service, before any request.
+            args = ["--listen", listen, "--mode", "http", "--upstream-url", "http://127.0.0.1:1"]
+            result = run_twistd_sync("faas-watchdog", [*args, "--fprocess", fprocess], env=environ)
+            output = result.stdout + result.stderr
+            assert result.returncode == 1, output
+            assert "Traceback" not in output, output
+            assert expected in output.strip().splitlines()[-1], output
+            assert not marker.exists(), "the function was started although the watchdog could not listen"
 
 
 def test_help_documents_every_setting_with_its_variable_and_default():
