@@ -28,6 +28,8 @@ Cases, every round in this order (the worker is started after case 1 and stopped
 3. burst: ``--burst`` calls to a function sleeping 1 s, all at once (one connection each),
    worker ``--max-inflight`` = burst: time to post them all and time to the last callback.
    Goal: last callback <= 3 s.
+3b. with ``--scaling-processes N``: the same burst through ``faas-worker --processes N
+   --max-inflight burst/N`` (started once all N consume), against (3)'s one process.
 4. exec_timeout lateness: 20 calls (one every 100 ms) to a function that never answers and
    has ``txfaas.timeout: 1s``: callback arrival - (record's startedAt + 1 s), split into the
    timer (finishedAt - startedAt - 1 s) and the rest.  Goal: <= 100 ms.
@@ -74,6 +76,7 @@ from harness import (
     BenchError,
     Child,
     WrkTimeout,
+    children_of,
     cpu_seconds,
     ensure_commands,
     free_port,
@@ -252,6 +255,9 @@ class Broker:
     def depth(self, queue: str) -> int:
         return self._run(lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
 
+    def consumers(self, queue: str) -> int:
+        return self._run(lambda ch: ch.queue_declare(queue, passive=True).method.consumer_count)
+
 
 @dataclass
 class Bench:
@@ -307,7 +313,11 @@ class Bench:
         wait_http(base + "/healthz", gateway, timeout=30)
         return gateway, base
 
-    def start_worker(self, name: str, max_inflight: int, exec_timeout: str = "30s") -> Worker:
+    def start_worker(
+        self, name: str, max_inflight: int, exec_timeout: str = "30s", processes: int = 1
+    ) -> Worker:
+        """A ``faas-worker`` on the work queue; with ``processes`` > 1 a supervisor of that many
+        worker processes, returned once every one of them consumes the queue."""
         port = free_port()
         worker = Worker(
             name,
@@ -327,10 +337,17 @@ class Bench:
                 f"--delay-tiers={DELAY_TIER}",
                 f"--callback-queue={self.callback_queue}",
                 f"--dead-letter-queue={self.dead_letter_queue}",
+                *([f"--processes={processes}"] if processes > 1 else []),
             ],
         )
         self.stack.callback(worker.stop)
         wait_http(f"http://{LOOPBACK}:{port}/healthz", worker, timeout=30)
+        if processes > 1:
+            _wait(
+                lambda: self.broker.consumers(self.work_queue) >= processes,
+                60,
+                f"{processes} worker processes consuming {self.work_queue}",
+            )
         worker.metrics_url = f"http://{LOOPBACK}:{port}/metrics"
         return worker
 
@@ -510,7 +527,8 @@ def _meter(bench: Bench, gateway: Twistd, worker: Twistd) -> CpuMeter:
     return CpuMeter(
         {
             "gateway": lambda: [gateway.pid],
-            "worker": lambda: [worker.pid],
+            # a supervisor's worker processes too (--processes N)
+            "worker": lambda: [worker.pid, *children_of(worker.pid)],
             **bench.services,
             "servers": lambda: servers,
         }
@@ -535,13 +553,28 @@ def case_e2e(bench: Bench, gateway: Twistd, gateway_url: str, worker: Twistd, rn
     return _with_cpu(burst_figures(posted, arrivals), meter.stop())
 
 
-def case_burst(bench: Bench, gateway: Twistd, gateway_url: str, worker: Twistd, rnd: int) -> dict[str, Any]:
-    batch = f"burst-r{rnd}"
+def case_burst(
+    bench: Bench, gateway: Twistd, gateway_url: str, worker: Twistd, rnd: int, batch: str = ""
+) -> dict[str, Any]:
+    batch = batch or f"burst-r{rnd}"
     n = bench.args.burst
     meter = _meter(bench, gateway, worker)
     posted = post_calls(bench, gateway_url + "/async-function/bench-sleep", n, n, batch)
     arrivals = bench.wait_callbacks(batch, n, timeout=max(60.0, n / 10))
     return _with_cpu(burst_figures(posted, arrivals), meter.stop())
+
+
+def case_burst_processes(bench: Bench, gateway: Twistd, gateway_url: str, rnd: int) -> dict[str, Any]:
+    """(3b) The burst again through ``faas-worker --processes N`` sharing the burst's in-flight calls
+    (``--max-inflight`` burst / N each), after the one-process worker of the same round."""
+    n = bench.args.scaling_processes
+    per_process = -(-bench.args.burst // n)
+    worker = bench.start_worker(f"worker-p{n}-r{rnd}", max_inflight=per_process, processes=n)
+    try:
+        figures = case_burst(bench, gateway, gateway_url, worker, rnd, batch=f"burst-p{n}-r{rnd}")
+    finally:
+        worker.stop()
+    return {"processes": n, "max_inflight_each": per_process, **figures}
 
 
 def case_timeout(bench: Bench, gateway_url: str, rnd: int) -> dict[str, Any]:
@@ -626,6 +659,15 @@ def run_round(bench: Bench, rnd: int, gateway: Twistd, gateway_url: str, script:
         )
     finally:
         worker.stop()
+    if args.scaling_processes > 1:
+        scaled = case_burst_processes(bench, gateway, gateway_url, rnd)
+        out["burst_processes"] = scaled
+        say(
+            f"round {rnd}: (3b) burst of {scaled['calls']} through {scaled['processes']} worker processes "
+            f"(--max-inflight {scaled['max_inflight_each']} each): posted in {scaled['post_all_s']:.2f} s, "
+            f"last callback {scaled['last_callback_s']:.2f} s (one process: {out['burst']['last_callback_s']:.2f} s; "
+            f"callbacks {scaled['callback_statuses']}); {_cpu_line(scaled)}"
+        )
     return out
 
 
@@ -762,6 +804,7 @@ def analyse(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, A
             "worker_cpu_ms_per_call": summary([r["burst"]["worker_cpu_ms_per_call"] for r in done]),
             "others_cores": summary([r["burst"]["others_cores"] for r in done], 2),
         },
+        **_analyse_scaling(done),
         "timeout_lateness": {
             "samples": len(samples),
             "total_ms": summary([s["total_ms"] for s in samples], 2),
@@ -787,6 +830,35 @@ def analyse(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, A
     return cases
 
 
+def _analyse_scaling(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """(3b) when measured: the burst through N worker processes, and its ratio to the one-process
+    burst of the same round (last callback, then worker CPU per call), medianed."""
+    scaled = [r for r in done if "burst_processes" in r]
+    if not scaled:
+        return {}
+    return {
+        "burst_processes": {
+            "processes": scaled[0]["burst_processes"]["processes"],
+            "max_inflight_each": scaled[0]["burst_processes"]["max_inflight_each"],
+            "post_all_s": summary([r["burst_processes"]["post_all_s"] for r in scaled]),
+            "last_callback_s": summary([r["burst_processes"]["last_callback_s"] for r in scaled]),
+            "worker_cpu_ms_per_call": summary(
+                [r["burst_processes"]["worker_cpu_ms_per_call"] for r in scaled]
+            ),
+            "others_cores": summary([r["burst_processes"]["others_cores"] for r in scaled], 2),
+            "last_callback_ratio_to_one_process": summary(
+                [r["burst_processes"]["last_callback_s"] / r["burst"]["last_callback_s"] for r in scaled]
+            ),
+            "worker_cpu_ratio_to_one_process": summary(
+                [
+                    r["burst_processes"]["worker_cpu_ms_per_call"] / r["burst"]["worker_cpu_ms_per_call"]
+                    for r in scaled
+                ]
+            ),
+        }
+    }
+
+
 def _met(value: Any, test: Any) -> str:
     if value is None:
         return "not measured"
@@ -797,6 +869,21 @@ def _mm(s: dict[str, Any], fmt: str) -> str:
     if s["median"] is None:
         return "-"
     return f"{format(s['median'], fmt)} ({format(s['min'], fmt)}-{format(s['max'], fmt)})"
+
+
+def _scaling_rows(s: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not s:
+        return []
+    return [
+        (
+            f"(3b) the same through --processes {s['processes']} (--max-inflight {s['max_inflight_each']} each): "
+            "last callback, s",
+            _mm(s["last_callback_s"], ".2f"),
+        ),
+        ("    ratio to one process (same round)", _mm(s["last_callback_ratio_to_one_process"], ".3f")),
+        ("    worker CPU ms per call (all processes)", _mm(s["worker_cpu_ms_per_call"], ".3f")),
+        ("    rest of the machine meanwhile, cores", _mm(s["others_cores"], ".2f")),
+    ]
 
 
 def table(cases: dict[str, Any], args: argparse.Namespace, rounds: int) -> str:
@@ -832,6 +919,7 @@ def table(cases: dict[str, Any], args: argparse.Namespace, rounds: int) -> str:
         ("    last callback, s (goal <= 3)", _mm(b["last_callback_s"], ".2f")),
         ("    worker CPU ms per call", _mm(b["worker_cpu_ms_per_call"], ".3f")),
         ("    rest of the machine meanwhile, cores", _mm(b["others_cores"], ".2f")),
+        *_scaling_rows(cases.get("burst_processes")),
         (f"(4) exec_timeout lateness ms, {t['samples']} calls (goal max <= 100)", _mm(t["total_ms"], ".1f")),
         ("    of which the timer (finishedAt - startedAt - 1 s)", _mm(t["timer_ms"], ".1f")),
         ("    of which recording + callback delivery", _mm(t["after_timer_ms"], ".1f")),
@@ -1025,6 +1113,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument(
+        "--scaling-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="each round, also run (3) through faas-worker --processes N --max-inflight burst/N [off]",
+    )
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS", help="then profile with py-spy")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where files go [bench/results]")
     args = p.parse_args(argv)
