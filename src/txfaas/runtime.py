@@ -85,7 +85,7 @@ def exit_on_startup_error() -> Iterator[None]:
     try:
         yield
     except (StartupError, ConfigError) as e:
-        log.critical("{message}", message=str(e))
+        # Only the SystemExit: logging is not set up yet, so a log event would print a second line.
         raise SystemExit(_line(str(e))) from None
 
 
@@ -541,13 +541,14 @@ async def listen_reuseport(reactor: Any, description: str, factory: Any, setting
         sock.close()  # the reactor holds its own duplicate
 
 
-def prepare_multiprocess_metrics(workers: int) -> None:
+def prepare_multiprocess_metrics(workers: int, parent_only: bool = False) -> None:
     """With several processes, prometheus_client keeps its values in a shared folder, so that any
-    process's /metrics adds up all of them.  Must run before prometheus_client is imported."""
+    process's /metrics adds up all of them.  Must run before prometheus_client is imported --
+    unless ``parent_only``: a supervisor that makes no metrics itself, only its children do."""
     import tempfile
 
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        if "prometheus_client" in sys.modules:
+        if "prometheus_client" in sys.modules and not parent_only:
             raise RuntimeError("prometheus_client was imported before the multiprocess folder was set")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="txfaas-metrics-")
 
@@ -655,3 +656,23 @@ def quiet_pool(reactor: Any, *, persistent: bool = True, per_host: int = 2) -> A
     pool.maxPersistentPerHost = per_host
     pool._factory = QuietFactory
     return pool
+
+
+class OrderedMultiService(service.MultiService):
+    """A ``MultiService`` whose children stop one after the other, last added first.
+
+    ``MultiService`` calls every child's ``stopService`` at once; a process that must
+    stop listening, then drain its work, then close its clients needs them in turn.
+    """
+
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
+
+        async def stop_in_turn() -> None:
+            for child in reversed(list(self)):
+                try:
+                    await defer.maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("error while stopping {child}", child=child)
+
+        return defer.Deferred.fromCoroutine(stop_in_turn())

@@ -202,7 +202,7 @@ def test_a_configuration_that_breaks_the_consumer_timeout_is_refused_in_one_line
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("faas-worker: --exec-timeout: ")
+    assert lines[0].startswith("error: --exec-timeout: ")
     assert "Traceback" not in result.stdout + result.stderr
 
 

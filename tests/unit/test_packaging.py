@@ -105,7 +105,9 @@ def test_isolated_interpreter_sees_only_the_installed_wheel(installed, tmp_path)
     if (dependencies / "twisted" / "plugins" / "txfaas_plugins.py").exists():
         # CI (scripts/test) installs txfaas's own wheel beside its dependencies, and
         # twisted.plugins' own directory comes first on its __path__: that copy is a wheel too.
-        assert Path(seen["plugin"]).is_relative_to(installed) or Path(seen["plugin"]).is_relative_to(dependencies)
+        assert Path(seen["plugin"]).is_relative_to(installed) or Path(seen["plugin"]).is_relative_to(
+            dependencies
+        )
     else:
         assert Path(seen["plugin"]).is_relative_to(installed)
     assert not any(entry and Path(entry).resolve() == ROOT for entry in seen["path"])

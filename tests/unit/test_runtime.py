@@ -403,3 +403,37 @@ def test_open_store_memory_url_is_the_in_process_store_and_a_redis_url_a_redis_s
     url = parse_redis_url("redis://h:1/2")
     assert open_store(reactor, url, prefix="p:", call_ttl=60) == "redis"
     assert made == [((url, reactor), {"prefix": "p:", "call_ttl": 60})]
+
+
+def test_ordered_multiservice_stops_children_in_turn_last_added_first():
+    from twisted.application import service
+    from twisted.internet import defer
+
+    from txfaas.runtime import OrderedMultiService
+
+    events: list[str] = []
+    pending: dict[str, defer.Deferred] = {}
+
+    class Step(service.Service):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def stopService(self):
+            super().stopService()
+            events.append(f"stop {self.name}")
+            pending[self.name] = defer.Deferred()
+            return pending[self.name]
+
+    top = OrderedMultiService()
+    for name in ["pools", "worker", "listener"]:
+        Step(name).setServiceParent(top)
+    top.startService()
+    done = top.stopService()
+    assert events == ["stop listener"]
+    pending["listener"].callback(None)
+    assert events == ["stop listener", "stop worker"]  # the worker drains only once the port closed
+    pending["worker"].callback(None)
+    assert events == ["stop listener", "stop worker", "stop pools"]
+    assert not done.called
+    pending["pools"].callback(None)
+    assert done.called

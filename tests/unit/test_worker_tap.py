@@ -155,7 +155,7 @@ def test_make_service_turns_a_bad_value_into_a_one_line_exit():
     options.parseOptions(["--max-inflight=0"])
     with pytest.raises(SystemExit) as e:
         tap.makeService(options)
-    assert e.value.code == "faas-worker: --max-inflight: must be at least 1, not 0"
+    assert e.value.code == "error: --max-inflight: must be at least 1, not 0"
 
 
 def test_unknown_flag_is_a_usage_error():
@@ -168,7 +168,7 @@ def test_build_orders_services_so_the_listener_stops_first():
     settings = parse("--amqp=memory:", "--redis=memory:", "--listen=tcp:0")
     top = tap.build(MemoryReactorClock(), settings)
     children = list(IServiceCollection(top))
-    assert [type(c).__name__ for c in children] == ["_Closer", "WorkerService", "_Listener"]
+    assert [type(c).__name__ for c in children] == ["_Closer", "WorkerService", "Listener"]
     worker = children[1]
     assert isinstance(worker, WorkerService)
     assert worker.config is settings.worker

@@ -33,7 +33,7 @@ from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -50,6 +50,7 @@ from zope.interface import implementer
 from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.model import MAX_NAME, FunctionSpec
+from txfaas.runtime import BytesProducer
 from txfaas.store import StoreUnavailable
 from txfaas.store.cache import FunctionCache
 
@@ -121,28 +122,6 @@ def _filtered(incoming: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, li
             named = hdr.connection_tokens((name, v) for v in values)
             break
     return [(name, values) for name, values in raw if (low := name.lower()) not in drop and low not in named]
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory, written in one go (no Cooperator round trips)."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred:
-        consumer.write(self._data)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def body_producer(request: server.Request, cooperator: Any) -> IBodyProducer | None:

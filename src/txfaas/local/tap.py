@@ -35,7 +35,7 @@ class Options(usage.Options):
     )
     optParameters = [
         *_GATEWAY_FLAGS,
-        *[[flag, None, None, worker_tap._help(flag)] for flag in _WORKER_FLAGS],
+        *[[flag, None, None, worker_tap.FLAGS[flag].usage()] for flag in _WORKER_FLAGS],
     ]
 
     def postOptions(self) -> None:

@@ -14,38 +14,16 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IAgent, IResponse
+
+from txfaas.runtime import BytesProducer
 
 Pairs = list[tuple[bytes, bytes]]
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written at once (no cooperator, no global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @attrs.frozen

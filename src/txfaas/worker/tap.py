@@ -8,26 +8,37 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
 from txfaas.config import (
     AMQPURL,
     ConfigError,
+    Flag,
+    Flags,
     RedisURL,
     option_or_env,
     parse_amqp_url,
+    parse_count,
     parse_duration,
     parse_http_url,
     parse_networks,
+    parse_positive_duration,
+    parse_positive_int,
     parse_redis_url,
     parse_size,
+    parse_url_template,
     read_secret,
 )
 from txfaas.model import check_queue_name
 from txfaas.retry import CallbackPolicy, RetryPolicy, parse_codes, parse_tiers
+from txfaas.runtime import (
+    Listener,
+    OrderedMultiService,
+    exit_on_startup_error,
+    open_store,
+    prepare_multiprocess_metrics,
+)
 from txfaas.ssrf import AddressPolicy
 from txfaas.worker.callback import parse_signing_secret
 from txfaas.worker.service import WorkerConfig
@@ -37,144 +48,159 @@ log = Logger()
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
-# flag -> (environment variables, default shown in --help, help text)
-_FLAGS: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "amqp": (
+FLAGS = Flags(
+    Flag(
+        "amqp",
         ("TXFAAS_AMQP",),
-        DEFAULT_AMQP,
+        "amqp://guest:guest@127.0.0.1:5672/%2F",
         "RabbitMQ URL (amqp://user:pass@host:port/vhost), or memory: for an in-process queue.",
     ),
-    "redis": (
+    Flag(
+        "redis",
         ("TXFAAS_REDIS",),
-        DEFAULT_REDIS,
+        "redis://127.0.0.1:6379/0",
         "Redis URL (redis://[:pass@]host[:port][/db]), or memory: for an in-process store.",
     ),
-    "redis-prefix": (("TXFAAS_REDIS_PREFIX",), "txfaas:", "Prefix of every Redis key."),
-    "max-inflight": (
+    Flag("redis-prefix", ("TXFAAS_REDIS_PREFIX",), "txfaas:", "Prefix of every Redis key."),
+    Flag(
+        "max-inflight",
         ("TXFAAS_MAX_INFLIGHT", "max_inflight"),
         "100",
         "Calls run at once by this process (also the broker prefetch).",
     ),
-    "exec-timeout": (
+    Flag(
+        "exec-timeout",
         ("TXFAAS_EXEC_TIMEOUT",),
         "30s",
-        "Time limit of a call whose function sets none (10, 10s, 1m30s, 500ms); the call is cut off "
-        "and its status is 504.",
+        "Time limit of a call whose function sets none (10, 10s, 1m30s, 500ms); the call is cut off and its status is 504.",
     ),
-    "function-url-template": (
+    Flag(
+        "function-url-template",
         ("TXFAAS_FUNCTION_URL_TEMPLATE",),
         "http://{name}:8080",
         "Where a function without its own URL answers ({name}, {namespace}).",
     ),
-    "gateway-url": (
+    Flag(
+        "gateway-url",
         ("TXFAAS_GATEWAY_URL",),
-        "",
+        None,
         "Invoke functions through this gateway (its /function/{name}) instead of directly.",
     ),
-    "callback-allow": (
+    Flag(
+        "callback-allow",
         ("TXFAAS_CALLBACK_ALLOW",),
-        "",
+        None,
         "Comma-separated CIDRs and host names callbacks may reach although not public (e.g. 127.0.0.0/8).",
     ),
-    "callback-secret": (
+    Flag(
+        "callback-secret",
         ("TXFAAS_CALLBACK_SECRET",),
-        "",
+        None,
         "Sign callbacks (Standard Webhooks) with this key: whsec_<base64>, or any text used as is.",
     ),
-    "callback-secret-file": (("TXFAAS_CALLBACK_SECRET_FILE",), "", "Read --callback-secret from this file."),
-    "callback-timeout": (("TXFAAS_CALLBACK_TIMEOUT",), "10s", "Time limit of one callback delivery."),
-    "consumer-timeout": (
+    Flag(
+        "callback-secret-file",
+        ("TXFAAS_CALLBACK_SECRET_FILE",),
+        None,
+        "Read --callback-secret from this file.",
+    ),
+    Flag("callback-timeout", ("TXFAAS_CALLBACK_TIMEOUT",), "10s", "Time limit of one callback delivery."),
+    Flag(
+        "consumer-timeout",
         ("TXFAAS_CONSUMER_TIMEOUT",),
         "30m",
         "The broker's consumer_timeout; exec timeouts plus callback time must stay below it.",
     ),
-    "drain-timeout": (
+    Flag(
+        "drain-timeout",
         ("TXFAAS_DRAIN_TIMEOUT",),
         "30s",
         "On SIGTERM, how long running calls may finish before they go back to the queue.",
     ),
-    "max-result-size": (
+    Flag(
+        "max-result-size",
         ("TXFAAS_MAX_RESULT_SIZE",),
         "1MiB",
         "Largest response body kept in the call's stored result (callbacks get it whole).",
     ),
-    "call-ttl": (("TXFAAS_CALL_TTL",), "24h", "How long call records and results are kept."),
-    "listen": (("TXFAAS_WORKER_LISTEN",), "tcp:8081", "Endpoint of the worker's /healthz and /metrics."),
-    "processes": (
+    Flag("call-ttl", ("TXFAAS_CALL_TTL",), "24h", "How long call records and results are kept."),
+    Flag("listen", ("TXFAAS_WORKER_LISTEN",), "tcp:8081", "Endpoint of the worker's /healthz and /metrics."),
+    Flag(
+        "processes",
         ("TXFAAS_WORKER_PROCESSES",),
         "1",
-        "Worker processes to run (each with --max-inflight calls); above 1, this process supervises "
-        "them, restarts one that dies, and serves /healthz and /metrics added up over all of them.",
+        "Worker processes to run (each with --max-inflight calls); above 1, this process supervises them, restarts one that dies, and serves /healthz and /metrics added up over all of them.",
     ),
-    # Retries, callback retries and dead letters.
-    "max-attempts": (
+    Flag(
+        "max-attempts",
         ("TXFAAS_MAX_ATTEMPTS",),
         "5",
-        "Attempts per call when the function answers a retry code, cannot be reached or times out "
-        "(1: no retries); annotation com.openfaas.retry.attempts overrides it per function.",
+        "Attempts per call when the function answers a retry code, cannot be reached or times out (1: no retries); annotation com.openfaas.retry.attempts overrides it per function.",
     ),
-    "retry-codes": (
+    Flag(
+        "retry-codes",
         ("TXFAAS_RETRY_CODES",),
         "408,429,500,502,503,504",
         "Function statuses that are retried (com.openfaas.retry.codes overrides).",
     ),
-    "retry-min-wait": (
+    Flag(
+        "retry-min-wait",
         ("TXFAAS_RETRY_MIN_WAIT",),
         "1s",
         "Shortest wait before a retry; waits double, with full jitter (com.openfaas.retry.min_wait).",
     ),
-    "retry-max-wait": (
+    Flag(
+        "retry-max-wait",
         ("TXFAAS_RETRY_MAX_WAIT",),
         "2m",
         "Longest wait before a retry, Retry-After included (com.openfaas.retry.max_wait).",
     ),
-    "callback-max-attempts": (
+    Flag(
+        "callback-max-attempts",
         ("TXFAAS_CALLBACK_MAX_ATTEMPTS",),
         "10",
         "Delivery attempts per callback (on connection errors, timeouts, 408, 429, 3xx, 5xx; 410 stops).",
     ),
-    "callback-max-age": (
+    Flag(
+        "callback-max-age",
         ("TXFAAS_CALLBACK_MAX_AGE",),
         "24h",
         "No callback attempt later than this after the first one.",
     ),
-    "callback-min-wait": (("TXFAAS_CALLBACK_MIN_WAIT",), "5s", "Shortest wait before a callback retry."),
-    "callback-max-wait": (("TXFAAS_CALLBACK_MAX_WAIT",), "1h", "Longest wait before a callback retry."),
-    "max-age": (
+    Flag("callback-min-wait", ("TXFAAS_CALLBACK_MIN_WAIT",), "5s", "Shortest wait before a callback retry."),
+    Flag("callback-max-wait", ("TXFAAS_CALLBACK_MAX_WAIT",), "1h", "Longest wait before a callback retry."),
+    Flag(
+        "max-age",
         ("TXFAAS_MAX_AGE",),
         "6h",
         "A call older than this when a worker picks it up is dead-lettered, not run.",
     ),
-    "delivery-limit": (
+    Flag(
+        "delivery-limit",
         ("TXFAAS_DELIVERY_LIMIT",),
         "5",
-        "Times a call may be found interrupted (its worker died mid-call) and run again before it is "
-        "dead-lettered as a call that keeps killing workers.",
+        "Times a call may be found interrupted (its worker died mid-call) and run again before it is dead-lettered as a call that keeps killing workers.",
     ),
-    "delay-tiers": (
+    Flag(
+        "delay-tiers",
         ("TXFAAS_DELAY_TIERS",),
         "1s,2s,5s,10s,30s,1m,2m,5m,10m,30m,1h",
-        "The delay queues retries wait in (one RabbitMQ queue per tier); a wait is met within half the "
-        "smallest tier.",
+        "The delay queues retries wait in (one RabbitMQ queue per tier); a wait is met within half the smallest tier.",
     ),
-    "retry-prefix": (
+    Flag(
+        "retry-prefix",
         ("TXFAAS_RETRY_PREFIX",),
         "txfaas",
         "Prefix of the retry exchange and delay queues (<prefix>.retry, <prefix>.delay.<ms>).",
     ),
-    "dead-letter-queue": (("TXFAAS_DEAD_LETTER_QUEUE",), "txfaas.dead-letter", "The dead-letter queue."),
-    "callback-queue": (
+    Flag("dead-letter-queue", ("TXFAAS_DEAD_LETTER_QUEUE",), "txfaas.dead-letter", "The dead-letter queue."),
+    Flag(
+        "callback-queue",
         ("TXFAAS_CALLBACK_QUEUE",),
         "txfaas.callbacks",
         "The queue of callbacks waiting for another attempt.",
     ),
-}
-
-
-def _help(flag: str) -> str:
-    envs, default, text = _FLAGS[flag]
-    shown = f"; default {default}" if default else ""
-    return f"{text} [{', '.join('$' + e for e in envs)}{shown}]"
+)
 
 
 class Options(usage.Options):
@@ -183,7 +209,7 @@ class Options(usage.Options):
         "Consume queued calls, invoke the functions, record each outcome in Redis, deliver callbacks, "
         "then acknowledge. Every flag falls back to the environment variable named in its help."
     )
-    optParameters = [[flag, None, None, _help(flag)] for flag in _FLAGS]
+    optParameters = FLAGS.opt_parameters()
 
     def __init__(self) -> None:
         super().__init__()
@@ -210,38 +236,11 @@ class Settings:
     retry_prefix: str = "txfaas"
 
 
-def _positive_int(value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a whole number: {value!r}") from None
-    if n < 1:
-        raise ValueError(f"must be at least 1, not {n}")
-    return n
-
-
-def _positive_duration(value: Any) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("must be more than 0")
-    return seconds
-
-
 def _queues(value: Any) -> tuple[str, ...]:
     names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
     for name in names:
         check_queue_name(name, "queue")
     return tuple(dict.fromkeys(names))
-
-
-def _non_negative_int(value: Any) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"not a whole number: {value!r}") from None
-    if n < 0:
-        raise ValueError(f"must not be negative, not {n}")
-    return n
 
 
 def _prefix(value: str) -> str:
@@ -256,23 +255,11 @@ def _codes(value: Any) -> frozenset[int]:
     return codes
 
 
-def _template(value: str) -> str:
-    """A URL template using ``{name}`` and ``{namespace}``; checked by filling it in once."""
-    try:
-        example = value.format(name="f", namespace="n")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"bad template {value!r}: use {{name}} and {{namespace}} ({e})") from None
-    parse_http_url(example)
-    return value
-
-
 def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     """Turn parsed flags (and the environment) into :class:`Settings`; :class:`ConfigError` names the flag."""
     environ = os.environ if environ is None else environ
 
-    def get(flag: str, parse: Any) -> Any:
-        envs, default, _ = _FLAGS[flag]
-        return option_or_env(options, flag, envs, parse(default) if default else None, parse, environ)
+    get = FLAGS.reader(options, environ)
 
     queue_names = option_or_env(
         {"queue": options.get("queue") or None},
@@ -295,28 +282,28 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         raise ConfigError("--callback-secret", str(e)) from None
     worker = WorkerConfig(
         queues=queue_names,
-        max_inflight=get("max-inflight", _positive_int),
-        exec_timeout=get("exec-timeout", _positive_duration),
-        function_url_template=get("function-url-template", _template),
+        max_inflight=get("max-inflight", parse_positive_int),
+        exec_timeout=get("exec-timeout", parse_positive_duration),
+        function_url_template=get("function-url-template", parse_url_template),
         gateway_url=get("gateway-url", parse_http_url),
-        callback_timeout=get("callback-timeout", _positive_duration),
-        consumer_timeout=get("consumer-timeout", _positive_duration),
+        callback_timeout=get("callback-timeout", parse_positive_duration),
+        consumer_timeout=get("consumer-timeout", parse_positive_duration),
         drain_timeout=get("drain-timeout", parse_duration),
         max_result_size=get("max-result-size", parse_size),
         retry=RetryPolicy(
-            max_attempts=get("max-attempts", _positive_int),
+            max_attempts=get("max-attempts", parse_positive_int),
             min_wait=get("retry-min-wait", parse_duration),
             max_wait=get("retry-max-wait", parse_duration),
             codes=get("retry-codes", _codes),
         ),
         callback_retry=CallbackPolicy(
-            max_attempts=get("callback-max-attempts", _positive_int),
-            max_age=get("callback-max-age", _positive_duration),
+            max_attempts=get("callback-max-attempts", parse_positive_int),
+            max_age=get("callback-max-age", parse_positive_duration),
             min_wait=get("callback-min-wait", parse_duration),
             max_wait=get("callback-max-wait", parse_duration),
         ),
-        max_age=get("max-age", _positive_duration),
-        delivery_limit=get("delivery-limit", _non_negative_int),
+        max_age=get("max-age", parse_positive_duration),
+        delivery_limit=get("delivery-limit", parse_count),
         delay_tiers=get("delay-tiers", parse_tiers),
         callback_queue=get("callback-queue", _prefix),
         dead_letter_queue=get("dead-letter-queue", _prefix),
@@ -326,50 +313,34 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         amqp=get("amqp", parse_amqp_url),
         redis=get("redis", parse_redis_url),
         redis_prefix=get("redis-prefix", str),
-        call_ttl=get("call-ttl", _positive_duration),
+        call_ttl=get("call-ttl", parse_positive_duration),
         callback_policy=AddressPolicy(allow_networks=networks, allow_hosts=hosts),
         signing_key=key,
         listen=get("listen", str),
-        processes=get("processes", _positive_int),
+        processes=get("processes", parse_positive_int),
         retry_prefix=get("retry-prefix", _prefix),
     )
 
 
-class _Listener(StreamServerEndpointService):
-    """A listening port whose failure to bind is one line and a non-zero exit, not a traceback."""
-
-    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
-        super().__init__(endpoint, factory)
-        self.description = description
-
-    def privilegedStartService(self) -> None:
-        self._raiseSynchronously = True
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise SystemExit(
-                f"{PLUGIN}: --listen {self.description}: cannot listen ({e.socketError})"
-            ) from None
-
-
 class _Closer(service.Service):
-    """Closes the HTTP connection pools last, once the worker has drained."""
+    """Closes the HTTP connection pools and the store last, once the worker has drained."""
 
-    def __init__(self, *pools: Any) -> None:
+    def __init__(self, *pools: Any, closers: list[Any] = ()) -> None:
         self._pools = pools
+        self._closers = list(closers)
 
     def stopService(self) -> Any:
         from twisted.internet import defer
 
         super().stopService()
-        return defer.DeferredList([pool.closeCachedConnections() for pool in self._pools], consumeErrors=True)
+        done = [pool.closeCachedConnections() for pool in self._pools]
+        done += [defer.maybeDeferred(close) for close in self._closers]
+        return defer.DeferredList(done, consumeErrors=True)
 
 
 def makeService(options: Mapping[str, Any]) -> service.IService:
-    try:
+    with exit_on_startup_error():
         settings = settings_from(options)
-    except ConfigError as e:
-        raise SystemExit(f"{PLUGIN}: {e}") from None
     from twisted.internet import reactor
 
     from txfaas.runtime import is_child
@@ -382,27 +353,20 @@ def makeService(options: Mapping[str, Any]) -> service.IService:
 def build_supervisor(reactor: Any, settings: Settings) -> service.MultiService:
     """``--processes N``: run N worker processes (the kernel and the broker spread the work), restart
     one that dies, and serve /healthz (all alive) and /metrics (the sum over all of them)."""
-    import os
-    import tempfile
-
-    from twisted.internet.endpoints import serverFromString
     from twisted.web.server import Site
 
     from txfaas.runtime import ChildProcesses
     from txfaas.worker.web import supervisor_resource
 
-    # Before the children import prometheus_client: their values go to files this process adds up.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="txfaas-worker-metrics-"))
+    # Before the children import prometheus_client: their values go to files this process adds up
+    # (this process makes no metrics of its own).
+    prepare_multiprocess_metrics(settings.processes, parent_only=True)
     children = ChildProcesses(reactor, settings.processes)
-    try:
-        endpoint = serverFromString(reactor, settings.listen)
-    except ValueError as e:
-        raise SystemExit(f"{PLUGIN}: --listen {settings.listen}: {e}") from None
     site = Site(supervisor_resource(children.alive, settings.processes))
     site.displayTracebacks = False
     top = service.MultiService()
     children.setServiceParent(top)
-    _Listener(endpoint, site, settings.listen).setServiceParent(top)
+    Listener(reactor, settings.listen, site).setServiceParent(top)
     log.info("faas-worker: supervising {n} worker processes", n=settings.processes)
     return top
 
@@ -414,7 +378,6 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     in-memory ones with the gateway); otherwise they are made from the settings.
     """
     from prometheus_client import CollectorRegistry
-    from twisted.internet.endpoints import serverFromString
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.server import Site
 
@@ -426,18 +389,11 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from txfaas.worker.web import worker_resource
 
     config = settings.worker
-    if store is not None:
-        pass
-    elif settings.redis.memory:
-        from txfaas.store.memory import MemoryStore
-
-        store = MemoryStore()
-    else:
-        from txfaas.store.redis import RedisStore
-
-        store = RedisStore.connect(
-            settings.redis, reactor, prefix=settings.redis_prefix, call_ttl=settings.call_ttl
-        )
+    closers: list[Any] = []
+    if store is None:
+        store = open_store(reactor, settings.redis, prefix=settings.redis_prefix, call_ttl=settings.call_ttl)
+        if hasattr(store, "close"):
+            closers.append(store.close)
     if queue is not None:
         pass
     elif settings.amqp.memory:
@@ -478,19 +434,16 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
         callbacks,
         WorkerMetrics(registry),
     )
-    try:
-        endpoint = serverFromString(reactor, settings.listen)
-    except ValueError as e:
-        raise SystemExit(f"{PLUGIN}: --listen {settings.listen}: {e}") from None
     site = Site(worker_resource(worker.health, registry))
     site.displayTracebacks = False
 
-    top = service.MultiService()
-    # Stopped in reverse order: the listener first, then the worker drains, then the pools close.
-    _Closer(function_pool, callback_pool).setServiceParent(top)
+    top = OrderedMultiService()
+    # Stopped in turn, in reverse order: the listener first, then the worker drains, then the pools
+    # and the store close.
+    _Closer(function_pool, callback_pool, closers=closers).setServiceParent(top)
     worker.setServiceParent(top)
     if not is_child():  # a supervised worker: its supervisor serves /healthz and /metrics
-        _Listener(endpoint, site, settings.listen).setServiceParent(top)
+        Listener(reactor, settings.listen, site).setServiceParent(top)
     log.info(
         "faas-worker: queues {queues}, max in flight {n}, exec timeout {t:g}s",
         queues=",".join(config.queues),
