@@ -435,7 +435,9 @@ class LimitedSite(server.Site):
         send_timeout: float = 0,
         idle_timeout: float = 12 * 3600,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout or None, reactor=clock)
+        # No form parsing of POST bodies: nothing here reads request.args for a body, and
+        # twisted.web would otherwise parse every form-encoded body it proxies or queues.
+        super().__init__(resource, timeout=idle_timeout or None, reactor=clock, parsePOSTFormSubmission=False)
         self.clock = clock
         if isinstance(body_limit, int):
             fixed = body_limit

@@ -437,3 +437,26 @@ def test_ordered_multiservice_stops_children_in_turn_last_added_first():
     assert not done.called
     pending["pools"].callback(None)
     assert done.called
+
+
+def test_form_bodies_are_not_parsed_but_kept_whole():
+    """A form-encoded POST reaches the resource as bytes, untouched and unparsed (nothing in args)."""
+    seen = {}
+
+    class Keep(resource.Resource):
+        isLeaf = True
+
+        def render(self, request):
+            seen["args"] = dict(request.args)
+            seen["body"] = request.content.read()
+            return b"ok"
+
+    site = LimitedSite(Keep(), Clock())
+    channel, transport = connect(site)
+    body = b"a=1&b=2"
+    channel.dataReceived(
+        b"POST /f HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert seen == {"args": {}, "body": body}
