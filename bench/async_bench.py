@@ -50,9 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -71,31 +69,41 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness
 from harness import (
     LOOPBACK,
     BenchError,
     Child,
-    WrkTimeout,
+    children_cpu_seconds,
     children_of,
     cpu_seconds,
+    direct_opener,
     ensure_commands,
+    environment,
     free_port,
     http_get,
     machine_busy_seconds,
     make_tempdir,
+    measured_wrk,
+    partial_on_failure,
     post_script,
+    py_spy,
     redis_delete_prefix,
+    run_main,
     run_wrk,
     say,
+    stacks_text,
     summary,
-    twistd_command,
     wait_http,
+    write_json,
+    write_results,
 )
+from harness import median_min_max as _mm
+from harness import summarise_stacks as _summarise_stacks
 
 from txfaas.config import parse_duration
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 GOALS = {
     "accept_ratio_min": 0.25,
     "burst_last_callback_s_max": 3.0,
@@ -107,22 +115,16 @@ HANG_CALLS = 20
 HANG_INTERVAL = 0.1
 E2E_CONCURRENCY = 100
 DELAY_TIER = "1s"  # the worker's only delay queue (no call of the benchmark is retried)
-# Environment the processes would otherwise take settings from.
-_SETTINGS_ENV = ("upstream_timeout", "read_timeout", "write_timeout", "basic_auth", "max_inflight")
 
 
 # --------------------------------------------------------------------------- processes
 
 
-class Twistd(Child):
+class Twistd(harness.Twistd):
     """``twistd -n --pidfile= <plugin> ...`` of this venv, with no ``TXFAAS_*`` settings inherited."""
 
-    def __init__(self, name: str, directory: Path, plugin: str, args: Sequence[str]) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TXFAAS_") and k not in _SETTINGS_ENV}
-        env["PYTHONUNBUFFERED"] = "1"
-        super().__init__(
-            name, [*twistd_command(), "-n", "--pidfile=", plugin, *args], directory / f"{name}.log", env
-        )
+    # Environment the processes would otherwise take settings from.
+    drop_env = ("upstream_timeout", "read_timeout", "write_timeout", "basic_auth", "max_inflight")
 
 
 class Worker(Twistd):
@@ -182,12 +184,12 @@ class CpuMeter:
         self._pids = {name: get() for name, get in groups.items()}
         self._before = {name: cpu_seconds(pids) for name, pids in self._pids.items()}
         self._busy = machine_busy_seconds()
-        self._children = _children_cpu()
+        self._children = children_cpu_seconds()
         self._started = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         used = {name: cpu_seconds(pids) - self._before[name] for name, pids in self._pids.items()}
-        used["clients"] = _children_cpu() - self._children
+        used["clients"] = children_cpu_seconds() - self._children
         elapsed = time.monotonic() - self._started
         others = machine_busy_seconds() - self._busy - sum(used.values())
         out = {name: round(v, 3) for name, v in used.items()}
@@ -196,16 +198,10 @@ class CpuMeter:
         return out
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def http_post(url: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     request = urllib.request.Request(url, data=body, method="POST")
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with direct_opener().open(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -236,21 +232,19 @@ class Broker:
     def purge(self, queue: str) -> int:
         return self._run(lambda ch: ch.queue_purge(queue).method.message_count)
 
-    def delete(self, queue: str) -> None:
+    def _delete(self, what: str, action: Any) -> None:
         import pika
 
         try:
-            self._run(lambda ch: ch.queue_delete(queue))
+            self._run(action)
         except pika.exceptions.AMQPError as e:
-            say(f"warning: could not delete queue {queue}: {e}")
+            say(f"warning: could not delete {what}: {e}")
+
+    def delete(self, queue: str) -> None:
+        self._delete(f"queue {queue}", lambda ch: ch.queue_delete(queue))
 
     def delete_exchange(self, exchange: str) -> None:
-        import pika
-
-        try:
-            self._run(lambda ch: ch.exchange_delete(exchange))
-        except pika.exceptions.AMQPError as e:
-            say(f"warning: could not delete exchange {exchange}: {e}")
+        self._delete(f"exchange {exchange}", lambda ch: ch.exchange_delete(exchange))
 
     def depth(self, queue: str) -> int:
         return self._run(lambda ch: ch.queue_declare(queue, passive=True).method.message_count)
@@ -465,17 +459,8 @@ def per_call_kib(idle_kib: int, loaded_kib: int, calls: int) -> float:
 
 def case_accept(bench: Bench, gateway: Twistd, url: str, script: Path) -> dict[str, Any]:
     args = bench.args
-    for attempt in (1, 2):
-        try:
-            if args.warmup:
-                run_wrk(url, args.connections, args.warmup, script=script)
-            watch = {"gateway": lambda: [gateway.pid], **bench.services}
-            result = run_wrk(url, args.connections, args.duration, script=script, watch=watch)
-            break
-        except WrkTimeout as e:
-            if attempt == 2:
-                raise
-            say(f"warning: {e}; trying once more")
+    watch = {"gateway": lambda: [gateway.pid], **bench.services}
+    result = measured_wrk(url, args.connections, args.duration, args.warmup, script=script, watch=watch)
     queued = bench.broker.purge(bench.accept_queue)
     out = result.to_json()
     out["queued"] = queued
@@ -489,7 +474,7 @@ def case_pika(bench: Bench) -> dict[str, Any]:
     args = bench.args
     broker = bench.services["rabbitmq"]()
     broker_before, busy_before = cpu_seconds(broker), machine_busy_seconds()
-    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_before = children_cpu_seconds()
     started = time.monotonic()
     done = subprocess.run(
         [
@@ -510,10 +495,7 @@ def case_pika(bench: Bench) -> dict[str, Any]:
     elapsed = time.monotonic() - started
     broker_cpu = cpu_seconds(broker) - broker_before
     busy = machine_busy_seconds() - busy_before
-    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    client_cpu = (client_after.ru_utime - client_before.ru_utime) + (
-        client_after.ru_stime - client_before.ru_stime
-    )
+    client_cpu = children_cpu_seconds() - client_before
     out = json.loads(done.stdout.strip().splitlines()[-1])
     out["rabbitmq_cpu_ms_per_call"] = round(broker_cpu / args.pika_messages * 1000, 4)
     # Everything but the broker and the pika process (which also starts up: a rough figure).
@@ -865,12 +847,6 @@ def _met(value: Any, test: Any) -> str:
     return "met" if test(value) else "NOT met"
 
 
-def _mm(s: dict[str, Any], fmt: str) -> str:
-    if s["median"] is None:
-        return "-"
-    return f"{format(s['median'], fmt)} ({format(s['min'], fmt)}-{format(s['max'], fmt)})"
-
-
 def _scaling_rows(s: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not s:
         return []
@@ -975,54 +951,9 @@ _TRUNK = ("twisted/scripts/", "twisted/application/app.py", "ReactorBase.run ", 
 
 def summarise_stacks(lines: list[str], top: int = 30) -> dict[str, Any]:
     """Self time by area and inclusive time by function, from py-spy's collapsed stacks."""
-    from sync_proxy import _short
-
-    total = 0
-    areas: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    own: dict[str, int] = {}
-    for line in lines:
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
-        if not frames:
-            continue
-        total += count
-        leaf = frames[-1]
-        if frames[0].startswith("Thread._bootstrap"):
-            area = "other threads (Twisted's thread pool: getaddrinfo)"
-        else:
-            area = next((name for needle, name in _AREAS if needle in leaf), "Python stdlib / other")
-        areas[area] = areas.get(area, 0) + count
-        own[_short(leaf)] = own.get(_short(leaf), 0) + count
-        for frame in {_short(f) for f in frames}:
-            if not any(t in frame for t in _TRUNK):
-                inclusive[frame] = inclusive.get(frame, 0) + count
-
-    def ranked(counts: dict[str, int], n: int) -> list[tuple[str, float]]:
-        return [
-            (k, round(100.0 * v / total, 1)) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:n]
-        ]
-
-    return {
-        "samples": total,
-        "self_by_area": ranked(areas, 40) if total else [],
-        "inclusive": ranked(inclusive, top) if total else [],
-        "self": ranked(own, top) if total else [],
-    }
-
-
-def _py_spy() -> str:
-    spy = Path(sys.executable).parent / "py-spy"
-    if spy.exists():
-        return str(spy)
-    found = shutil.which("py-spy")
-    if found:
-        return found
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
-    return str(Path(sys.executable).parent / "py-spy")
+    return _summarise_stacks(
+        lines, _AREAS, _TRUNK, top, threads_area="other threads (Twisted's thread pool: getaddrinfo)"
+    )
 
 
 class Spy:
@@ -1032,7 +963,7 @@ class Spy:
         self.out = out
         self.collapsed = out.with_suffix(".collapsed")
         self._proc = subprocess.Popen(
-            [_py_spy(), "record", "--nonblocking", "--nolineno", "-r", "250", "-f", "raw",
+            [py_spy(), "record", "--nonblocking", "--nolineno", "-r", "250", "-f", "raw",
              "-o", str(self.collapsed), "-p", str(pid)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -1050,18 +981,7 @@ class Spy:
         if not self.collapsed.exists():
             raise BenchError(f"py-spy wrote nothing ({self._proc.returncode}): {err}")
         report = summarise_stacks(self.collapsed.read_text().splitlines())
-        lines = [
-            f"{report['samples']} samples",
-            "",
-            "self time by area (% of samples)",
-            *(f"  {pct:6.1f}%  {area}" for area, pct in report["self_by_area"]),
-            "",
-            "inclusive time, top functions (% of samples)",
-            *(f"  {pct:6.1f}%  {name}" for name, pct in report["inclusive"]),
-            "",
-            "self time, top functions (% of samples)",
-            *(f"  {pct:6.1f}%  {name}" for name, pct in report["self"]),
-        ]
+        lines = [f"{report['samples']} samples", "", *stacks_text(report)]
         self.out.write_text("\n".join(lines) + "\n")
         return report
 
@@ -1126,28 +1046,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.rounds, args.calls, args.burst, args.connections) < 1 or args.duration <= 0:
         p.error("--rounds, --calls, --burst, --connections and --duration must be positive")
     return args
-
-
-def environment() -> dict[str, Any]:
-    def first_line(argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        except OSError:
-            return "?"
-        text = (done.stdout + done.stderr).strip().splitlines()
-        return text[0] if text else "?"
-
-    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "cpus": os.cpu_count(),
-        "load_before": os.getloadavg(),
-        "python": platform.python_version(),
-        "wrk": first_line(["wrk", "-v"]),
-        "txfaas_commit": commit + ("+dirty src/" if dirty else ""),
-    }
 
 
 def functions_json(bench: Bench) -> list[dict[str, Any]]:
@@ -1216,7 +1114,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
 
     # Registered first, so it runs last: after every process it started has stopped.
     stack.callback(clean_up)
-    env = environment()
+    env = environment({"wrk": ["wrk", "-v"]})
     servers = []
     for role, port, ready in (
         ("functions", bench.functions_port, "/stats"),
@@ -1247,7 +1145,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     }
     rounds: list[dict[str, Any]] = []
     memory: dict[str, Any] = {}
-    try:
+    with partial_on_failure(base, results, lambda: {"rounds": rounds, "memory": memory} if rounds else None):
         for rnd in range(1, args.rounds + 1):
             rounds.append(run_round(bench, rnd, gateway, gateway_url, script))
         if not args.no_memory:
@@ -1264,49 +1162,20 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
                 f"memory: gateway {g['kib_per_call']:.1f} KiB per in-flight sync call "
                 f"({g['idle_kib']} -> {g['loaded_kib']} KiB with {g['calls']} held)"
             )
-    except BaseException as e:
-        if rounds:
-            partial = Path(f"{base}-partial.json")
-            results.update(incomplete=f"{type(e).__name__}: {e}", rounds=rounds, memory=memory)
-            partial.write_text(json.dumps(results, indent=2) + "\n")
-            say(f"partial results: {partial}")
-        raise
     env["load_after"] = os.getloadavg()
     cases = analyse(rounds, memory)
     results.update(cases=cases, rounds=rounds)
     text = table(cases, args, len(rounds))
-    json_path = base.with_suffix(".json")
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    base.with_suffix(".txt").write_text(text + "\n")
-    say("")
-    say(text)
-    say("")
-    say(f"results: {json_path} (table: {base.with_suffix('.txt').name})")
+    json_path = write_results(base, results, text)
     if args.profile:
         results["profile"] = profile(bench, gateway, gateway_url, script, base)
-        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(json_path, results)
         say(f"profiles: {base}-profile-*.txt")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    try:
-        with ExitStack() as stack:
-            return run(args, stack)
-    except BenchError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: stopped everything started\n")
-        return 130
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import resource
 import shutil
@@ -23,12 +24,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -181,6 +184,12 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's children that it has waited for (wrk, clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def machine_busy_seconds() -> float:
     """CPU-seconds all cores have spent busy since boot (``/proc/stat``, everything but idle and iowait)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -188,11 +197,15 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
+def direct_opener() -> urllib.request.OpenerDirector:
+    """A urllib opener that never goes through an environment proxy."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """GET ``url`` directly (never through an environment proxy)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=timeout) as response:
+        with direct_opener().open(url, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -272,26 +285,23 @@ def nginx_proxy_conf(directory: Path, port: int, upstream_port: int) -> str:
     return _NGINX_COMMON.format(dir=directory, name="proxy", body=body)
 
 
+def nginx_argv(directory: Path, name: str, conf: str) -> list[str]:
+    """Write ``<name>.conf`` into ``directory`` and return the nginx command running it (checked first)."""
+    conf_path = directory / f"{name}.conf"
+    conf_path.write_text(conf)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    argv = [nginx, "-p", str(directory), "-e", str(directory / f"{name}-error.log"), "-c", str(conf_path)]
+    check = subprocess.run([argv[0], "-t", "-q", *argv[1:]], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise BenchError(f"nginx rejected {conf_path}:\n{check.stderr}")
+    return argv
+
+
 class Nginx(Child):
     """A private nginx (own config, pid, logs and temp paths; ``daemon off``) as a child."""
 
     def __init__(self, name: str, directory: Path, conf: str) -> None:
-        conf_path = directory / f"{name}.conf"
-        conf_path.write_text(conf)
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        check = subprocess.run(
-            [nginx, "-t", "-q", "-p", str(directory), "-e", str(directory / f"{name}-error.log"),
-             "-c", str(conf_path)],
-            capture_output=True,
-            text=True,
-        )  # fmt: skip
-        if check.returncode != 0:
-            raise BenchError(f"nginx rejected {conf_path}:\n{check.stderr}")
-        super().__init__(
-            f"nginx ({name})",
-            [nginx, "-p", str(directory), "-e", str(directory / f"{name}-error.log"), "-c", str(conf_path)],
-            directory / f"{name}.out",
-        )
+        super().__init__(f"nginx ({name})", nginx_argv(directory, name, conf), directory / f"{name}.out")
 
     def workers(self) -> list[int]:
         return children_of(self.pid)
@@ -311,12 +321,24 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
-# Settings the gateway would otherwise take from our environment.
-_GATEWAY_ENV = ("upstream_timeout", "read_timeout", "write_timeout", "basic_auth", "secret_mount_path")
+class Twistd(Child):
+    """``twistd -n --pidfile= <plugin> ...`` of this venv, inheriting no ``TXFAAS_*`` setting nor any
+    environment variable named in :attr:`drop_env` (settings the plugin would otherwise read)."""
+
+    drop_env: tuple[str, ...] = ()
+
+    def __init__(self, name: str, directory: Path, plugin: str, args: Sequence[str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TXFAAS_") and k not in self.drop_env}
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [*twistd_command(), "-n", "--pidfile=", plugin, *args]
+        super().__init__(name, argv, directory / f"{name}.log", env)
 
 
-class Gateway(Child):
+class Gateway(Twistd):
     """``twistd -n --pidfile= faas-gateway ...`` with one function deployed from a JSON file."""
+
+    # Settings the gateway would otherwise take from our environment.
+    drop_env = ("upstream_timeout", "read_timeout", "write_timeout", "basic_auth", "secret_mount_path")
 
     def __init__(
         self,
@@ -329,20 +351,14 @@ class Gateway(Child):
     ) -> None:
         functions_path = directory / f"{name}-functions.json"
         functions_path.write_text(json.dumps(functions))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TXFAAS_") and k not in _GATEWAY_ENV}
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [
-            *twistd_command(),
-            "-n",
-            "--pidfile=",
-            "faas-gateway",
+        args = [
             f"--listen=tcp:{port}:interface={LOOPBACK}",
             f"--redis={redis}",
             "--amqp=memory:",
             f"--functions={functions_path}",
             *extra,
         ]
-        super().__init__(name, argv, directory / f"{name}.log", env)
+        super().__init__(name, directory, "faas-gateway", args)
 
 
 # --------------------------------------------------------------------------- redis clean-up
@@ -483,7 +499,7 @@ def run_wrk(
         raise BenchError(f"refusing to load anything but {LOOPBACK}: {url}")
     pids = {name: get() for name, get in (watch or {}).items()}
     before = {name: cpu_seconds(p) for name, p in pids.items()}
-    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_before = children_cpu_seconds()
     busy_before = machine_busy_seconds()
     try:
         done = subprocess.run(
@@ -498,17 +514,50 @@ def run_wrk(
         ) from None
     after = {name: cpu_seconds(p) for name, p in pids.items()}
     busy = machine_busy_seconds() - busy_before
-    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_after = children_cpu_seconds()
     if done.returncode != 0:
         raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     result = parse_wrk(done.stdout)
     result.cpu_s = {name: round(after[name] - before[name], 3) for name in pids}
     if watch is not None:
-        wrk = (wrk_after.ru_utime - wrk_before.ru_utime) + (wrk_after.ru_stime - wrk_before.ru_stime)
-        result.cpu_s["wrk"] = round(wrk, 3)
+        result.cpu_s["wrk"] = round(wrk_after - wrk_before, 3)
         # What the rest of the (shared) machine used meanwhile: a noise indicator.
         result.cpu_s["others"] = round(max(0.0, busy - sum(result.cpu_s.values())), 3)
     return result
+
+
+def measured_wrk(
+    url: str,
+    connections: int,
+    duration: float,
+    warmup: float,
+    *,
+    script: Path | None = None,
+    watch: dict[str, Callable[[], list[int]]] | None = None,
+    before: Callable[[], object] | None = None,
+) -> WrkResult:
+    """``warmup`` seconds of the same load, then the measured run (``before`` is called between the
+    two); all of it once more if wrk hangs (:class:`WrkTimeout`), which a busy machine can cause."""
+    attempt = 1
+    while True:
+        try:
+            if warmup:
+                run_wrk(url, connections, warmup, script=script)
+            if before is not None:
+                before()
+            return run_wrk(url, connections, duration, script=script, watch=watch)
+        except WrkTimeout as e:
+            if attempt == 2:
+                raise
+            attempt += 1
+            say(f"warning: {e}; trying once more")
+
+
+def cpu_per_10k(result: WrkResult, group: str) -> float | None:
+    """CPU-seconds ``group`` spent per 10,000 requests of ``result`` (None when none completed)."""
+    if not result.requests:
+        return None
+    return result.cpu_s.get(group, 0.0) / result.requests * 10_000
 
 
 def post_script(directory: Path, size: int) -> Path:
@@ -542,3 +591,195 @@ def make_tempdir(prefix: str) -> Path:
     # nginx's workers drop to 'nobody' when started as root: let them reach their temp paths.
     path.chmod(0o755)
     return path
+
+
+def median_min_max(s: dict[str, Any], fmt: str) -> str:
+    """A :func:`summary` as ``median (min-max)``, each formatted with ``fmt``; ``-`` if nothing was measured."""
+    if s["median"] is None:
+        return "-"
+    return f"{format(s['median'], fmt)} ({format(s['min'], fmt)}-{format(s['max'], fmt)})"
+
+
+# --------------------------------------------------------------------------- running a benchmark
+
+
+def first_line(argv: Sequence[str]) -> str:
+    """The first line ``argv`` prints (stdout, then stderr): a tool's version; ``?`` if it cannot run."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "?"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def environment(tools: dict[str, Sequence[str]]) -> dict[str, Any]:
+    """What a result file records of the machine: cores, load, Python, the ``tools``' versions (name ->
+    command printing it) and the txfaas commit (``+dirty src/`` when src/ has changes not committed)."""
+    commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg(),
+        "python": platform.python_version(),
+        **{name: first_line(argv) for name, argv in tools.items()},
+        "txfaas_commit": commit + ("+dirty src/" if dirty else ""),
+    }
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C raises KeyboardInterrupt (even when started in the background), SIGTERM and SIGHUP
+    SystemExit(128 + signal): either way the ``with`` blocks unwind and stop what was started."""
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+
+
+def run_main(run: Callable[[Any, ExitStack], int], args: Any) -> int:
+    """``run(args, stack)`` with :func:`stop_on_signals`; everything put on ``stack`` is stopped at the
+    end, on errors and on signals.  A :class:`BenchError` is one line on stderr (exit 1); Ctrl-C is 130."""
+    stop_on_signals()
+    try:
+        with ExitStack() as stack:
+            return run(args, stack)
+    except BenchError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: stopped everything started\n")
+        return 130
+
+
+# --------------------------------------------------------------------------- result files
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def partial_on_failure(
+    base: Path, results: dict[str, Any], measured: Callable[[], dict[str, Any] | None]
+) -> Iterator[None]:
+    """If the block fails or is stopped, write ``<base>-partial.json``: ``results`` with ``incomplete``
+    (the error) and what ``measured()`` returns, unless it returns nothing (nothing measured yet)."""
+    try:
+        yield
+    except BaseException as e:
+        got = measured()
+        if got:
+            partial = Path(f"{base}-partial.json")
+            results.update(incomplete=f"{type(e).__name__}: {e}", **got)
+            write_json(partial, results)
+            say(f"partial results: {partial}")
+        raise
+
+
+def write_results(base: Path, results: dict[str, Any], text: str, note: str = "") -> Path:
+    """``<base>.json`` (``results``) and ``<base>.txt`` (``text``, the table), then the table on stdout
+    and where the files are; returns the JSON's path."""
+    json_path = base.with_suffix(".json")
+    txt_path = base.with_suffix(".txt")
+    write_json(json_path, results)
+    txt_path.write_text(text + "\n")
+    say("")
+    say(text)
+    say("")
+    say(f"results: {json_path} (table: {txt_path.name}{note})")
+    return json_path
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def py_spy() -> str:
+    """The py-spy next to this interpreter, else on PATH, else installed into this environment."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if spy.exists():
+        return str(spy)
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    return str(spy)
+
+
+def short_frame(frame: str) -> str:
+    """``'request (/x/site-packages/treq/client.py)'`` -> ``'request (treq/client.py)'``."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", "/src/", "/lib/python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})"
+
+
+def summarise_stacks(
+    lines: Iterable[str],
+    areas: Sequence[tuple[str, str]],
+    trunk: Sequence[str],
+    top: int,
+    threads_area: str | None = None,
+) -> dict[str, Any]:
+    """Self and inclusive sample shares from py-spy's collapsed stacks (``a;b;c count``).
+
+    A sample's self time goes to the first of ``areas`` (needle, name) whose needle is in its leaf
+    frame, or to ``threads_area`` if given and the sample is of a thread other than the main one;
+    frames containing any of ``trunk`` (the reactor's, in every sample) are left out of the
+    inclusive ranking.  Shares are percentages of all samples; ``top`` functions of each ranking.
+    """
+    total = 0
+    area_counts: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        leaf = frames[-1]
+        if threads_area is not None and frames[0].startswith("Thread._bootstrap"):
+            area = threads_area
+        else:
+            area = next((name for needle, name in areas if needle in leaf), "Python stdlib / other")
+        area_counts[area] = area_counts.get(area, 0) + count
+        own[short_frame(leaf)] = own.get(short_frame(leaf), 0) + count
+        for frame in {short_frame(f) for f in frames}:
+            if not any(t in frame for t in trunk):
+                inclusive[frame] = inclusive.get(frame, 0) + count
+
+    def ranked(counts: dict[str, int], n: int) -> list[tuple[str, float]]:
+        items = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [(k, round(100.0 * v / total, 1)) for k, v in items]
+
+    return {
+        "samples": total,
+        "self_by_area": ranked(area_counts, len(area_counts)) if total else [],
+        "inclusive": ranked(inclusive, top) if total else [],
+        "self": ranked(own, top) if total else [],
+    }
+
+
+def stacks_text(report: dict[str, Any]) -> list[str]:
+    """The three rankings of a :func:`summarise_stacks` report, as lines of text."""
+    return [
+        "self time by area (% of samples)",
+        *(f"  {pct:6.1f}%  {area}" for area, pct in report["self_by_area"]),
+        "",
+        "inclusive time, top functions (% of samples)",
+        *(f"  {pct:6.1f}%  {name}" for name, pct in report["inclusive"]),
+        "",
+        "self time, top functions (% of samples)",
+        *(f"  {pct:6.1f}%  {name}" for name, pct in report["self"]),
+    ]

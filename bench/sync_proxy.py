@@ -27,11 +27,8 @@ It prints one table and writes ``bench/results/sync_proxy-<time>.json`` and ``.t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -50,24 +47,33 @@ from harness import (
     Gateway,
     Nginx,
     WrkResult,
-    WrkTimeout,
     children_of,
+    cpu_per_10k,
     ensure_commands,
     ensure_python_module,
+    environment,
     free_port,
     make_tempdir,
+    measured_wrk,
     nginx_function_conf,
     nginx_proxy_conf,
+    partial_on_failure,
     post_script,
+    py_spy,
     redis_delete_prefix,
+    run_main,
     run_wrk,
     say,
+    stacks_text,
     summary,
     wait_http,
+    write_json,
+    write_results,
 )
+from harness import median_min_max as _mm
+from harness import summarise_stacks as _summarise_stacks
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 SWEEP = (1, 10, 50, 200)
 TARGET_RATIO = 0.06  # issue 2: gateway / nginx proxy_pass throughput at 50 connections
 
@@ -89,9 +95,7 @@ class Run:
     result: WrkResult
 
     def cpu_per_10k(self, group: str) -> float | None:
-        if not self.result.requests:
-            return None
-        return self.result.cpu_s.get(group, 0.0) / self.result.requests * 10_000
+        return cpu_per_10k(self.result, group)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -136,30 +140,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _version(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return "?"
-    text = (done.stdout + done.stderr).strip().splitlines()
-    return text[0] if text else "?"
-
-
-def environment() -> dict[str, Any]:
-    commit = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "cpus": os.cpu_count(),
-        "load_before": os.getloadavg(),
-        "python": platform.python_version(),
-        "wrk": _version(["wrk", "-v"]),
-        "nginx": _version(["nginx", "-v"]),
-        "txfaas_commit": commit + ("+dirty src/" if dirty else ""),
-    }
-
-
 def measure(
     args: argparse.Namespace,
     targets: list[Target],
@@ -175,16 +155,9 @@ def measure(
         for connections in levels:
             for target in targets:
                 n += 1
-                for attempt in (1, 2):
-                    try:
-                        if args.warmup:
-                            run_wrk(target.url, connections, args.warmup, script=script)
-                        result = run_wrk(target.url, connections, args.duration, script=script, watch=watch)
-                        break
-                    except WrkTimeout as e:
-                        if attempt == 2:
-                            raise
-                        say(f"warning: {e}; trying once more")
+                result = measured_wrk(
+                    target.url, connections, args.duration, args.warmup, script=script, watch=watch
+                )
                 if not result.requests:
                     raise BenchError(f"{target.label}: no request completed at {connections} connections")
                 run = Run(rnd, connections, target.key, result)
@@ -244,10 +217,6 @@ def analyse(runs: list[Run], targets: list[Target], levels: list[int], main_c: i
         "met": ratio is not None and ratio >= TARGET_RATIO,
     }
     return cases
-
-
-def _mm(s: dict[str, Any], fmt: str) -> str:
-    return f"{format(s['median'], fmt)} ({format(s['min'], fmt)}-{format(s['max'], fmt)})"
 
 
 def table(cases: dict[str, Any], targets: list[Target], rounds: int, levels: list[int]) -> str:
@@ -323,18 +292,11 @@ def profile(
     args: argparse.Namespace, gateway: Gateway, url: str, script: Path | None, out: Path
 ) -> dict[str, Any]:
     """py-spy on the gateway while wrk loads it; collapsed stacks plus a summary of the top costs."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        found = shutil.which("py-spy")
-        if found is None:
-            ensure_python_module("pip", "pip")
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
-        else:
-            spy = Path(found)
+    spy = py_spy()
     collapsed = out.with_suffix(".collapsed")
     say(f"profiling the gateway (pid {gateway.pid}) for {args.profile:g}s with py-spy")
     recorder = subprocess.Popen(
-        [str(spy), "record", "--nonblocking", "--nolineno", "-r", "250", "-d", f"{args.profile:g}",
+        [spy, "record", "--nonblocking", "--nolineno", "-r", "250", "-d", f"{args.profile:g}",
          "-f", "raw", "-o", str(collapsed), "-p", str(gateway.pid)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -356,14 +318,7 @@ def profile(
         f"py-spy, {args.profile:g}s at {args.connections} connections, {report['samples']} samples "
         f"({load.rps:.0f} req/s while sampled)",
         "",
-        "self time by area (% of samples)",
-        *(f"  {pct:6.1f}%  {area}" for area, pct in report["self_by_area"]),
-        "",
-        "inclusive time, top functions (% of samples)",
-        *(f"  {pct:6.1f}%  {name}" for name, pct in report["inclusive"]),
-        "",
-        "self time, top functions (% of samples)",
-        *(f"  {pct:6.1f}%  {name}" for name, pct in report["self"]),
+        *stacks_text(report),
     ]
     out.write_text("\n".join(lines) + "\n")
     return report
@@ -411,56 +366,9 @@ _TRUNK = (
 )
 
 
-def _area(frame: str) -> str:
-    for needle, name in _AREAS:
-        if needle in frame:
-            return name
-    return "Python stdlib / other"
-
-
-def _short(frame: str) -> str:
-    """``'request (/x/site-packages/treq/client.py)'`` -> ``'request (treq/client.py)'``."""
-    name, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    for marker in ("site-packages/", "/src/", "/lib/python3.11/"):
-        if marker in where:
-            where = where.split(marker, 1)[1]
-            break
-    return f"{name} ({where})"
-
-
 def summarise_stacks(lines: list[str], top: int = 40) -> dict[str, Any]:
-    """Self and inclusive sample shares from py-spy's collapsed stacks (``a;b;c count``)."""
-    total = 0
-    self_counts: dict[str, int] = {}
-    incl_counts: dict[str, int] = {}
-    area_counts: dict[str, int] = {}
-    for line in lines:
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
-        if not frames:
-            continue
-        total += count
-        leaf = frames[-1]
-        self_counts[_short(leaf)] = self_counts.get(_short(leaf), 0) + count
-        area_counts[_area(leaf)] = area_counts.get(_area(leaf), 0) + count
-        for frame in {_short(f) for f in frames}:
-            if not any(t in frame for t in _TRUNK):
-                incl_counts[frame] = incl_counts.get(frame, 0) + count
-
-    def ranked(counts: dict[str, int], n: int) -> list[tuple[str, float]]:
-        items = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
-        return [(k, round(100.0 * v / total, 1)) for k, v in items]
-
-    return {
-        "samples": total,
-        "self_by_area": ranked(area_counts, len(area_counts)) if total else [],
-        "inclusive": ranked(incl_counts, top) if total else [],
-        "self": ranked(self_counts, top) if total else [],
-    }
+    """Self time by area and inclusive time by function, from py-spy's collapsed stacks."""
+    return _summarise_stacks(lines, _AREAS, _TRUNK, top)
 
 
 def run(args: argparse.Namespace, stack: ExitStack) -> int:
@@ -470,7 +378,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     base = args.results / f"sync_proxy-{stamp}"
     tmp = make_tempdir("txfaas-bench-")
     stack.callback(shutil.rmtree, tmp, True)
-    env = environment()
+    env = environment({"wrk": ["wrk", "-v"], "nginx": ["nginx", "-v"]})
 
     fn_port, px_port, gw_port = free_port(), free_port(), free_port()
     function = Nginx("function", tmp, nginx_function_conf(tmp, fn_port))
@@ -590,15 +498,8 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
             for r in runs
         ]
 
-    try:
+    with partial_on_failure(base, results, lambda: {"runs": runs_json()} if runs else None):
         measure(args, targets, levels, watch, script, runs)
-    except BaseException as e:
-        if runs:  # keep what was measured
-            partial = args.results / f"sync_proxy-{stamp}-partial.json"
-            results.update(incomplete=f"{type(e).__name__}: {e}", runs=runs_json())
-            partial.write_text(json.dumps(results, indent=2) + "\n")
-            say(f"partial results: {partial}")
-        raise
     env["load_after"] = os.getloadavg()
     cases = analyse(runs, targets, levels, args.connections)
     results.update(cases=cases, runs=runs_json())
@@ -607,41 +508,19 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
         png = base.with_suffix(".png")
         plot(cases, targets, levels, png, f"txfaas sync proxy, loopback, {env['cpus']} cores ({stamp})")
         results["plot"] = str(png)
-    json_path = base.with_suffix(".json")
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    base.with_suffix(".txt").write_text(text + "\n")
-    say("")
-    say(text)
-    say("")
-    say(f"results: {json_path} (table: {base.with_suffix('.txt').name})")
+    json_path = write_results(base, results, text)
     if args.plot:
         say(f"plot:    {results['plot']}")
     if args.profile:
         profile_path = Path(f"{base}-profile.txt")
         results["profile"] = profile(args, gateway, targets[2].url, script, profile_path)
-        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(json_path, results)
         say(f"profile: {profile_path} (collapsed stacks: {profile_path.with_suffix('.collapsed').name})")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    try:
-        with ExitStack() as stack:
-            return run(args, stack)
-    except BenchError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: stopped everything started\n")
-        return 130
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
