@@ -38,15 +38,12 @@ failed midway, ``-partial.json`` with what was measured.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.error
@@ -63,29 +60,34 @@ from harness import (
     CLOCK_TICKS,
     LOOPBACK,
     BenchError,
-    Child,
     Gateway,
+    Twistd,
     WrkResult,
-    WrkTimeout,
     children_of,
+    cpu_per_10k,
+    direct_opener,
     ensure_commands,
+    environment,
     free_port,
     make_tempdir,
+    measured_wrk,
+    nginx_argv,
     nginx_function_conf,
+    partial_on_failure,
     post_script,
-    run_wrk,
+    run_main,
     say,
     summary,
-    twistd_command,
     wait_http,
+    write_results,
 )
+from harness import median_min_max as _mm
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 EXEC_TIMEOUT = 1.0  # seconds: the sleep watchdog's --exec-timeout
 LATENESS_GOAL_MS = 100.0
 # OpenFaaS variables the watchdog would otherwise read from our environment.
-_WATCHDOG_ENV = (
+WATCHDOG_ENV = (
     "fprocess",
     "function_process",
     "mode",
@@ -150,7 +152,7 @@ def pids_with_argv(argv: Sequence[str]) -> list[int]:
     return found
 
 
-class WatchdogProcess(Child):
+class WatchdogProcess(Twistd):
     """``twistd -n --pidfile= faas-watchdog ...`` on a free loopback port.
 
     :meth:`stop` stops it (SIGTERM: it drains, then kills and reaps what it started) and then
@@ -158,21 +160,15 @@ class WatchdogProcess(Child):
     reach of :class:`Child`'s process-group kill): ``leftover`` names them; they are killed.
     """
 
+    drop_env = WATCHDOG_ENV
+
     def __init__(self, name: str, directory: Path, args: Sequence[str]) -> None:
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.leftover: list[str] = []
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TXFAAS_") and k not in _WATCHDOG_ENV}
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [
-            *twistd_command(),
-            "-n",
-            "--pidfile=",
-            "faas-watchdog",
-            f"--listen=tcp:{self.port}:interface={LOOPBACK}",
-            *args,
-        ]
-        super().__init__(name, argv, directory / f"{name}.log", env)
+        super().__init__(
+            name, directory, "faas-watchdog", [f"--listen=tcp:{self.port}:interface={LOOPBACK}", *args]
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
         below = descendants(self.pid) if self.alive() else []
@@ -195,14 +191,7 @@ class WatchdogProcess(Child):
 
 def nginx_upstream_argv(directory: Path, port: int) -> list[str]:
     """The command of a private nginx answering ``200 "ok"`` on ``port`` (config checked first)."""
-    conf = directory / "function.conf"
-    conf.write_text(nginx_function_conf(directory, port))
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    argv = [nginx, "-p", str(directory), "-e", str(directory / "function-error.log"), "-c", str(conf)]
-    check = subprocess.run([argv[0], "-t", "-q", *argv[1:]], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise BenchError(f"nginx rejected {conf}:\n{check.stderr}")
-    return argv
+    return nginx_argv(directory, "function", nginx_function_conf(directory, port))
 
 
 # --------------------------------------------------------------------------- throughput
@@ -228,9 +217,7 @@ class Run:
     result: WrkResult
 
     def per_10k(self, group: str) -> float | None:
-        if not self.result.requests:
-            return None
-        return self.result.cpu_s.get(group, 0.0) / self.result.requests * 10_000
+        return cpu_per_10k(self.result, group)
 
 
 @dataclass
@@ -260,23 +247,20 @@ class Stand:
 def one_run(stand: Stand, case: Case, path: str, args: argparse.Namespace, script: Path) -> WrkResult:
     url = stand.url(case.mode, path)
     wd_pid = stand.watchdogs[case.mode].pid
-    for attempt in (1, 2):
-        try:
-            if args.warmup:
-                run_wrk(url, case.connections, args.warmup, script=script)
-            reaped_before = reaped_children_cpu(wd_pid)
-            result = run_wrk(
-                url, case.connections, args.duration, script=script, watch=stand.watch(case.mode)
-            )
-            break
-        except WrkTimeout as e:
-            if attempt == 2:
-                raise
-            say(f"warning: {e}; trying once more")
+    reaped: dict[str, float] = {}
+    result = measured_wrk(
+        url,
+        case.connections,
+        args.duration,
+        args.warmup,
+        script=script,
+        watch=stand.watch(case.mode),
+        before=lambda: reaped.update(before=reaped_children_cpu(wd_pid)),
+    )
     if case.mode == "fork":
         # The cat processes: reaped by the watchdog during the run, so counted in its cutime; run_wrk
         # put their CPU under "others" (busy machine time no watched pid accounts for).
-        spent = round(reaped_children_cpu(wd_pid) - reaped_before, 3)
+        spent = round(reaped_children_cpu(wd_pid) - reaped["before"], 3)
         result.cpu_s["function"] = spent
         result.cpu_s["others"] = round(max(0.0, result.cpu_s.get("others", 0.0) - spent), 3)
     if not result.requests:
@@ -344,11 +328,10 @@ def analyse_throughput(runs: list[Run], cases: list[Case]) -> dict[str, Any]:
 
 def timed_post(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, float, str | None]:
     """POST ``body``; (status, seconds until the whole answer was read, X-Duration-Seconds)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     request = urllib.request.Request(url, data=body, method="POST")
     started = time.monotonic()
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with direct_opener().open(request, timeout=timeout) as response:
             response.read()
             status, headers = response.status, response.headers
     except urllib.error.HTTPError as e:
@@ -399,34 +382,6 @@ def reaping(watchdog: WatchdogProcess, argv: Sequence[str], wait: float = 3.0) -
 
 
 # --------------------------------------------------------------------------- report
-
-
-def _version(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except OSError:
-        return "?"
-    text = (done.stdout + done.stderr).strip().splitlines()
-    return text[0] if text else "?"
-
-
-def environment() -> dict[str, Any]:
-    commit = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "cpus": os.cpu_count(),
-        "load_before": os.getloadavg(),
-        "python": platform.python_version(),
-        "wrk": _version(["wrk", "-v"]),
-        "nginx": _version(["nginx", "-v"]),
-        "txfaas_commit": commit + ("+dirty src/" if dirty else ""),
-    }
-
-
-def _mm(s: dict[str, Any], fmt: str) -> str:
-    return f"{format(s['median'], fmt)} ({format(s['min'], fmt)}-{format(s['max'], fmt)})"
 
 
 def table(throughput: dict[str, Any], lateness: dict[str, Any], rounds: int, body_bytes: int) -> str:
@@ -505,7 +460,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     base = args.results / f"watchdog-{stamp}"
     tmp = make_tempdir("txfaas-wdbench-")
     stack.callback(shutil.rmtree, tmp, True)
-    env = environment()
+    env = environment({"wrk": ["wrk", "-v"], "nginx": ["nginx", "-v"]})
 
     upstream_port = free_port()
     upstream_argv = nginx_upstream_argv(tmp, upstream_port)
@@ -576,7 +531,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     def runs_json() -> list[dict[str, Any]]:
         return [{"round": r.round, "case": r.case.key, "path": r.path, **r.result.to_json()} for r in runs]
 
-    try:
+    with partial_on_failure(base, results, lambda: {"runs": runs_json()} if runs else None):
         measure(args, stand, cases, script, runs)
         say(
             f"exec_timeout lateness: {args.timeout_calls} sequential calls each, directly and via the gateway"
@@ -587,13 +542,6 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
             "gateway": measure_lateness(f"{gateway_url}/function/wd-sleep", args.timeout_calls, "gateway"),
         }
         lateness["reaped"] = reaping(sleeper, sleep_argv)
-    except BaseException as e:
-        if runs:  # keep what was measured
-            partial = args.results / f"watchdog-{stamp}-partial.json"
-            results.update(incomplete=f"{type(e).__name__}: {e}", runs=runs_json())
-            partial.write_text(json.dumps(results, indent=2) + "\n")
-            say(f"partial results: {partial}")
-        raise
     env["load_after"] = os.getloadavg()
     throughput = analyse_throughput(runs, cases)
 
@@ -607,34 +555,12 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     text += f"\n  after stopping the watchdogs: {left} of their processes left" + (
         f" {leftover}" if left else ""
     )
-    json_path = base.with_suffix(".json")
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
-    base.with_suffix(".txt").write_text(text + "\n")
-    say("")
-    say(text)
-    say("")
-    say(f"results: {json_path} (table: {base.with_suffix('.txt').name})")
+    write_results(base, results, text)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
-    try:
-        with ExitStack() as stack:
-            return run(args, stack)
-    except BenchError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: stopped everything started\n")
-        return 130
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
