@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BenchError, ensure_commands, say
+from harness import BenchError, ensure_commands, say, stop_on_signals, summary, write_results
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -146,14 +145,7 @@ class Row:
 def stat(values: Sequence[float | None], digits: int = 3) -> dict[str, Any] | None:
     """Median, min and max (and the values) of what was measured; None when nothing was."""
     got = [v for v in values if v is not None]
-    if not got:
-        return None
-    return {
-        "median": round(statistics.median(got), digits),
-        "min": round(min(got), digits),
-        "max": round(max(got), digits),
-        "runs": [round(v, digits) for v in got],
-    }
+    return summary(got, digits) if got else None
 
 
 def one(value: float | None) -> dict[str, Any] | None:
@@ -174,6 +166,19 @@ def per_round_ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> d
     if num.get("median") is None or not den.get("median"):
         return None
     return stat([num["median"] / den["median"]])
+
+
+def vs(
+    group: str,
+    case: str,
+    unit: str,
+    figure: dict[str, Any] | None,
+    baseline_label: str,
+    baseline: dict[str, Any] | None,
+    target: Target | None = None,
+) -> Row:
+    """A row whose ratio is its figure over its baseline, round by round (:func:`per_round_ratio`)."""
+    return Row(group, case, unit, figure, baseline_label, baseline, per_round_ratio(figure, baseline), target)
 
 
 def _get(doc: Any, *path: Any) -> Any:
@@ -204,30 +209,22 @@ def sync_rows(doc: dict[str, Any]) -> list[Row]:
             _get(main, "ratios", "gateway/nginx"),
             Target(">=", SYNC_RATIO_MIN, on="ratio"),
         ),
-        Row(
+        vs(
             g,
             "added p50 at 1 conn (over direct)",
             "ms",
             _get(cases, "added_latency_1conn", "gateway-direct", "p50_ms"),
             "nginx proxy_pass",
             _get(cases, "added_latency_1conn", "nginx-direct", "p50_ms"),
-            per_round_ratio(
-                _get(cases, "added_latency_1conn", "gateway-direct", "p50_ms"),
-                _get(cases, "added_latency_1conn", "nginx-direct", "p50_ms"),
-            ),
             Target("<=", ADDED_LATENCY_MS_MAX),
         ),
-        Row(
+        vs(
             g,
             f"gateway CPU s per 10k calls, {conns} conns",
             "s",
             _get(main, "targets", "gateway", "cpu_s_per_10k"),
             "nginx proxy_pass",
             _get(main, "targets", "nginx", "cpu_s_per_10k"),
-            per_round_ratio(
-                _get(main, "targets", "gateway", "cpu_s_per_10k"),
-                _get(main, "targets", "nginx", "cpu_s_per_10k"),
-            ),
         ),
     ]
     for level in sorted(int(c) for c in cases.get("concurrency", {})):
@@ -243,14 +240,13 @@ def sync_rows(doc: dict[str, Any]) -> list[Row]:
             )
         )
         rows.append(
-            Row(
+            vs(
                 g,
                 f"c={level}: gateway p99",
                 "ms",
                 t(level, "gateway", "p99_ms"),
                 "nginx proxy_pass",
                 t(level, "nginx", "p99_ms"),
-                per_round_ratio(t(level, "gateway", "p99_ms"), t(level, "nginx", "p99_ms")),
             )
         )
     if "gateway-workers" in main["targets"]:
@@ -268,17 +264,13 @@ def sync_rows(doc: dict[str, Any]) -> list[Row]:
             )
         )
         rows.append(
-            Row(
+            vs(
                 g,
                 f"gateway --workers {n} CPU s/10k calls",
                 "s",
                 _get(main, "targets", "gateway-workers", "cpu_s_per_10k"),
                 "1 process",
                 _get(main, "targets", "gateway", "cpu_s_per_10k"),
-                per_round_ratio(
-                    _get(main, "targets", "gateway-workers", "cpu_s_per_10k"),
-                    _get(main, "targets", "gateway", "cpu_s_per_10k"),
-                ),
             )
         )
     return rows
@@ -305,26 +297,24 @@ def async_rows(doc: dict[str, Any]) -> list[Row]:
             a.get("ratio"),
             Target(">=", ACCEPT_RATIO_MIN, on="ratio"),
         ),
-        Row(
+        vs(
             g,
             "accept CPU ms per call",
             "ms",
             gateway_cpu,
             "pika client per msg",
             pika_cpu,
-            per_round_ratio(gateway_cpu, pika_cpu),
         ),
         Row(g, f"end to end, {settings.get('calls', '?')} calls", "/s", e.get("completions_per_s")),
         Row(g, "end to end CPU ms/call: worker", "ms", e.get("worker_cpu_ms_per_call")),
         Row(g, "end to end CPU ms/call: gateway", "ms", e.get("gateway_cpu_ms_per_call")),
-        Row(
+        vs(
             g,
             f"{burst_n} x 1-s calls: last callback",
             "s",
             b.get("last_callback_s"),
             "one call alone",
             stat([1.0]),
-            per_round_ratio(b.get("last_callback_s"), stat([1.0])),
             Target("<=", BURST_LAST_S_MAX),
         ),
     ]
@@ -394,17 +384,13 @@ def watchdog_rows(doc: dict[str, Any]) -> list[Row]:
             )
         )
         rows.append(
-            Row(
+            vs(
                 g,
                 f"{label}: gateway CPU s/10k calls",
                 "s",
                 _get(entry, "gateway", "cpu_s_per_10k", "gateway"),
                 "watchdog's own",
                 _get(entry, "gateway", "cpu_s_per_10k", "watchdog"),
-                per_round_ratio(
-                    _get(entry, "gateway", "cpu_s_per_10k", "gateway"),
-                    _get(entry, "gateway", "cpu_s_per_10k", "watchdog"),
-                ),
             )
         )
     for path in ("direct", "gateway"):
@@ -562,13 +548,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def terminate(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)
+    stop_on_signals()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = args.results / f"all-{stamp}"
     sub = base  # the scripts' own files go into a folder of this run
@@ -640,13 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "noise": noises,
         "cases": [r.to_json() for r in rows],
     }
-    json_path = base.with_suffix(".json")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    base.with_suffix(".txt").write_text(text + "\n")
-    say("")
-    say(text)
-    say("")
-    say(f"results: {json_path} (table: {base.with_suffix('.txt').name}; each script's files: {sub}/)")
+    write_results(base, result, text, note=f"; each script's files: {sub}/")
     return 1 if failed else 0
 
 
