@@ -51,7 +51,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -83,10 +82,10 @@ from harness import (
     free_port,
     http_get,
     machine_busy_seconds,
-    make_tempdir,
     measured_wrk,
     partial_on_failure,
     post_script,
+    prepare_run,
     py_spy,
     redis_delete_prefix,
     run_main,
@@ -1070,11 +1069,7 @@ def functions_json(bench: Bench) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace, stack: ExitStack) -> int:
     ensure_commands({"wrk": "wrk"})
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = args.results / f"async_bench-{stamp}"
-    tmp = make_tempdir("txfaas-async-bench-")
-    stack.callback(shutil.rmtree, tmp, True)
+    stamp, base, tmp = prepare_run(stack, args.results, "async_bench", "txfaas-async-bench-")
     tag = uuid.uuid4().hex[:10]
     bench = Bench(
         args=args,
@@ -1114,7 +1109,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
 
     # Registered first, so it runs last: after every process it started has stopped.
     stack.callback(clean_up)
-    env = environment({"wrk": ["wrk", "-v"]})
+    env = environment("wrk")
     servers = []
     for role, port, ready in (
         ("functions", bench.functions_port, "/stats"),

@@ -613,9 +613,9 @@ def first_line(argv: Sequence[str]) -> str:
     return text[0] if text else "?"
 
 
-def environment(tools: dict[str, Sequence[str]]) -> dict[str, Any]:
-    """What a result file records of the machine: cores, load, Python, the ``tools``' versions (name ->
-    command printing it) and the txfaas commit (``+dirty src/`` when src/ has changes not committed)."""
+def environment(*tools: str) -> dict[str, Any]:
+    """What a result file records of the machine: cores, load, Python, the ``tools``' versions (``<tool> -v``)
+    and the txfaas commit (``+dirty src/`` when src/ has changes not committed)."""
     commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True
@@ -624,9 +624,19 @@ def environment(tools: dict[str, Sequence[str]]) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "load_before": os.getloadavg(),
         "python": platform.python_version(),
-        **{name: first_line(argv) for name, argv in tools.items()},
+        **{tool: first_line([tool, "-v"]) for tool in tools},
         "txfaas_commit": commit + ("+dirty src/" if dirty else ""),
     }
+
+
+def prepare_run(stack: ExitStack, results: Path, name: str, tmp_prefix: str) -> tuple[str, Path, Path]:
+    """Make the ``results`` folder; return the run's time stamp, the base of its files
+    (``<results>/<name>-<stamp>``) and a private temporary folder, removed when ``stack`` closes."""
+    results.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tmp = make_tempdir(tmp_prefix)
+    stack.callback(shutil.rmtree, tmp, True)
+    return stamp, results / f"{name}-{stamp}", tmp
 
 
 def stop_on_signals() -> None:

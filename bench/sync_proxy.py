@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -53,12 +52,12 @@ from harness import (
     ensure_python_module,
     environment,
     free_port,
-    make_tempdir,
     measured_wrk,
     nginx_function_conf,
     nginx_proxy_conf,
     partial_on_failure,
     post_script,
+    prepare_run,
     py_spy,
     redis_delete_prefix,
     run_main,
@@ -373,12 +372,8 @@ def summarise_stacks(lines: list[str], top: int = 40) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, stack: ExitStack) -> int:
     ensure_commands({"wrk": "wrk", "nginx": "nginx"})
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = args.results / f"sync_proxy-{stamp}"
-    tmp = make_tempdir("txfaas-bench-")
-    stack.callback(shutil.rmtree, tmp, True)
-    env = environment({"wrk": ["wrk", "-v"], "nginx": ["nginx", "-v"]})
+    stamp, base, tmp = prepare_run(stack, args.results, "sync_proxy", "txfaas-bench-")
+    env = environment("wrk", "nginx")
 
     fn_port, px_port, gw_port = free_port(), free_port(), free_port()
     function = Nginx("function", tmp, nginx_function_conf(tmp, fn_port))

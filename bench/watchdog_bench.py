@@ -41,7 +41,6 @@ import argparse
 import os
 import random
 import shlex
-import shutil
 import signal
 import statistics
 import sys
@@ -69,12 +68,12 @@ from harness import (
     ensure_commands,
     environment,
     free_port,
-    make_tempdir,
     measured_wrk,
     nginx_argv,
     nginx_function_conf,
     partial_on_failure,
     post_script,
+    prepare_run,
     run_main,
     say,
     summary,
@@ -455,12 +454,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, stack: ExitStack) -> int:
     ensure_commands({"wrk": "wrk", "nginx": "nginx"})
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = args.results / f"watchdog-{stamp}"
-    tmp = make_tempdir("txfaas-wdbench-")
-    stack.callback(shutil.rmtree, tmp, True)
-    env = environment({"wrk": ["wrk", "-v"], "nginx": ["nginx", "-v"]})
+    stamp, base, tmp = prepare_run(stack, args.results, "watchdog", "txfaas-wdbench-")
+    env = environment("wrk", "nginx")
 
     upstream_port = free_port()
     upstream_argv = nginx_upstream_argv(tmp, upstream_port)
