@@ -7,6 +7,7 @@ nginx is installed.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -151,3 +152,57 @@ def test_nginx_configs_are_accepted_by_nginx(tmp_path):
         )
         assert check.returncode == 0, check.stderr
     assert "keepalive 64;" in conf and 'proxy_set_header Connection "";' in conf
+
+
+# --------------------------------------------------------------------------- the shared running helpers
+
+
+def test_a_failed_run_leaves_a_partial_file_with_the_error_and_what_was_measured(tmp_path):
+    results: dict = {"benchmark": "x"}
+    with (
+        pytest.raises(BenchError),
+        harness.partial_on_failure(tmp_path / "x-1", results, lambda: {"runs": [1]}),
+    ):
+        raise BenchError("wrk failed")
+    partial = json.loads((tmp_path / "x-1-partial.json").read_text())
+    assert partial == {"benchmark": "x", "incomplete": "BenchError: wrk failed", "runs": [1]}
+
+
+def test_no_partial_file_when_nothing_was_measured_yet(tmp_path):
+    with pytest.raises(KeyboardInterrupt), harness.partial_on_failure(tmp_path / "x-1", {}, lambda: None):
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hung_wrk_is_run_once_more_warm_up_included_but_not_a_third_time(monkeypatch):
+    calls = []
+
+    def fake_run_wrk(url, connections, seconds, **kwargs):
+        calls.append(seconds)
+        if seconds == 10 and calls.count(10) == 1:
+            raise harness.WrkTimeout("hung")
+        return "result"
+
+    monkeypatch.setattr(harness, "run_wrk", fake_run_wrk)
+    assert harness.measured_wrk("http://127.0.0.1:1/", 1, 10, 2) == "result"
+    assert calls == [2, 10, 2, 10]
+    monkeypatch.setattr(harness, "run_wrk", lambda *a, **k: (_ for _ in ()).throw(harness.WrkTimeout("hung")))
+    with pytest.raises(harness.WrkTimeout):
+        harness.measured_wrk("http://127.0.0.1:1/", 1, 10, 0)
+
+
+def test_run_main_stops_what_was_started_and_turns_errors_into_exit_statuses(monkeypatch):
+    monkeypatch.setattr(harness, "stop_on_signals", lambda: None)
+    stopped = []
+
+    def failing(error):
+        def run(args, stack):
+            stack.callback(stopped.append, args)
+            raise error
+
+        return run
+
+    assert harness.run_main(failing(BenchError("no wrk")), "a") == 1
+    assert harness.run_main(failing(KeyboardInterrupt()), "b") == 130
+    assert harness.run_main(lambda args, stack: 0, "c") == 0
+    assert stopped == ["a", "b"]
