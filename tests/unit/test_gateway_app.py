@@ -169,6 +169,15 @@ class AuthTests(GatewayTestCase):
                 response.headers.getRawHeaders(b"www-authenticate"), [b'Basic realm="Restricted"']
             )
 
+    def test_other_spellings_of_protected_paths_need_auth_too(self) -> None:
+        """Deny by default: //system, /%2Fsystem, /./system... never reach a /system handler without auth."""
+        for path in ["//system/functions", "/%2Fsystem/functions", "//metrics", "/x/../system/info", "/"]:
+            response, _ = self.call("GET", path)
+            self.assertEqual(response.code, 401, path)
+        response, _ = self.call("POST", "//system/functions", data=b'{"service": "evil", "url": "http://x"}')
+        self.assertEqual(response.code, 401)
+        self.assertEqual(self.store.functions, {})
+
     def test_wrong_user_or_password_is_401(self) -> None:
         for user, password in [("admin", "wrong"), ("root", "s3cret"), ("", "")]:
             response, _ = self.call("GET", "/system/info", headers=self.basic(user, password))

@@ -596,9 +596,14 @@ class BasicAuth:
 
 
 class GatewayRoot(resource.Resource):
-    """``/function/`` goes to the proxy; everything else to the Klein app (behind auth where due)."""
+    """``/function/`` goes to the proxy; everything else to the Klein app (behind auth where due).
 
-    _PROTECTED = frozenset({b"system", b"metrics"})
+    With basic auth on, every path needs it except the open ones (deny by default): a
+    protected route must not be reachable by another spelling (``//system/...``,
+    ``/%2Fsystem/...``) that routes to the same Klein handler.
+    """
+
+    _OPEN = frozenset({b"function", b"async-function", b"healthz"})
 
     def __init__(self, proxy: resource.IResource, app: resource.IResource, auth: BasicAuth | None) -> None:
         super().__init__()
@@ -610,7 +615,7 @@ class GatewayRoot(resource.Resource):
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
         if path == b"function":
             return self._proxy
-        if self._auth is not None and path in self._PROTECTED and not self._auth.check(request):
+        if self._auth is not None and path not in self._OPEN and not self._auth.check(request):
             return self._unauthorized
         # Hand the whole path to Klein.
         request.postpath.insert(0, request.prepath.pop())
