@@ -515,3 +515,35 @@ def test_a_retry_past_max_age_is_dead_lettered_and_the_last_answer_called_back()
         ["0"],
     )
     assert h.store.dead_letters["call-1"].mark.reason == "max_age"
+
+
+def test_a_retry_arriving_while_its_previous_attempt_still_records_is_run_not_acked_with_it():
+    """Attempt 2 comes back while attempt 1's job still waits for Redis to record it: it is a message
+    of its own and must run (found in review: it used to join attempt 1's job and be acked unrun)."""
+    h = Harness(
+        respond=answers(503, 200), **retrying(retry=RetryPolicy(max_attempts=5, min_wait=1.0, max_wait=30.0))
+    )
+    h.deploy()
+    h.enqueue()
+    h.store.writes_fail = True  # Redis stops answering once the call has started...
+    original = h.store.transition_call
+    seen = {"n": 0}
+
+    async def transition(record, from_statuses, **kwargs):
+        seen["n"] += 1
+        if seen["n"] == 1:  # ...but the start itself gets through
+            return await super(type(h.store), h.store).transition_call(record, from_statuses, **kwargs)
+        return await original(record, from_statuses, **kwargs)
+
+    h.store.transition_call = transition
+    h.start()
+    h.flush()
+    h.clock.advance(1.5)  # the retry is delivered while attempt 1 is still being recorded
+    h.flush()
+    h.store.writes_fail = False
+    run_until_quiet(h, 60)
+    assert len(h.function.requests) == 2, "attempt 2 never ran"
+    record = h.record()
+    assert (record.status, record.attempts) == (CallStatus.SUCCEEDED, 2)
+    assert len(h.receiver.requests) == 1
+    assert h.unacked == 0 and h.queue.pending(Q) == 0

@@ -262,6 +262,13 @@ class _Job:
     settled: bool = False
 
 
+def _job_key(kind: str, call: Call) -> tuple[str, str, bytes]:
+    """Which running job a delivery belongs to: only a redelivery of the very same message joins
+    one.  The next attempt, a replay or a callback retry of the same call id is a message of its
+    own (it differs in its metadata), and must never be acked unrun with the attempt before it."""
+    return (kind, call.call_id, call.encode_meta())
+
+
 class WorkerService(Service):
     """Consumes calls from ``queue``; reads and writes ``store``; invokes functions through ``agent``.
 
@@ -292,7 +299,7 @@ class WorkerService(Service):
         self._callbacks = callbacks
         self.metrics = metrics
         self._random = random
-        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._jobs: dict[tuple[str, str, bytes], _Job] = {}
         self._stopping = False
         self._failures = 0
         self._starting: defer.Deferred[None] | None = None
@@ -409,7 +416,7 @@ class WorkerService(Service):
 
     def _begin(self, kind: str, delivery: Delivery) -> None:
         call = delivery.call
-        key = (kind, call.call_id)
+        key = _job_key(kind, call)
         running = self._jobs.get(key)
         if running is not None:
             self.log.info(
@@ -438,7 +445,7 @@ class WorkerService(Service):
         if job.settled:
             return
         job.settled = True
-        key = (job.kind, job.call.call_id)
+        key = _job_key(job.kind, job.call)
         if self._jobs.get(key) is job:
             del self._jobs[key]
             self.metrics.in_flight.dec()
