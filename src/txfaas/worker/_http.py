@@ -44,12 +44,33 @@ def header_pairs(headers: Headers) -> Pairs:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
 
 
+class BodyTooLarge(Exception):
+    """The answer's body went over the reader's limit (the connection was aborted)."""
+
+
 class _BodyReader(Protocol):
-    def __init__(self, done: defer.Deferred[bytes]) -> None:
+    def __init__(
+        self, done: defer.Deferred[bytes], limit: int | None = None, keep_head: bool = False
+    ) -> None:
         self._done = done
         self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._keep_head = keep_head
 
     def dataReceived(self, data: bytes) -> None:
+        if self._done.called:
+            return
+        self._size += len(data)
+        if self._limit is not None and self._size > self._limit:
+            # Stop reading: a peer may not make us hold an unbounded body in memory.
+            if self._keep_head:
+                self._parts.append(data[: max(0, len(data) - (self._size - self._limit))])
+                self._done.callback(b"".join(self._parts))
+            else:
+                self._done.errback(BodyTooLarge(f"response body over {self._limit} bytes"))
+            _abort(self.transport)
+            return
         self._parts.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -62,48 +83,66 @@ class _BodyReader(Protocol):
             self._done.errback(reason)
 
 
-def read_body(response: IResponse) -> defer.Deferred[bytes]:
+def _abort(transport: Any) -> None:
+    if transport is None:
+        return
+    abort = getattr(getattr(transport, "_producer", None), "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
+
+
+def read_body(
+    response: IResponse, limit: int | None = None, keep_head: bool = False
+) -> defer.Deferred[bytes]:
     """The whole body; cancelling aborts the connection.
 
-    (Twisted's ``readBody`` means to, but the transport it is handed is a
+    Over ``limit`` bytes the connection is aborted and the Deferred fails with
+    :class:`BodyTooLarge` -- or, with ``keep_head``, fires with the first ``limit`` bytes.
+    (Twisted's ``readBody`` means to abort on cancel, but the transport it is handed is a
     ``TransportProxyProducer`` without ``abortConnection``, so it only warns.)
     """
-
-    def cancel(_: defer.Deferred[bytes]) -> None:
-        transport = reader.transport
-        if transport is None:
-            return
-        abort = getattr(getattr(transport, "_producer", None), "abortConnection", None)
-        if abort is not None:
-            abort()
-        else:
-            transport.loseConnection()
-
-    done: defer.Deferred[bytes] = defer.Deferred(cancel)
-    reader = _BodyReader(done)
+    done: defer.Deferred[bytes] = defer.Deferred(lambda _: _abort(reader.transport))
+    reader = _BodyReader(done, limit, keep_head)
     response.deliverBody(reader)
     return done
 
 
-async def _fetch(agent: IAgent, method: bytes, url: bytes, headers: Pairs, body: bytes | None) -> RawResponse:
+async def _fetch(
+    agent: IAgent,
+    method: bytes,
+    url: bytes,
+    headers: Pairs,
+    body: bytes | None,
+    limit: int | None,
+    keep_head: bool,
+) -> RawResponse:
     producer = None if body is None else BytesProducer(body)
     response = await agent.request(method, url, make_headers(headers), producer)
-    data = await read_body(response)
+    data = await read_body(response, limit, keep_head)
     return RawResponse(response.code, header_pairs(response.headers), data)
 
 
 def fetch(
-    agent: IAgent, method: bytes, url: bytes, headers: Pairs, body: bytes | None
+    agent: IAgent,
+    method: bytes,
+    url: bytes,
+    headers: Pairs,
+    body: bytes | None,
+    limit: int | None = None,
+    keep_head: bool = False,
 ) -> defer.Deferred[RawResponse]:
     """Send one request and read the whole answer.
 
-    ``body=None`` sends no body (and no ``Content-Length``).  Cancelling the
+    ``body=None`` sends no body (and no ``Content-Length``); ``limit``/``keep_head``
+    bound the answer's body (see :func:`read_body`).  Cancelling the
     Deferred aborts the connection and always fails it with ``CancelledError``
     (the agent itself would report ``ResponseNeverReceived``), so ``addTimeout``
     turns it into ``TimeoutError`` and callers can tell cancellation from a
     broken function.
     """
-    inner = defer.Deferred.fromCoroutine(_fetch(agent, method, url, headers, body))
+    inner = defer.Deferred.fromCoroutine(_fetch(agent, method, url, headers, body, limit, keep_head))
     cancelled = False
 
     def cancel(_: defer.Deferred[RawResponse]) -> None:

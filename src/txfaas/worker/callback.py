@@ -236,7 +236,11 @@ class CallbackDelivery:
             url = callback.url.encode("ascii")
         except (CallbackRefused, UnicodeEncodeError) as e:
             return self._failed(callback, f"bad callback URL: {e}", retryable=False)
-        d = fetch(self._agent, b"POST", url, self.headers_for(callback), callback.body)
+        # Only the receiver's status matters: read at most a little of its body (a hostile
+        # receiver could otherwise stream gigabytes into the worker).
+        d = fetch(
+            self._agent, b"POST", url, self.headers_for(callback), callback.body, limit=4096, keep_head=True
+        )
         d.addTimeout(self._timeout, self._clock)
         try:
             response = await d

@@ -82,7 +82,7 @@ from txfaas.model import (
 from txfaas.queue import CallQueue, Delivery
 from txfaas.retry import DEFAULT_TIERS, CallbackPolicy, RetryConfigError, RetryPolicy, parse_retry_after
 from txfaas.store import StoreUnavailable
-from txfaas.worker._http import describe, fetch
+from txfaas.worker._http import BodyTooLarge, describe, fetch
 from txfaas.worker.callback import Callback, CallbackDelivery
 
 #: How long the writes of a finished call are retried while the store is down.
@@ -260,6 +260,11 @@ class _Job:
     deliveries: list[Delivery]
     deferred: defer.Deferred[None] | None = None
     settled: bool = False
+
+
+#: The largest answer the worker reads from a function (it is kept in memory and travels in
+#: the callback queue's message; RabbitMQ's default largest message is 128 MiB).
+MAX_FUNCTION_RESPONSE = 64 * 1024 * 1024
 
 
 def _job_key(kind: str, call: Call) -> tuple[str, str, bytes]:
@@ -1027,7 +1032,7 @@ class WorkerService(Service):
         except (UnicodeEncodeError, KeyError, IndexError, ValueError) as e:
             text = f"cannot build the URL of function {call.function!r}: {e}"
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
-        d = fetch(self._agent, method, url, headers, body)
+        d = fetch(self._agent, method, url, headers, body, limit=MAX_FUNCTION_RESPONSE)
         d.addTimeout(timeout, self._clock)
         try:
             raw = await d
@@ -1036,6 +1041,9 @@ class WorkerService(Service):
             return FunctionResponse(504, list(_TEXT), text.encode() + b"\n", text)
         except defer.CancelledError:
             raise
+        except BodyTooLarge:
+            text = f"function {call.function!r} answered more than {MAX_FUNCTION_RESPONSE} bytes"
+            return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
         except Exception as e:
             text = f"function {call.function!r} unreachable: {describe(e)}"
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
