@@ -100,7 +100,13 @@ class GatewayTestCase(SynchronousTestCase):
         )
         self.resolver = self.make_resolver()
         self.app = GatewayApp(
-            self.functions, self.store, self.queue, self.resolver, self.metrics, self.app_settings()
+            self.functions,
+            self.store,
+            self.queue,
+            self.resolver,
+            self.metrics,
+            self.app_settings(),
+            clock=self.clock,
         )
         self.root = GatewayRoot(self.proxy, self.app.resource(), BasicAuth(*self.auth) if self.auth else None)
         # A raw agent, not StubTreq: treq's client would decode gzip, follow redirects and

@@ -362,3 +362,40 @@ class AllowedCallbackTests(GatewayTestCase):
                 "POST", "/async-function/echo", headers={"X-Callback-Url": [url]}, data=b"x"
             )
             self.assertEqual(response.code, 202, url)
+
+
+class HangingResolver:
+    """Never answers (a DNS server that does not reply)."""
+
+    def resolveHostName(self, receiver, host, port=0, *a, **k):
+        receiver.resolutionBegan(None)
+
+
+class SlowDNSTests(GatewayTestCase):
+    def make_resolver(self) -> Any:
+        return HangingResolver()
+
+    def test_a_callback_host_that_does_not_resolve_in_time_is_400(self) -> None:
+        self.deploy("echo")
+        d = self.start(
+            "POST", "/async-function/echo", headers={"X-Callback-Url": ["http://slow.example/"]}, data=b"x"
+        )
+        self.assertNoResult(d)
+        self.clock.advance(5.1)
+        self.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.queue.published, [])
+
+
+class MetricLabelTests(GatewayTestCase):
+    def test_unknown_function_names_do_not_become_metric_labels(self) -> None:
+        for i in range(5):
+            self.call("POST", f"/async-function/nope-{i}", data=b"x")
+        registry = self.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("gateway_async_calls_total", {"function_name": "-", "code": "404"}), 5.0
+        )
+        self.assertIsNone(
+            registry.get_sample_value("gateway_async_calls_total", {"function_name": "nope-1", "code": "404"})
+        )

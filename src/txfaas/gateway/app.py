@@ -65,6 +65,7 @@ class AppSettings:
     async_enabled: bool = True
     callback_policy: AddressPolicy = attrs.field(factory=AddressPolicy)
     retry_after: int = 5
+    resolve_timeout: float = 5.0
 
 
 class GatewayApp:
@@ -81,7 +82,9 @@ class GatewayApp:
         resolver: Any,
         metrics: GatewayMetrics,
         settings: AppSettings = AppSettings(),
+        clock: Any = None,
     ) -> None:
+        self._clock = clock
         self._functions = functions
         self._store = functions.store
         self._calls = calls
@@ -258,13 +261,18 @@ class GatewayApp:
         try:
             answer = await self._accept(request, name)
         except HTTPError as e:
-            self._metrics.async_answer(name if e.code != 400 else "-", e.code)
+            self._metrics.async_answer(self._label(name), e.code)
             raise
         except (StoreUnavailable, QueueUnavailable):
-            self._metrics.async_answer(name, 503)
+            self._metrics.async_answer(self._label(name), 503)
             raise
         self._metrics.async_answer(name, 202)
         return answer
+
+    def _label(self, name: str) -> str:
+        """A metric label for a function that exists; "-" for any other name (unknown names
+        from clients must not create a new time series each)."""
+        return name if self._functions.cached(name) is not None else "-"
 
     @app.route(
         "/async-function/<name>", methods=["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], branch=True
@@ -291,8 +299,18 @@ class GatewayApp:
         callback_url = None
         if callback:
             callback_url = callback.decode("latin-1")
+            check = defer.Deferred.fromCoroutine(
+                check_callback_url(callback_url, self._resolver, self._settings.callback_policy)
+            )
+            if self._clock is not None:
+                check.addTimeout(self._settings.resolve_timeout, self._clock)
             try:
-                await check_callback_url(callback_url, self._resolver, self._settings.callback_policy)
+                await check
+            except defer.TimeoutError:
+                raise HTTPError(
+                    400,
+                    f"X-Callback-Url refused: its host did not resolve within {self._settings.resolve_timeout:g}s",
+                ) from None
             except CallbackRefused as e:
                 raise HTTPError(400, f"X-Callback-Url refused: {e}") from None
         spec = await self._functions.get(name)

@@ -212,6 +212,10 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
     )
 
 
+#: How long an idle keep-alive connection is kept (twisted.web's default is 12 hours).
+IDLE_TIMEOUT = 300.0
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -282,6 +286,7 @@ def build_gateway(
         reactor.nameResolver,
         metrics,
         AppSettings(callback_policy=config.callback_policy),
+        clock=reactor,
     )
     auth = BasicAuth(*config.basic_auth) if config.basic_auth else None
     root = GatewayRoot(proxy, app.resource(), auth)
@@ -290,7 +295,7 @@ def build_gateway(
         if path.startswith(b"/async-function/"):
             return config.max_async_body
         if path.startswith(b"/function/"):
-            return config.max_body
+            return config.max_body or None  # 0, like no value, means no limit
         return 1024 * 1024
 
     site = LimitedSite(
@@ -299,6 +304,7 @@ def build_gateway(
         body_limit=body_limit,
         read_timeout=config.read_timeout,
         response_timeout=config.write_timeout,  # from the request read to its response finished
+        idle_timeout=IDLE_TIMEOUT,
     )
 
     async def close() -> None:
