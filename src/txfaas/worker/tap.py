@@ -323,19 +323,16 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
 
 
 class _Closer(service.Service):
-    """Closes the HTTP connection pools and the store last, once the worker has drained."""
+    """Closes the HTTP connection pools last, once the worker has drained (and closed its store)."""
 
-    def __init__(self, *pools: Any, closers: list[Any] = ()) -> None:
+    def __init__(self, *pools: Any) -> None:
         self._pools = pools
-        self._closers = list(closers)
 
     def stopService(self) -> Any:
         from twisted.internet import defer
 
         super().stopService()
-        done = [pool.closeCachedConnections() for pool in self._pools]
-        done += [defer.maybeDeferred(close) for close in self._closers]
-        return defer.DeferredList(done, consumeErrors=True)
+        return defer.DeferredList([pool.closeCachedConnections() for pool in self._pools], consumeErrors=True)
 
 
 def makeService(options: Mapping[str, Any]) -> service.IService:
@@ -389,11 +386,9 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from txfaas.worker.web import worker_resource
 
     config = settings.worker
-    closers: list[Any] = []
     if store is None:
+        # The worker closes it itself, once drained (WorkerService._stop).
         store = open_store(reactor, settings.redis, prefix=settings.redis_prefix, call_ttl=settings.call_ttl)
-        if hasattr(store, "close"):
-            closers.append(store.close)
     if queue is not None:
         pass
     elif settings.amqp.memory:
@@ -440,7 +435,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     top = OrderedMultiService()
     # Stopped in turn, in reverse order: the listener first, then the worker drains, then the pools
     # and the store close.
-    _Closer(function_pool, callback_pool, closers=closers).setServiceParent(top)
+    _Closer(function_pool, callback_pool).setServiceParent(top)
     worker.setServiceParent(top)
     if not is_child():  # a supervised worker: its supervisor serves /healthz and /metrics
         Listener(reactor, settings.listen, site).setServiceParent(top)
