@@ -399,3 +399,51 @@ class MetricLabelTests(GatewayTestCase):
         self.assertIsNone(
             registry.get_sample_value("gateway_async_calls_total", {"function_name": "nope-1", "code": "404"})
         )
+
+
+class SlowQueue:
+    """A queue whose publishes wait until the test confirms them (a slow broker)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.waiting: list[defer.Deferred] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def publish(self, call) -> None:
+        d: defer.Deferred = defer.Deferred()
+        self.waiting.append(d)
+        await d
+        await self.inner.publish(call)
+
+
+class IdempotencyRaceTests(GatewayTestCase):
+    def test_two_posts_with_one_call_id_at_the_same_moment_queue_one_run(self) -> None:
+        self.deploy("echo")
+        slow = SlowQueue(self.queue)
+        self.app._queue = slow
+        first = self.start("POST", "/async-function/echo", headers={"X-Call-Id": ["same"]}, data=b"x")
+        self.assertNoResult(first)  # waiting for the broker's confirm
+        second, body = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["same"]}, data=b"x")
+        self.assertEqual(second.code, 202)
+        self.assertTrue(js(body)["duplicate"])
+        self.assertEqual(len(slow.waiting), 1)
+        slow.waiting[0].callback(None)
+        self.flush()
+        self.assertEqual(self.successResultOf(first).code, 202)
+        self.assertEqual(len(self.queue.published), 1)
+
+    def test_a_call_id_whose_publish_failed_can_be_posted_again(self) -> None:
+        self.deploy("echo")
+        self.queue.available = False
+        response, _ = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["again"]}, data=b"x")
+        self.assertEqual(response.code, 503)
+        self.assertNotIn("again", self.store.calls)  # the claim was given back
+        self.queue.available = True
+        response, body = self.call(
+            "POST", "/async-function/echo", headers={"X-Call-Id": ["again"]}, data=b"x"
+        )
+        self.assertEqual(response.code, 202)
+        self.assertNotIn("duplicate", js(body))
+        self.assertEqual([c.call_id for c in self.queue.published], ["again"])

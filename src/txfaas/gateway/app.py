@@ -317,13 +317,6 @@ class GatewayApp:
         if spec is None:
             raise HTTPError(404, f"function {name!r} not found")
 
-        if request.getHeader(hdr.CALL_ID) is not None:
-            # Idempotent post: a call id the client chose is never queued twice.
-            # (One the gateway just made up cannot exist: no Redis round trip for it.)
-            existing = await self._calls.get_call(call_id)
-            if existing is not None:
-                return _accepted(request, existing, duplicate=True)
-
         pairs = [(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
         forwarded = hdr.end_to_end(
             pairs, frozenset({b"host", b"content-length", b"x-callback-url", b"x-call-id"})
@@ -342,19 +335,39 @@ class GatewayApp:
             accepted_at=time.time(),
             queue=spec.queue,
         )
-        # Publish first, record second: a 202 is only sent once the broker confirmed the
-        # message, and a record that could not be written is created by the worker.
-        await self._queue.publish(call)
         record = CallRecord.for_call(call)
-        try:
-            found = await self._calls.create_call(record)
-        except StoreUnavailable as e:
-            self.log.warn(
-                "[{call_id}] queued, but its status record could not be written yet: {error}",
-                call_id=call_id,
-                error=e,
-            )
+        if request.getHeader(hdr.CALL_ID) is not None:
+            # Idempotent post: a call id the client chose is claimed (SET NX) before anything is
+            # published, so two posts with it -- even at the same moment -- queue one run.
+            existing = await self._calls.create_call(record)
+            if existing is not None:
+                return _accepted(request, existing, duplicate=True)
+            try:
+                await self._queue.publish(call)
+            except QueueUnavailable:
+                # Not queued: give the id back so that the client's retry can queue it.
+                try:
+                    await self._calls.delete_call(call_id)
+                except StoreUnavailable as e:
+                    self.log.warn(
+                        "[{call_id}] could not release the call id: {error}", call_id=call_id, error=e
+                    )
+                raise
             found = None
+        else:
+            # An id the gateway just made up cannot exist: publish first, then record (a 202 is
+            # only sent once the broker confirmed the message; a record that could not be
+            # written is created by the worker).
+            await self._queue.publish(call)
+            try:
+                found = await self._calls.create_call(record)
+            except StoreUnavailable as e:
+                self.log.warn(
+                    "[{call_id}] queued, but its status record could not be written yet: {error}",
+                    call_id=call_id,
+                    error=e,
+                )
+                found = None
         self.log.debug("[{call_id}] queued for {function}", call_id=call_id, function=name)
         return _accepted(request, found or record, duplicate=False)
 

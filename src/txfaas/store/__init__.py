@@ -63,6 +63,9 @@ class CallStore(Protocol):
     async def put_call(self, record: CallRecord) -> None:
         """Overwrite the record (its TTL restarts)."""
 
+    async def delete_call(self, call_id: str) -> None:
+        """Forget a record (the gateway's claim on a call id whose message was never queued)."""
+
     async def put_result(self, call_id: str, result: CallResult) -> None: ...
 
     async def get_result(self, call_id: str) -> CallResult | None: ...

@@ -91,6 +91,10 @@ class MemoryStore:
         self._check()
         self.calls[record.call_id] = record
 
+    async def delete_call(self, call_id: str) -> None:
+        self._check()
+        self.calls.pop(call_id, None)
+
     async def put_result(self, call_id: str, result: CallResult) -> None:
         self._check()
         self.results[call_id] = result

@@ -247,6 +247,9 @@ class RedisStore:
             self._redis.set(self._call_key(record.call_id), _dumps(record.to_json()), expire=self._call_ttl),
         )
 
+    async def delete_call(self, call_id: str) -> None:
+        await self._run("DEL", self._redis.delete(self._call_key(call_id)))
+
     async def put_result(self, call_id: str, result: CallResult) -> None:
         await self._run(
             "SET",
