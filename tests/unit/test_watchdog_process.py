@@ -233,3 +233,23 @@ class ReaperStopTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertTrue(any("giving up" in e["log_format"] for e in observer))
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+def test_http_mode_output_log_resumes_in_the_next_window():
+    """A long-running server's logs are bounded per window, not silenced for the rest of its life."""
+    from twisted.logger import Logger
+
+    from txfaas.watchdog.process import OutputLog
+
+    events: list[dict] = []
+    now = [0.0]
+    log = OutputLog(Logger(observer=events.append), "stdout", {}, window=60.0, now=lambda: now[0])
+    log.max_total = 10
+    log.feed(b"0123456789\nover the limit\n")
+    lines = [e for e in events if e.get("line")]
+    assert [e["line"] for e in lines] == ["0123456789"]
+    log.feed(b"still silenced\n")
+    assert [e["line"] for e in events if e.get("line")] == ["0123456789"]
+    now[0] = 61.0
+    log.feed(b"next\n")
+    assert [e["line"] for e in events if e.get("line")] == ["0123456789", "next"]

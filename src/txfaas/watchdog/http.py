@@ -351,8 +351,9 @@ class _ServerProcess(GroupLeader):
         self._runner = runner
         self._ended = False
         self._waiters: list[Deferred[None]] = []
-        self._out = OutputLog(self.log, "stdout", {})
-        self._err = OutputLog(self.log, "stderr", {})
+        # A server runs for long: bound its log volume per minute, not for its whole life.
+        self._out = OutputLog(self.log, "stdout", {}, window=60.0)
+        self._err = OutputLog(self.log, "stderr", {}, window=60.0)
 
     def connectionMade(self) -> None:
         self.transport.closeStdin()

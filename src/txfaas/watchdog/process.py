@@ -17,6 +17,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -333,20 +334,42 @@ class OrphanReaper:
 
 
 class OutputLog:
-    """Splits a child's output into lines and logs them, bounded in line length and volume."""
+    """Splits a child's output into lines and logs them, bounded in line length and volume.
+
+    The volume bound is per call (fork mode) or, with ``window``, per window of that many
+    seconds (http mode: a long-running server's logs resume in the next window instead of
+    stopping for the rest of its life).
+    """
 
     max_line = 2048
     max_total = 64 * 1024
 
-    def __init__(self, logger: Logger, stream: str, fields: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        logger: Logger,
+        stream: str,
+        fields: dict[str, Any],
+        window: float | None = None,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._log = logger
         self._stream = stream
         self._fields = fields
         self._partial = b""
         self._total = 0
         self._truncated = False
+        self._window = window
+        self._now = now
+        self._window_start = now()
+
+    def _new_window(self) -> None:
+        if self._window is not None and self._now() - self._window_start >= self._window:
+            self._window_start = self._now()
+            self._total = 0
+            self._truncated = False
 
     def feed(self, data: bytes) -> None:
+        self._new_window()
         if self._truncated:
             return
         data = self._partial + data
@@ -370,7 +393,8 @@ class OutputLog:
         if self._total > self.max_total:
             self._truncated = True
             self._log.warn(
-                "function {stream}: more than {limit} bytes, not logging the rest",
+                "function {stream}: more than {limit} bytes, not logging the rest"
+                + (f" for {self._window:g}s" if self._window is not None else ""),
                 stream=self._stream,
                 limit=self.max_total,
                 **self._fields,
