@@ -122,10 +122,13 @@ class RedisStore:
         import txredisapi
 
         timeout = kwargs.get("timeout", 5.0)
+        # Database 0 is every connection's own: no SELECT on connect.  (txredisapi's SELECT, when
+        # the connection drops during it, fails a Deferred of its own that nobody handles.)
+        dbid = url.db or None
         if url.unix_socket:
             pool = txredisapi.lazyUnixConnectionPool(
                 url.unix_socket,
-                dbid=url.db,
+                dbid=dbid,
                 poolsize=poolsize,
                 password=url.password,
                 replyTimeout=timeout,
@@ -135,7 +138,7 @@ class RedisStore:
             pool = txredisapi.lazyConnectionPool(
                 url.host,
                 url.port,
-                dbid=url.db,
+                dbid=dbid,
                 poolsize=poolsize,
                 password=url.password,
                 connectTimeout=timeout,
