@@ -260,6 +260,8 @@ class _Job:
     deliveries: list[Delivery]
     deferred: defer.Deferred[None] | None = None
     settled: bool = False
+    #: deliveries of other messages of the same call, waiting for this job to be settled
+    followers: list[Delivery] = attrs.field(factory=list)
 
 
 #: The largest answer the worker reads from a function (it is kept in memory and travels in
@@ -305,6 +307,7 @@ class WorkerService(Service):
         self.metrics = metrics
         self._random = random
         self._jobs: dict[tuple[str, str, bytes], _Job] = {}
+        self._by_call: dict[tuple[str, str], _Job] = {}  # the latest job of each call
         self._stopping = False
         self._failures = 0
         self._starting: defer.Deferred[None] | None = None
@@ -433,8 +436,16 @@ class WorkerService(Service):
         if self._stopping:
             _settle(delivery, ack=False)
             return
+        earlier = self._by_call.get((kind, call.call_id))
+        if earlier is not None and not earlier.settled:
+            # Another message of this call (its next attempt, a callback retry) while the one
+            # before still records its outcome: it starts once that one is settled, so it reads
+            # what that one wrote and neither overwrites the other's record.
+            earlier.followers.append(delivery)
+            return
         job = _Job(kind, call, [delivery])
         self._jobs[key] = job
+        self._by_call[(kind, call.call_id)] = job
         self.metrics.in_flight.inc()
         job.deferred = defer.Deferred.fromCoroutine(self._process(job))
         job.deferred.addErrback(self._process_failed, job)
@@ -454,8 +465,12 @@ class WorkerService(Service):
         if self._jobs.get(key) is job:
             del self._jobs[key]
             self.metrics.in_flight.dec()
+        if self._by_call.get((job.kind, job.call.call_id)) is job:
+            del self._by_call[(job.kind, job.call.call_id)]
         for delivery in job.deliveries:
             _settle(delivery, ack)
+        for delivery in job.followers:
+            self._clock.callLater(0, self._begin, job.kind, delivery)
 
     async def _process(self, job: _Job) -> None:
         call = job.call
