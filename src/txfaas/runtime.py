@@ -559,6 +559,29 @@ def is_child() -> bool:
     return os.environ.get(CHILD_ENV) is not None
 
 
+def die_with_parent(sig: int = 15) -> bool:
+    """Ask Linux to send this process ``sig`` (SIGTERM) when its parent dies.
+
+    A child of ``--workers``/``--processes`` would otherwise outlive a parent that was
+    SIGKILLed, keep the port (or the queue) and serve with nobody supervising it.  Returns
+    False where the call is not available (not Linux).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    # The parent may have died before the call: then nobody would send the signal.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), sig)
+    return True
+
+
 class ChildProcesses(service.Service):
     """Runs ``count`` more copies of this very twistd command (marked as children), restarts one
     that dies, and stops them all (SIGTERM, then waits) when the service stops."""

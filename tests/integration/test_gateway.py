@@ -280,3 +280,34 @@ async def test_async_body_limit_413_before_reading(redis_url, upstream):
         assert response.code == 202
     finally:
         await proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_processes_die_with_a_killed_parent(redis_url):
+    """--workers: the processes a parent started end when it is SIGKILLed (none is left holding the port)."""
+    import os
+    import signal
+
+    port = free_port()
+    proc = TwistdProcess(
+        "faas-gateway",
+        ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_url, "--redis-prefix",
+         unique("gwtest") + ":", "--workers", "2"],
+    )  # fmt: skip
+    await wait_for(
+        lambda: proc.output().count("gateway listening on") == 2, timeout=20, what="both processes"
+    )
+    child = int(proc.output().split("started process 1 (pid ")[1].split(")")[0])
+    os.kill(proc.pid, signal.SIGKILL)
+    await proc.wait_exit()
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        with open(f"/proc/{child}/stat") as f:  # a zombie awaiting its reaper is gone too
+            return f.read().split(") ")[1].startswith("Z")
+
+    await wait_for(gone, timeout=15, what="the child to end with its parent")
+    await proc.stop()

@@ -239,6 +239,7 @@ def build_gateway(
     from txfaas.runtime import (
         ChildProcesses,
         LimitedSite,
+        die_with_parent,
         is_child,
         listen,
         listen_reuseport,
@@ -314,6 +315,8 @@ def build_gateway(
     top = service.MultiService()
     if config.workers > 1 and not is_child():
         ChildProcesses(reactor, config.workers - 1).setServiceParent(top)
+    elif is_child():
+        die_with_parent()
     GatewayService(
         reactor,
         site,
