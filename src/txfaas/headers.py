@@ -35,6 +35,10 @@ CALLBACK_URL = b"X-Callback-Url"
 FORWARDED_FOR = b"X-Forwarded-For"
 FORWARDED_HOST = b"X-Forwarded-Host"
 
+FUNCTION_STATUS = b"X-Function-Status"
+#: The one message for a client's call id that breaks the rule below.
+BAD_CALL_ID = "X-Call-Id: invalid (use 1-128 characters of A-Z a-z 0-9 . _ : @ + = -)"
+
 _CALL_ID_RULE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")  # not "$": it allows a final "\n"
 
 

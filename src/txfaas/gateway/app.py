@@ -318,9 +318,7 @@ class GatewayApp:
             raise HTTPError(404, f"function {name!r} not found")
 
         pairs = [(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
-        forwarded = hdr.end_to_end(
-            pairs, frozenset({b"host", b"content-length", b"x-callback-url", b"x-call-id"})
-        )
+        forwarded = hdr.end_to_end(pairs, _ASYNC_DROP)
         forwarded.append((b"X-Call-Id", call_id.encode()))
         path = b"/" + b"/".join(subpath)
         call = Call(
@@ -515,7 +513,7 @@ class GatewayApp:
         request.setResponseCode(200)
         for name, value in hdr.end_to_end(hdr.to_bytes_pairs(result.headers), frozenset({b"content-length"})):
             request.responseHeaders.addRawHeader(name, value)
-        request.setHeader(b"X-Function-Status", str(result.status_code).encode())
+        request.setHeader(hdr.FUNCTION_STATUS, str(result.status_code).encode())
         request.setHeader(hdr.CALL_ID, call_id.encode())
         if result.truncated:
             request.setHeader(b"X-Result-Truncated", b"true")
@@ -554,7 +552,7 @@ def _call_id(request: IRequest) -> str:
     if given is None:
         return hdr.new_call_id()
     if not hdr.valid_call_id(given):
-        raise HTTPError(400, "X-Call-Id: invalid (use 1-128 characters of A-Z a-z 0-9 . _ : @ + = -)")
+        raise HTTPError(400, hdr.BAD_CALL_ID)
     return given.decode("ascii")
 
 

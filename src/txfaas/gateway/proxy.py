@@ -59,7 +59,6 @@ _REQUEST_DROP = hdr.HOP_BY_HOP | frozenset(
     {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-host", b"x-call-id", b"x-start-time"}
 )
 _RESPONSE_DROP = hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"})
-BAD_CALL_ID = "X-Call-Id: invalid (use 1-128 characters of A-Z a-z 0-9 . _ : @ + = -)"
 _NAME_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
 
@@ -202,7 +201,7 @@ class FunctionProxy(resource.Resource):
         given = request.requestHeaders.getRawHeaders(hdr.CALL_ID)
         if given:
             if not hdr.valid_call_id(given[0]):
-                return _error(request, 400, BAD_CALL_ID)
+                return _error(request, 400, hdr.BAD_CALL_ID)
             call_id = given[0]
         else:
             call_id = hdr.new_call_id().encode("ascii")

@@ -79,13 +79,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
-from txfaas.headers import CALL_ID, DURATION, end_to_end
+from txfaas.headers import CALL_ID, DURATION, FUNCTION_STATUS, end_to_end
 from txfaas.retry import callback_retryable
 from txfaas.ssrf import CallbackRefused, parse_callback_url
 from txfaas.worker._http import Pairs, describe, fetch
 
 FUNCTION_NAME = b"X-Function-Name"
-FUNCTION_STATUS = b"X-Function-Status"
 RETRY = b"X-Retry"
 RETRY_MAX = b"X-Retry-Max"
 WEBHOOK_ID = b"webhook-id"
