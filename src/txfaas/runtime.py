@@ -226,12 +226,28 @@ class LimitedChannel(HTTPChannel):
     _limit: int | None = None
     _backedUp = False
     _sendDeadline: Any = None
+    _host: Any = None
+    _peer: Any = None
 
     def __init__(self) -> None:
         super().__init__()
         self._flushWaiters: list[Callable[[], None]] = []
 
     # reading
+
+    def getHost(self) -> Any:
+        """The local address, asked of the kernel once per connection (twisted.web asks for
+        every request: a ``getsockname`` system call each time)."""
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     def connectionMade(self) -> None:
         super().connectionMade()

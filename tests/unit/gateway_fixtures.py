@@ -108,7 +108,7 @@ class GatewayTestCase(SynchronousTestCase):
             self.app_settings(),
             clock=self.clock,
         )
-        self.root = GatewayRoot(self.proxy, self.app.resource(), BasicAuth(*self.auth) if self.auth else None)
+        self.root = GatewayRoot(self.proxy, self.app, BasicAuth(*self.auth) if self.auth else None)
         # A raw agent, not StubTreq: treq's client would decode gzip, follow redirects and
         # keep cookies on the test's side, hiding what the gateway really answered.
         self.client = RequestTraversalAgent(self.root)

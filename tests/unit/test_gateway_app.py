@@ -447,3 +447,54 @@ class IdempotencyRaceTests(GatewayTestCase):
         self.assertEqual(response.code, 202)
         self.assertNotIn("duplicate", js(body))
         self.assertEqual([c.call_id for c in self.queue.published], ["again"])
+
+
+class ClientGoneTests(GatewayTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.deploy("echo")
+        self.slow = SlowQueue(self.queue)
+        self.app._queue = self.slow
+
+    def test_a_client_that_leaves_during_the_publish_still_gets_its_call_queued_and_recorded(self) -> None:
+        d = self.start("POST", "/async-function/echo", data=b"x")
+        self.assertEqual(len(self.slow.waiting), 1)
+        d.cancel()  # the client goes away while the broker has not confirmed yet
+        self.flush()
+        self.failureResultOf(d)
+        self.slow.waiting[0].callback(None)
+        self.flush()
+        [call] = self.queue.published
+        self.assertEqual(self.store.calls[call.call_id].status, "queued")
+
+    def test_a_client_that_left_before_anything_was_queued_gets_nothing_queued(self) -> None:
+        resolver = LateResolver()
+        self.app._resolver = resolver
+        d = self.start(
+            "POST", "/async-function/echo", headers={"X-Callback-Url": ["http://slow.example/"]}, data=b"x"
+        )
+        d.cancel()  # gone while its callback host was being resolved
+        self.flush()
+        self.failureResultOf(d)
+        resolver.answer("93.184.216.34")
+        self.flush()
+        self.assertEqual(self.slow.waiting, [])
+        self.assertEqual(self.queue.published, [])
+        self.assertEqual(self.store.calls, {})
+
+
+class LateResolver:
+    """Answers when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, int]] = []
+
+    def resolveHostName(self, receiver, host, port=0, *a, **k):
+        receiver.resolutionBegan(None)
+        self.pending.append((receiver, port))
+
+    def answer(self, address: str) -> None:
+        for receiver, port in self.pending:
+            receiver.addressResolved(IPv4Address("TCP", address, port))
+            receiver.resolutionComplete()
+        self.pending = []

@@ -266,3 +266,82 @@ class EndpointFactoryTests(GatewayTestCase):
         self.assertNotIsInstance(tls, HostnameEndpoint)  # wrapped in TLS
         with self.assertRaises(SchemeNotSupported):
             factory.endpointForURI(URI.fromBytes(b"ftp://fn.local/a"))
+
+
+class _Endpoints:
+    """Counts the endpoints asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+
+    def endpointForURI(self, uri):
+        self.asked.append(uri.toBytes())
+        return ("endpoint", uri.scheme, uri.host, uri.port)
+
+
+class _Pool:
+    """Hands out real HTTP11ClientProtocols over StringTransports, one per getConnection."""
+
+    persistent = True
+
+    def __init__(self) -> None:
+        self.keys: list[tuple] = []
+        self.transports: list = []
+
+    def getConnection(self, key, endpoint):
+        from twisted.internet.testing import StringTransport
+        from twisted.web._newclient import HTTP11ClientProtocol
+
+        self.keys.append((key, endpoint))
+        protocol = HTTP11ClientProtocol()
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        return defer.succeed(protocol)
+
+
+class PoolAgentTests(GatewayTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        from txfaas.gateway.proxy import PoolAgent
+
+        self.endpoints = _Endpoints()
+        self.pool = _Pool()
+        self.agent = PoolAgent(self.pool, self.endpoints)
+
+    def sent(self, url: bytes, headers: Headers | None = None, method: bytes = b"GET") -> bytes:
+        self.agent.request(method, url, headers if headers is not None else Headers(), None)
+        return self.pool.transports[-1].value()
+
+    def test_writes_the_target_and_host_as_agent_would(self) -> None:
+        wire = self.sent(b"http://fn.local:8080/a/b?x=1", Headers({b"X-Custom": [b"v"]}))
+        head = wire.split(b"\r\n")
+        self.assertEqual(head[0], b"GET /a/b?x=1 HTTP/1.1")
+        self.assertIn(b"Host: fn.local:8080", head)
+        self.assertIn(b"X-Custom: v", head)
+        self.assertEqual(self.pool.keys[0][0], (b"http", b"fn.local", 8080))
+
+    def test_default_ports_are_left_out_of_host_and_an_empty_path_is_slash(self) -> None:
+        self.assertIn(b"\r\nHost: fn.local\r\n", self.sent(b"http://fn.local"))
+        self.assertTrue(self.sent(b"http://fn.local:80?q=1").startswith(b"GET /?q=1 HTTP/1.1\r\n"))
+        self.assertIn(b"\r\nHost: tls.local\r\n", self.sent(b"https://tls.local:443/x"))
+        self.assertIn(b"\r\nHost: tls.local:8443\r\n", self.sent(b"https://tls.local:8443/x"))
+
+    def test_a_host_header_given_is_kept(self) -> None:
+        wire = self.sent(b"http://fn.local:8080/", Headers({b"Host": [b"other.example"]}))
+        self.assertIn(b"\r\nHost: other.example\r\n", wire)
+        self.assertNotIn(b"fn.local", wire)
+
+    def test_the_origin_is_resolved_to_an_endpoint_once(self) -> None:
+        for path in (b"/a", b"/b?c", b"", b"/"):
+            self.sent(b"http://fn.local:8080" + path)
+        self.sent(b"http://fn.local:8081/a")
+        self.assertEqual(self.endpoints.asked, [b"http://fn.local:8080", b"http://fn.local:8081"])
+        self.assertEqual(
+            {key for key, _ in self.pool.keys}, {(b"http", b"fn.local", 8080), (b"http", b"fn.local", 8081)}
+        )
+
+    def test_an_invalid_method_or_target_fails_the_request_not_the_caller(self) -> None:
+        self.failureResultOf(self.agent.request(b"GET", b"http:///nohost", Headers(), None), ValueError)
+        self.failureResultOf(self.agent.request(b"G ET", b"http://fn.local/", Headers(), None), ValueError)
+        self.failureResultOf(self.agent.request(b"GET", b"http://fn.local/a b", Headers(), None), ValueError)

@@ -256,30 +256,15 @@ class GatewayApp:
 
     # --- asynchronous calls -----------------------------------------------------------------
 
-    @app.route("/async-function/<name>", methods=["POST"], branch=True)
-    async def async_call(self, request: IRequest, name: str) -> bytes:
-        try:
-            answer = await self._accept(request, name)
-        except HTTPError as e:
-            self._metrics.async_answer(self._label(name), e.code)
-            raise
-        except (StoreUnavailable, QueueUnavailable):
-            self._metrics.async_answer(self._label(name), 503)
-            raise
-        self._metrics.async_answer(name, 202)
-        return answer
+    def accept_resource(self) -> resource.IResource:
+        """``/async-function/{name}[/{path}]``: a plain resource, not a Klein route (the hot
+        asynchronous path: Klein's routing would be most of its cost)."""
+        return AsyncCalls(self)
 
     def _label(self, name: str) -> str:
         """A metric label for a function that exists; "-" for any other name (unknown names
         from clients must not create a new time series each)."""
         return name if self._functions.cached(name) is not None else "-"
-
-    @app.route(
-        "/async-function/<name>", methods=["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], branch=True
-    )
-    def async_other(self, request: IRequest, name: str) -> bytes:
-        request.setHeader(b"Allow", b"POST")
-        return _text(request, 405, "asynchronous calls must use POST")
 
     async def _accept(self, request: IRequest, name: str) -> bytes:
         if self._queue is None or not self._settings.async_enabled:
@@ -317,6 +302,8 @@ class GatewayApp:
         if spec is None:
             raise HTTPError(404, f"function {name!r} not found")
 
+        if request._disconnected:
+            raise _ClientGone()
         pairs = [(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
         forwarded = hdr.end_to_end(pairs, _ASYNC_DROP)
         forwarded.append((b"X-Call-Id", call_id.encode()))
@@ -366,7 +353,6 @@ class GatewayApp:
                     error=e,
                 )
                 found = None
-        self.log.debug("[{call_id}] queued for {function}", call_id=call_id, function=name)
         return _accepted(request, found or record, duplicate=False)
 
     # --- call status ------------------------------------------------------------------------
@@ -600,6 +586,73 @@ def _arch() -> str:
     return {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
 
 
+class AsyncCalls(resource.Resource):
+    """``/async-function/{name}[/{path}]``: POST queues the call (:meth:`GatewayApp._accept`).
+
+    A client that goes away does not cancel the work: once a call is being published, its
+    publish and its record are completed (the call will run); only the answer is dropped.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: GatewayApp) -> None:
+        super().__init__()
+        self._app = app
+
+    def render(self, request: server.Request) -> Any:
+        if request.method != b"POST":
+            request.setHeader(b"Allow", b"POST")
+            return _text(request, 405, "asynchronous calls must use POST")
+        postpath = request.postpath
+        if not postpath or not postpath[0]:
+            return _text(request, 404, "no function named in the path: use /async-function/{name}")
+        name = postpath[0].decode("utf-8", "replace")
+        d = defer.Deferred.fromCoroutine(self._app._accept(request, name))
+        d.addCallbacks(self._accepted, self._refused, (request, name), None, (request, name))
+        d.addErrback(self._unexpected, request)
+        return server.NOT_DONE_YET
+
+    def _accepted(self, body: bytes, request: server.Request, name: str) -> None:
+        self._app._metrics.async_answer(name, 202)
+        _finish(request, body)
+
+    def _refused(self, failure: Failure, request: server.Request, name: str) -> None:
+        app = self._app
+        error = failure.value
+        if isinstance(error, HTTPError):
+            for header, value in error.headers.items():
+                request.setHeader(header, value)
+            body = _text(request, error.code, error.message)
+        elif isinstance(error, ValidationError):
+            body = _text(request, 400, str(error))
+        elif isinstance(error, StoreUnavailable):
+            body = app._store_unavailable(request, failure)
+        elif isinstance(error, QueueUnavailable):
+            body = app._queue_unavailable(request, failure)
+        elif isinstance(error, _ClientGone):
+            return
+        else:
+            failure.raiseException()
+        app._metrics.async_answer(app._label(name), request.code)
+        _finish(request, body)
+
+    def _unexpected(self, failure: Failure, request: server.Request) -> None:
+        self._app.log.failure("asynchronous call to {uri} failed", failure, uri=request.uri)
+        _finish(request, _text(request, 500, "internal error"))
+
+
+class _ClientGone(Exception):
+    """The client went away before anything was queued: nothing to do, nobody to answer."""
+
+
+def _finish(request: server.Request, body: bytes) -> None:
+    if request.finished or request._disconnected:
+        return
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
 class Unauthorized(resource.Resource):
     isLeaf = True
 
@@ -625,7 +678,7 @@ class BasicAuth:
 
 
 class GatewayRoot(resource.Resource):
-    """``/function/`` goes to the proxy; everything else to the Klein app (behind auth where due).
+    """``/function/`` goes to the proxy, ``/async-function/`` to :class:`AsyncCalls`; everything else to the Klein app (behind auth where due).
 
     With basic auth on, every path needs it except the open ones (deny by default): a
     protected route must not be reachable by another spelling (``//system/...``,
@@ -634,16 +687,19 @@ class GatewayRoot(resource.Resource):
 
     _OPEN = frozenset({b"function", b"async-function", b"healthz"})
 
-    def __init__(self, proxy: resource.IResource, app: resource.IResource, auth: BasicAuth | None) -> None:
+    def __init__(self, proxy: resource.IResource, app: GatewayApp, auth: BasicAuth | None) -> None:
         super().__init__()
         self._proxy = proxy
-        self._app = app
+        self._calls = app.accept_resource()
+        self._app = app.resource()
         self._auth = auth
         self._unauthorized = Unauthorized()
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
         if path == b"function":
             return self._proxy
+        if path == b"async-function":
+            return self._calls
         if self._auth is not None and path not in self._OPEN and not self._auth.check(request):
             return self._unauthorized
         # Hand the whole path to Klein.

@@ -62,6 +62,7 @@ class GatewayMetrics:
         # Labelled children, looked up once per (function, code) rather than per call.
         self._started: dict[str, tuple] = {}
         self._finished: dict[tuple[str, int], tuple] = {}
+        self._async: dict[tuple[str, int], object] = {}
 
     def started(self, name: str) -> None:
         children = self._started.get(name)
@@ -96,4 +97,7 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
     def async_answer(self, name: str, code: int) -> None:
-        self.async_calls.labels(name, str(code)).inc()
+        child = self._async.get((name, code))
+        if child is None:
+            child = self._async[(name, code)] = self.async_calls.labels(name, str(code))
+        child.inc()

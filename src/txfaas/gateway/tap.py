@@ -230,11 +230,16 @@ def build_gateway(
     ``store`` and ``queue`` may be given (``faas-local`` shares in-memory ones with a worker).
     """
     from prometheus_client import disable_created_metrics
-    from twisted.web.client import Agent
 
     from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
     from txfaas.gateway.metrics import GatewayMetrics
-    from txfaas.gateway.proxy import CachingEndpointFactory, FunctionProxy, ProxyClient, ProxySettings
+    from txfaas.gateway.proxy import (
+        CachingEndpointFactory,
+        FunctionProxy,
+        PoolAgent,
+        ProxyClient,
+        ProxySettings,
+    )
     from txfaas.gateway.service import GatewayService
     from txfaas.runtime import (
         ChildProcesses,
@@ -268,7 +273,7 @@ def build_gateway(
     pool = quiet_pool(reactor, per_host=config.pool_size)
     # IP-address function URLs need no resolver thread for each new connection.
     endpoints = CachingEndpointFactory(literal_first(reactor))
-    client = ProxyClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+    client = ProxyClient(PoolAgent(pool, endpoints))
     closers.append(pool.closeCachedConnections)
 
     metrics = GatewayMetrics()
@@ -290,7 +295,7 @@ def build_gateway(
         clock=reactor,
     )
     auth = BasicAuth(*config.basic_auth) if config.basic_auth else None
-    root = GatewayRoot(proxy, app.resource(), auth)
+    root = GatewayRoot(proxy, app, auth)
 
     def body_limit(path: bytes) -> int | None:
         if path.startswith(b"/async-function/"):

@@ -252,11 +252,7 @@ class CallbackDelivery:
             # resolve: it may resolve elsewhere later) are worth another attempt.
             return self._failed(callback, describe(e), retryable=True)
         if 200 <= response.code < 300:
-            self.log.debug(
-                "call {call_id}: callback delivered ({status})",
-                call_id=callback.call_id,
-                status=response.code,
-            )
+            # No log line per delivery (twistd writes every level): the record and metrics say it.
             return CallbackOutcome(DELIVERED, response.code)
         return self._failed(
             callback,
