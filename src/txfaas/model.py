@@ -8,7 +8,6 @@ The OpenFaaS shapes (faas-provider's ``FunctionDeployment`` and
 from __future__ import annotations
 
 import base64
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+import orjson
 
 from txfaas.config import parse_duration, parse_http_url
 from txfaas.retry import RetryConfigError, RetryPolicy
@@ -411,12 +411,12 @@ class Call:
             raise ValidationError("message", f"not a txfaas call: {e}") from None
 
     def encode_meta(self) -> bytes:
-        return json.dumps(self.meta(), separators=(",", ":")).encode()
+        return orjson.dumps(self.meta())
 
     @classmethod
     def decode(cls, meta: bytes | str, body: bytes) -> Call:
         try:
-            data = json.loads(meta)
+            data = orjson.loads(meta)
         except ValueError as e:
             raise ValidationError("message", f"bad call metadata: {e}") from None
         if not isinstance(data, dict):

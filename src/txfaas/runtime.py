@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -697,6 +698,47 @@ def quiet_pool(reactor: Any, *, persistent: bool = True, per_host: int = 2) -> A
     pool.maxPersistentPerHost = per_host
     pool._factory = QuietFactory
     return pool
+
+
+class Deadlines:
+    """Cancels the Deferreds still pending at their deadline, with one timer for them all.
+
+    ``addTimeout`` costs a DelayedCall per Deferred (about 6 µs here, a tenth of a publish)
+    and another call to cancel it.  Every user here has one fixed timeout (the broker's
+    confirm, a Redis reply), so deadlines are added in order and a FIFO will do."""
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._pending: deque[tuple[float, defer.Deferred]] = deque()
+        self._timer: Any = None
+
+    def watch(self, d: defer.Deferred, deadline: float) -> None:
+        pending = self._pending
+        while pending and pending[0][1].called:
+            pending.popleft()
+        pending.append((deadline, d))
+        if self._timer is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        delay = max(0.0, self._pending[0][0] - self._clock.seconds())
+        self._timer = self._clock.callLater(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        pending = self._pending
+        while pending and (pending[0][1].called or pending[0][0] <= now):
+            _, d = pending.popleft()
+            if not d.called:
+                d.cancel()  # its waiter sees CancelledError after the deadline: a timeout
+        if pending and self._timer is None:
+            self._schedule()
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
 
 class OrderedMultiService(service.MultiService):

@@ -20,22 +20,23 @@ so each is atomic: a cancel and a worker starting the call cannot both win.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from typing import Any
 
 import attrs
+import orjson
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txfaas.config import RedisURL
 from txfaas.model import CallRecord, CallResult, DeadLetter, FunctionSpec
+from txfaas.runtime import Deadlines
 from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
 
 
-def _dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"))
+def _dumps(data: Any) -> bytes:
+    return orjson.dumps(data)
 
 
 # KEYS[1] call key; ARGV[1] new JSON, ARGV[2] TTL, ARGV[3] "1" to create when missing,
@@ -108,6 +109,8 @@ class RedisStore:
         self._call_ttl = max(1, int(call_ttl))
         self._functions = f"{prefix}functions"
         self._invocations = f"{prefix}invocations"
+        # One timer for every pending command's deadline instead of one each.
+        self._deadlines = Deadlines(clock)
 
     @classmethod
     def connect(
@@ -148,15 +151,19 @@ class RedisStore:
         return cls(pool, clock, **kwargs)
 
     def close(self) -> defer.Deferred:
+        self._deadlines.stop()
         return defer.maybeDeferred(self._redis.disconnect)
 
     async def _run(self, what: str, d: defer.Deferred) -> Any:
         import txredisapi
 
-        d.addTimeout(self._timeout, self._clock)
+        deadline = self._clock.seconds() + self._timeout
+        self._deadlines.watch(d, deadline)
         try:
             return await d
-        except (defer.TimeoutError, defer.CancelledError):
+        except defer.CancelledError:
+            if self._clock.seconds() < deadline:
+                raise  # our caller gave up (cancelled): not Redis's fault
             raise StoreUnavailable(f"redis did not answer {what} within {self._timeout:g}s") from None
         except txredisapi.ConnectionError as e:
             raise StoreUnavailable(f"redis unreachable ({what}): {e}") from None
@@ -170,11 +177,11 @@ class RedisStore:
 
     async def list_functions(self) -> list[FunctionSpec]:
         raw = await self._run("HGETALL", self._redis.hgetall(self._functions))
-        return [FunctionSpec.from_record(json.loads(raw[name])) for name in sorted(raw)]
+        return [FunctionSpec.from_record(orjson.loads(raw[name])) for name in sorted(raw)]
 
     async def get_function(self, name: str) -> FunctionSpec | None:
         raw = await self._run("HGET", self._redis.hget(self._functions, name))
-        return None if raw is None else FunctionSpec.from_record(json.loads(raw))
+        return None if raw is None else FunctionSpec.from_record(orjson.loads(raw))
 
     async def create_function(self, spec: FunctionSpec) -> None:
         added = await self._run(
@@ -242,7 +249,7 @@ class RedisStore:
 
     async def get_call(self, call_id: str) -> CallRecord | None:
         raw = await self._run("GET", self._redis.get(self._call_key(call_id)))
-        return None if raw is None else CallRecord.from_json(json.loads(raw))
+        return None if raw is None else CallRecord.from_json(orjson.loads(raw))
 
     async def put_call(self, record: CallRecord) -> None:
         await self._run(
@@ -261,7 +268,7 @@ class RedisStore:
 
     async def get_result(self, call_id: str) -> CallResult | None:
         raw = await self._run("GET", self._redis.get(self._result_key(call_id)))
-        return None if raw is None else CallResult.from_json(json.loads(raw))
+        return None if raw is None else CallResult.from_json(orjson.loads(raw))
 
     async def transition_call(
         self,
@@ -289,7 +296,7 @@ class RedisStore:
             return None
         if len(reply) < 2:
             raise NotFound(record.call_id)
-        return CallRecord.from_json(json.loads(reply[1]))
+        return CallRecord.from_json(orjson.loads(reply[1]))
 
     # --- dead letters --------------------------------------------------------------------------
 
@@ -312,7 +319,7 @@ class RedisStore:
 
     async def get_dead_letter(self, call_id: str) -> DeadLetter | None:
         raw = await self._run("GET", self._redis.get(self._dead_key(call_id)))
-        return None if raw is None else DeadLetter.from_json(json.loads(raw))
+        return None if raw is None else DeadLetter.from_json(orjson.loads(raw))
 
     async def list_dead_letters(
         self, function: str | None = None, offset: int = 0, limit: int = 100
@@ -325,7 +332,7 @@ class RedisStore:
         if not ids:
             return []
         raws = await self._run("MGET", self._redis.mget([self._dead_key(i) for i in ids]))
-        return [DeadLetter.from_json(json.loads(raw)) for raw in raws if raw is not None]
+        return [DeadLetter.from_json(orjson.loads(raw)) for raw in raws if raw is not None]
 
     async def count_dead_letters(self, function: str | None = None) -> int:
         return int(await self._run("ZCARD", self._redis.zcard(self._dead_index(function))))
