@@ -73,7 +73,7 @@ def script_args(name: str, rounds: int, quick: bool, results: Path) -> list[str]
         if quick:
             extra += ["--duration=2", "--warmup=1"]
     elif name == "async":
-        extra = [f"--scaling-processes={WORKER_PROCESSES}"]
+        extra = [f"--scaling-processes={WORKER_PROCESSES}", f"--gateway-workers={GATEWAY_WORKERS}"]
         if quick:
             extra += ["--duration=3", "--warmup=1", "--calls=500", "--pika-messages=5000"]
     elif name == "watchdog":
@@ -276,6 +276,42 @@ def sync_rows(doc: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def accept_workers_rows(w: dict[str, Any] | None, a: dict[str, Any], settings: dict[str, Any]) -> list[Row]:
+    """The accept rate through ``faas-gateway --workers N``, when the async script measured it."""
+    if not w:
+        return []
+    n = settings.get("gateway_workers", "?")
+    return [
+        Row(
+            "async",
+            f"  accept via --workers {n}",
+            "/s",
+            w.get("gateway_202_per_s"),
+            "raw pika confirmed",
+            a.get("pika_msgs_per_s"),
+            w.get("ratio"),
+            Target(">=", ACCEPT_RATIO_MIN, on="ratio"),
+        ),
+        Row(
+            "async",
+            f"  accept via --workers {n} vs 1 process",
+            "/s",
+            w.get("gateway_202_per_s"),
+            "1 process",
+            a.get("gateway_202_per_s"),
+            w.get("ratio_to_one_process"),
+        ),
+        Row(
+            "async",
+            f"  accept CPU ms/call, {n} processes",
+            "ms",
+            w.get("gateway_cpu_ms_per_call"),
+            "1 process",
+            a.get("gateway_cpu_ms_per_call"),
+        ),
+    ]
+
+
 def async_rows(doc: dict[str, Any]) -> list[Row]:
     cases = doc["cases"]
     rounds = doc.get("rounds", [])
@@ -305,6 +341,7 @@ def async_rows(doc: dict[str, Any]) -> list[Row]:
             "pika client per msg",
             pika_cpu,
         ),
+        *accept_workers_rows(cases.get("accept_workers"), a, settings),
         Row(g, f"end to end, {settings.get('calls', '?')} calls", "/s", e.get("completions_per_s")),
         Row(g, "end to end CPU ms/call: worker", "ms", e.get("worker_cpu_ms_per_call")),
         Row(g, "end to end CPU ms/call: gateway", "ms", e.get("gateway_cpu_ms_per_call")),
@@ -429,7 +466,7 @@ def noise(name: str, doc: dict[str, Any]) -> dict[str, Any]:
                 others.append(r.get("cpu_s", {}).get("others", 0.0) / seconds)
     elif name == "async":
         for r in doc.get("rounds", []):
-            for case in ("accept", "pika", "e2e", "burst", "burst_processes"):
+            for case in ("accept", "accept_workers", "pika", "e2e", "burst", "burst_processes"):
                 value = _get(r, case, "others_cores")
                 if value is not None:
                     others.append(value)

@@ -28,6 +28,8 @@ Cases, every round in this order (the worker is started after case 1 and stopped
 3. burst: ``--burst`` calls to a function sleeping 1 s, all at once (one connection each),
    worker ``--max-inflight`` = burst: time to post them all and time to the last callback.
    Goal: last callback <= 3 s.
+1b. with ``--gateway-workers N``: the same accept rate through a second gateway started with
+   ``--workers N`` (its processes' CPU summed), against the same pika run.
 3b. with ``--scaling-processes N``: the same burst through ``faas-worker --processes N
    --max-inflight burst/N`` (started once all N consume), against (3)'s one process.
 4. exec_timeout lateness: 20 calls (one every 100 ms) to a function that never answers and
@@ -286,7 +288,7 @@ class Bench:
     def callback_url(self) -> str:
         return f"http://{LOOPBACK}:{self.receiver_port}/callback"
 
-    def start_gateway(self, name: str) -> tuple[Twistd, str]:
+    def start_gateway(self, name: str, workers: int = 1) -> tuple[Twistd, str]:
         port = free_port()
         gateway = Twistd(
             name,
@@ -299,6 +301,7 @@ class Bench:
                 f"--amqp={self.args.amqp}",
                 f"--functions={self.functions_file}",
                 "--callback-allow=127.0.0.0/8",
+                *([f"--workers={workers}"] if workers > 1 else []),
             ],
         )
         self.stack.callback(gateway.stop)
@@ -458,7 +461,8 @@ def per_call_kib(idle_kib: int, loaded_kib: int, calls: int) -> float:
 
 def case_accept(bench: Bench, gateway: Twistd, url: str, script: Path) -> dict[str, Any]:
     args = bench.args
-    watch = {"gateway": lambda: [gateway.pid], **bench.services}
+    # With --workers N: the parent and its N - 1 children.
+    watch = {"gateway": lambda: [gateway.pid, *children_of(gateway.pid)], **bench.services}
     result = measured_wrk(url, args.connections, args.duration, args.warmup, script=script, watch=watch)
     queued = bench.broker.purge(bench.accept_queue)
     out = result.to_json()
@@ -593,24 +597,45 @@ def _cpu_line(figures: dict[str, Any]) -> str:
     )
 
 
-def run_round(bench: Bench, rnd: int, gateway: Twistd, gateway_url: str, script: Path) -> dict[str, Any]:
-    args = bench.args
-    out: dict[str, Any] = {"round": rnd}
-    accept = case_accept(bench, gateway, gateway_url + "/async-function/bench-accept", script)
-    out["accept"] = accept
-    say(
-        f"round {rnd}: (1) gateway accepts {accept['rps']:8.0f} 202/s  p50 {accept['p50_ms']:.2f} ms  "
+def _accept_line(rnd: int, label: str, accept: dict[str, Any]) -> str:
+    return (
+        f"round {rnd}: (1) {label} {accept['rps']:8.0f} 202/s  p50 {accept['p50_ms']:.2f} ms  "
         f"p99 {accept['p99_ms']:.2f} ms  errors {accept['errors']}  queued {accept['queued']}  "
         f"CPU ms/call: gateway {accept['gateway_cpu_ms_per_call']:.3f} "
         f"rabbitmq {accept['rabbitmq_cpu_ms_per_call']:.3f} redis {accept['redis_cpu_ms_per_call']:.3f}  "
         f"others {accept['others_cores']:.2f} cores"
     )
+
+
+def run_round(
+    bench: Bench,
+    rnd: int,
+    gateway: Twistd,
+    gateway_url: str,
+    script: Path,
+    multi: tuple[Twistd, str] | None = None,
+) -> dict[str, Any]:
+    """One round; ``multi``: a gateway started with ``--workers N``, whose accept rate is measured
+    right after the one-process gateway's, against the same pika run."""
+    args = bench.args
+    out: dict[str, Any] = {"round": rnd}
+    accept = case_accept(bench, gateway, gateway_url + "/async-function/bench-accept", script)
+    out["accept"] = accept
+    say(_accept_line(rnd, "gateway accepts", accept))
+    if multi is not None:
+        many, many_url = multi
+        accept_many = case_accept(bench, many, many_url + "/async-function/bench-accept", script)
+        out["accept_workers"] = accept_many
+        say(_accept_line(rnd, f"--workers {args.gateway_workers}", accept_many))
     pika_run = case_pika(bench)
     out["pika"] = pika_run
     out["accept_ratio"] = round(accept["rps"] / pika_run["rate"], 4)
+    if multi is not None:
+        out["accept_workers_ratio"] = round(out["accept_workers"]["rps"] / pika_run["rate"], 4)
     say(
-        f"round {rnd}: (1) raw pika        {pika_run['rate']:8.0f} msg/s  ratio {out['accept_ratio']:.3f}  "
-        f"CPU ms/msg: pika {pika_run['cpu_us_per_msg'] / 1000:.3f} "
+        f"round {rnd}: (1) raw pika        {pika_run['rate']:8.0f} msg/s  ratio {out['accept_ratio']:.3f}"
+        + (f" (--workers: {out['accept_workers_ratio']:.3f})" if multi is not None else "")
+        + f"  CPU ms/msg: pika {pika_run['cpu_us_per_msg'] / 1000:.3f} "
         f"rabbitmq {pika_run['rabbitmq_cpu_ms_per_call']:.3f}  others {pika_run['others_cores']:.2f} cores"
     )
     worker = bench.start_worker(f"worker-r{rnd}", max_inflight=max(args.burst, E2E_CONCURRENCY))
@@ -786,6 +811,7 @@ def analyse(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, A
             "others_cores": summary([r["burst"]["others_cores"] for r in done], 2),
         },
         **_analyse_scaling(done),
+        **_analyse_accept_workers(rounds),
         "timeout_lateness": {
             "samples": len(samples),
             "total_ms": summary([s["total_ms"] for s in samples], 2),
@@ -840,6 +866,39 @@ def _analyse_scaling(done: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _analyse_accept_workers(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """(1b) when measured: the accept rate of the ``--workers N`` gateway, its ratio to raw pika and
+    to the one-process gateway of the same round, medianed."""
+    many = [r for r in rounds if "accept_workers" in r]
+    if not many:
+        return {}
+    return {
+        "accept_workers": {
+            "gateway_202_per_s": summary([r["accept_workers"]["rps"] for r in many], 1),
+            "gateway_p99_ms": summary([r["accept_workers"]["p99_ms"] for r in many]),
+            "gateway_cpu_ms_per_call": summary(
+                [r["accept_workers"]["gateway_cpu_ms_per_call"] for r in many]
+            ),
+            "others_cores": summary([r["accept_workers"]["others_cores"] for r in many], 2),
+            "errors": sum(r["accept_workers"]["errors"] for r in many),
+            "ratio": summary([r["accept_workers_ratio"] for r in many]),
+            "ratio_to_one_process": summary([r["accept_workers"]["rps"] / r["accept"]["rps"] for r in many]),
+        }
+    }
+
+
+def _accept_workers_rows(w: dict[str, Any] | None, workers: int) -> list[tuple[str, str]]:
+    if not w:
+        return []
+    return [
+        (f"(1b) the same through --workers {workers}: 202/s", _mm(w["gateway_202_per_s"], ".0f")),
+        ("    gateway CPU ms per 202 (all processes)", _mm(w["gateway_cpu_ms_per_call"], ".3f")),
+        ("    ratio to one process (same round)", _mm(w["ratio_to_one_process"], ".3f")),
+        ("    ratio gateway / pika (goal >= 0.25)", _mm(w["ratio"], ".3f")),
+        ("    rest of the machine meanwhile, cores", _mm(w["others_cores"], ".2f")),
+    ]
+
+
 def _met(value: Any, test: Any) -> str:
     if value is None:
         return "not measured"
@@ -882,6 +941,7 @@ def table(cases: dict[str, Any], args: argparse.Namespace, rounds: int) -> str:
         ("    rabbitmq CPU ms per pika message", _mm(a["pika_rabbitmq_cpu_ms_per_msg"], ".3f")),
         ("    rest of the machine meanwhile, cores", _mm(a["pika_others_cores"], ".2f")),
         ("    ratio gateway / pika (goal >= 0.25)", _mm(a["ratio"], ".3f")),
+        *_accept_workers_rows(cases.get("accept_workers"), args.gateway_workers),
         (f"(2) end-to-end completions/s ({args.calls} calls)", _mm(e["completions_per_s"], ".0f")),
         ("    time to post them all, s", _mm(e["post_all_s"], ".2f")),
         (
@@ -1039,6 +1099,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="N",
         help="each round, also run (3) through faas-worker --processes N --max-inflight burst/N [off]",
     )
+    p.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="each round, also measure (1) on a gateway started with --workers N [off]",
+    )
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS", help="then profile with py-spy")
     p.add_argument("--results", type=Path, default=BENCH / "results", help="where files go [bench/results]")
     args = p.parse_args(argv)
@@ -1126,6 +1193,9 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     bench.functions, bench.receiver = servers
     bench.functions_file.write_text(json.dumps(functions_json(bench)))
     gateway, gateway_url = bench.start_gateway("gateway")
+    multi = None
+    if args.gateway_workers > 1:
+        multi = bench.start_gateway(f"gateway-w{args.gateway_workers}", workers=args.gateway_workers)
     script = post_script(tmp, args.size)
     say(
         f"async benchmark: {args.rounds} rounds; queues {bench.accept_queue}, {bench.work_queue}; "
@@ -1142,7 +1212,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
     memory: dict[str, Any] = {}
     with partial_on_failure(base, results, lambda: {"rounds": rounds, "memory": memory} if rounds else None):
         for rnd in range(1, args.rounds + 1):
-            rounds.append(run_round(bench, rnd, gateway, gateway_url, script))
+            rounds.append(run_round(bench, rnd, gateway, gateway_url, script, multi))
         if not args.no_memory:
             memory["worker"] = memory_worker(bench, gateway_url)
             w = memory["worker"]

@@ -41,6 +41,7 @@ def test_full_run_asks_sync_for_the_plot_and_two_gateway_workers_and_async_for_t
     assert "--rounds=3" in sync and "--plot" in sync and "--gateway-workers=2" in sync
     assert f"--results={tmp_path}" in sync
     assert "--scaling-processes=2" in suite.script_args("async", 3, False, tmp_path)
+    assert "--gateway-workers=2" in suite.script_args("async", 3, False, tmp_path)
     assert suite.script_args("watchdog", 5, False, tmp_path) == ["--rounds=5", f"--results={tmp_path}"]
 
 
@@ -352,3 +353,37 @@ def test_parse_args_of_all_refuses_zero_rounds_and_unknown_benchmarks():
         suite.parse_args(["--only", "nope"])
     args = suite.parse_args(["--only", "sync", "--only", "watchdog"])
     assert isinstance(args, argparse.Namespace) and args.only == ["sync", "watchdog"]
+
+
+def _with_accept_workers(r: dict, rps: float, many: float) -> dict:
+    r["accept"].update(rps=rps, p99_ms=10.0, gateway_cpu_ms_per_call=0.25)
+    r["accept_workers"] = {
+        "rps": many,
+        "p99_ms": 8.0,
+        "gateway_cpu_ms_per_call": 0.3,
+        "others_cores": 0.6,
+        "errors": 0,
+    }
+    r["accept_workers_ratio"] = many / r["pika"]["rate"]
+    return r
+
+
+def test_async_accept_through_gateway_workers_is_judged_against_pika_and_one_process_per_round():
+    rounds = [
+        _with_accept_workers(_async_round(2000, 10000, 2.0, None), 2000, 3000),
+        _with_accept_workers(_async_round(2500, 10000, 2.0, None), 2500, 2500),
+    ]
+    many = async_bench._analyse_accept_workers(rounds)["accept_workers"]
+    assert many["ratio"]["runs"] == [0.3, 0.25]
+    assert many["ratio_to_one_process"]["runs"] == [1.5, 1.0]
+    assert async_bench._analyse_accept_workers([_async_round(1, 10, 1.0, None)]) == {}
+    doc = _async_doc(rounds)
+    doc["cases"]["accept_workers"] = many
+    doc["settings"]["gateway_workers"] = 2
+    rows = by_case(suite.async_rows(doc))
+    row = rows["  accept via --workers 2"]
+    assert row.ratio["median"] == pytest.approx(0.275) and row.met is True
+    assert rows["  accept via --workers 2 vs 1 process"].ratio["median"] == 1.25
+    table_rows = async_bench._accept_workers_rows(many, 2)
+    assert table_rows[0][0] == "(1b) the same through --workers 2: 202/s"
+    assert async_bench._accept_workers_rows(None, 2) == []

@@ -253,7 +253,7 @@ class EndpointFactoryTests(GatewayTestCase):
         from twisted.web.client import URI
         from twisted.web.error import SchemeNotSupported
 
-        from txfaas.gateway.proxy import CachingEndpointFactory
+        from txfaas.client import CachingEndpointFactory
 
         factory = CachingEndpointFactory(self.clock)
         first = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/a"))
@@ -266,6 +266,20 @@ class EndpointFactoryTests(GatewayTestCase):
         self.assertNotIsInstance(tls, HostnameEndpoint)  # wrapped in TLS
         with self.assertRaises(SchemeNotSupported):
             factory.endpointForURI(URI.fromBytes(b"ftp://fn.local/a"))
+
+    def test_an_ip_address_gets_a_plain_tcp_endpoint(self) -> None:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+        from twisted.web.client import URI
+
+        from txfaas.client import CachingEndpointFactory
+
+        factory = CachingEndpointFactory(self.clock)
+        v4 = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.7:8080/a"))
+        self.assertIsInstance(v4, TCP4ClientEndpoint)
+        self.assertEqual((v4._host, v4._port), ("10.0.0.7", 8080))
+        v6 = factory.endpointForURI(URI.fromBytes(b"http://[fd00::7]:8080/a"))
+        self.assertIsInstance(v6, TCP6ClientEndpoint)
+        self.assertEqual((v6._host, v6._port), ("fd00::7", 8080))
 
 
 class _Endpoints:
@@ -303,7 +317,7 @@ class _Pool:
 class PoolAgentTests(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
-        from txfaas.gateway.proxy import PoolAgent
+        from txfaas.client import PoolAgent
 
         self.endpoints = _Endpoints()
         self.pool = _Pool()

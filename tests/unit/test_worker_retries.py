@@ -68,6 +68,25 @@ def test_a_retry_code_schedules_the_next_attempt_in_the_queue_and_records_retryi
     assert h.store.results["call-1"].status_code == 503
 
 
+def test_an_attempts_answer_is_kept_before_the_next_attempt_is_published():
+    """So the next attempt's answer, from whichever worker runs it, is written after this one."""
+    h = Harness(respond=answers(503, 200), **retrying())
+    h.deploy()
+    h.enqueue()
+    kept_when_published = []
+    publish = h.queue.publish_delayed
+
+    async def watching(call, delay):
+        kept_when_published.append(h.store.results.get("call-1"))
+        return await publish(call, delay)
+
+    h.queue.publish_delayed = watching
+    h.start()
+    h.flush()
+    [kept] = kept_when_published
+    assert kept is not None and kept.status_code == 503
+
+
 def test_a_call_retried_until_it_succeeds_calls_back_once_with_x_retry_headers():
     """503, 503, 200: three runs, one callback carrying the answer, X-Retry 2 and X-Retry-Max 4."""
     h = Harness(respond=answers(503, 503, 200), **retrying())

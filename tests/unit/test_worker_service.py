@@ -483,6 +483,39 @@ def test_outcome_never_recorded_is_never_acked():
     assert h.record().status == CallStatus.RUNNING
 
 
+def test_the_recording_patience_is_one_budget_per_message_not_one_per_write():
+    """The result write waits out 31 s of failures, then the record write fails on: the job gives up
+    when the two together reach RECORD_PATIENCE (60 s), not 60 s after the second write began."""
+    gate: defer.Deferred = defer.Deferred()
+    h = Harness(respond=lambda req: gate)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    tried: list[float] = []
+    plain = h.store.transition_call
+
+    async def failing(record: CallRecord, from_statuses: Any, **kwargs: Any) -> Any:
+        if record.status == CallStatus.SUCCEEDED:  # the outcome record: never gets through
+            tried.append(h.clock.seconds() - started)
+            raise StoreUnavailable("records down")
+        return await plain(record, from_statuses, **kwargs)
+
+    h.store.transition_call = failing
+    h.store.writes_fail = True  # the result write fails too, at first
+    started = h.clock.seconds()
+    gate.callback((200, {}, b"x"))
+    h.flush()
+    for _ in range(20):
+        h.clock.advance(1)
+    h.store.writes_fail = False  # the result goes through at its retry at 31 s
+    for _ in range(100):
+        h.clock.advance(1)
+    # 31 s spent on the result; then 1, 2, 4, 8 s waits (46 s) and the next (16 s) would pass 60.
+    assert tried[:5] == [31, 32, 34, 38, 46]
+    assert all(t < 60 for t in tried[:5]) and 62 not in tried
+
+
 def test_failed_callback_is_recorded_and_the_message_acked_without_rerun():
     """A callback answered with 500 is recorded (call status kept) and queued for a retry; the
     work message is acked and the function is not run again."""
@@ -636,8 +669,28 @@ def test_stop_gives_calls_past_the_drain_limit_back_to_the_queue():
     assert stopped.called
     assert h.function.disconnected == ["/"]
     assert h.queue.pending(Q) == 1  # back on the queue
-    assert h.record().status == CallStatus.RUNNING
+    # Given back on purpose: queued again, so its next run is not counted as an interruption.
+    assert (h.record().status, h.record().attempts, h.record().interruptions) == (CallStatus.QUEUED, 1, 0)
     assert h.receiver.requests == []
+
+
+def test_a_call_given_back_at_the_drain_limit_runs_again_without_counting_an_interruption():
+    h = Harness(respond=never_answer, drain_timeout=10.0, exec_timeout=60.0)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    h.worker.stopService()
+    h.clock.advance(10)
+    h.flush()
+    # The redelivery, to a worker that finds the record as the first one left it.
+    again = Harness(respond=lambda req: (200, {}, b"ok"))
+    again.deploy()
+    again.enqueue(record=h.record())
+    again.start()
+    again.flush()
+    record = again.record()
+    assert (record.status, record.attempts, record.interruptions) == (CallStatus.SUCCEEDED, 1, 0)
 
 
 def test_start_retries_an_unreachable_broker():

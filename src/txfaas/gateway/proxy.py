@@ -31,21 +31,18 @@ from typing import Any
 import attrs
 from treq.client import HTTPClient
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web._newclient import Request as _ClientRequest
 from twisted.web._newclient import ResponseDone, ResponseFailed
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, FileBodyProducer
-from twisted.web.error import SchemeNotSupported
+from twisted.web.client import FileBodyProducer
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from txfaas import headers as hdr
@@ -80,109 +77,6 @@ class ProxyClient(HTTPClient):
     ) -> defer.Deferred[IResponse]:
         """Send as is; the response comes back undecoded, unbuffered, redirects included."""
         return self._agent.request(method, url, headers, body)
-
-
-@implementer(IAgentEndpointFactory)
-class CachingEndpointFactory:
-    """TCP (http) or TLS (https) endpoints, made once per function host and reused.
-
-    ``Agent`` otherwise builds a ``HostnameEndpoint`` for every request, IDNA-encoding
-    the host each time (~10% of a proxied call).  The endpoints hold no connection
-    state: the pool still decides which connection a request uses.
-    """
-
-    def __init__(self, reactor: Any, policy: Any = None, limit: int = 4096) -> None:
-        self._reactor = reactor
-        self._policy = policy or BrowserLikePolicyForHTTPS()
-        self._limit = limit
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            host = uri.host.decode("ascii")
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
-            if len(self._endpoints) >= self._limit:
-                self._endpoints.clear()
-            self._endpoints[key] = endpoint
-        return endpoint
-
-
-_DEFAULT_PORTS = {b"http": 80, b"https": 443}
-
-
-@implementer(IAgent)
-class PoolAgent:
-    """An ``Agent`` for the proxy: Twisted's request path over an ``HTTPConnectionPool``, with
-    the per-request work that depends only on the function's origin done once per origin.
-
-    ``Agent.request`` parses the whole URL (``URI.fromBytes``), asks the endpoint factory
-    and computes the Host header for every request, and copies the caller's ``Headers`` to
-    add Host.  Here the origin (``scheme://host[:port]``) is split off the URL and looked up
-    in a cache holding the pool key, the endpoint and the Host value; the rest of the URL is
-    the request target as given.  Host is added to ``headers`` in place: the proxy builds a
-    fresh ``Headers`` for each call.  Method and target are still checked by Twisted when the
-    request is written (``_ensureValidMethod`` / ``_ensureValidURI``).
-    """
-
-    def __init__(self, pool: Any, endpoints: IAgentEndpointFactory, limit: int = 4096) -> None:
-        self._pool = pool
-        self._endpoints = endpoints
-        self._limit = limit
-        self._origins: dict[bytes, tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, bytes]] = {}
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> defer.Deferred[IResponse]:
-        start = uri.find(b"//") + 2
-        cut = len(uri)
-        for mark in (b"/", b"?"):
-            at = uri.find(mark, start)
-            if 0 <= at < cut:
-                cut = at
-        origin = uri[:cut]
-        path = uri[cut:] or b"/"
-        if path[:1] == b"?":
-            path = b"/" + path
-        try:
-            target = self._origins.get(origin) or self._origin(origin)
-            key, endpoint, host = target
-            if headers is None:
-                headers = Headers()
-            if not headers.hasHeader(b"host"):
-                headers.addRawHeader(b"Host", host)
-            request = _ClientRequest(method, path, headers, bodyProducer, persistent=self._pool.persistent)
-        except Exception:
-            return defer.fail()
-        return self._pool.getConnection(key, endpoint).addCallback(_send, request)
-
-    def _origin(self, origin: bytes) -> tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, bytes]:
-        parsed = URI.fromBytes(origin)
-        if not parsed.host:
-            raise ValueError(f"no host in {origin!r}")
-        endpoint = self._endpoints.endpointForURI(parsed)
-        host = parsed.host
-        if b":" in host:  # an IPv6 literal
-            host = b"[" + host + b"]"
-        if _DEFAULT_PORTS.get(parsed.scheme) != parsed.port:
-            host += b":%d" % parsed.port
-        if len(self._origins) >= self._limit:
-            self._origins.clear()
-        target = self._origins[origin] = ((parsed.scheme, parsed.host, parsed.port), endpoint, host)
-        return target
-
-
-def _send(protocol: Any, request: _ClientRequest) -> defer.Deferred[IResponse]:
-    return protocol.request(request)
 
 
 def _filtered(incoming: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, list[bytes]]]:

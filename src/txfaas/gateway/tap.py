@@ -231,15 +231,10 @@ def build_gateway(
     """
     from prometheus_client import disable_created_metrics
 
+    from txfaas.client import CachingEndpointFactory, PoolAgent
     from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
     from txfaas.gateway.metrics import GatewayMetrics
-    from txfaas.gateway.proxy import (
-        CachingEndpointFactory,
-        FunctionProxy,
-        PoolAgent,
-        ProxyClient,
-        ProxySettings,
-    )
+    from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
     from txfaas.runtime import (
         ChildProcesses,

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import random as _random
 from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import quote
 
@@ -253,6 +254,16 @@ class FunctionResponse:
     error: str | None = None
 
 
+@attrs.define
+class _Patience:
+    """Seconds a job has lost so far to a store that would not take its writes."""
+
+    spent: float = 0.0
+
+
+_recording: ContextVar[_Patience | None] = ContextVar("txfaas_worker_recording", default=None)
+
+
 @attrs.define(eq=False)
 class _Job:
     kind: str
@@ -262,6 +273,8 @@ class _Job:
     settled: bool = False
     #: deliveries of other messages of the same call, waiting for this job to be settled
     followers: list[Delivery] = attrs.field(factory=list)
+    #: given back at the drain limit: settled by ``_return_all``, not when its work ends
+    returning: bool = False
 
 
 #: The largest answer the worker reads from a function (it is kept in memory and travels in
@@ -311,6 +324,7 @@ class WorkerService(Service):
         self._stopping = False
         self._failures = 0
         self._starting: defer.Deferred[None] | None = None
+        self._returning: defer.Deferred[None] | None = None  # the give-back at the drain limit
         self._handlers = {CALL: self._execute, CALLBACK: self._execute_callback, DEAD: self._keep}
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -370,6 +384,8 @@ class WorkerService(Service):
             await defer.DeferredList(jobs, consumeErrors=True)
             if limit.active():
                 limit.cancel()
+            if self._returning is not None:
+                await self._returning
         for what, close in (("queue", self._queue.close), ("store", getattr(self._store, "close", None))):
             if close is None:
                 continue
@@ -382,7 +398,46 @@ class WorkerService(Service):
         left = [job for job in self._jobs.values() if job.deferred is not None]
         self.log.warn("drain limit reached: giving {n} call(s) back to the queue", n=len(left))
         for job in left:
+            job.returning = True  # settled below, once its record says queued again
             job.deferred.cancel()  # type: ignore[union-attr]
+        self._returning = defer.Deferred.fromCoroutine(self._return_all(left))
+
+    async def _return_all(self, jobs: list[_Job]) -> None:
+        """Record each call given back as ``queued`` again, then requeue its message.
+
+        A worker that stops on purpose did not crash: the next run of the call must not count
+        as an interruption toward --delivery-limit, which is what a ``running`` record left
+        behind would say.  The record goes first, so the redelivery finds it."""
+        await defer.DeferredList(
+            [
+                defer.Deferred.fromCoroutine(self._requeue_record(job.call))
+                for job in jobs
+                if job.kind == CALL
+            ],
+            consumeErrors=True,
+        )
+        for job in jobs:
+            self._settle_job(job, ack=False)
+
+    async def _requeue_record(self, call: Call) -> None:
+        try:
+            record = await self._store.get_call(call.call_id)
+            if record is None or record.status != CallStatus.RUNNING or record.attempts != call.attempt:
+                return
+            queued = attrs.evolve(record, status=CallStatus.QUEUED, started_at=None)
+            found = await self._store.transition_call(
+                queued, {CallStatus.RUNNING}, attempts_at_most=call.attempt
+            )
+        except StoreUnavailable as e:
+            self.log.warn(
+                "call {call_id}: given back, but its record still says running ({error}): its next "
+                "run counts as an interruption",
+                call_id=call.call_id,
+                error=e,
+            )
+            return
+        if found is None:
+            self.log.info("call {call_id}: given back to the queue unfinished", call_id=call.call_id)
 
     @property
     def in_flight(self) -> int:
@@ -453,7 +508,8 @@ class WorkerService(Service):
     def _process_failed(self, failure: Failure, job: _Job) -> None:
         if not failure.check(defer.CancelledError):
             self.log.failure("call {call_id}: unexpected error", failure, call_id=job.call.call_id)
-        self._settle_job(job, ack=False)
+        if not job.returning:
+            self._settle_job(job, ack=False)
 
     def _settle_job(self, job: _Job, ack: bool) -> None:
         """Ack or requeue every delivery of the job, once; the job stops being in flight first,
@@ -474,6 +530,8 @@ class WorkerService(Service):
 
     async def _process(self, job: _Job) -> None:
         call = job.call
+        # Twisted runs each coroutine in a copy of the context: this budget is this job's alone.
+        _recording.set(_Patience())
         try:
             await self._handlers[job.kind](call, job.deliveries[0])
         except StoreUnavailable as e:
@@ -487,7 +545,7 @@ class WorkerService(Service):
             self._failures = 0
             self._settle_job(job, ack=True)
         finally:
-            if not job.settled:
+            if not job.settled and not job.returning:
                 self._settle_job(job, ack=False)
 
     async def _give_back(self, job: _Job, reason: str, why: str) -> None:
@@ -674,10 +732,16 @@ class WorkerService(Service):
         finished: float,
         duration: float,
     ) -> None:
-        """Publish the next attempt to a delay queue (confirmed), then record ``retrying``."""
+        """Keep this attempt's answer, publish the next attempt to a delay queue (confirmed), then
+        record ``retrying`` (a record write that comes after the next attempt started is refused:
+        ``attempts_at_most``).
+
+        The answer is written before the next attempt exists, so that attempt's answer, written
+        by whichever worker runs it, always lands after this one and is the one kept."""
         retry_after = parse_retry_after(_header(response.headers, b"retry-after"), finished)
         wait = policy.wait(call.attempt, self._random, retry_after)
         due = finished + wait
+        await self._patiently(call, lambda: self._store.put_result(call.call_id, result))
         await self._queue.publish_delayed(
             attrs.evolve(call, attempt=call.attempt + 1, not_before=due, dead=None), wait
         )
@@ -690,7 +754,6 @@ class WorkerService(Service):
             error=response.error or f"function answered {response.status_code}",
             next_attempt_at=due,
         )
-        await self._patiently(call, lambda: self._store.put_result(call.call_id, result))
         await self._patiently(
             call,
             lambda: self._store.transition_call(
@@ -971,16 +1034,24 @@ class WorkerService(Service):
         await self._store.put_call(updated)
 
     async def _patiently(self, call: Call, write: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        """Retry a write of a finished call while the store is down, up to RECORD_PATIENCE."""
-        deadline = self._clock.seconds() + RECORD_PATIENCE
+        """Retry a write of a finished call while the store is down.
+
+        The time lost to failed writes and waits is counted against one RECORD_PATIENCE per
+        message, however many writes it makes (result, record, callback state): that is what
+        ``WorkerConfig.exec_timeout_limit`` budgets below the broker's consumer timeout."""
+        budget = _recording.get()
+        if budget is None:  # not within a job (a test calling in directly): a budget of its own
+            budget = _Patience()
         attempt = 0
         while True:
+            began = self._clock.seconds()
             try:
                 return await write()
             except StoreUnavailable as e:
+                budget.spent += self._clock.seconds() - began
                 delay = self._delay(attempt)
                 attempt += 1
-                if self._clock.seconds() + delay > deadline:
+                if budget.spent + delay > RECORD_PATIENCE:
                     raise
                 self.log.warn(
                     "call {call_id}: cannot record the outcome ({error}); retrying in {delay:g}s",
@@ -989,6 +1060,7 @@ class WorkerService(Service):
                     delay=delay,
                 )
                 await task.deferLater(self._clock, delay, lambda: None)
+                budget.spent += delay
 
     # --- invoking ------------------------------------------------------------------------------
 

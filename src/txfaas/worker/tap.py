@@ -380,6 +380,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from twisted.web.client import Agent, HTTPConnectionPool
     from twisted.web.server import Site
 
+    from txfaas.client import CachingEndpointFactory, PoolAgent
     from txfaas.runtime import is_child
     from txfaas.ssrf import FilteringReactor, literal_first
     from txfaas.store.cache import FunctionCache
@@ -427,7 +428,8 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
         queue,
         # Function records read through a 1 s cache (not one Redis read per call).
         FunctionCache(store, reactor),
-        Agent(literal_first(reactor), pool=function_pool),
+        # The origin's parsing, endpoint and Host header done once per function host.
+        PoolAgent(function_pool, CachingEndpointFactory(literal_first(reactor))),
         callbacks,
         WorkerMetrics(registry),
     )
