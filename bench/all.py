@@ -11,9 +11,10 @@ baselines round by round):
 
 1. ``sync_proxy.py --plot --gateway-workers 2``: gateway vs nginx ``proxy_pass`` vs direct nginx
    at 1, 10, 50 and 200 connections, and the gateway with ``--workers 2``;
-2. ``async_bench.py --scaling-processes 2``: accept rate vs raw pika confirmed publishes, end to
-   end, the 1,000 one-second calls through one worker process (``--max-inflight 1000``) and
-   through ``--processes 2`` (``--max-inflight 500`` each), exec_timeout lateness, memory;
+2. ``async_bench.py --scaling-processes 2 --gateway-workers 2``: accept rate vs raw pika confirmed
+   publishes (one gateway process, and ``--workers 2``), end to end, the 1,000 one-second calls
+   through one worker process (``--max-inflight 1000``) and through ``--processes 2``
+   (``--max-inflight 500`` each), exec_timeout lateness, memory;
 3. ``watchdog_bench.py``: fork and http watchdogs directly vs through the gateway, 504 lateness.
 
 Each writes its own JSON (and the sync one its PNG) into ``bench/results/all-<time>/``; this

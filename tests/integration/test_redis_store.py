@@ -253,3 +253,22 @@ async def test_spec_round_trips_every_field_through_redis(store):
     )
     await store.create_function(full)
     assert await store.get_function("full") == full
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_given_with_a_transition_is_kept_only_if_the_record_is_written(store, prefix, raw):
+    running = CallRecord(call_id="c1", function="fn", status=CallStatus.RUNNING, attempts=2)
+    await store.put_call(running)
+    done = attrs.evolve(running, status=CallStatus.SUCCEEDED, status_code=200)
+    answer = CallResult(200, [("Content-Type", "text/plain")], b"\x00two")
+    # An older attempt's outcome is refused, and so is its answer.
+    stale = attrs.evolve(done, attempts=1)
+    found = await store.transition_call(
+        stale, {CallStatus.RUNNING}, attempts_at_most=1, result=CallResult(500)
+    )
+    assert found == running
+    assert await store.get_result("c1") is None
+    assert await store.transition_call(done, {CallStatus.RUNNING}, attempts_at_most=2, result=answer) is None
+    assert (await store.get_call("c1")).status == CallStatus.SUCCEEDED
+    assert await store.get_result("c1") == answer
+    assert 0 < await raw.ttl(f"{prefix}result:c1") <= CALL_TTL

@@ -77,13 +77,15 @@ class CallStore(Protocol):
         *,
         create: bool = False,
         attempts_at_most: int | None = None,
+        result: CallResult | None = None,
     ) -> CallRecord | None:
         """Write ``record`` only if the stored record's status is one of ``from_statuses``, atomically.
 
         With ``attempts_at_most``, the stored record's ``attempts`` must not be above it either
         (a newer attempt has started).  Returns None when written, else the record found (which
         refused it).  With ``create`` a missing record is written too; without, a missing one is
-        :class:`NotFound`."""
+        :class:`NotFound`.  A ``result`` is kept with the record, in the same write (and only
+        if the record is written)."""
 
 
 class DeadLetterStore(Protocol):

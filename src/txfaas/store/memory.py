@@ -110,6 +110,7 @@ class MemoryStore:
         *,
         create: bool = False,
         attempts_at_most: int | None = None,
+        result: CallResult | None = None,
     ) -> CallRecord | None:
         self._check()
         current = self.calls.get(record.call_id)
@@ -121,6 +122,8 @@ class MemoryStore:
         ):
             return current
         self.calls[record.call_id] = record
+        if result is not None:
+            self.results[record.call_id] = result
         return None
 
     async def put_dead_letter(self, letter: DeadLetter) -> None:

@@ -39,15 +39,22 @@ def _dumps(data: Any) -> bytes:
     return orjson.dumps(data)
 
 
-# KEYS[1] call key; ARGV[1] new JSON, ARGV[2] TTL, ARGV[3] "1" to create when missing,
-# ARGV[4] the most attempts it may replace ("" = any), ARGV[5..] the statuses it may replace.
+# KEYS[1] call key, KEYS[2] result key; ARGV[1] new JSON, ARGV[2] TTL, ARGV[3] "1" to create
+# when missing, ARGV[4] the most attempts it may replace ("" = any), ARGV[5] the result's JSON to
+# keep with it ("" = none), ARGV[6..] the statuses it may replace.
 # -> {1} written, {0} missing, {0, current} refused.
 _TRANSITION = """
+local function write()
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  if ARGV[5] ~= '' then
+    redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[2])
+  end
+  return {1}
+end
 local raw = redis.call('GET', KEYS[1])
 if not raw then
   if ARGV[3] == '1' then
-    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-    return {1}
+    return write()
   end
   return {0}
 end
@@ -56,10 +63,9 @@ if ARGV[4] ~= '' and tonumber(current['attempts'] or 0) > tonumber(ARGV[4]) then
   return {0, raw}
 end
 local status = current['status']
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if ARGV[i] == status then
-    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-    return {1}
+    return write()
   end
 end
 return {0, raw}
@@ -277,17 +283,19 @@ class RedisStore:
         *,
         create: bool = False,
         attempts_at_most: int | None = None,
+        result: CallResult | None = None,
     ) -> CallRecord | None:
         reply = await self._run(
             "EVAL transition",
             self._redis.eval(
                 _TRANSITION,
-                [self._call_key(record.call_id)],
+                [self._call_key(record.call_id), self._result_key(record.call_id)],
                 [
                     _dumps(record.to_json()),
                     self._call_ttl,
                     "1" if create else "0",
                     "" if attempts_at_most is None else str(attempts_at_most),
+                    b"" if result is None else _dumps(result.to_json()),
                     *from_statuses,
                 ],
             ),

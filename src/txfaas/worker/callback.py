@@ -185,8 +185,7 @@ class CallbackDelivery:
     """Delivers one callback, once, within a timeout.  Success is a 2xx answer.
 
     ``agent`` must be an ``Agent`` over :class:`txfaas.ssrf.FilteringReactor`
-    (that is what re-checks addresses) with a non-persistent pool; only
-    ``tap.py`` builds it.
+    (that checks the address of every new connection); only ``tap.py`` builds it.
     """
 
     log = Logger()

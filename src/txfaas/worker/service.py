@@ -697,11 +697,11 @@ class WorkerService(Service):
             error=error,
             dead_reason=DeadReason.ATTEMPTS if exhausted else None,
         )
-        await self._patiently(call, lambda: self._store.put_result(call.call_id, result))
+        # The answer and the outcome in one write: kept only if this run's outcome is.
         found = await self._patiently(
             call,
             lambda: self._store.transition_call(
-                record, {CallStatus.RUNNING}, create=True, attempts_at_most=call.attempt
+                record, {CallStatus.RUNNING}, create=True, attempts_at_most=call.attempt, result=result
             ),
         )
         if found is not None:
