@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IConsumer, IListeningPort, IReactorCore,
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -687,17 +688,43 @@ class ChildProcesses(service.Service):
 
 
 def quiet_pool(reactor: Any, *, persistent: bool = True, per_host: int = 2) -> Any:
-    """An ``HTTPConnectionPool`` whose connection factories do not log "Starting factory" /
+    """A :class:`RecentFirstPool` whose connection factories do not log "Starting factory" /
     "Stopping factory" for every new connection (noise at info level on busy paths)."""
-    from twisted.web import client
 
-    class QuietFactory(client._HTTP11ClientFactory):
+    class QuietFactory(_HTTP11ClientFactory):
         noisy = False
 
-    pool = client.HTTPConnectionPool(reactor, persistent=persistent)
+    pool = RecentFirstPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = per_host
     pool._factory = QuietFactory
     return pool
+
+
+class RecentFirstPool(HTTPConnectionPool):
+    """An ``HTTPConnectionPool`` that hands out the connection used last (Twisted's takes the one
+    idle longest).
+
+    After a burst, a pool sized for concurrency holds hundreds of idle connections; taking the
+    oldest first rotates light traffic through all of them, and that made one request in a
+    hundred take 12-18 ms instead of 0.4 (p99 at one connection, measured after 200
+    connections' worth of load).  Most recent first keeps light traffic on a few warm
+    connections; the rest expire after ``cachedConnectionTimeout``.  When full, the connection
+    idle longest is closed, as in Twisted's.
+    """
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if connection.state != "QUIESCENT":
+            self._log.error("BUG: non-quiescent protocol added to the connection pool")
+            return
+        connections = self._connections.setdefault(key, [])
+        if len(connections) >= self.maxPersistentPerHost:
+            dropped = connections.pop()  # idle longest: at the end
+            dropped.transport.loseConnection()
+            self._timeouts.pop(dropped).cancel()
+        connections.insert(0, connection)  # getConnection takes connections[0]
+        self._timeouts[connection] = self._reactor.callLater(
+            self.cachedConnectionTimeout, self._removeConnection, key, connection
+        )
 
 
 class Deadlines:

@@ -381,11 +381,11 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     in-memory ones with the gateway); otherwise they are made from the settings.
     """
     from prometheus_client import CollectorRegistry
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent
     from twisted.web.server import Site
 
     from txfaas.client import CachingEndpointFactory, PoolAgent
-    from txfaas.runtime import is_child
+    from txfaas.runtime import RecentFirstPool, is_child
     from txfaas.ssrf import FilteringReactor, literal_first
     from txfaas.store.cache import FunctionCache
     from txfaas.worker.callback import CallbackDelivery
@@ -415,13 +415,13 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     if getattr(queue, "clock", False) is None:
         queue.clock = reactor  # an in-memory queue shared by faas-local: its delays need a clock
 
-    function_pool = HTTPConnectionPool(reactor, persistent=True)
+    function_pool = RecentFirstPool(reactor, persistent=True)
     function_pool.maxPersistentPerHost = config.max_inflight
     # Callbacks: connections are kept and reused per receiver (as OpenFaaS's Go client does); a
     # new connection is only made after its address was resolved and checked against the policy,
     # so a kept one always goes where the policy allowed.  A receiver usually gets many callbacks:
     # a connection each was a tenth of a worker's CPU per call in a burst of 1,000 calls.
-    callback_pool = HTTPConnectionPool(reactor, persistent=True)
+    callback_pool = RecentFirstPool(reactor, persistent=True)
     callback_pool.maxPersistentPerHost = CALLBACK_CONNECTIONS_PER_HOST
     callback_pool.cachedConnectionTimeout = CALLBACK_IDLE_TIMEOUT
     callbacks = CallbackDelivery(
