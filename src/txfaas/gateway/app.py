@@ -1,9 +1,11 @@
-"""The gateway's Klein app: ``/system/*``, ``/async-function/*``, ``/healthz``, ``/metrics``.
+"""The gateway's Klein app (``/system/*``, ``/healthz``, ``/metrics``) and ``/async-function/*``.
 
 State comes in through ``__init__`` (store, queue, clock, resolver, metrics); routes
 are methods; exceptions become status codes in one place (:class:`HTTPError` and
-the ``handle_errors`` handlers).  The hot ``/function/`` route is not here: it is
-:mod:`txfaas.gateway.proxy`, mounted beside this app by :class:`GatewayRoot`.
+the ``handle_errors`` handlers).  The two hot routes are plain twisted.web resources
+mounted beside the Klein app by :class:`GatewayRoot`: ``/async-function/`` is
+:class:`AsyncCalls` (here, over :meth:`GatewayApp._accept`), ``/function/`` is
+:mod:`txfaas.gateway.proxy`.
 """
 
 from __future__ import annotations
