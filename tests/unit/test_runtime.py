@@ -495,3 +495,12 @@ def test_the_pool_hands_out_the_connection_used_last_and_closes_the_one_idle_lon
     pool._putConnection("k", c)
     clock.advance(pool.cachedConnectionTimeout)
     assert b.closed and c.closed and pool._connections["k"] == []
+
+
+def test_pooled_connections_open_and_close_without_a_log_line_each():
+    from twisted.internet.task import Clock
+
+    from txfaas.runtime import RecentFirstPool, quiet_pool
+
+    for pool in (RecentFirstPool(Clock()), quiet_pool(Clock(), per_host=4)):
+        assert pool._factory(lambda protocol: None, "endpoint").noisy is False
