@@ -619,22 +619,20 @@ class AsyncCalls(resource.Resource):
         _finish(request, body)
 
     def _refused(self, failure: Failure, request: server.Request, name: str) -> None:
-        app = self._app
-        error = failure.value
-        if isinstance(error, HTTPError):
-            for header, value in error.headers.items():
-                request.setHeader(header, value)
-            body = _text(request, error.code, error.message)
-        elif isinstance(error, ValidationError):
-            body = _text(request, 400, str(error))
-        elif isinstance(error, StoreUnavailable):
-            body = app._store_unavailable(request, failure)
-        elif isinstance(error, QueueUnavailable):
-            body = app._queue_unavailable(request, failure)
-        elif isinstance(error, _ClientGone):
+        """The answer the Klein app's ``handle_errors`` handlers give for the same error."""
+        if failure.check(_ClientGone):
             return
-        else:
+        app = self._app
+        handlers = (
+            (HTTPError, app._http_error),
+            (ValidationError, app._validation_error),
+            (StoreUnavailable, app._store_unavailable),
+            (QueueUnavailable, app._queue_unavailable),
+        )
+        handle = next((h for kind, h in handlers if failure.check(kind)), None)
+        if handle is None:
             failure.raiseException()
+        body = handle(request, failure)
         app._metrics.async_answer(app._label(name), request.code)
         _finish(request, body)
 
