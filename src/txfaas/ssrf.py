@@ -1,29 +1,42 @@
 """The one SSRF rule: which addresses a callback may reach.
 
 Used by the gateway (checking ``X-Callback-Url`` before accepting a call) and
-by the worker (filtering every address at delivery time, so DNS that changed
-since cannot reach an internal host).  Only global unicast addresses pass,
-unless the operator allowed a network or host name.
+by the worker (:class:`CallbackEndpointFactory` checks every address of every
+new callback connection, so DNS that changed since cannot reach an internal
+host).  Only global unicast addresses pass, unless the operator allowed a
+network or host name.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
+    IProtocol,
+    IProtocolFactory,
     IReactorPluggableNameResolver,
+    IReactorTCP,
     IResolutionReceiver,
+    IStreamClientEndpoint,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+from txfaas.client import CONNECT_TIMEOUT
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -108,19 +121,30 @@ def parse_callback_url(url: str) -> tuple[str, str, int]:
 
 
 @implementer(IResolutionReceiver)
-class _Collector:
+class _Resolved:
+    """The addresses of one resolution; ``done`` fires with them when it completes.
+
+    Through a :class:`FilteringResolver` it also hears why each hidden address was refused
+    (``refusals``), so a connection that finds nothing left can say why.
+    """
+
     def __init__(self) -> None:
-        self.addresses: list[str] = []
-        self.done: defer.Deferred[list[str]] = defer.Deferred()
+        self.addresses: list[IPv4Address | IPv6Address] = []
+        self.refusals: list[str] = []
+        self.done: defer.Deferred[list[IPv4Address | IPv6Address]] = defer.Deferred()
 
     def resolutionBegan(self, resolution: IHostResolution) -> None:
         pass
 
-    def addressResolved(self, address: Any) -> None:
-        self.addresses.append(address.host)
+    def addressResolved(self, address: IPv4Address | IPv6Address) -> None:
+        self.addresses.append(address)
+
+    def addressRefused(self, address: IPv4Address | IPv6Address, reason: str) -> None:
+        self.refusals.append(reason)
 
     def resolutionComplete(self) -> None:
-        self.done.callback(self.addresses)
+        if not self.done.called:  # a wait that was cancelled has failed already
+            self.done.callback(self.addresses)
 
 
 async def check_callback_url(url: str, resolver: IHostnameResolver, policy: AddressPolicy) -> None:
@@ -133,13 +157,13 @@ async def check_callback_url(url: str, resolver: IHostnameResolver, policy: Addr
         if reason is not None:
             raise CallbackRefused(f"callback host {host!r}: {reason}")
         return
-    collector = _Collector()
-    resolver.resolveHostName(collector, host, port)
-    addresses = await collector.done
+    resolved = _Resolved()
+    resolver.resolveHostName(resolved, host, port)
+    addresses = await resolved.done
     if not addresses:
         raise CallbackRefused(f"callback host {host!r} does not resolve")
     for address in addresses:
-        reason = policy.refusal(address)
+        reason = policy.refusal(address.host)
         if reason is not None:
             raise CallbackRefused(f"callback host {host!r}: {reason}")
 
@@ -164,6 +188,9 @@ class _FilteringReceiver:
             self.log.warn(
                 "refusing {host} -> {address}: {reason}", host=self._host, address=address.host, reason=reason
             )
+            refused = getattr(self._receiver, "addressRefused", None)
+            if refused is not None:
+                refused(address, reason)
 
     def resolutionComplete(self) -> None:
         self._receiver.resolutionComplete()
@@ -171,7 +198,10 @@ class _FilteringReceiver:
 
 @implementer(IHostnameResolver)
 class FilteringResolver:
-    """A name resolver that hides every address the policy refuses (so no connection is made)."""
+    """A name resolver that hides every address the policy refuses (so no connection is made).
+
+    A receiver with an ``addressRefused(address, reason)`` method is told of each hidden address.
+    """
 
     def __init__(self, resolver: IHostnameResolver, policy: AddressPolicy) -> None:
         self._resolver = resolver
@@ -267,8 +297,155 @@ def literal_first(reactor: Any) -> ResolverReactor:
     return ResolverReactor(reactor, LiteralResolver(reactor.nameResolver))
 
 
-class FilteringReactor(ResolverReactor):
-    """The reactor, seen through a :class:`FilteringResolver` (give it to an ``Agent``)."""
+@implementer(IStreamClientEndpoint)
+class CallbackEndpoint:
+    """TCP to ``host``:``port`` at the addresses ``resolver`` gives, resolved again for every connection.
 
-    def __init__(self, reactor: Any, policy: AddressPolicy) -> None:
-        super().__init__(reactor, FilteringResolver(LiteralResolver(reactor.nameResolver), policy))
+    Given a :class:`FilteringResolver`, it only ever connects to addresses the policy allows, and
+    DNS that changed since the last connection cannot take a new one to an internal host.  The
+    addresses are tried in the order resolved, one at a time, each for at most ``timeout``
+    seconds; the last error is reported when all fail.  (``HostnameEndpoint`` defines a receiver
+    class per connection: a tenth of the worker's CPU in a burst of callbacks.)
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        resolver: IHostnameResolver,
+        host: str,
+        port: int,
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._reactor = reactor
+        self._resolver = resolver
+        self.host = host
+        self.port = port
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"<CallbackEndpoint {host}:{self.port}>"
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        return _Connecting(self, protocolFactory).start()
+
+    def resolve(self, receiver: IResolutionReceiver) -> IHostResolution:
+        return self._resolver.resolveHostName(receiver, self.host, self.port)
+
+    def attempt(
+        self, address: IPv4Address | IPv6Address, protocolFactory: IProtocolFactory
+    ) -> defer.Deferred[IProtocol]:
+        """One connection attempt to one resolved address."""
+        kind = TCP6ClientEndpoint if isinstance(address, IPv6Address) else TCP4ClientEndpoint
+        return kind(self._reactor, address.host, self.port, timeout=self._timeout).connect(protocolFactory)
+
+    def nothing_allowed(self, refusals: list[str]) -> DNSLookupError:
+        """The error for a resolution that left no address to connect to."""
+        if not refusals:
+            return DNSLookupError(f"no results for hostname lookup: {self.host}")
+        reasons = "; ".join(refusals[:3]) + ("; ..." if len(refusals) > 3 else "")
+        return DNSLookupError(f"callback host {self.host}: {reasons}")
+
+
+class _Connecting:
+    """One :meth:`CallbackEndpoint.connect`: the resolution, then one attempt at a time.
+
+    ``result`` fails with ``CancelledError`` when cancelled; the resolution wait or the attempt
+    in progress is stopped first (an answer that still arrives is ignored).
+    """
+
+    def __init__(self, endpoint: CallbackEndpoint, factory: IProtocolFactory) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._resolved = _Resolved()
+        self._resolution: IHostResolution | None = None
+        self._addresses: Iterator[IPv4Address | IPv6Address] = iter(())
+        #: What we wait for: the resolution's ``done``, then each attempt's Deferred.
+        self._waiting: defer.Deferred[Any] | None = None
+        self._cancelled = False
+        self.result: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
+
+    def start(self) -> defer.Deferred[IProtocol]:
+        self._waiting = self._resolved.done
+        self._resolved.done.addCallbacks(self._addresses_resolved, self._resolution_failed)
+        self._resolution = self._endpoint.resolve(self._resolved)
+        return self.result
+
+    def _addresses_resolved(self, addresses: list[IPv4Address | IPv6Address]) -> None:
+        if self._cancelled:
+            return
+        if not addresses:
+            self._waiting = None
+            self.result.errback(self._endpoint.nothing_allowed(self._resolved.refusals))
+            return
+        self._addresses = iter(addresses)
+        self._try_next(None)
+
+    def _resolution_failed(self, failure: Failure) -> None:
+        if not self._cancelled:  # resolvers report through the receiver, but just in case
+            self._waiting = None
+            self.result.errback(failure)
+
+    def _try_next(self, failure: Failure | None) -> None:
+        address = next(self._addresses, None)
+        if address is None:
+            self._waiting = None
+            self.result.errback(failure)
+            return
+        attempt = self._endpoint.attempt(address, self._factory)
+        self._waiting = attempt
+        attempt.addCallbacks(self._connected, self._attempt_failed)
+
+    def _connected(self, protocol: IProtocol) -> None:
+        self._waiting = None
+        self.result.callback(protocol)
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        if not self._cancelled:  # else it is our own cancellation of the attempt
+            self._try_next(failure)
+
+    def _cancel(self, result: defer.Deferred[IProtocol]) -> None:
+        self._cancelled = True
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            return
+        waiting.cancel()  # an attempt's connector stops connecting; a resolution wait just ends
+        if waiting is self._resolved.done and self._resolution is not None:
+            try:
+                self._resolution.cancel()
+            except NotImplementedError:
+                pass  # getaddrinfo in a thread cannot be stopped: its answer is ignored
+        # Deferred.cancel now fails ``result`` with CancelledError.
+
+
+@implementer(IAgentEndpointFactory)
+class CallbackEndpointFactory:
+    """Endpoints for callback URLs (give it to :class:`txfaas.client.PoolAgent`): every new
+    connection resolves the host and connects only to addresses ``policy`` allows.
+
+    IP addresses are answered without the reactor's (thread-pool) resolver; a host the policy
+    allows wholesale (``--callback-allow hooks.internal``) is resolved and connected as is.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        policy: AddressPolicy,
+        *,
+        timeout: float = CONNECT_TIMEOUT,
+        tls: Any = None,
+    ) -> None:
+        self._reactor = reactor
+        self._resolver = FilteringResolver(LiteralResolver(reactor.nameResolver), policy)
+        self._timeout = timeout
+        self._tls = tls or BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        endpoint: IStreamClientEndpoint = CallbackEndpoint(
+            self._reactor, self._resolver, uri.host.decode("ascii"), uri.port, self._timeout
+        )
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        return endpoint

@@ -10,11 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IResolutionReceiver
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -23,7 +19,6 @@ from txfaas.config import parse_networks
 from txfaas.ssrf import (
     AddressPolicy,
     CallbackRefused,
-    FilteringReactor,
     FilteringResolver,
     check_callback_url,
     parse_callback_url,
@@ -362,39 +357,17 @@ def test_filtering_resolver_provides_ihostnameresolver():
     assert verifyObject(IHostnameResolver, FilteringResolver(RESOLVER, AddressPolicy()))
 
 
-def test_filtering_reactor_resolves_through_the_policy_and_delegates_everything_else():
-    reactor = MemoryReactorClock()
-    reactor.installNameResolver(RESOLVER)
-    filtering = FilteringReactor(reactor, AddressPolicy())
-    receiver = Receiver()
-    filtering.nameResolver.resolveHostName(receiver, "mixed.example", 80)
+def test_filtering_resolver_tells_a_receiver_that_asks_why_each_address_was_hidden():
+    refused: list[tuple[str, str]] = []
+
+    class Asking(Receiver):
+        def addressRefused(self, address, reason):
+            refused.append((address.host, reason))
+
+    receiver = Asking()
+    FilteringResolver(RESOLVER, AddressPolicy()).resolveHostName(receiver, "mixed.example", 80)
     assert receiver.addresses == ["93.184.216.34"]
-    filtering.callLater(5, lambda: None)
-    assert len(reactor.getDelayedCalls()) == 1
-    assert filtering.seconds() == reactor.seconds()
-    with pytest.raises(NotImplementedError):
-        filtering.installNameResolver(RESOLVER)
-
-
-def test_filtering_reactor_makes_a_hostname_endpoint_connect_only_to_allowed_addresses():
-    reactor = MemoryReactorClock()
-    reactor.installNameResolver(RESOLVER)
-    endpoint = HostnameEndpoint(FilteringReactor(reactor, AddressPolicy()), b"mixed.example", 80)
-    endpoint.connect(Factory.forProtocol(Protocol)).addErrback(lambda _: None)
-    reactor.advance(5)
-    assert {host for host, *_ in reactor.tcpClients} == {"93.184.216.34"}
-
-
-def test_filtering_reactor_makes_a_hostname_endpoint_fail_for_a_loopback_name():
-    reactor = MemoryReactorClock()
-    reactor.installNameResolver(RESOLVER)
-    endpoint = HostnameEndpoint(FilteringReactor(reactor, AddressPolicy()), b"loopback.example", 80)
-    failures: list[Failure] = []
-    endpoint.connect(Factory.forProtocol(Protocol)).addErrback(failures.append)
-    reactor.advance(5)
-    assert reactor.tcpClients == []
-    assert len(failures) == 1
-    assert failures[0].check(DNSLookupError)
+    assert refused == [("10.0.0.5", "address 10.0.0.5 is not a public address")]
 
 
 class _NoThreads:
@@ -446,12 +419,30 @@ def test_callback_ip_literals_are_checked_without_the_resolver():
     assert results == [None]
 
 
-def test_filtering_reactor_still_refuses_literal_private_addresses():
-    from txfaas.ssrf import AddressPolicy, FilteringReactor
-
-    class FakeReactor:
-        nameResolver = _NoThreads()
+def test_filtering_resolver_still_refuses_literal_private_addresses():
+    from txfaas.ssrf import AddressPolicy, FilteringResolver, LiteralResolver
 
     receiver = _Receiver()
-    FilteringReactor(FakeReactor(), AddressPolicy()).nameResolver.resolveHostName(receiver, "127.0.0.1", 80)
+    FilteringResolver(LiteralResolver(_NoThreads()), AddressPolicy()).resolveHostName(
+        receiver, "127.0.0.1", 80
+    )
     assert receiver.done and receiver.addresses == []
+
+
+def test_literal_first_reactor_answers_addresses_itself_and_delegates_everything_else():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from txfaas.ssrf import literal_first
+
+    reactor = MemoryReactorClock()
+    reactor.installNameResolver(RESOLVER)
+    view = literal_first(reactor)
+    receiver = Receiver()
+    view.nameResolver.resolveHostName(receiver, "127.0.0.1", 80)
+    view.nameResolver.resolveHostName(receiver, "mixed.example", 80)
+    assert receiver.addresses == ["127.0.0.1", "93.184.216.34", "10.0.0.5"]
+    view.callLater(5, lambda: None)
+    assert len(reactor.getDelayedCalls()) == 1
+    assert view.seconds() == reactor.seconds()
+    with pytest.raises(NotImplementedError):
+        view.installNameResolver(RESOLVER)

@@ -11,13 +11,14 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
 from tests.support import Recorder, never_answer
+from txfaas.client import PoolAgent
 from txfaas.config import parse_networks
-from txfaas.ssrf import AddressPolicy, FilteringReactor
+from txfaas.ssrf import AddressPolicy, CallbackEndpointFactory
 from txfaas.worker.callback import (
     Callback,
     CallbackDelivery,
@@ -217,8 +218,8 @@ def filtered_delivery(addresses: list[str], allow: str = "") -> tuple[CallbackDe
     reactor = MemoryReactorClock()
     reactor.nameResolver = FixedResolver(addresses)
     nets, hosts = parse_networks(allow)
-    filtering = FilteringReactor(reactor, AddressPolicy(nets, hosts))
-    agent = Agent(filtering, pool=HTTPConnectionPool(reactor, persistent=False))
+    endpoints = CallbackEndpointFactory(reactor, AddressPolicy(nets, hosts))
+    agent = PoolAgent(HTTPConnectionPool(reactor, persistent=False), endpoints)  # as tap.py builds it
     return CallbackDelivery(reactor, agent, timeout=10.0), reactor
 
 
@@ -229,6 +230,20 @@ def test_callback_host_resolving_to_a_private_address_at_delivery_is_refused():
     reactor.advance(0)
     outcome = d.result
     assert outcome.state == "failed"
+    assert outcome.retryable  # DNS may point elsewhere later
+    assert "hooks.example.com" in outcome.error
+    assert "address 10.0.0.5 is not a public address" in outcome.error
+    assert reactor.tcpClients == []
+
+
+def test_callback_to_a_literal_private_address_is_never_connected():
+    """No --callback-allow: a callback to 127.0.0.1 gets no connection at all."""
+    delivery, reactor = filtered_delivery([])
+    d = deliver(delivery, callback(url="http://127.0.0.1:9000/cb"))
+    reactor.advance(0)
+    outcome = d.result
+    assert outcome.state == "failed"
+    assert "127.0.0.1" in outcome.error
     assert reactor.tcpClients == []
 
 
@@ -243,3 +258,17 @@ def test_callback_host_resolving_to_a_public_or_allowed_address_is_connected():
     deliver(delivery, callback(url="http://localhost:9/cb"))
     reactor.advance(0)
     assert [c[0] for c in reactor.tcpClients] == ["127.0.0.1"]
+
+
+def test_delivery_sends_the_path_and_query_but_never_the_fragment():
+    """PoolAgent sends the rest of the URL as the request target: the fragment must be cut first."""
+    delivery, reactor = filtered_delivery(["93.184.216.34"])
+    deliver(delivery, callback(url="http://hooks.example.com:9000/cb?x=1#frag"))
+    reactor.advance(0)
+    [(host, port, factory, _timeout, _bind)] = reactor.tcpClients
+    assert (host, port) == ("93.184.216.34", 9000)
+    transport = StringTransport()
+    factory.buildProtocol(None).makeConnection(transport)
+    head = transport.value().split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert head[0] == b"POST /cb?x=1 HTTP/1.1"
+    assert head.count(b"Host: hooks.example.com:9000") == 1

@@ -17,10 +17,11 @@ the function sent: nothing is decoded), the function's response headers
   was allowed (``--max-attempts`` or ``com.openfaas.retry.attempts``, minus one).
 
 Redirects are never followed (a 3xx counts as a failed delivery), and every
-connection is made through :class:`txfaas.ssrf.FilteringReactor`, so the
+connection is made through :class:`txfaas.ssrf.CallbackEndpointFactory`, so the
 callback host's addresses are checked again at delivery time: a name that
-now resolves to a private address is refused.  Connections are not reused
-between callbacks, so each delivery resolves the name afresh.
+now resolves to a private address is refused.  Connections are kept and reused
+per receiver; each new connection resolves the name afresh and is checked again.
+A fragment (``#...``) in the URL is not sent.
 
 Signing (Standard Webhooks)
 ---------------------------
@@ -184,8 +185,10 @@ class CallbackOutcome:
 class CallbackDelivery:
     """Delivers one callback, once, within a timeout.  Success is a 2xx answer.
 
-    ``agent`` must be an ``Agent`` over :class:`txfaas.ssrf.FilteringReactor`
-    (that checks the address of every new connection); only ``tap.py`` builds it.
+    ``agent`` must connect through :class:`txfaas.ssrf.CallbackEndpointFactory` (that checks
+    the address of every new connection); only ``tap.py`` builds it.  It may add ``Host`` to
+    the headers it is given (``PoolAgent`` does: each request gets fresh ones) and is given the
+    absolute URL without its fragment.
     """
 
     log = Logger()
@@ -231,7 +234,8 @@ class CallbackDelivery:
         """POST the callback; never raises except :class:`CancelledError` (the worker is stopping)."""
         try:
             parse_callback_url(callback.url)
-            url = callback.url.encode("ascii")
+            # A fragment is never sent (PoolAgent would put it in the request target).
+            url = callback.url.split("#", 1)[0].encode("ascii")
         except (CallbackRefused, UnicodeEncodeError) as e:
             return self._failed(callback, f"bad callback URL: {e}", retryable=False)
         # Only the receiver's status matters: read at most a little of its body (a hostile

@@ -381,12 +381,11 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     in-memory ones with the gateway); otherwise they are made from the settings.
     """
     from prometheus_client import CollectorRegistry
-    from twisted.web.client import Agent
     from twisted.web.server import Site
 
     from txfaas.client import CachingEndpointFactory, PoolAgent
     from txfaas.runtime import RecentFirstPool, is_child
-    from txfaas.ssrf import FilteringReactor, literal_first
+    from txfaas.ssrf import CallbackEndpointFactory, literal_first
     from txfaas.store.cache import FunctionCache
     from txfaas.worker.callback import CallbackDelivery
     from txfaas.worker.service import WorkerMetrics, WorkerService
@@ -418,15 +417,18 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     function_pool = RecentFirstPool(reactor, persistent=True)
     function_pool.maxPersistentPerHost = config.max_inflight
     # Callbacks: connections are kept and reused per receiver (as OpenFaaS's Go client does); a
-    # new connection is only made after its address was resolved and checked against the policy,
-    # so a kept one always goes where the policy allowed.  A receiver usually gets many callbacks:
-    # a connection each was a tenth of a worker's CPU per call in a burst of 1,000 calls.
+    # new connection is only made after its address was resolved and checked against the policy
+    # (CallbackEndpointFactory), so a kept one always goes where the policy allowed.  A receiver
+    # usually gets many callbacks: a connection each was a tenth of a worker's CPU per call in a
+    # burst of 1,000 calls.
     callback_pool = RecentFirstPool(reactor, persistent=True)
     callback_pool.maxPersistentPerHost = CALLBACK_CONNECTIONS_PER_HOST
     callback_pool.cachedConnectionTimeout = CALLBACK_IDLE_TIMEOUT
     callbacks = CallbackDelivery(
         reactor,
-        Agent(FilteringReactor(reactor, settings.callback_policy), pool=callback_pool),
+        # The origin's parsing, endpoint and Host header done once per receiver; the endpoint
+        # still resolves and checks the host for every new connection.
+        PoolAgent(callback_pool, CallbackEndpointFactory(reactor, settings.callback_policy)),
         timeout=config.callback_timeout,
         signing_key=settings.signing_key,
     )
