@@ -6,8 +6,8 @@ and on strings; imports nothing from the reactor.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Iterable
 from urllib.parse import unquote_to_bytes
 
@@ -43,7 +43,14 @@ _CALL_ID_RULE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")  # not "
 
 
 def new_call_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text: ``str(uuid.uuid4())`` without the ``UUID`` object (a
+    fifth of the cost; one per proxied call)."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+# RFC 9562's variant: the top two bits of the clock-sequence byte are 10.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 def valid_call_id(value: bytes | str) -> bool:

@@ -8,6 +8,7 @@ The OpenFaaS shapes (faas-provider's ``FunctionDeployment`` and
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import time
 from collections.abc import Mapping
@@ -173,7 +174,8 @@ class FunctionSpec:
         spec.check_retry_annotations()
         return spec
 
-    @property
+    # Both are read on every call (the proxy, the async accept): computed once per record.
+    @functools.cached_property
     def timeout(self) -> float | None:
         """The function's own time limit: annotation ``txfaas.timeout``, else envVars ``exec_timeout``."""
         for field, raw in (
@@ -188,7 +190,7 @@ class FunctionSpec:
                 return value or None
         return None
 
-    @property
+    @functools.cached_property
     def queue(self) -> str:
         """The queue its async calls go to (OpenFaaS's ``com.openfaas.queue`` annotation)."""
         name = self.annotations.get(QUEUE_ANNOTATION)

@@ -11,6 +11,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from twisted.application import service
@@ -203,25 +204,163 @@ def _raw_response(status: bytes, message: str) -> bytes:
     )
 
 
+class LazyTimer:
+    """A deadline that moves on often and passes rarely, with one ``DelayedCall`` behind it.
+
+    A connection's deadlines are set, moved and dropped for every request; with ``callLater``
+    each of those is a timer made and cancelled in the reactor's heap.  Here :meth:`set` and
+    :meth:`clear` only record the deadline (the armed call is moved only when the new deadline
+    is sooner), and when the armed call comes due before the current deadline it re-arms for
+    the rest.  ``fire`` runs at the deadline, as it would with ``callLater``.  :meth:`stop`
+    when the owner is done with it (a pending call keeps its owner alive until it is due).
+    """
+
+    __slots__ = ("_armed", "_call", "_clock", "_fire", "_when")
+
+    def __init__(self, clock: Any, fire: Callable[[], object]) -> None:
+        self._clock = clock
+        self._fire = fire
+        self._when: float | None = None
+        self._call: Any = None
+        self._armed = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return self._when is not None
+
+    def set(self, delay: float) -> None:
+        """Fire ``delay`` seconds from now (replacing any deadline set before)."""
+        when = self._when = self._clock.seconds() + delay
+        call = self._call
+        if call is None:
+            self._armed = when
+            self._call = self._clock.callLater(delay, self._due)
+        elif when < self._armed:
+            self._armed = when
+            call.reset(delay)
+
+    def clear(self) -> None:
+        self._when = None
+
+    def stop(self) -> None:
+        self._when = None
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _due(self) -> None:
+        self._call = None
+        when = self._when
+        if when is None:
+            return
+        delay = when - self._clock.seconds()
+        if delay > 0:
+            self._armed = when
+            self._call = self._clock.callLater(delay, self._due)
+            return
+        self._when = None
+        self._fire()
+
+
+class QueuedTimer:
+    """One timer of a :class:`TimerQueue` (``cancel``/``active`` as a ``DelayedCall``)."""
+
+    __slots__ = ("_queue", "fire", "when")
+
+    def __init__(self, when: float, fire: Callable[[], object] | None, queue: TimerQueue) -> None:
+        self.when = when
+        self.fire = fire
+        self._queue = queue
+
+    def active(self) -> bool:
+        return self.fire is not None
+
+    def cancel(self) -> None:
+        if self.fire is not None:
+            self.fire = None
+            self._queue._cancelled += 1
+
+
+class TimerQueue:
+    """Timers that all have the same delay, so they come due in the order they were set: one
+    ``DelayedCall`` for all of them (a proxied call's deadline, a pooled connection's idle time).
+
+    Cancelled timers are dropped when they reach the head, or all at once when they are most of
+    the queue (one slow call at the head must not make the queue hold every call behind it).
+    """
+
+    def __init__(self, clock: Any, delay: float) -> None:
+        self._clock = clock
+        self.delay = delay
+        self._queue: deque[QueuedTimer] = deque()
+        self._cancelled = 0
+        self._call: Any = None
+
+    def __len__(self) -> int:
+        return len(self._queue) - self._cancelled
+
+    def add(self, fire: Callable[[], object]) -> QueuedTimer:
+        queue = self._queue
+        while queue and queue[0].fire is None:
+            queue.popleft()
+            self._cancelled -= 1
+        if self._cancelled > 1024 and self._cancelled * 2 > len(queue):
+            self._queue = queue = deque(t for t in queue if t.fire is not None)
+            self._cancelled = 0
+        timer = QueuedTimer(self._clock.seconds() + self.delay, fire, self)
+        queue.append(timer)
+        if self._call is None:
+            self._call = self._clock.callLater(self.delay, self._due)
+        return timer
+
+    def _due(self) -> None:
+        self._call = None
+        queue = self._queue
+        now = self._clock.seconds()
+        while queue and (queue[0].fire is None or queue[0].when <= now):
+            timer = queue.popleft()
+            fire, timer.fire = timer.fire, None
+            if fire is None:
+                self._cancelled -= 1
+                continue
+            try:
+                fire()
+            except Exception:
+                log.failure("timer {timer!r} failed", timer=fire)
+        if queue and self._call is None:
+            self._call = self._clock.callLater(max(0.0, queue[0].when - now), self._due)
+
+    def stop(self) -> None:
+        """Cancel every timer (none fires)."""
+        for timer in self._queue:
+            timer.fire = None
+        self._queue.clear()
+        self._cancelled = 0
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+
 class LimitedChannel(HTTPChannel):
     """HTTP/1.1 with a body limit, an absolute read deadline, and two kinds of write deadline.
 
     Its settings come from :class:`LimitedSite` (see there for their meaning).  One
-    timer per request: armed at the request's first byte for reading, moved on
-    (``reset``) to the response deadline once the request is read, cancelled when
-    the response is finished.  A send deadline exists only while the client is not
+    deadline per request: set at the request's first byte for reading, moved on to the
+    response deadline once the request is read, dropped when the response is finished.
+    It and Twisted's idle timeout between requests are :class:`LazyTimer` s, so a request
+    makes no timer in the reactor.  A send deadline exists only while the client is not
     reading (the transport paused this channel).
     """
 
     log = Logger()
 
     # Set by LimitedSite.buildProtocol.
+    clock: Any = None
     bodyLimit: Callable[[bytes], int | None] | None = None
     readTimeout: float = 0.0
     responseTimeout: float = 0.0
     sendTimeout: float = 0.0
 
-    _deadline: Any = None
     _deadlineKind = _READ
     _requestStarted = False
     _rejected = False
@@ -232,8 +371,34 @@ class LimitedChannel(HTTPChannel):
     _peer: Any = None
 
     def __init__(self) -> None:
+        self._deadline: LazyTimer | None = None
+        self._idle: LazyTimer | None = None
         super().__init__()
         self._flushWaiters: list[Callable[[], None]] = []
+
+    def _timers(self) -> None:
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._deadline = LazyTimer(clock, self._timedOut)
+        self._idle = LazyTimer(clock, self.timeoutConnection)
+
+    # Twisted's idle timeout (TimeoutMixin), on a LazyTimer: HTTPChannel stops it when a
+    # request's headers are in and starts it again when the response is done.
+
+    def setTimeout(self, period: float | None) -> float | None:
+        previous, self.timeOut = self.timeOut, period
+        if self._idle is None:
+            self._timers()
+        if period is None:
+            self._idle.clear()
+        else:
+            self._idle.set(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self.timeOut is not None and self._idle is not None and self._idle.pending:
+            self._idle.set(self.timeOut)
 
     # reading
 
@@ -252,18 +417,20 @@ class LimitedChannel(HTTPChannel):
         return peer
 
     def connectionMade(self) -> None:
+        if self._deadline is None:
+            self._timers()
         super().connectionMade()
         if self.readTimeout:  # the first request's deadline counts from the connection's opening
-            self._deadline = self.callLater(self.readTimeout, self._timedOut)
+            self._deadline.set(self.readTimeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._rejected:
             return
         if not self._handlingRequest and data:
             self._requestStarted = True
-            if self._deadline is None and self.readTimeout:
+            if self.readTimeout and not self._deadline.pending:
                 self._deadlineKind = _READ
-                self._deadline = self.callLater(self.readTimeout, self._timedOut)
+                self._deadline.set(self.readTimeout)
         super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
@@ -281,17 +448,11 @@ class LimitedChannel(HTTPChannel):
         if self._rejected:
             return
         self._requestStarted = False
-        deadline = self._deadline
         if self.responseTimeout:
             self._deadlineKind = _RESPONSE
-            if deadline is not None and deadline.active():
-                deadline.reset(self.responseTimeout)
-            else:
-                self._deadline = self.callLater(self.responseTimeout, self._timedOut)
-        elif deadline is not None:
-            if deadline.active():
-                deadline.cancel()
-            self._deadline = None
+            self._deadline.set(self.responseTimeout)
+        else:
+            self._deadline.clear()
         super().allContentReceived()
 
     def refuseBody(self, limit: int, length: int | None = None) -> None:
@@ -312,12 +473,10 @@ class LimitedChannel(HTTPChannel):
     # the one per-request timer
 
     def _cancelDeadline(self) -> None:
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        if self._deadline is not None:
+            self._deadline.clear()
 
     def _timedOut(self) -> None:
-        self._deadline = None
         if self._rejected or self.transport is None:
             return
         if self._deadlineKind == _RESPONSE:
@@ -345,8 +504,7 @@ class LimitedChannel(HTTPChannel):
             )
 
     def requestDone(self, request: Any) -> None:
-        if self._deadline is not None:
-            self._cancelDeadline()
+        self._cancelDeadline()
         if self._backedUp and self.sendTimeout and self._sendDeadline is None:
             self._sendDeadline = self.callLater(self.sendTimeout, self._sendTimedOut)
         super().requestDone(request)
@@ -396,8 +554,11 @@ class LimitedChannel(HTTPChannel):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Any) -> None:
-        self._cancelDeadline()
         super().connectionLost(reason)
+        # Their calls would keep this channel alive until due (the idle one: hours).
+        if self._deadline is not None:
+            self._deadline.stop()
+            self._idle.stop()
         self._flushed()
 
 
@@ -467,6 +628,7 @@ class LimitedSite(server.Site):
 
     def buildProtocol(self, addr: Any) -> LimitedChannel:
         channel = super().buildProtocol(addr)
+        channel.clock = self.clock
         channel.bodyLimit = self.body_limit
         channel.readTimeout = self.read_timeout
         channel.responseTimeout = self.response_timeout
@@ -711,10 +873,12 @@ class RecentFirstPool(HTTPConnectionPool):
     connections' worth of load).  Most recent first keeps light traffic on a few warm
     connections; the rest expire after ``cachedConnectionTimeout``.  When full, the connection
     idle longest is closed, as in Twisted's.  Its connections log nothing when they open and
-    close (:class:`_QuietClientFactory`).
+    close (:class:`_QuietClientFactory`), and their idle timers share one reactor timer
+    (:class:`TimerQueue`): a connection comes back to the pool after every request.
     """
 
     _factory = _QuietClientFactory
+    _idle: TimerQueue | None = None
 
     def _putConnection(self, key: Any, connection: Any) -> None:
         if connection.state != "QUIESCENT":
@@ -726,9 +890,10 @@ class RecentFirstPool(HTTPConnectionPool):
             dropped.transport.loseConnection()
             self._timeouts.pop(dropped).cancel()
         connections.insert(0, connection)  # getConnection takes connections[0]
-        self._timeouts[connection] = self._reactor.callLater(
-            self.cachedConnectionTimeout, self._removeConnection, key, connection
-        )
+        idle = self._idle
+        if idle is None or idle.delay != self.cachedConnectionTimeout:
+            idle = self._idle = TimerQueue(self._reactor, self.cachedConnectionTimeout)
+        self._timeouts[connection] = idle.add(partial(self._removeConnection, key, connection))
 
 
 class Deadlines:

@@ -359,3 +359,13 @@ class PoolAgentTests(GatewayTestCase):
         self.failureResultOf(self.agent.request(b"GET", b"http:///nohost", Headers(), None), ValueError)
         self.failureResultOf(self.agent.request(b"G ET", b"http://fn.local/", Headers(), None), ValueError)
         self.failureResultOf(self.agent.request(b"GET", b"http://fn.local/a b", Headers(), None), ValueError)
+
+
+def test_the_headers_the_proxy_sets_directly_have_twisteds_canonical_names() -> None:
+    """The proxy writes these into ``Headers._rawHeaders`` without Twisted's encoder: a name
+    that is not in Twisted's canonical case would be a second entry beside the real one."""
+    from txfaas import headers as hdr
+
+    for name in (hdr.CALL_ID, hdr.START_TIME, hdr.DURATION, hdr.FORWARDED_FOR, hdr.FORWARDED_HOST):
+        assert list(Headers({name.lower(): [b"x"]}).getAllRawHeaders()) == [(name, [b"x"])]
+    assert Headers()._rawHeaders == {}  # the attribute the proxy relies on

@@ -132,10 +132,16 @@ def test_end_to_end_property_keeps_exactly_the_end_to_end_headers_in_order(pairs
 
 
 def test_new_call_id_is_a_valid_uuid4():
-    call_id = new_call_id()
-    assert uuid.UUID(call_id).version == 4
-    assert valid_call_id(call_id)
-    assert new_call_id() != call_id
+    ids = [new_call_id() for _ in range(2000)]
+    for call_id in ids:
+        parsed = uuid.UUID(call_id)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == call_id  # canonical: lower-case, dashes where uuid puts them
+        assert valid_call_id(call_id)
+    assert len(set(ids)) == len(ids)
+    # Every variant digit occurs (the two random bits of that nibble are kept).
+    assert {call_id[19] for call_id in ids} == set("89ab")
 
 
 @pytest.mark.parametrize(

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from txfaas.config import ConfigError
 from txfaas.runtime import (
     BytesProducer,
+    LazyTimer,
     LimitedSite,
     Listener,
     StartupError,
+    TimerQueue,
     exit_on_startup_error,
     run_startup,
 )
@@ -121,10 +125,34 @@ def test_read_timer_is_cancelled_once_the_request_is_complete():
     clock, echo, site = make(read_timeout=5)
     channel, transport = connect(site)
     channel.dataReceived(b"GET /free HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert transport.value().startswith(b"HTTP/1.1 200 ")
-    # Only the channel's own idle timeout is left.
-    pending = [c for c in clock.getDelayedCalls() if c.active()]
-    assert [c.func.__name__ for c in pending] == ["__timedOut"]
+    answered = transport.value()
+    assert answered.startswith(b"HTTP/1.1 200 ")
+    clock.advance(60)  # well past the answered request's read deadline: a kept-alive connection
+    assert transport.value() == answered
+    assert not (transport.disconnecting or transport.disconnected)
+
+
+def test_idle_timeout_closes_a_kept_alive_connection_and_restarts_with_each_request():
+    clock = Clock()
+    site = LimitedSite(Echo(), clock, idle_timeout=30)
+    channel, transport = connect(site)
+    clock.advance(20)
+    channel.dataReceived(b"GET /free HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(29)  # 49 s since the connection opened, 29 since the last response
+    assert not transport.disconnecting
+    clock.advance(1.5)
+    assert transport.disconnecting
+
+
+def test_a_closed_connection_leaves_no_timer_behind():
+    """A pending call would keep the channel (and its transport) in memory until it came due."""
+    clock, echo, site = make(read_timeout=5, response_timeout=9)
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /free HTTP/1.1\r\nHost: x\r\n\r\n")
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [c for c in clock.getDelayedCalls() if c.active()]
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
 
 
 def test_response_not_finished_within_write_timeout_is_aborted():
@@ -186,7 +214,6 @@ def test_the_next_request_on_a_kept_alive_connection_gets_its_deadline_from_its_
     clock, echo, site = make(read_timeout=2)
     channel, transport = connect(site)
     channel.dataReceived(b"GET /free HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert active(clock) and [c.func.__name__ for c in active(clock)] == ["__timedOut"]
     clock.advance(30)  # idle between requests: the idle timeout's business
     assert not transport.disconnecting
     channel.dataReceived(b"GET /free HTTP/1.1\r\n")
@@ -197,16 +224,25 @@ def test_the_next_request_on_a_kept_alive_connection_gets_its_deadline_from_its_
     assert b"HTTP/1.1 408 " in transport.value()
 
 
-def test_one_timer_per_request_moves_from_reading_to_the_response():
-    """The read deadline's timer becomes the response deadline (reset, not a second callLater)."""
+def test_requests_make_no_timer_in_the_reactor():
+    """The deadlines (read, response, idle) move on without a callLater per request."""
+    clock, echo, site = make(read_timeout=5, response_timeout=3)
+    channel, transport = connect(site)
+    armed = len(active(clock))
+    for _ in range(20):
+        channel.dataReceived(b"GET /free HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(0.1)
+    assert transport.value().count(b"HTTP/1.1 200 ") == 20
+    assert len(active(clock)) == armed
+    assert len(clock.calls) == armed  # nothing made and cancelled either
+
+
+def test_the_read_deadline_becomes_the_response_deadline_when_the_request_is_in():
     clock, echo, site = make(read_timeout=5, response_timeout=3)
     channel, transport = connect(site)
     channel.dataReceived(b"GET /slow HTTP/1.1\r\n")
-    [reading] = [c for c in active(clock) if c.func.__name__ != "__timedOut"]
     clock.advance(1)
     channel.dataReceived(b"Host: x\r\n\r\n")
-    assert [c for c in active(clock) if c.func.__name__ != "__timedOut"] == [reading]
-    assert reading.getTime() == 1 + 3
     clock.advance(2.99)
     assert not transport.disconnected
     clock.advance(0.01)
@@ -504,3 +540,103 @@ def test_pooled_connections_open_and_close_without_a_log_line_each():
 
     for pool in (RecentFirstPool(Clock()), quiet_pool(Clock(), per_host=4)):
         assert pool._factory(lambda protocol: None, "endpoint").noisy is False
+
+
+# --- LazyTimer and TimerQueue ---------------------------------------------------------------
+
+
+def test_lazy_timer_fires_at_the_last_deadline_set():
+    clock = Clock()
+    fired: list[float] = []
+    timer = LazyTimer(clock, lambda: fired.append(clock.seconds()))
+    timer.set(5)
+    clock.advance(3)
+    timer.set(5)  # later: the armed call stays, and re-arms when it comes due
+    clock.advance(2)
+    assert fired == [] and timer.pending
+    clock.advance(2.99)
+    assert fired == []
+    clock.advance(0.01)
+    assert fired == [8]
+    assert not timer.pending
+
+
+def test_lazy_timer_moves_its_call_when_the_new_deadline_is_sooner():
+    clock = Clock()
+    fired: list[float] = []
+    timer = LazyTimer(clock, lambda: fired.append(clock.seconds()))
+    timer.set(60)
+    timer.set(1)
+    clock.advance(1)
+    assert fired == [1]
+    clock.advance(100)
+    assert fired == [1]
+
+
+def test_lazy_timer_cleared_or_stopped_does_not_fire():
+    clock = Clock()
+    fired: list[float] = []
+    timer = LazyTimer(clock, lambda: fired.append(clock.seconds()))
+    timer.set(2)
+    timer.clear()
+    clock.advance(5)
+    assert fired == []
+    timer.set(2)
+    timer.stop()
+    assert clock.getDelayedCalls() == []
+    clock.advance(5)
+    assert fired == []
+
+
+def test_timer_queue_fires_each_timer_at_its_own_deadline_with_one_reactor_call():
+    clock = Clock()
+    queue = TimerQueue(clock, 10)
+    fired: list[tuple[str, float]] = []
+    queue.add(lambda: fired.append(("a", clock.seconds())))
+    clock.advance(3)
+    b = queue.add(lambda: fired.append(("b", clock.seconds())))
+    clock.advance(1)
+    queue.add(lambda: fired.append(("c", clock.seconds())))
+    assert len(clock.getDelayedCalls()) == 1
+    b.cancel()
+    assert not b.active() and len(queue) == 2
+    clock.advance(6)
+    assert fired == [("a", 10)]
+    clock.advance(4)
+    assert fired == [("a", 10), ("c", 14)]
+    assert clock.getDelayedCalls() == [] and len(queue) == 0
+
+
+def test_timer_queue_drops_cancelled_timers_behind_a_slow_one():
+    """One call at the head that lasts its whole timeout must not make the queue keep every
+    call cancelled behind it."""
+    clock = Clock()
+    queue = TimerQueue(clock, 60)
+    queue.add(lambda: None)  # the slow one
+    for _ in range(5000):
+        queue.add(lambda: None).cancel()
+    assert len(queue._queue) < 2100
+    assert len(queue) == 1
+
+
+def test_timer_queue_keeps_going_after_a_timer_fails():
+    clock = Clock()
+    queue = TimerQueue(clock, 1)
+    fired: list[str] = []
+    queue.add(lambda: 1 / 0)
+    queue.add(lambda: fired.append("next"))
+    with capturedLogs() as events:
+        clock.advance(1)
+    assert fired == ["next"]
+    assert [e["log_failure"].type for e in events if "log_failure" in e] == [ZeroDivisionError]
+
+
+def test_timer_queue_stop_fires_nothing():
+    clock = Clock()
+    queue = TimerQueue(clock, 1)
+    fired: list[str] = []
+    timer = queue.add(lambda: fired.append("x"))
+    queue.stop()
+    assert not timer.active()
+    clock.advance(2)
+    assert fired == [] and clock.getDelayedCalls() == []
