@@ -545,10 +545,15 @@ def test_pooled_connections_open_and_close_without_a_log_line_each():
 # --- LazyTimer and TimerQueue ---------------------------------------------------------------
 
 
-def test_lazy_timer_fires_at_the_last_deadline_set():
+def lazy_timer() -> tuple[Clock, LazyTimer, list[float]]:
+    """A LazyTimer on a Clock, recording the times it fired at."""
     clock = Clock()
     fired: list[float] = []
-    timer = LazyTimer(clock, lambda: fired.append(clock.seconds()))
+    return clock, LazyTimer(clock, lambda: fired.append(clock.seconds())), fired
+
+
+def test_lazy_timer_fires_at_the_last_deadline_set():
+    clock, timer, fired = lazy_timer()
     timer.set(5)
     clock.advance(3)
     timer.set(5)  # later: the armed call stays, and re-arms when it comes due
@@ -562,9 +567,7 @@ def test_lazy_timer_fires_at_the_last_deadline_set():
 
 
 def test_lazy_timer_moves_its_call_when_the_new_deadline_is_sooner():
-    clock = Clock()
-    fired: list[float] = []
-    timer = LazyTimer(clock, lambda: fired.append(clock.seconds()))
+    clock, timer, fired = lazy_timer()
     timer.set(60)
     timer.set(1)
     clock.advance(1)
@@ -574,9 +577,7 @@ def test_lazy_timer_moves_its_call_when_the_new_deadline_is_sooner():
 
 
 def test_lazy_timer_cleared_or_stopped_does_not_fire():
-    clock = Clock()
-    fired: list[float] = []
-    timer = LazyTimer(clock, lambda: fired.append(clock.seconds()))
+    clock, timer, fired = lazy_timer()
     timer.set(2)
     timer.clear()
     clock.advance(5)
