@@ -37,6 +37,7 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.writes_fail = False
         self.writes = 0
+        self.lose_final_reply = False
 
     async def put_call(self, record: CallRecord) -> None:
         self.writes += 1
@@ -53,7 +54,11 @@ class FlakyStore(MemoryStore):
         self.writes += 1
         if self.writes_fail:
             raise StoreUnavailable("writes down")
-        return await super().transition_call(record, from_statuses, **kwargs)
+        found = await super().transition_call(record, from_statuses, **kwargs)
+        if self.lose_final_reply and record.final:
+            self.lose_final_reply = False
+            raise StoreUnavailable("no reply in time")  # the write landed; its reply did not
+        return found
 
 
 class RefusingAgent:
@@ -461,6 +466,23 @@ def test_outcome_writes_are_retried_so_the_function_does_not_run_twice():
     assert h.store.results["call-1"].body == b"once"
     assert len(h.function.requests) == 1
     assert h.unacked == 0
+
+
+def test_an_outcome_write_whose_reply_was_lost_still_gets_its_callback():
+    """Redis paused past the command timeout ran the write all the same: the retry finds this
+    run's own outcome, which is no reason to drop the message before its callback."""
+    h = Harness(respond=lambda req: (200, {}, b"done"))
+    h.deploy()
+    h.enqueue()
+    h.store.lose_final_reply = True
+    h.start()
+    h.flush()
+    for _ in range(5):
+        h.clock.advance(1.0)
+    record = h.record()
+    assert record.status == CallStatus.SUCCEEDED
+    assert record.callback_state == "delivered"
+    assert len(h.function.requests) == 1
 
 
 def test_outcome_never_recorded_is_never_acked():

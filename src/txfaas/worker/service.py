@@ -704,9 +704,11 @@ class WorkerService(Service):
                 record, {CallStatus.RUNNING}, create=True, attempts_at_most=call.attempt, result=result
             ),
         )
-        if found is not None:
+        if found is not None and not _same_outcome(found, record):
             self._stale(CALL, call, f"another run already recorded the outcome ({found.status})")
             return
+        # (found == this run's record: a write whose reply was lost, e.g. to a paused Redis,
+        # landed all the same; the outcome is ours and its callback still to be delivered.)
         self.metrics.calls.labels(call.function, record.status).inc()
         self.log.info(
             "call {call_id}: {function} -> {status} ({code}) in {duration:.3f}s, attempt {n} of {m}",
@@ -1158,3 +1160,13 @@ def _settle(delivery: Delivery, ack: bool) -> None:
             what="ack" if ack else "requeue",
             error=e,
         )
+
+
+def _same_outcome(found: CallRecord, ours: CallRecord) -> bool:
+    """Whether the final record found is the one this run wrote (its finish time is this run's)."""
+    return (
+        found.status == ours.status
+        and found.finished_at == ours.finished_at
+        and found.attempts == ours.attempts
+        and found.status_code == ours.status_code
+    )
