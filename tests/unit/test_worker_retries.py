@@ -536,6 +536,29 @@ def test_a_retry_past_max_age_is_dead_lettered_and_the_last_answer_called_back()
     assert h.store.dead_letters["call-1"].mark.reason == "max_age"
 
 
+def test_a_dead_letter_write_whose_reply_was_lost_is_still_published_and_called_back():
+    """Redis paused past the command timeout ran the dead_lettered write all the same: the retry
+    finds this run's own record, which is no reason to skip the dead letter and the callback."""
+    h = Harness(
+        respond=answers(503), max_age=100.0, **retrying(retry=RetryPolicy(min_wait=200.0, max_wait=200.0))
+    )
+    h.deploy()
+    h.enqueue()
+    h.store.lose_final_reply = True
+    h.start()
+    h.flush()
+    run_until_quiet(h, 210, step=10.0)
+    assert not h.store.lose_final_reply  # the reply was lost once
+    record = h.record()
+    assert (record.status, record.dead_reason, record.callback_state) == (
+        "dead_lettered",
+        "max_age",
+        "delivered",
+    )
+    assert len(h.receiver.requests) == 1
+    assert h.store.dead_letters["call-1"].mark.reason == "max_age"
+
+
 def test_a_retry_arriving_while_its_previous_attempt_still_records_is_run_not_acked_with_it():
     """Attempt 2 comes back while attempt 1's job still waits for Redis to record it: it is a message
     of its own and must run (found in review: it used to join attempt 1's job and be acked unrun)."""

@@ -836,7 +836,9 @@ class WorkerService(Service):
         found = await self._patiently(
             call, lambda: self._store.transition_call(record, _STARTABLE, create=True)
         )
-        if found is not None:  # cancelled (or finished) meanwhile: nothing to dead-letter
+        if found is not None and not _same_outcome(found, record):
+            # Cancelled (or finished) meanwhile: nothing to dead-letter.  (Found equal to this
+            # run's record: the write landed, only its reply was lost; the rest is still to do.)
             self._stale(CALL, call, f"the record moved on ({found.status})")
             return
         self.metrics.calls.labels(call.function, record.status).inc()
@@ -1169,4 +1171,5 @@ def _same_outcome(found: CallRecord, ours: CallRecord) -> bool:
         and found.finished_at == ours.finished_at
         and found.attempts == ours.attempts
         and found.status_code == ours.status_code
+        and found.dead_reason == ours.dead_reason
     )
