@@ -482,6 +482,39 @@ def test_a_broker_dead_letter_is_kept_and_its_record_marked():
     assert h.queue.pending("txfaas.dead-letter") == 0
 
 
+def test_the_keeper_never_writes_back_a_record_that_moved_on_while_it_read():
+    """The callback path publishes its dead letter, then records the end (attempt 2, failed).
+    The keeper, reading the record between the two, must not write its older copy over that
+    (seen in CI: the record kept saying "callback retrying, 1 attempt")."""
+    h = Harness(**retrying())
+    h.start()
+    before = CallRecord(
+        "call-9", "echo", status="succeeded", attempts=1, callback_state="retrying", callback_attempts=1
+    )
+    after = attrs.evolve(
+        before,
+        status="dead_lettered",
+        dead_reason="callback_failed",
+        callback_state="failed",
+        callback_attempts=2,
+    )
+    h.store.calls["call-9"] = before
+    read = h.store.get_call
+
+    async def read_then_moved_on(call_id: str) -> CallRecord | None:
+        found = await read(call_id)
+        h.store.calls["call-9"] = after  # the callback path's own write lands meanwhile
+        return found
+
+    h.store.get_call = read_then_moved_on
+    call = Call(call_id="call-9", function="echo", dead=DeadMark("callback_failed", 5.0, "cb down"))
+    defer.Deferred.fromCoroutine(h.queue.dead_letter(call))
+    h.flush()
+    assert h.store.dead_letters["call-9"].call == call
+    assert h.store.calls["call-9"] == after
+    assert h.queue.pending("txfaas.dead-letter") == 0
+
+
 def test_the_keeper_drops_a_dead_letter_older_than_a_replay():
     """After ``POST .../retry`` (replay 1), a late duplicate of the replay-0 dead letter is not kept."""
     h = Harness(**retrying())

@@ -1023,6 +1023,7 @@ class WorkerService(Service):
         )
         if not call.function:
             return  # not a txfaas message: there is no record to mark
+        found = record
         if record is None:
             record = CallRecord.for_call(call)
         if record.status == CallStatus.DEAD_LETTERED and record.dead_reason == mark.reason:
@@ -1035,7 +1036,11 @@ class WorkerService(Service):
             finished_at=record.finished_at or mark.at,
             next_attempt_at=None,
         )
-        await self._store.put_call(updated)
+        # Only over the record as read: whoever dead-lettered the call may still be writing its
+        # own, fuller record (the callback path publishes first, then records the end).
+        await self._store.transition_call(
+            updated, {found.status} if found is not None else (), create=found is None
+        )
 
     async def _patiently(self, call: Call, write: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         """Retry a write of a finished call while the store is down.
