@@ -16,16 +16,15 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.interfaces import IConsumer, IListeningPort, IReactorCore, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import HTTPChannel
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from txfaas.config import ConfigError, RedisURL, format_duration
+from txfaas.http11 import HTTP11ConnectionFactory
 
 log = Logger(namespace="txfaas.runtime")
 
@@ -639,29 +638,6 @@ class LimitedSite(server.Site):
         """No access log line per request: the hot path stays quiet (metrics count requests)."""
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written in one go (no cooperator, no global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        if self._body:
-            consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def open_store(reactor: Any, url: RedisURL, *, prefix: str, call_ttl: float) -> Any:
     """The store a ``--redis`` URL names: an in-process ``MemoryStore`` for ``memory:``, else a
     ``RedisStore`` that connects in the background (its ``close()`` belongs in shutdown)."""
@@ -849,13 +825,6 @@ class ChildProcesses(service.Service):
         return ended
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """No "Starting factory" / "Stopping factory" log line for every new connection: noise at
-    info level, and a tenth of a worker's CPU in a burst of 1,000 calls."""
-
-    noisy = False
-
-
 def quiet_pool(reactor: Any, *, persistent: bool = True, per_host: int = 2) -> Any:
     """A :class:`RecentFirstPool` keeping up to ``per_host`` idle connections per host."""
     pool = RecentFirstPool(reactor, persistent=persistent)
@@ -872,12 +841,12 @@ class RecentFirstPool(HTTPConnectionPool):
     hundred take 12-18 ms instead of 0.4 (p99 at one connection, measured after 200
     connections' worth of load).  Most recent first keeps light traffic on a few warm
     connections; the rest expire after ``cachedConnectionTimeout``.  When full, the connection
-    idle longest is closed, as in Twisted's.  Its connections log nothing when they open and
-    close (:class:`_QuietClientFactory`), and their idle timers share one reactor timer
-    (:class:`TimerQueue`): a connection comes back to the pool after every request.
+    idle longest is closed, as in Twisted's.  Its connections are :class:`txfaas.http11.HTTP11Connection`s
+    (which log nothing when they open and close), and their idle timers share one reactor
+    timer (:class:`TimerQueue`): a connection comes back to the pool after every request.
     """
 
-    _factory = _QuietClientFactory
+    _factory = HTTP11ConnectionFactory
     _idle: TimerQueue | None = None
 
     def _putConnection(self, key: Any, connection: Any) -> None:

@@ -111,6 +111,13 @@ class ResponseTests(GatewayTestCase):
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-thing"])
         self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=b"])
 
+    def test_the_functions_content_length_comes_back_and_the_body_is_not_chunked(self) -> None:
+        self.function.answer = (200, [], b"teapot")  # twisted.web gives it a Content-Length
+        response, body = self.call("GET", "/function/echo")
+        self.assertEqual((response.length, body), (6, b"teapot"))
+        response, body = self.call("HEAD", "/function/echo")
+        self.assertEqual((response.code, body), (200, b""))
+
     def test_redirects_are_not_followed(self) -> None:
         self.function.answer = (302, [(b"Location", b"http://elsewhere/")], b"")
         response, _ = self.call("GET", "/function/echo")
@@ -294,7 +301,7 @@ class _Endpoints:
 
 
 class _Pool:
-    """Hands out real HTTP11ClientProtocols over StringTransports, one per getConnection."""
+    """Hands out real HTTP11Connections over StringTransports, one per getConnection."""
 
     persistent = True
 
@@ -304,10 +311,11 @@ class _Pool:
 
     def getConnection(self, key, endpoint):
         from twisted.internet.testing import StringTransport
-        from twisted.web._newclient import HTTP11ClientProtocol
+
+        from txfaas.http11 import HTTP11Connection
 
         self.keys.append((key, endpoint))
-        protocol = HTTP11ClientProtocol()
+        protocol = HTTP11Connection()
         transport = StringTransport()
         protocol.makeConnection(transport)
         self.transports.append(transport)

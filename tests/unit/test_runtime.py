@@ -13,8 +13,8 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from txfaas.config import ConfigError
+from txfaas.http11 import BytesProducer
 from txfaas.runtime import (
-    BytesProducer,
     LazyTimer,
     LimitedSite,
     Listener,

@@ -42,13 +42,14 @@ from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.client import FileBodyProducer
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
+from txfaas.http11 import BytesProducer
 from txfaas.model import MAX_NAME, FunctionSpec
-from txfaas.runtime import BytesProducer, QueuedTimer, TimerQueue
+from txfaas.runtime import QueuedTimer, TimerQueue
 from txfaas.store import StoreUnavailable
 from txfaas.store.cache import FunctionCache
 
@@ -58,6 +59,7 @@ _REQUEST_DROP = hdr.HOP_BY_HOP | frozenset(
 )
 _RESPONSE_DROP = hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"})
 _NAME_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_NO_BODY = frozenset({204, 304})
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
 
 
@@ -313,6 +315,10 @@ class _Exchange:
             raw[name] = list(values)
         raw[hdr.START_TIME] = [self.start_ns]
         raw[hdr.DURATION] = [b"%.6f" % (time.monotonic() - self.started)]
+        length = response.length
+        if length is not UNKNOWN_LENGTH and response.code not in _NO_BODY and request.method != b"HEAD":
+            # The function's length, as it gave it (else twisted.web would chunk the body).
+            raw[b"Content-Length"] = [b"%d" % length]
         self.relay = _Relay(self)
         response.deliverBody(self.relay)
 

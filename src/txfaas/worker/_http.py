@@ -21,7 +21,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from txfaas.runtime import BytesProducer
+from txfaas.http11 import BytesProducer
 
 Pairs = list[tuple[bytes, bytes]]
 

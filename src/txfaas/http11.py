@@ -1,0 +1,566 @@
+"""A lean HTTP/1.1 client connection for the connection pools of the proxy and the worker.
+
+Twisted's ``HTTP11ClientProtocol`` parses a response one line at a time through
+``LineReceiver``, a stateful dispatcher and a ``Headers.addRawHeader`` per header,
+and routes each response through four chained Deferreds and a transport proxy:
+about a third of the gateway's CPU per proxied call.  :class:`HTTP11Connection`
+does the same job for one request at a time with the head parsed in one pass,
+and keeps Twisted's contract with ``HTTPConnectionPool`` and with callers:
+
+- ``request(request)`` takes Twisted's client ``Request`` and fires with an
+  ``IResponse`` once the response head is in, or fails with Twisted's
+  exceptions (``RequestNotSent``, ``RequestGenerationFailed``,
+  ``RequestTransmissionFailed``, ``ResponseNeverReceived``, ``ResponseFailed``),
+  so the pool's retry of idempotent requests on a stale connection still works;
+- cancelling that Deferred aborts the connection; ``stopProducing`` on the body's
+  transport aborts it too, while the response is still arriving;
+- the body ends with ``ResponseDone``, ``PotentialDataLoss`` (no length given and the
+  connection closed) or ``ResponseFailed``; bodies are framed by Content-Length,
+  chunked transfer coding (Twisted's own decoder) or the connection's end; HEAD,
+  1xx (skipped), 204 and 304 answers have none;
+- a body not yet asked for is buffered with the connection paused, as Twisted does;
+- the connection goes back to the pool (the quiescent callback) only after a
+  complete response to a fully sent, persistent request whose answer did not
+  say ``Connection: close`` (an HTTP/1.0 answer must say ``keep-alive``).
+
+A request body is written here when there is none or it is a :class:`BytesProducer`
+(the body in memory: one write with the head); any other producer goes through
+Twisted's ``Request.writeTo``, which enforces its length or chunks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    ParseError,
+    Request,
+    RequestGenerationFailed,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _ensureValidMethod,
+    _ensureValidURI,
+)
+from twisted.web.http import PotentialDataLoss, _ChunkedTransferDecoder, _DataLoss
+from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+#: Longest response head (status line and headers) accepted.
+MAX_HEAD = 64 * 1024
+# Not the response's own headers: how this connection carries it (as in Twisted's parser).
+_CONTROL = frozenset(
+    {
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+_NO_BODY = frozenset({204, 304})
+_BODY_METHODS = frozenset({b"PUT", b"POST"})
+_DONE = ResponseDone("Response body fully received")
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one go (no cooperator, no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        if self._body:
+            consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class _BodyTransport:
+    """The body's ``transport``: flow control over the connection while the body arrives."""
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+
+    def pauseProducing(self) -> None:
+        connection = self._response._connection
+        if connection is not None:
+            connection.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        connection = self._response._connection
+        if connection is not None:
+            connection.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """Abort the connection if the body is still arriving; nothing once it is complete."""
+        connection = self._response._connection
+        if connection is not None:
+            connection.transport.abortConnection()
+
+
+@implementer(IResponse)
+class Response:
+    """A response whose head is in; its body is delivered to one protocol (``deliverBody``)."""
+
+    previousResponse: Any = None
+
+    def __init__(
+        self,
+        version: tuple[bytes, int, int],
+        code: int,
+        phrase: bytes,
+        headers: Headers,
+        length: Any,
+        request: Request,
+        connection: HTTP11Connection | None,
+    ) -> None:
+        self.version = version
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self.request = request
+        self._connection = connection  # while the body is still arriving
+        self._protocol: Any = None
+        self._buffer: list[bytes] = []
+        self._end: Failure | None = None
+        self._ended = False
+
+    def setPreviousResponse(self, response: Any) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol: Any) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("the response body was already delivered")
+        self._protocol = protocol
+        protocol.makeConnection(_BodyTransport(self))
+        buffered, self._buffer = self._buffer, []
+        for data in buffered:
+            if self._ended:
+                return
+            protocol.dataReceived(data)
+        if self._end is not None:
+            end, self._end = self._end, None
+            self._lose(end)
+        elif self._connection is not None:
+            self._connection.transport.resumeProducing()  # paused while nobody read the body
+
+    def _data(self, data: bytes) -> None:
+        if self._protocol is not None:
+            if not self._ended:
+                self._protocol.dataReceived(data)
+        else:
+            self._buffer.append(data)
+
+    def _finish(self, reason: Failure) -> None:
+        self._connection = None
+        if self._protocol is not None:
+            self._lose(reason)
+        else:
+            self._end = reason
+
+    def _lose(self, reason: Failure) -> None:
+        if not self._ended:
+            self._ended = True
+            self._protocol.connectionLost(reason)
+
+
+class HTTP11Connection(Protocol):
+    """One HTTP/1.1 client connection, one request at a time (see the module's docstring)."""
+
+    log = Logger()
+
+    def __init__(self, quiescentCallback: Callable[[HTTP11Connection], object] = lambda c: None) -> None:
+        self._quiescentCallback = quiescentCallback
+        self._state = "QUIESCENT"
+        self._abortDeferreds: list[defer.Deferred[None]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._request: Request | None = None
+        self._result: defer.Deferred[IResponse] | None = None  # until the head is in
+        self._writing: defer.Deferred[None] | None = None  # a body producer still writing
+        self._sent = False
+        self._head = b""
+        self._received = False  # any byte of the response
+        self._response: Response | None = None
+        self._remaining: int | None = None  # Content-Length left to read
+        self._chunked: Any = None
+        self._keep = False
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+
+    # --- the request ------------------------------------------------------------------------
+
+    def request(self, request: Request) -> defer.Deferred[IResponse]:
+        if self._state != "QUIESCENT":
+            return defer.fail(RequestNotSent())
+        self._state = "ACTIVE"
+        self._request = request
+        result = self._result = defer.Deferred(self._cancel)
+        try:
+            writing = self._write(request)
+        except BaseException:
+            self._generation_failed(Failure())
+            return result
+        if writing is None:
+            self._sent = True
+        else:
+            self._writing = writing
+            writing.addCallbacks(self._written, self._write_failed)
+        return result
+
+    def _write(self, request: Request) -> defer.Deferred[None] | None:
+        body = request.bodyProducer
+        if body is not None and type(body) is not BytesProducer:
+            return request.writeTo(self.transport)  # Twisted's: length enforced, or chunked
+        method = _ensureValidMethod(request.method)
+        headers = request.headers
+        if len(headers.getRawHeaders(b"host", ())) != 1:
+            raise ValueError("exactly one Host header is required")
+        lines = [method + b" " + _ensureValidURI(request.uri) + b" HTTP/1.1\r\n"]
+        if not request.persistent:
+            lines.append(b"Connection: close\r\n")
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n" % body.length)
+        elif method in _BODY_METHODS:
+            lines.append(b"Content-Length: 0\r\n")
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        if body is not None and body.length:
+            lines.append(body._body)
+        self.transport.writeSequence(lines)
+        return None
+
+    def _written(self, _: object) -> None:
+        self._writing = None
+        self._sent = True
+
+    def _write_failed(self, failure: Failure) -> None:
+        self._writing = None
+        if self._state == "ACTIVE" and self._result is not None:
+            self._generation_failed(failure)
+        elif self._state == "ACTIVE":
+            # The answer came before the body could be sent: the connection cannot be reused.
+            self._state = "DONE"
+            self.transport.abortConnection()
+        else:  # the connection is done with or gone: what the body's producer says is moot
+            self.log.debug(
+                "request body not written ({state}): {error}", state=self._state, error=failure.value
+            )
+
+    def _generation_failed(self, failure: Failure) -> None:
+        self._state = "GENERATION_FAILED"
+        self.transport.abortConnection()
+        result, self._result = self._result, None
+        if result is not None:
+            result.errback(Failure(RequestGenerationFailed([failure])))
+
+    def _cancel(self, result: defer.Deferred[IResponse]) -> None:
+        if self._writing is not None:
+            self._writing.cancel()  # fails the write: RequestGenerationFailed([CancelledError])
+            return
+        self._result = None
+        self.transport.abortConnection()
+        result.errback(Failure(ResponseNeverReceived([Failure(defer.CancelledError())])))
+
+    # --- the response -----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            if self._response is None:
+                self._head_received(data)
+            else:
+                self._body_received(data)
+        except Exception:
+            self._protocol_error(Failure())
+
+    def _head_received(self, data: bytes) -> None:
+        if self._request is None or self._state != "ACTIVE":
+            self.transport.loseConnection()  # unasked for: not a connection to keep
+            return
+        self._received = True
+        head = self._head + data if self._head else data
+        while True:
+            crlf = head.find(b"\n\r\n")
+            lf = head.find(b"\n\n")
+            if lf >= 0 and (crlf < 0 or lf < crlf):
+                end, rest = lf, head[lf + 2 :]
+            elif crlf >= 0:
+                end, rest = crlf, head[crlf + 3 :]
+            else:
+                if len(head) > MAX_HEAD:
+                    raise ParseError("response head too long", head[:80])
+                self._head = head
+                return
+            if end > MAX_HEAD:
+                raise ParseError("response head too long", head[:80])
+            response = self._parse_head(head[:end])
+            if response is not None:
+                break
+            head = rest  # a 1xx answer: the real one follows
+        self._head = b""
+        self._response = response
+        result, self._result = self._result, None
+        if result is not None:
+            result.callback(response)  # first, as Twisted does: the caller may read the body now
+        if self._response is not response:
+            return  # the caller's callback already ended the exchange
+        if response._connection is None:
+            self._exchange_done(rest)  # no body
+            return
+        if rest:
+            self._body_received(rest)
+        if response._connection is not None and response._protocol is None:
+            self.transport.pauseProducing()  # until someone reads the body
+
+    def _parse_head(self, head: bytes) -> Response | None:
+        lines = head.split(b"\n")
+        status = lines[0].rstrip(b"\r")
+        parts = status.split(b" ", 2)
+        if len(parts) == 2:
+            parts.append(b"")
+        elif len(parts) != 3:
+            raise ParseError("wrong number of parts", status)
+        version, code_b, phrase = parts
+        proto, _, numbers = version.partition(b"/")
+        major, _, minor = numbers.partition(b".")
+        if proto != b"HTTP" or not major.isdigit() or not minor.isdigit():
+            raise ParseError("bad response version", version)
+        if len(code_b) != 3 or not code_b.isdigit():
+            raise ParseError("bad status code", status)
+        code = int(code_b)
+        if 100 <= code < 200:
+            return None
+        request = self._request
+        assert request is not None
+        headers = Headers()
+        raw = headers._rawHeaders
+        control: dict[bytes, list[bytes]] = {}
+        name = value = b""
+        pending = False
+        for line in lines[1:]:
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if line[:1] in (b" ", b"\t"):
+                if not pending:
+                    raise ParseError("continuation line without a header", line)
+                value += b" " + line.strip(b" \t")
+                continue
+            if pending:
+                self._header(raw, control, name, value, request)
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise ParseError("header line without a colon", line)
+            value = value.strip(b" \t")
+            pending = True
+        if pending:
+            self._header(raw, control, name, value, request)
+        http11 = (major, minor) != (b"1", b"0")
+        tokens = b",".join(control.get(b"connection", ())).lower()
+        keep = b"close" not in tokens if http11 else b"keep-alive" in tokens
+        self._keep = keep and request.persistent
+        length: Any = UNKNOWN_LENGTH
+        if code in _NO_BODY or request.method == b"HEAD":
+            length = 0
+        elif b"transfer-encoding" in control:
+            codings = b",".join(control[b"transfer-encoding"]).lower().split(b",")
+            if codings[-1].strip() == b"chunked":
+                self._chunked = _ChunkedTransferDecoder(self._chunk, self._chunks_done)
+            else:
+                self._keep = False  # the body ends with the connection
+            if b"content-length" in control:
+                self._keep = False  # both framings given: do not trust this connection further
+        elif b"content-length" in control:
+            values = {v.strip() for vs in control[b"content-length"] for v in vs.split(b",")}
+            if len(values) != 1:
+                raise ParseError("conflicting Content-Length values", b", ".join(sorted(values)))
+            text = values.pop()
+            if not text.isdigit():
+                raise ParseError("bad Content-Length", text)
+            length = int(text)
+            if length:
+                self._remaining = length
+        else:
+            self._keep = False  # the body ends with the connection
+        response = Response((b"HTTP", int(major), int(minor)), code, phrase, headers, length, request, self)
+        if length == 0:
+            response._finish(Failure(_DONE))
+        return response
+
+    @staticmethod
+    def _header(
+        raw: dict[bytes, list[bytes]],
+        control: dict[bytes, list[bytes]],
+        name: bytes,
+        value: bytes,
+        request: Request,
+    ) -> None:
+        low = name.lower()
+        if b"\r" in value or b"\x00" in value:
+            value = b" ".join(value.replace(b"\x00", b" ").splitlines())
+        if low in _CONTROL and not (low == b"content-length" and request.method == b"HEAD"):
+            control.setdefault(low, []).append(value)
+            return
+        key = _nameEncoder.encode(low)  # Header-Case, and InvalidHeaderName unless a token
+        values = raw.get(key)
+        if values is None:
+            raw[key] = [value]
+        else:
+            values.append(value)
+
+    def _body_received(self, data: bytes) -> None:
+        response = self._response
+        assert response is not None
+        if response._connection is None:
+            self.transport.loseConnection()  # bytes after a complete answer: not reusable
+            self._keep = False
+            return
+        remaining = self._remaining
+        if remaining is not None:
+            if len(data) < remaining:
+                self._remaining = remaining - len(data)
+                response._data(data)
+                return
+            self._remaining = None
+            response._data(data[:remaining])
+            response._finish(Failure(_DONE))
+            if self._response is response:
+                self._exchange_done(data[remaining:])
+        elif self._chunked is not None:
+            self._chunked.dataReceived(data)
+        else:
+            response._data(data)
+
+    def _chunk(self, data: bytes) -> None:
+        assert self._response is not None
+        self._response._data(data)
+
+    def _chunks_done(self, rest: bytes) -> None:
+        response = self._response
+        assert response is not None
+        self._chunked = None
+        response._finish(Failure(_DONE))
+        if self._response is response:
+            self._exchange_done(rest)
+
+    def _exchange_done(self, rest: bytes) -> None:
+        """The response is complete: back to the pool, or closed."""
+        if self._state != "ACTIVE" or not self._sent:
+            if self._state == "ACTIVE" and self._writing is not None:
+                self._state = "DONE"
+                self._request.stopWriting()  # type: ignore[union-attr]
+                self.transport.loseConnection()
+            return
+        if not self._keep or rest:
+            self._state = "DONE"
+            self.transport.loseConnection()
+            return
+        self._reset()
+        self._state = "QUIESCENT"
+        self.transport.resumeProducing()
+        try:
+            self._quiescentCallback(self)
+        except Exception:
+            self.log.failure("while returning a connection to the pool")
+            self.transport.loseConnection()
+
+    def _protocol_error(self, failure: Failure) -> None:
+        """A response that cannot be parsed: fail it and drop the connection."""
+        self._state = "DONE"
+        self.transport.abortConnection()
+        result, self._result = self._result, None
+        if result is not None:
+            result.errback(Failure(ResponseFailed([failure])))
+        elif self._response is not None:
+            self._response._finish(Failure(ResponseFailed([failure], self._response)))
+
+    # --- the end ----------------------------------------------------------------------------
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        aborting = self._state == "ABORTING"
+        self._state = "CONNECTION_LOST"
+        if aborting:
+            reason = Failure(ConnectionAborted())
+        result, self._result = self._result, None
+        if self._writing is not None and self._request is not None:
+            self._request.stopWriting()
+        if result is not None:
+            if not self._sent and self._writing is not None:
+                result.errback(Failure(RequestTransmissionFailed([reason])))
+            elif self._received:
+                result.errback(Failure(ResponseFailed([reason])))
+            else:
+                result.errback(Failure(ResponseNeverReceived([reason])))
+        response = self._response
+        if response is not None and response._connection is not None:
+            if self._remaining is None and self._chunked is None and reason.check(ConnectionDone):
+                # No length given: the end of the connection is the end of the body.
+                response._finish(Failure(PotentialDataLoss()))
+            else:
+                response._finish(Failure(ResponseFailed([reason, Failure(_DataLoss())], response)))
+        self._response = None
+        self._chunked = None
+        self._remaining = None
+        deferreds, self._abortDeferreds = self._abortDeferreds, []
+        for d in deferreds:
+            d.callback(None)
+
+    def abort(self) -> defer.Deferred[None]:
+        """Close the connection; fires once it is closed (as ``HTTP11ClientProtocol.abort``)."""
+        if self._state == "CONNECTION_LOST":
+            return defer.succeed(None)
+        self.transport.loseConnection()
+        self._state = "ABORTING"
+        d: defer.Deferred[None] = defer.Deferred()
+        self._abortDeferreds.append(d)
+        return d
+
+
+class HTTP11ConnectionFactory(Factory):
+    """What ``HTTPConnectionPool._factory`` builds connections with: :class:`HTTP11Connection`."""
+
+    noisy = False  # no log line for every connection opened and closed
+
+    def __init__(self, quiescentCallback: Callable[[HTTP11Connection], object], metadata: object) -> None:
+        self._quiescentCallback = quiescentCallback
+        self._metadata = metadata
+
+    def __repr__(self) -> str:
+        return f"HTTP11ConnectionFactory({self._quiescentCallback!r}, {self._metadata!r})"
+
+    def buildProtocol(self, addr: Any) -> HTTP11Connection:
+        return HTTP11Connection(self._quiescentCallback)
