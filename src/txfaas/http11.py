@@ -262,7 +262,7 @@ class HTTP11Connection(Protocol):
         lines.append(b"\r\n")
         if body is not None and body.length:
             lines.append(body._body)
-        self.transport.writeSequence(lines)
+        self.transport.write(b"".join(lines))  # (writeSequence would check every piece)
         return None
 
     def _written(self, _: object) -> None:
@@ -348,7 +348,7 @@ class HTTP11Connection(Protocol):
             self.transport.pauseProducing()  # until someone reads the body
 
     def _parse_head(self, head: bytes) -> Response | None:
-        lines = head.split(b"\n")
+        lines = head.split(b"\n", 1)
         status = lines[0].rstrip(b"\r")
         parts = status.split(b" ", 2)
         if len(parts) == 2:
@@ -370,25 +370,21 @@ class HTTP11Connection(Protocol):
         headers = Headers()
         raw = headers._rawHeaders
         control: dict[bytes, list[bytes]] = {}
-        name = value = b""
-        pending = False
-        for line in lines[1:]:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if line[:1] in (b" ", b"\t"):
-                if not pending:
-                    raise ParseError("continuation line without a header", line)
-                value += b" " + line.strip(b" \t")
+        head_method = request.method == b"HEAD"
+        encode = _nameEncoder.encode
+        for name, value in _header_lines(head[len(lines[0]) + 1 :] if len(lines) > 1 else b""):
+            if b"\r" in value or b"\x00" in value:
+                value = b" ".join(value.replace(b"\x00", b" ").splitlines())
+            low = name.lower()
+            if low in _CONTROL and not (head_method and low == b"content-length"):
+                control.setdefault(low, []).append(value)
                 continue
-            if pending:
-                self._header(raw, control, name, value, request)
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise ParseError("header line without a colon", line)
-            value = value.strip(b" \t")
-            pending = True
-        if pending:
-            self._header(raw, control, name, value, request)
+            key = encode(low)  # Header-Case, and InvalidHeaderName unless a token
+            values = raw.get(key)
+            if values is None:
+                raw[key] = [value]
+            else:
+                values.append(value)
         http11 = (major, minor) != (b"1", b"0")
         tokens = b",".join(control.get(b"connection", ())).lower()
         keep = b"close" not in tokens if http11 else b"keep-alive" in tokens
@@ -420,27 +416,6 @@ class HTTP11Connection(Protocol):
         if length == 0:
             response._finish(Failure(_DONE))
         return response
-
-    @staticmethod
-    def _header(
-        raw: dict[bytes, list[bytes]],
-        control: dict[bytes, list[bytes]],
-        name: bytes,
-        value: bytes,
-        request: Request,
-    ) -> None:
-        low = name.lower()
-        if b"\r" in value or b"\x00" in value:
-            value = b" ".join(value.replace(b"\x00", b" ").splitlines())
-        if low in _CONTROL and not (low == b"content-length" and request.method == b"HEAD"):
-            control.setdefault(low, []).append(value)
-            return
-        key = _nameEncoder.encode(low)  # Header-Case, and InvalidHeaderName unless a token
-        values = raw.get(key)
-        if values is None:
-            raw[key] = [value]
-        else:
-            values.append(value)
 
     def _body_received(self, data: bytes) -> None:
         response = self._response
@@ -548,6 +523,32 @@ class HTTP11Connection(Protocol):
         d: defer.Deferred[None] = defer.Deferred()
         self._abortDeferreds.append(d)
         return d
+
+
+def _header_lines(block: bytes) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of a header block; ``ParseError`` for a line that is not one.
+
+    Lines end in CR LF or a bare LF; a line starting with a space or a tab continues the
+    value before it (obs-fold).  Names are checked when they are encoded (``InvalidHeaderName``)."""
+    if not block:
+        return []
+    lines = block.split(b"\r\n")
+    if len(lines) != block.count(b"\n") + 1:  # some line ends in a bare LF
+        lines = [line[:-1] if line[-1:] == b"\r" else line for line in block.split(b"\n")]
+    pairs: list[tuple[bytes, bytes]] = []
+    for line in lines:
+        first = line[:1]
+        if first == b" " or first == b"\t":
+            if not pairs:
+                raise ParseError("continuation line without a header", line)
+            name, value = pairs[-1]
+            pairs[-1] = (name, value + b" " + line.strip(b" \t"))
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ParseError("header line without a colon", line)
+        pairs.append((name, value.strip(b" \t")))
+    return pairs
 
 
 class HTTP11ConnectionFactory(Factory):

@@ -120,10 +120,9 @@ def test_a_get_is_written_with_its_target_host_and_headers_and_no_length():
 def test_a_body_in_memory_goes_out_with_its_length_in_one_write():
     c = Conn()
     writes: list[Any] = []
-    c.transport.writeSequence = writes.append  # type: ignore[method-assign]
+    c.transport.write = writes.append  # type: ignore[method-assign]
     c.request(b"POST", body=BytesProducer(b"payload"))
-    [lines] = writes
-    wire = b"".join(lines)
+    [wire] = writes
     assert b"\r\nContent-Length: 7\r\n" in wire and wire.endswith(b"\r\n\r\npayload")
 
 

@@ -11,6 +11,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web import resource, server
+from twisted.web.http_headers import Headers
 
 from txfaas.config import ConfigError
 from txfaas.http11 import BytesProducer
@@ -641,3 +642,23 @@ def test_timer_queue_stop_fires_nothing():
     assert not timer.active()
     clock.advance(2)
     assert fired == [] and clock.getDelayedCalls() == []
+
+
+def test_the_response_head_is_written_once_and_as_twisted_writes_it():
+    from twisted.web.http import HTTPChannel
+
+    _clock, _echo, site = make()
+    channel, transport = connect(site)
+    writes: list[bytes] = []
+    transport.write = writes.append  # type: ignore[method-assign]
+    headers = Headers({b"x-a": [b"1", b"2"], b"content-type": [b"text/plain"]})
+    channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+    theirs = StringTransport()
+    stock = HTTPChannel()
+    stock.makeConnection(theirs)
+    stock.writeHeaders(b"HTTP/1.1", b"200", b"OK", headers)
+    assert writes == [theirs.value()]
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nX-A: 2\r\n")
+    # The old form, a list of pairs, is still sanitised by Twisted's own code.
+    channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(b"x-b", b"bad\r\nvalue")])
+    assert b"X-B: bad value\r\n" in transport.value()
