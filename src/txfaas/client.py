@@ -15,7 +15,9 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
 from twisted.web._newclient import Request as _ClientRequest
+from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -23,6 +25,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResp
 from zope.interface import implementer
 
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
 #: Longest wait for a new connection to a function (Twisted's endpoints default to 30 s too).
 CONNECT_TIMEOUT = 30
 
@@ -75,8 +78,13 @@ class PoolAgent:
     add Host.  Here the origin (``scheme://host[:port]``) is split off the URL and looked up
     in a cache holding the pool key, the endpoint and the Host value; the rest of the URL is
     the request target as given.  Host is added to ``headers`` in place: the proxy builds a
-    fresh ``Headers`` for each call.  Method and target are still checked by Twisted when the
-    request is written (``_ensureValidMethod`` / ``_ensureValidURI``).
+    fresh ``Headers`` for each call.  Method and target are still checked when the request is
+    written (``_ensureValidMethod`` / ``_ensureValidURI``).
+
+    An idle connection is taken from a :class:`txfaas.runtime.RecentFirstPool` directly
+    (``cached``), without the Deferred and the retrying wrapper of ``getConnection``; the
+    retry those give (an idempotent request failed on a connection the function had closed)
+    is :meth:`_again`.
     """
 
     def __init__(self, pool: Any, endpoints: IAgentEndpointFactory, limit: int = 4096) -> None:
@@ -112,7 +120,28 @@ class PoolAgent:
             request = _ClientRequest(method, path, headers, bodyProducer, persistent=self._pool.persistent)
         except Exception:
             return defer.fail()
-        return self._pool.getConnection(key, endpoint).addCallback(_send, request)
+        take = getattr(self._pool, "cached", None)
+        connection = take(key) if take is not None else None
+        if connection is None:
+            return self._pool.getConnection(key, endpoint).addCallback(_send, request)
+        d = connection.request(request)
+        if self._pool.retryAutomatically:
+            d.addErrback(self._again, request, key, endpoint)
+        return d
+
+    def _again(self, failure: Failure, request: _ClientRequest, key: Any, endpoint: Any) -> Any:
+        """A request that failed on a kept connection before any answer came (the function closed
+        it while idle), sent once more on a new one, as Twisted's pool does: only idempotent
+        methods without a body, and never after a cancel."""
+        error = failure.value
+        if (
+            request.method in _IDEMPOTENT
+            and request.bodyProducer is None
+            and isinstance(error, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived))
+            and not any(f.check(defer.CancelledError) for f in getattr(error, "reasons", ()))
+        ):
+            return self._pool.getConnection(key, endpoint).addCallback(_send, request)
+        return failure
 
     def _origin(self, origin: bytes) -> tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, bytes]:
         parsed = URI.fromBytes(origin)

@@ -862,6 +862,18 @@ class RecentFirstPool(HTTPConnectionPool):
     _factory = HTTP11ConnectionFactory
     _idle: TimerQueue | None = None
 
+    def cached(self, key: Any) -> Any:
+        """An idle connection for ``key`` taken out of the pool, or None: what ``getConnection``
+        does first, without a Deferred (the caller retries a failed idempotent request itself,
+        see ``txfaas.client.PoolAgent``)."""
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            self._timeouts.pop(connection).cancel()
+            if connection.state == "QUIESCENT":
+                return connection
+        return None
+
     def _putConnection(self, key: Any, connection: Any) -> None:
         if connection.state != "QUIESCENT":
             self._log.error("BUG: non-quiescent protocol added to the connection pool")

@@ -377,3 +377,91 @@ def test_the_headers_the_proxy_sets_directly_have_twisteds_canonical_names() -> 
     for name in (hdr.CALL_ID, hdr.START_TIME, hdr.DURATION, hdr.FORWARDED_FOR, hdr.FORWARDED_HOST):
         assert list(Headers({name.lower(): [b"x"]}).getAllRawHeaders()) == [(name, [b"x"])]
     assert Headers()._rawHeaders == {}  # the attribute the proxy relies on
+
+
+class _Endpoint:
+    """Connects the pool's factory over a StringTransport, and remembers the connections."""
+
+    def __init__(self) -> None:
+        self.connections: list = []
+
+    def connect(self, factory):
+        from twisted.internet.testing import StringTransport
+
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.connections.append(protocol)
+        return defer.succeed(protocol)
+
+
+class KeptConnectionTests(GatewayTestCase):
+    """PoolAgent over a real RecentFirstPool: an idle connection is used as it is, and a request
+    that fails on it before any answer is sent again on a new connection when that is safe."""
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.internet.task import Clock
+
+        from txfaas.client import PoolAgent
+        from txfaas.runtime import RecentFirstPool
+
+        self.endpoint = _Endpoint()
+        endpoints = _Endpoints()
+        endpoints.endpointForURI = lambda uri: self.endpoint  # type: ignore[method-assign]
+        self.pool = RecentFirstPool(Clock(), persistent=True)
+        self.agent = PoolAgent(self.pool, endpoints)
+        self.key = (b"http", b"fn.local", 8080)
+
+    def kept(self):
+        """A connection that answered once and went back to the pool."""
+        first = self.agent.request(b"GET", b"http://fn.local:8080/warm")
+        [connection] = self.endpoint.connections
+        connection.dataReceived(self.OK)
+        self.successResultOf(first)
+        self.assertEqual(self.pool._connections[self.key], [connection])
+        connection.transport.clear()
+        return connection
+
+    def test_an_idle_connection_is_used_again_and_its_idle_timer_dropped(self) -> None:
+        connection = self.kept()
+        d = self.agent.request(b"GET", b"http://fn.local:8080/again")
+        self.assertTrue(connection.transport.value().startswith(b"GET /again HTTP/1.1"))
+        self.assertEqual((self.pool._connections[self.key], self.pool._timeouts), ([], {}))
+        connection.dataReceived(self.OK)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(len(self.endpoint.connections), 1)
+
+    def test_a_get_on_a_connection_closed_meanwhile_goes_out_again_on_a_new_one(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        stale = self.kept()
+        d = self.agent.request(b"GET", b"http://fn.local:8080/again")
+        stale.connectionLost(Failure(ConnectionDone()))
+        fresh = self.endpoint.connections[-1]
+        self.assertIsNot(fresh, stale)
+        self.assertTrue(fresh.transport.value().startswith(b"GET /again HTTP/1.1"))
+        fresh.dataReceived(self.OK)
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_a_request_with_a_body_or_a_cancelled_one_is_not_sent_twice(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import ResponseNeverReceived
+
+        from txfaas.http11 import BytesProducer
+
+        stale = self.kept()
+        d = self.agent.request(b"DELETE", b"http://fn.local:8080/", None, BytesProducer(b"once"))
+        stale.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(len(self.endpoint.connections), 1)
+
+        self.endpoint.connections.clear()
+        kept = self.kept()
+        d = self.agent.request(b"GET", b"http://fn.local:8080/")
+        d.cancel()
+        self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(self.endpoint.connections, [kept])
