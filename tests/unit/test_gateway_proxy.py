@@ -55,6 +55,16 @@ class ForwardingTests(GatewayTestCase):
             self.assertNotIn(dropped, names)
         self.assertEqual(self.function.header(b"x-keep-me"), [b"yes", b"twice"])
 
+    def test_a_connection_token_that_is_no_header_name_is_ignored_not_an_error(self) -> None:
+        headers = Headers(
+            {"Connection": ["bad token, x-SECRET-hop, ()"], "X-Secret-Hop": ["1"], "X-A": ["a"]}
+        )
+        response, _ = self.call("GET", "/function/echo", headers=headers)
+        self.assertEqual(response.code, 200)
+        names = {k for k, _ in self.function.seen[-1]["headers"]}
+        self.assertNotIn(b"x-secret-hop", names)
+        self.assertEqual(self.function.header(b"x-a"), [b"a"])
+
     def test_forwarded_for_is_appended_not_replaced_and_forwarded_host_set(self) -> None:
         self.call(
             "GET",

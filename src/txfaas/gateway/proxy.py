@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from io import BytesIO
 from typing import Any
@@ -41,7 +42,7 @@ from twisted.web import resource, server
 from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.client import FileBodyProducer
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
@@ -53,11 +54,27 @@ from txfaas.runtime import QueuedTimer, TimerQueue
 from txfaas.store import StoreUnavailable
 from txfaas.store.cache import FunctionCache
 
+
+def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
+    """Names as ``Headers._rawHeaders`` keys them (Twisted's Header-Case); a token that is not a
+    header name names no header and is left out."""
+    canonical = set()
+    for name in names:
+        try:
+            canonical.add(_nameEncoder.encode(name))
+        except ValueError:
+            pass
+    return frozenset(canonical)
+
+
 # Set by the gateway itself (or by the Agent, for Host and Content-Length).
-_REQUEST_DROP = hdr.HOP_BY_HOP | frozenset(
-    {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-host", b"x-call-id", b"x-start-time"}
+_REQUEST_DROP = _canonical(
+    hdr.HOP_BY_HOP
+    | frozenset(
+        {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-host", b"x-call-id", b"x-start-time"}
+    )
 )
-_RESPONSE_DROP = hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"})
+_RESPONSE_DROP = _canonical(hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"}))
 _NAME_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _NO_BODY = frozenset({204, 304})
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
@@ -82,27 +99,28 @@ class ProxyClient(HTTPClient):
 
 
 def _filtered(incoming: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, list[bytes]]]:
-    """End-to-end headers in one pass: ``drop`` and every header named in ``Connection`` removed.
+    """End-to-end headers in one pass: ``drop`` (canonical names) and every header named in
+    ``Connection`` removed.
 
-    The proxy copies them into the outgoing ``Headers`` through ``_rawHeaders``: Twisted's parsers
-    already put names in canonical case and took line breaks out of values, so ``setRawHeaders``
-    would only do that work a second time (a tenth of the header handling per call).  The
-    headers the proxy adds itself have canonical constant names (``txfaas.headers``; a test
-    checks them against Twisted's encoder) and values with no line break in them.
+    Read from and copied into ``Headers._rawHeaders``: its names are in Twisted's canonical case
+    (the same encoder puts them there, whoever sets them) and Twisted's parsers took line breaks
+    out of the values, so ``setRawHeaders`` would only do that work a second time (a tenth of
+    the header handling per call).  The headers the proxy adds itself have canonical constant
+    names (``txfaas.headers``; a test checks them against Twisted's encoder) and values with no
+    line break in them.
     """
-    raw = list(incoming.getAllRawHeaders())
-    named = frozenset()
-    for name, values in raw:
-        if name.lower() == b"connection":
-            named = hdr.connection_tokens((name, v) for v in values)
-            break
-    return [(name, values) for name, values in raw if (low := name.lower()) not in drop and low not in named]
+    raw = incoming._rawHeaders
+    connection = raw.get(b"Connection")
+    if connection:
+        named = _canonical(hdr.connection_tokens((b"connection", v) for v in connection))
+        return [(name, values) for name, values in raw.items() if name not in drop and name not in named]
+    return [(name, values) for name, values in raw.items() if name not in drop]
 
 
 def body_producer(request: server.Request, cooperator: Any) -> IBodyProducer | None:
     """The request's body as a producer: ``None`` when the client sent no body at all."""
-    headers = request.requestHeaders
-    if not headers.hasHeader(b"content-length") and not headers.hasHeader(b"transfer-encoding"):
+    raw = request.requestHeaders._rawHeaders
+    if b"Content-Length" not in raw and b"Transfer-Encoding" not in raw:
         return None
     content = request.content
     if isinstance(content, BytesIO):
@@ -184,7 +202,7 @@ class FunctionProxy(resource.Resource):
                 hdr.check_subpath(rest)
             except hdr.BadPath as e:
                 return _error(request, 400, str(e))
-        given = request.requestHeaders.getRawHeaders(hdr.CALL_ID)
+        given = request.requestHeaders._rawHeaders.get(hdr.CALL_ID)
         if given:
             if not hdr.valid_call_id(given[0]):
                 return _error(request, 400, hdr.BAD_CALL_ID)
@@ -282,13 +300,14 @@ class _Exchange:
         for name, values in _filtered(incoming, _REQUEST_DROP):
             raw[name] = list(values)
         client = request.getClientAddress()
+        given = incoming._rawHeaders
         raw[hdr.FORWARDED_FOR] = [
             hdr.append_forwarded_for(
-                incoming.getRawHeaders(hdr.FORWARDED_FOR, []),
+                given.get(hdr.FORWARDED_FOR, []),
                 (getattr(client, "host", "") or "").encode(),
             )
         ]
-        host = incoming.getRawHeaders(b"host")
+        host = given.get(b"Host")
         if host:
             raw[hdr.FORWARDED_HOST] = host[:1]
         raw[hdr.CALL_ID] = [self.call_id]
