@@ -74,6 +74,7 @@ _CONTROL = frozenset(
 _NO_BODY = frozenset({204, 304})
 _BODY_METHODS = frozenset({b"PUT", b"POST"})
 _DONE = ResponseDone("Response body fully received")
+_ENDED = object()  # a response's protocol once its body ended
 
 
 @implementer(IBodyProducer)
@@ -187,7 +188,10 @@ class Response:
     def _lose(self, reason: Failure) -> None:
         if not self._ended:
             self._ended = True
-            self._protocol.connectionLost(reason)
+            # Let go of the protocol: it holds this response through its transport, and a
+            # reference cycle per call would leave every call's objects to the cyclic GC.
+            protocol, self._protocol = self._protocol, _ENDED
+            protocol.connectionLost(reason)
 
 
 class HTTP11Connection(Protocol):

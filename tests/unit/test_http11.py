@@ -527,3 +527,25 @@ def test_a_get_on_a_connection_the_server_had_closed_is_retried_on_a_new_one():
     assert fresh.sent().startswith(b"GET / HTTP/1.1")
     fresh.answer(OK)
     assert read(result(d)).body == b"hello"
+
+
+def test_a_finished_exchange_leaves_no_reference_cycle():
+    """Freed by reference counting as soon as it is done: a cycle per call (the body's protocol
+    and the response holding each other) left every call to the cyclic GC, whose runs cost a
+    sixth of the proxy's CPU under load and grew with the heap."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        c = Conn()
+        d = c.request()
+        c.answer(OK)
+        response = result(d)
+        body = read(response)
+        refs = [weakref.ref(body), weakref.ref(response)]
+        del d, response, body
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()

@@ -662,3 +662,54 @@ def test_the_response_head_is_written_once_and_as_twisted_writes_it():
     # The old form, a list of pairs, is still sanitised by Twisted's own code.
     channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", [(b"x-b", b"bad\r\nvalue")])
     assert b"X-B: bad value\r\n" in transport.value()
+
+
+def test_a_closed_connection_leaves_no_reference_cycle():
+    """Its timers let go of the channel when it closes: freed by reference counting at once."""
+    import gc
+    import weakref
+
+    _clock, _echo, site = make(read_timeout=5.0, response_timeout=5.0)
+    gc.collect()
+    gc.disable()
+    try:
+        channel, transport = connect(site)
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b"200 OK" in transport.value()
+        transport.producer = None  # as a real transport lets go of it when the connection ends
+        channel.connectionLost(Failure(ConnectionDone()))
+        ref = weakref.ref(channel)
+        del channel
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_settle_gc_freezes_start_up_objects_once_the_reactor_runs_and_never_in_a_running_one():
+    import gc
+
+    from txfaas.runtime import settle_gc
+
+    class Reactor:
+        def __init__(self, running: bool) -> None:
+            self.running = running
+            self.when_running: list = []
+
+        def callWhenRunning(self, f) -> None:  # type: ignore[no-untyped-def]
+            self.when_running.append(f)
+
+    running = Reactor(True)
+    settle_gc(running)
+    assert running.when_running == []  # a test run (or a reactor already going): left alone
+    starting = Reactor(False)
+    settle_gc(starting)
+    [settle] = starting.when_running
+    assert gc.get_freeze_count() == 0
+    threshold = gc.get_threshold()
+    try:
+        settle()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (10_000, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -409,6 +409,9 @@ class _Exchange:
         self.finished = True
         if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
+        # No reference cycle left behind (the relay holds this exchange): the call's objects are
+        # freed by reference counting now, not by a run of the cyclic GC later.
+        self.deadline = self.relay = None
         self.proxy._metrics.finished(self.name, self.code, time.monotonic() - self.started)
         self.proxy._functions.count_invocation(self.name)
 

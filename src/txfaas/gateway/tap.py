@@ -219,6 +219,9 @@ IDLE_TIMEOUT = 300.0
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    from txfaas.runtime import settle_gc
+
+    settle_gc(reactor)
     return build_gateway(reactor, options["config"])
 
 

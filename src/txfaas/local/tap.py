@@ -65,8 +65,10 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     from txfaas.queue.memory import MemoryQueue
+    from txfaas.runtime import settle_gc
     from txfaas.store.memory import MemoryStore
 
+    settle_gc(reactor)
     store = MemoryStore()
     queues = list(options["worker"].worker.queues)
     queue = MemoryQueue(queues)

@@ -220,13 +220,14 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet.protocol import Protocol
     from twisted.web.client import Agent, HTTPConnectionPool
 
-    from txfaas.runtime import exit_on_startup_error, server_endpoint
+    from txfaas.runtime import exit_on_startup_error, server_endpoint, settle_gc
     from txfaas.watchdog.fork import ForkRunner
     from txfaas.watchdog.http import HTTPRunner, UpstreamEndpoint
     from txfaas.watchdog.process import OrphanReaper, become_subreaper, native_group_spawn
     from txfaas.watchdog.server import Watchdog
 
     config: WatchdogConfig = options["config"]
+    settle_gc(reactor)
     with exit_on_startup_error():
         endpoint = server_endpoint(reactor, config.listen)
     become_subreaper()

@@ -344,8 +344,9 @@ def makeService(options: Mapping[str, Any]) -> service.IService:
         settings = settings_from(options)
     from twisted.internet import reactor
 
-    from txfaas.runtime import die_with_parent, is_child
+    from txfaas.runtime import die_with_parent, is_child, settle_gc
 
+    settle_gc(reactor)
     if settings.processes > 1 and not is_child():
         return build_supervisor(reactor, settings)
     if is_child():
