@@ -286,12 +286,18 @@ class HTTP11Connection(Protocol):
                 "request body not written ({state}): {error}", state=self._state, error=failure.value
             )
 
-    def _generation_failed(self, failure: Failure) -> None:
-        self._state = "GENERATION_FAILED"
+    def _abort(self, state: str, error: Exception) -> bool:
+        """Drop the connection; fail the caller's Deferred with ``error`` if it still waits."""
+        self._state = state
         self.transport.abortConnection()
         result, self._result = self._result, None
-        if result is not None:
-            result.errback(Failure(RequestGenerationFailed([failure])))
+        if result is None:
+            return False
+        result.errback(Failure(error))
+        return True
+
+    def _generation_failed(self, failure: Failure) -> None:
+        self._abort("GENERATION_FAILED", RequestGenerationFailed([failure]))
 
     def _cancel(self, result: defer.Deferred[IResponse]) -> None:
         if self._writing is not None:
@@ -479,12 +485,7 @@ class HTTP11Connection(Protocol):
 
     def _protocol_error(self, failure: Failure) -> None:
         """A response that cannot be parsed: fail it and drop the connection."""
-        self._state = "DONE"
-        self.transport.abortConnection()
-        result, self._result = self._result, None
-        if result is not None:
-            result.errback(Failure(ResponseFailed([failure])))
-        elif self._response is not None:
+        if not self._abort("DONE", ResponseFailed([failure])) and self._response is not None:
             self._response._finish(Failure(ResponseFailed([failure], self._response)))
 
     # --- the end ----------------------------------------------------------------------------
