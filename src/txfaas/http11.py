@@ -345,13 +345,15 @@ class HTTP11Connection(Protocol):
         self._head = b""
         self._response = response
         result, self._result = self._result, None
+        if response._connection is None:  # no body: complete already
+            self._exchange_done(rest)
+            if result is not None:
+                result.callback(response)
+            return
         if result is not None:
-            result.callback(response)  # first, as Twisted does: the caller may read the body now
+            result.callback(response)  # the caller may read the body now
         if self._response is not response:
             return  # the caller's callback already ended the exchange
-        if response._connection is None:
-            self._exchange_done(rest)  # no body
-            return
         if rest:
             self._body_received(rest)
         if response._connection is not None and response._protocol is None:
@@ -442,9 +444,9 @@ class HTTP11Connection(Protocol):
                 return
             self._remaining = None
             response._data(data[:remaining])
-            response._finish(Failure(_DONE))
             if self._response is response:
                 self._exchange_done(data[remaining:])
+            response._finish(Failure(_DONE))
         elif self._chunked is not None:
             self._chunked.dataReceived(data)
         else:
@@ -458,12 +460,14 @@ class HTTP11Connection(Protocol):
         response = self._response
         assert response is not None
         self._chunked = None
+        self._exchange_done(rest)
         response._finish(Failure(_DONE))
-        if self._response is response:
-            self._exchange_done(rest)
 
     def _exchange_done(self, rest: bytes) -> None:
-        """The response is complete: back to the pool, or closed."""
+        """The response is complete: back to the pool, or closed.
+
+        Called before the caller hears that the body ended (as in Twisted), so a caller that
+        sends its next request from there gets this connection again, not a new one."""
         if self._state != "ACTIVE" or not self._sent:
             if self._state == "ACTIVE" and self._writing is not None:
                 self._state = "DONE"

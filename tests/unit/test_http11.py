@@ -549,3 +549,29 @@ def test_a_finished_exchange_leaves_no_reference_cycle():
         assert [r() for r in refs] == [None, None]
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        OK,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ],
+    ids=["length", "chunked", "no body"],
+)
+def test_the_connection_is_back_in_the_pool_before_the_caller_hears_the_body_ended(answer):
+    """So a caller that sends its next request from there gets this connection, not a new one
+    (Twisted's order too; seen as connections alternating, two where one would do)."""
+    c = Conn()
+    d = c.request()
+    pooled_at_end: list[list] = []
+
+    class Next(Body):
+        def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+            pooled_at_end.append(list(c.returned))
+            super().connectionLost(reason)
+
+    d.addCallback(lambda response: response.deliverBody(Next()))
+    c.answer(answer)
+    assert pooled_at_end == [[c.protocol]]
