@@ -89,6 +89,8 @@ class PoolAgent:
 
     def __init__(self, pool: Any, endpoints: IAgentEndpointFactory, limit: int = 4096) -> None:
         self._pool = pool
+        # RecentFirstPool hands out an idle connection without a Deferred (see above).
+        self._cached = getattr(pool, "cached", None)
         self._endpoints = endpoints
         self._limit = limit
         self._origins: dict[bytes, tuple[tuple[bytes, bytes, int], IStreamClientEndpoint, bytes]] = {}
@@ -120,8 +122,7 @@ class PoolAgent:
             request = _ClientRequest(method, path, headers, bodyProducer, persistent=self._pool.persistent)
         except Exception:
             return defer.fail()
-        take = getattr(self._pool, "cached", None)
-        connection = take(key) if take is not None else None
+        connection = self._cached(key) if self._cached is not None else None
         if connection is None:
             return self._pool.getConnection(key, endpoint).addCallback(_send, request)
         d = connection.request(request)

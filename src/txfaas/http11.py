@@ -40,6 +40,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
+    HTTPClientParser,
     ParseError,
     Request,
     RequestGenerationFailed,
@@ -58,20 +59,9 @@ from zope.interface import implementer
 
 #: Longest response head (status line and headers) accepted.
 MAX_HEAD = 64 * 1024
-# Not the response's own headers: how this connection carries it (as in Twisted's parser).
-_CONTROL = frozenset(
-    {
-        b"content-length",
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-    }
-)
-_NO_BODY = frozenset({204, 304})
+# Not the response's own headers but how the connection carries it; and the codes with no body.
+_CONTROL = frozenset(HTTPClientParser.CONNECTION_CONTROL_HEADERS)
+NO_BODY_CODES = frozenset(HTTPClientParser.NO_BODY_CODES)
 _BODY_METHODS = frozenset({b"PUT", b"POST"})
 _DONE = ResponseDone("Response body fully received")
 _ENDED = object()  # a response's protocol once its body ended
@@ -150,7 +140,6 @@ class Response:
         self._protocol: Any = None
         self._buffer: list[bytes] = []
         self._end: Failure | None = None
-        self._ended = False
 
     def setPreviousResponse(self, response: Any) -> None:
         self.previousResponse = response
@@ -162,7 +151,7 @@ class Response:
         protocol.makeConnection(_BodyTransport(self))
         buffered, self._buffer = self._buffer, []
         for data in buffered:
-            if self._ended:
+            if self._protocol is _ENDED:
                 return
             protocol.dataReceived(data)
         if self._end is not None:
@@ -172,11 +161,11 @@ class Response:
             self._connection.transport.resumeProducing()  # paused while nobody read the body
 
     def _data(self, data: bytes) -> None:
-        if self._protocol is not None:
-            if not self._ended:
-                self._protocol.dataReceived(data)
-        else:
+        protocol = self._protocol
+        if protocol is None:
             self._buffer.append(data)
+        elif protocol is not _ENDED:
+            protocol.dataReceived(data)
 
     def _finish(self, reason: Failure) -> None:
         self._connection = None
@@ -186,8 +175,7 @@ class Response:
             self._end = reason
 
     def _lose(self, reason: Failure) -> None:
-        if not self._ended:
-            self._ended = True
+        if self._protocol is not _ENDED:
             # Let go of the protocol: it holds this response through its transport, and a
             # reference cycle per call would leave every call's objects to the cyclic GC.
             protocol, self._protocol = self._protocol, _ENDED
@@ -402,7 +390,7 @@ class HTTP11Connection(Protocol):
         keep = b"close" not in tokens if http11 else b"keep-alive" in tokens
         self._keep = keep and request.persistent
         length: Any = UNKNOWN_LENGTH
-        if code in _NO_BODY or request.method == b"HEAD":
+        if code in NO_BODY_CODES or request.method == b"HEAD":
             length = 0
         elif b"transfer-encoding" in control:
             codings = b",".join(control[b"transfer-encoding"]).lower().split(b",")

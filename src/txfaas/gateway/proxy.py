@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
-from txfaas.http11 import BytesProducer
+from txfaas.http11 import NO_BODY_CODES, BytesProducer
 from txfaas.model import MAX_NAME, FunctionSpec
 from txfaas.runtime import QueuedTimer, TimerQueue
 from txfaas.store import StoreUnavailable
@@ -76,7 +76,6 @@ _REQUEST_DROP = _canonical(
 )
 _RESPONSE_DROP = _canonical(hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"}))
 _NAME_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_NO_BODY = frozenset({204, 304})
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
 
 
@@ -335,7 +334,7 @@ class _Exchange:
         raw[hdr.START_TIME] = [self.start_ns]
         raw[hdr.DURATION] = [b"%.6f" % (time.monotonic() - self.started)]
         length = response.length
-        if length is not UNKNOWN_LENGTH and response.code not in _NO_BODY and request.method != b"HEAD":
+        if length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES and request.method != b"HEAD":
             # The function's length, as it gave it (else twisted.web would chunk the body).
             raw[b"Content-Length"] = [b"%d" % length]
         self.relay = _Relay(self)
