@@ -91,6 +91,19 @@ def test_wheel_alone_makes_twistd_help_list_the_txfaas_plugins(installed, tmp_pa
     assert "web" in listed  # Twisted's own plugins are still found next to ours
 
 
+def test_wheel_alone_makes_twistd_offer_the_txfaas_reactor(installed, tmp_path):
+    probe = (
+        "import sys; sys.argv = ['twistd', '--reactor=txfaas-epoll', '--help']\n"
+        "from twisted.application.reactors import getReactorTypes\n"
+        "print(sorted(r.shortName for r in getReactorTypes()))\n"
+        "from twisted.application.reactors import installReactor\n"
+        "print(type(installReactor('txfaas-epoll')).__module__)\n"
+    )
+    out = _isolated(installed, ["-c", probe], tmp_path).stdout.splitlines()
+    assert "txfaas-epoll" in out[0] and "epoll" in out[0]
+    assert out[1] == "txfaas.reactor"
+
+
 def test_isolated_interpreter_sees_only_the_installed_wheel(installed, tmp_path):
     probe = (
         "import json, sys, txfaas, twisted.plugins.txfaas_plugins as p\n"

@@ -3,6 +3,7 @@
 Nothing of txfaas is imported here, so ``twistd --help`` stays cheap.
 """
 
+from twisted.application.reactors import Reactor
 from twisted.application.service import ServiceMaker
 
 faasGateway = ServiceMaker(
@@ -31,4 +32,12 @@ faasLocal = ServiceMaker(
     "txfaas.local.tap",
     "Gateway and worker in one process on an in-memory queue and store (nothing durable).",
     "faas-local",
+)
+
+# ``twistd --reactor=txfaas-epoll``: the reactor every txfaas process installs by default
+# (txfaas.reactor); ``--reactor=epoll`` gives Twisted's own.
+txfaasEpoll = Reactor(
+    "txfaas-epoll",
+    "txfaas.reactor",
+    "epoll, dispatching events without a per-event legacy log context (txfaas's default).",
 )

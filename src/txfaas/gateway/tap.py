@@ -217,10 +217,10 @@ IDLE_TIMEOUT = 300.0
 
 
 def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
-
+    from txfaas.reactor import global_reactor
     from txfaas.runtime import settle_gc
 
+    reactor = global_reactor()
     settle_gc(reactor)
     return build_gateway(reactor, options["config"])
 

@@ -62,12 +62,12 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
-
     from txfaas.queue.memory import MemoryQueue
+    from txfaas.reactor import global_reactor
     from txfaas.runtime import settle_gc
     from txfaas.store.memory import MemoryStore
 
+    reactor = global_reactor()
     settle_gc(reactor)
     store = MemoryStore()
     queues = list(options["worker"].worker.queues)

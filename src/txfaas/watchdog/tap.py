@@ -215,17 +215,18 @@ def build_config(
 
 
 def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
     from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
     from twisted.internet.protocol import Protocol
     from twisted.web.client import Agent, HTTPConnectionPool
 
+    from txfaas.reactor import global_reactor
     from txfaas.runtime import exit_on_startup_error, server_endpoint, settle_gc
     from txfaas.watchdog.fork import ForkRunner
     from txfaas.watchdog.http import HTTPRunner, UpstreamEndpoint
     from txfaas.watchdog.process import OrphanReaper, become_subreaper, native_group_spawn
     from txfaas.watchdog.server import Watchdog
 
+    reactor = global_reactor()
     config: WatchdogConfig = options["config"]
     settle_gc(reactor)
     with exit_on_startup_error():

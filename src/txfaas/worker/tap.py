@@ -342,10 +342,10 @@ class _Closer(service.Service):
 def makeService(options: Mapping[str, Any]) -> service.IService:
     with exit_on_startup_error():
         settings = settings_from(options)
-    from twisted.internet import reactor
-
+    from txfaas.reactor import global_reactor
     from txfaas.runtime import die_with_parent, is_child, settle_gc
 
+    reactor = global_reactor()
     settle_gc(reactor)
     if settings.processes > 1 and not is_child():
         return build_supervisor(reactor, settings)

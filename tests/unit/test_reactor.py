@@ -1,0 +1,181 @@
+"""txfaas.reactor: epoll without the per-event legacy log context."""
+
+from __future__ import annotations
+
+import select
+import socket
+import subprocess
+import sys
+
+import pytest
+from twisted.internet import epollreactor
+from twisted.internet.abstract import FileDescriptor
+from twisted.logger import globalLogPublisher
+
+from txfaas import reactor as txreactor
+
+
+class _Poller:
+    """Stands in for ``select.epoll`` in ``doPoll``: returns the events it was given, once."""
+
+    def __init__(self, events: list[tuple[int, int]]) -> None:
+        self.events = events
+        self.timeouts: list[float] = []
+        self.unregistered: list[int] = []
+
+    def poll(self, timeout: float, most: int) -> list[tuple[int, int]]:
+        self.timeouts.append(timeout)
+        events, self.events = self.events, []
+        return events
+
+    def unregister(self, fd: int) -> None:
+        self.unregistered.append(fd)
+
+
+class _Selectable(FileDescriptor):
+    def __init__(self, fd: int, reactor: object, read: object = None) -> None:
+        super().__init__(reactor=reactor)
+        self.fd = fd
+        self.reads = 0
+        self.lost: list[object] = []
+        self._read = read
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def doRead(self) -> object:
+        self.reads += 1
+        if isinstance(self._read, BaseException):
+            raise self._read
+        return self._read
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost.append(reason)
+
+
+@pytest.fixture
+def reactor():
+    r = txreactor.EPollReactor()
+    poller = r._poller
+    yield r
+    r.waker.connectionLost(None)  # closes its descriptors
+    poller.close()
+
+
+@pytest.fixture
+def logged():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def _serve(reactor, selectables: list[_Selectable], events: list[tuple[int, int]]) -> _Poller:
+    for s in selectables:
+        reactor._selectables[s.fd] = s
+        reactor._reads.add(s.fd)
+    reactor._poller = _Poller(events)
+    return reactor._poller
+
+
+def test_it_is_twisteds_epoll_reactor(reactor):
+    assert isinstance(reactor, epollreactor.EPollReactor)
+    assert reactor.doIteration == reactor.doPoll
+
+
+def test_each_ready_descriptor_is_read_and_none_waits_forever_by_default(reactor):
+    a, b = _Selectable(1001, reactor), _Selectable(1002, reactor)
+    poller = _serve(reactor, [a, b], [(1001, select.EPOLLIN), (1002, select.EPOLLIN)])
+    reactor.doPoll(None)
+    assert (a.reads, b.reads) == (1, 1)
+    assert poller.timeouts == [-1]
+
+
+def test_a_descriptor_removed_by_an_earlier_event_of_the_same_poll_is_skipped(reactor):
+    class Remover(_Selectable):
+        def doRead(self) -> object:
+            del reactor._selectables[1002]
+            return super().doRead()
+
+    a, b = Remover(1001, reactor), _Selectable(1002, reactor)
+    _serve(reactor, [a, b], [(1001, select.EPOLLIN), (1002, select.EPOLLIN)])
+    reactor.doPoll(0)
+    assert (a.reads, b.reads) == (1, 0)
+
+
+def test_a_failing_read_disconnects_that_descriptor_only_and_is_logged(reactor, logged):
+    bad, good = _Selectable(1001, reactor, read=ValueError("boom")), _Selectable(1002, reactor)
+    _serve(reactor, [bad, good], [(1001, select.EPOLLIN), (1002, select.EPOLLIN)])
+    poller = reactor._poller
+    reactor.doPoll(0)
+    assert len(bad.lost) == 1 and bad.lost[0].check(ValueError)
+    assert poller.unregistered == [1001]
+    assert good.reads == 1 and good.lost == []
+    assert any(e.get("isError") or e.get("log_failure") for e in logged)
+
+
+def test_an_error_past_twisteds_own_handling_is_logged_and_the_poll_goes_on(reactor, logged):
+    class BrokenLoss(_Selectable):
+        def connectionLost(self, reason: object) -> None:
+            raise RuntimeError("connectionLost broke")
+
+    bad = BrokenLoss(1001, reactor, read=ValueError("boom"))
+    good = _Selectable(1002, reactor)
+    _serve(reactor, [bad, good], [(1001, select.EPOLLIN), (1002, select.EPOLLIN)])
+    reactor.doPoll(0)  # does not raise
+    assert good.reads == 1
+    failures = [e["log_failure"] for e in logged if "log_failure" in e]
+    assert any(f.check(RuntimeError) for f in failures)
+
+
+def test_it_carries_real_traffic(reactor):
+    """A socket pair through the real epoll: what is written arrives."""
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.tcp import Connection  # noqa: F401 -- adoptStreamConnection below
+
+    left, right = socket.socketpair()
+    received: list[bytes] = []
+
+    class Collect(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+    from twisted.internet.protocol import Factory
+
+    reactor.adoptStreamConnection(left.fileno(), socket.AF_UNIX, Factory.forProtocol(Collect))
+    left.close()
+    right.sendall(b"hello")
+    for _ in range(20):
+        reactor.iterate(0.05)
+        if received:
+            break
+    right.close()
+    assert b"".join(received) == b"hello"
+
+
+def test_prefer_leaves_an_installed_reactor_alone():
+    from twisted.internet import reactor as installed
+
+    assert txreactor.prefer() is False
+    assert txreactor.global_reactor() is installed
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        ("", "txfaas.reactor.EPollReactor"),
+        # A reactor chosen first (twistd --reactor=...) is kept.
+        (
+            "from twisted.internet import pollreactor; pollreactor.install()\n",
+            "twisted.internet.pollreactor.PollReactor",
+        ),
+    ],
+)
+def test_global_reactor_in_a_fresh_process(setup, expected):
+    probe = (
+        setup + "from txfaas.reactor import global_reactor\n"
+        "r = global_reactor()\n"
+        "print(type(r).__module__ + '.' + type(r).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
