@@ -11,6 +11,7 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.support import free_port, unique
 from txfaas.config import RedisURL, parse_redis_url
@@ -272,3 +273,21 @@ async def test_a_result_given_with_a_transition_is_kept_only_if_the_record_is_wr
     assert (await store.get_call("c1")).status == CallStatus.SUCCEEDED
     assert await store.get_result("c1") == answer
     assert 0 < await raw.ttl(f"{prefix}result:c1") <= CALL_TTL
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_go_straight_to_a_connected_protocol_and_survive_its_loss(store):
+    """The store skips txredisapi's pool handler while a pool connection is up; with every
+    connection of the pool cut, commands still succeed (the handler waits for the reconnect)."""
+    import txredisapi
+
+    await store.ping()
+    assert isinstance(store._redis, txredisapi.BaseRedisProtocol)
+    for protocol in list(store._connected):
+        protocol.transport.abortConnection()
+    await deferLater(reactor, 0.05, lambda: None)
+    assert store._redis is store._handler  # none connected: the handler's way
+    record = CallRecord(call_id=unique("call"), function="fn", status=CallStatus.QUEUED)
+    assert await store.create_call(record) is None
+    assert (await store.get_call(record.call_id)).status == CallStatus.QUEUED
+    assert isinstance(store._redis, txredisapi.BaseRedisProtocol)  # reconnected

@@ -108,7 +108,12 @@ class RedisStore:
         call_ttl: float = 24 * 3600,
     ) -> None:
         """``redis`` is a txredisapi connection (or pool) made with ``convertNumbers=False``."""
-        self._redis = redis
+        self._handler = redis
+        # The pool's connected protocols (txredisapi's PeekableQueue keeps them in ``pending``).
+        factory = getattr(redis, "_factory", None)
+        queue = getattr(factory, "connectionQueue", None)
+        pending = getattr(queue, "pending", None)
+        self._connected: list[Any] = pending if isinstance(pending, list) else []
         self._clock = clock
         self._prefix = prefix
         self._timeout = timeout
@@ -156,9 +161,24 @@ class RedisStore:
             )
         return cls(pool, clock, **kwargs)
 
+    @property
+    def _redis(self) -> Any:
+        """Where the next command goes: a connected protocol of the pool when there is one.
+
+        txredisapi's pool handler costs a command a closure, a generator run by
+        ``inlineCallbacks`` and two more Deferreds just to pick a connection; every command
+        this store sends is a non-blocking one, which the handler would also send on any
+        connected protocol of the pool (``peek``).  With none connected, the handler is used:
+        it waits for a connection and drops dead ones.
+        """
+        for protocol in self._connected:
+            if protocol.connected:
+                return protocol
+        return self._handler
+
     def close(self) -> defer.Deferred:
         self._deadlines.stop()
-        return defer.maybeDeferred(self._redis.disconnect)
+        return defer.maybeDeferred(self._handler.disconnect)
 
     async def _run(self, what: str, d: defer.Deferred) -> Any:
         import txredisapi
