@@ -432,7 +432,8 @@ class _Relay(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._request.unregisterProducer()
-        complete = reason is None or reason.check(ResponseDone, PotentialDataLoss)
+        # isinstance, not Failure.check: that one builds the qualified names of the MRO.
+        complete = reason is None or isinstance(reason.value, (ResponseDone, PotentialDataLoss))
         self._exchange.body_done(None if complete else reason)
 
 
