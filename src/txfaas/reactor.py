@@ -1,4 +1,6 @@
-"""The reactor txfaas's processes run on: Twisted's epoll reactor, minus a per-event log context.
+"""The reactor txfaas's processes run on: Twisted's epoll reactor, with two costs taken out.
+
+1. No per-event log context.
 
 Twisted's ``EPollReactor.doPoll`` hands every ready descriptor to ``_doReadOrWrite``
 through ``twisted.python.log.callWithLogger``, which asks the selectable for its
@@ -17,6 +19,19 @@ still caught and logged per event, as before: ``_doReadOrWrite`` logs an excepti
 ``doRead`` / ``doWrite`` and disconnects that selectable; anything else is logged here and
 the other ready descriptors are still served.
 
+2. Writes go out before the next poll, not after it.  Twisted's transports buffer what is
+written and ask the reactor to watch the socket for writability (``addWriter``: an
+``epoll_ctl``); the next poll reports it writable -- a loopback socket nearly always is --
+``doWrite`` sends, and finding the buffer empty it stops watching (a second ``epoll_ctl``).
+So every response costs a pass of the loop and three system calls more than its ``send``.
+Here ``addWriter`` only notes the writer; once the pass's events and timed calls are done
+(at the end of ``runUntilCurrent``, right before the reactor computes its timeout and
+polls) each noted writer is given its ``doWrite`` as if epoll had reported it writable.
+What it could not send (the socket's buffer is full) is then watched by epoll exactly as
+before.  Everything written in one pass still goes out in one ``send`` per connection;
+it only goes out sooner.  A proxied call at one connection makes 7 system calls instead
+of 13 (strace).
+
 ``twistd --reactor=txfaas-epoll`` selects it explicitly; every txfaas process installs it
 by default (:func:`prefer`) unless a reactor was chosen already -- ``twistd --reactor=epoll
 faas-gateway`` runs the stock one.
@@ -25,6 +40,7 @@ faas-gateway`` runs the stock one.
 from __future__ import annotations
 
 import errno
+from select import EPOLLOUT
 from typing import Any
 
 from twisted.internet import epollreactor
@@ -32,9 +48,78 @@ from twisted.logger import Logger
 
 log = Logger()
 
+#: Flush passes before what is still waiting is left to epoll (a doWrite may make another
+#: writer write: a resumed producer, say).
+FLUSH_PASSES = 3
+
+_ABSENT = object()
+
 
 class EPollReactor(epollreactor.EPollReactor):
-    """``epollreactor.EPollReactor`` whose ``doPoll`` calls ``_doReadOrWrite`` directly."""
+    """``epollreactor.EPollReactor`` whose ``doPoll`` calls ``_doReadOrWrite`` directly and
+    whose writers are flushed before the next poll (see the module's documentation)."""
+
+    def __init__(self) -> None:
+        # Writers noted by addWriter and not watched by epoll yet, in order (a dict as an
+        # ordered set); a writer is either here or in ``_writes``, never both.
+        self._unflushed: dict[Any, None] = {}
+        super().__init__()
+
+    def addWriter(self, writer: Any) -> None:
+        unflushed = self._unflushed
+        if writer in unflushed or writer.fileno() in self._writes:
+            return
+        unflushed[writer] = None
+
+    def removeWriter(self, writer: Any) -> None:
+        self._unflushed.pop(writer, None)
+        super().removeWriter(writer)
+
+    def getWriters(self) -> list[Any]:
+        return super().getWriters() + list(self._unflushed)
+
+    def removeAll(self) -> list[Any]:
+        removed = super().removeAll()
+        pending = [w for w in self._unflushed if w not in removed]
+        self._unflushed.clear()
+        return removed + pending
+
+    def runUntilCurrent(self) -> None:
+        super().runUntilCurrent()
+        if self._unflushed:
+            self.flush()
+
+    def flush(self) -> None:
+        """Give every noted writer its ``doWrite`` now; watch with epoll what is left."""
+        unflushed = self._unflushed
+        dispatch = self._doReadOrWrite
+        for _ in range(FLUSH_PASSES):
+            for writer in list(unflushed):
+                if writer not in unflushed:
+                    continue  # stopped writing meanwhile
+                try:
+                    dispatch(writer, -1, EPOLLOUT)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.failure("flushing {writer}", writer=writer)
+                # Still noted: data it could not send yet (or written again from its own
+                # doWrite): from now on epoll says when it can take more.
+                if unflushed.pop(writer, _ABSENT) is not _ABSENT:
+                    self._watch(writer)
+            if not unflushed:
+                return
+        for writer in list(unflushed):
+            del unflushed[writer]
+            self._watch(writer)
+
+    def _watch(self, writer: Any) -> None:
+        try:
+            super().addWriter(writer)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            log.failure("watching {writer} for writability", writer=writer)
 
     def doPoll(self, timeout: float | None) -> None:
         if timeout is None:

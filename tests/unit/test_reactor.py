@@ -179,3 +179,144 @@ def test_global_reactor_in_a_fresh_process(setup, expected):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+# --- writes flushed before the next poll ---------------------------------------------------------
+
+
+class _Writer(_Selectable):
+    """Counts its doWrite calls; ``then`` runs inside doWrite; stops writing unless ``keep``."""
+
+    def __init__(self, fd: int, reactor: object, keep: bool = False, then: object = None) -> None:
+        super().__init__(fd, reactor)
+        self.writes = 0
+        self.keep = keep
+        self.then = then
+
+    def doWrite(self) -> object:
+        self.writes += 1
+        if self.then is not None:
+            self.then()
+        if not self.keep:
+            self.stopWriting()
+        return None
+
+
+def _pair(reactor):
+    """A connected socket pair: the left end adopted as a TCP-like transport of ``reactor``."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    protocols: list[Protocol] = []
+
+    class Keep(Protocol):
+        def connectionMade(self) -> None:
+            protocols.append(self)
+
+    reactor.adoptStreamConnection(left.fileno(), socket.AF_UNIX, Factory.forProtocol(Keep))
+    left.close()
+    return protocols[0], right
+
+
+def _received(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_a_write_is_sent_by_the_end_of_the_pass_without_watching_the_socket(reactor):
+    protocol, peer = _pair(reactor)
+    fd = protocol.transport.fileno()
+    protocol.transport.write(b"hello ")
+    protocol.transport.write(b"world")
+    assert fd not in reactor._writes  # no epoll_ctl for it
+    assert protocol.transport in reactor.getWriters()  # but it is a writer until flushed
+    reactor.runUntilCurrent()  # timed calls, then the flush: no poll
+    assert _received(peer) == b"hello world"
+    assert fd not in reactor._writes and protocol.transport not in reactor.getWriters()
+    protocol.transport.loseConnection()
+    reactor.runUntilCurrent()
+    assert _received(peer) == b""  # closed at the flush too
+    peer.close()
+
+
+def test_what_the_socket_cannot_take_is_left_to_epoll(reactor):
+    protocol, peer = _pair(reactor)
+    big = b"x" * (16 << 20)  # far over a socket pair's buffer
+    protocol.transport.write(big)
+    reactor.runUntilCurrent()
+    assert protocol.transport.fileno() in reactor._writes  # watched for writability now
+    assert protocol.transport not in reactor._unflushed
+    got = len(_received(peer))
+    assert 0 < got < len(big)
+    for _ in range(2000):
+        if got >= len(big):
+            break
+        reactor.iterate(0.01)
+        got += len(_received(peer))
+    assert got == len(big)
+    assert protocol.transport.fileno() not in reactor._writes  # done: not watched any more
+    protocol.transport.loseConnection()
+    reactor.iterate(0)
+    peer.close()
+
+
+def test_a_writer_that_stopped_before_the_flush_is_not_flushed(reactor):
+    w = _Writer(1001, reactor)
+    w.startWriting()
+    w.stopWriting()
+    reactor.runUntilCurrent()
+    assert w.writes == 0 and reactor.getWriters() == []
+
+
+def test_a_write_made_from_a_doWrite_goes_out_in_the_same_flush(reactor):
+    second = _Writer(1002, reactor)
+    first = _Writer(1001, reactor, then=second.startWriting)
+    first.startWriting()
+    reactor.runUntilCurrent()
+    assert (first.writes, second.writes) == (1, 1)
+    assert reactor.getWriters() == []
+
+
+def test_a_writer_that_keeps_writing_is_watched_after_the_last_pass(reactor, monkeypatch):
+    poller = _Poller([])
+    registered: list[tuple[int, int]] = []
+    poller.register = lambda fd, flags: registered.append((fd, flags))  # type: ignore[attr-defined]
+    monkeypatch.setattr(reactor, "_poller", poller)
+    w = _Writer(1001, reactor, keep=True)
+    w.startWriting()
+    reactor.runUntilCurrent()
+    assert w.writes == 1  # one doWrite, then epoll's turn
+    assert registered == [(1001, select.EPOLLOUT)] and 1001 in reactor._writes
+
+
+def test_a_failing_doWrite_disconnects_that_writer_only(reactor, logged, monkeypatch):
+    monkeypatch.setattr(reactor, "_poller", _Poller([]))
+
+    class Bad(_Writer):
+        def doWrite(self) -> object:
+            raise OSError("broken pipe")
+
+    bad, good = Bad(1001, reactor), _Writer(1002, reactor)
+    bad.startWriting()
+    good.startWriting()
+    reactor.runUntilCurrent()
+    assert len(bad.lost) == 1 and bad.lost[0].check(OSError)
+    assert good.writes == 1 and good.lost == []
+    assert reactor.getWriters() == []
+
+
+def test_remove_all_returns_the_writers_not_flushed_yet(reactor):
+    w = _Writer(1001, reactor)
+    w.startWriting()
+    assert w in reactor.removeAll()
+    assert reactor.getWriters() == []
+    reactor.runUntilCurrent()
+    assert w.writes == 0
