@@ -1,13 +1,16 @@
-"""The worker reads bounded answers: a function's up to a hard cap, a callback receiver's only a little."""
+"""The worker reads bounded answers: a function's up to a hard cap, a callback receiver's only a little;
+and builds request headers as ``addRawHeader`` would."""
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers, InvalidHeaderName
 
-from txfaas.worker._http import BodyTooLarge, read_body
+from txfaas.worker._http import BodyTooLarge, make_headers, read_body
 
 
 class FakeResponse:
@@ -47,3 +50,21 @@ def test_keep_head_gives_the_first_bytes_and_stops_reading():
     response = FakeResponse([b"0123456789"] * 1000)
     assert result(read_body(response, limit=15, keep_head=True)) == b"012345678901234"
     assert response.transport.disconnecting
+
+
+def test_make_headers_gives_what_add_raw_header_gives():
+    pairs = [
+        (b"content-type", b"text/plain"),
+        (b"X-Multi", b"one"),
+        (b"x-multi", b"two"),
+        (b"X-Folded", b"a\r\nb\rc\nd"),
+        (b"x-text", "caf\u00e9"),
+        (b"www-authenticate", b"Basic"),
+        (b"Empty", b""),
+    ]
+    expected = Headers()
+    for name, value in pairs:
+        expected.addRawHeader(name, value)
+    assert list(make_headers(pairs).getAllRawHeaders()) == list(expected.getAllRawHeaders())
+    with pytest.raises(InvalidHeaderName):
+        make_headers([(b"bad name", b"x")])

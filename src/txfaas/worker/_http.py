@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import IAgent, IResponse
 
 from txfaas.http11 import BytesProducer
@@ -34,9 +34,23 @@ class RawResponse:
 
 
 def make_headers(pairs: Pairs) -> Headers:
+    """``Headers`` of ``pairs``, as ``addRawHeader`` would make them: each name checked and in
+    Header-Case (``InvalidHeaderName`` if not a token), a CR or LF in a value folded into a
+    space; without ``addRawHeader``'s per-header ``splitlines`` when a value has neither."""
     headers = Headers()
+    raw = headers._rawHeaders
+    encode = _nameEncoder.encode
     for name, value in pairs:
-        headers.addRawHeader(name, value)
+        if isinstance(value, str):
+            value = value.encode("utf8")
+        if b"\r" in value or b"\n" in value:
+            value = b" ".join(value.splitlines())
+        key = encode(name)
+        values = raw.get(key)
+        if values is None:
+            raw[key] = [value]
+        else:
+            values.append(value)
     return headers
 
 
