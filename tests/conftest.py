@@ -4,6 +4,9 @@
   (pytest-twisted does not check this, unlike trial).
 - ``redis_url`` / ``amqp_url``: the real services on 127.0.0.1; skipped when missing,
   except under ``CI=true`` where a missing service fails the test.
+
+The tests run on the reactor every txfaas process runs on (``txfaas.reactor``), installed
+here, before pytest-twisted would install Twisted's default (it accepts a subclass of it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ import socket
 
 import pytest
 from twisted.logger import globalLogPublisher
+
+from txfaas.reactor import prefer
+
+prefer()
 
 SERVICES = {
     "redis": ("127.0.0.1", 6379),
