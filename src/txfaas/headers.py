@@ -42,10 +42,40 @@ BAD_CALL_ID = "X-Call-Id: invalid (use 1-128 characters of A-Z a-z 0-9 . _ : @ +
 _CALL_ID_RULE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")  # not "$": it allows a final "\n"
 
 
+class _Urandom:
+    """``os.urandom``'s bytes, read 4 KiB at a time: a call id costs a slice, not a
+    ``getrandom`` system call (one of seven per proxied call at one connection).  The same
+    source, so the same unpredictability; a forked child drops what its parent had read, so
+    the two never hand out the same bytes."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._offset = 0
+
+    def take(self, n: int) -> bytes:
+        end = self._offset + n
+        if end > len(self._buffer):
+            self._buffer = os.urandom(max(self.SIZE, n))
+            self._offset, end = 0, n
+        chunk = self._buffer[self._offset : end]
+        self._offset = end
+        return chunk
+
+    def forget(self) -> None:
+        self._buffer = b""
+        self._offset = 0
+
+
+_urandom = _Urandom()
+os.register_at_fork(after_in_child=lambda: _urandom.forget())
+
+
 def new_call_id() -> str:
     """A random (version 4) UUID as text: ``str(uuid.uuid4())`` without the ``UUID`` object (a
     fifth of the cost; one per proxied call)."""
-    h = os.urandom(16).hex()
+    h = _urandom.take(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 

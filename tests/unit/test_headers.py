@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -142,6 +143,34 @@ def test_new_call_id_is_a_valid_uuid4():
     assert len(set(ids)) == len(ids)
     # Every variant digit occurs (the two random bits of that nibble are kept).
     assert {call_id[19] for call_id in ids} == set("89ab")
+
+
+def test_call_ids_read_urandom_a_block_at_a_time_and_a_forked_child_gets_fresh_bytes(monkeypatch):
+    from txfaas import headers
+
+    reads: list[int] = []
+    real = os.urandom
+    monkeypatch.setattr(headers.os, "urandom", lambda n: reads.append(n) or real(n))
+    pool = headers._Urandom()
+    monkeypatch.setattr(headers, "_urandom", pool)
+    ids = [new_call_id() for _ in range(600)]  # 9,600 bytes
+    assert reads == [4096, 4096, 4096] and len(set(ids)) == 600
+    # In a child after fork the buffer is dropped: its next id is not the parent's next one.
+    monkeypatch.setattr(headers.os, "urandom", real)
+    pool.take(16)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.write(write, new_call_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert uuid.UUID(child).version == 4
+    assert child != new_call_id()
 
 
 @pytest.mark.parametrize(
