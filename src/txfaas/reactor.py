@@ -40,11 +40,17 @@ faas-gateway`` runs the stock one.
 from __future__ import annotations
 
 import errno
-from select import EPOLLOUT
 from typing import Any
 
-from twisted.internet import epollreactor
 from twisted.logger import Logger
+
+try:
+    from select import EPOLLOUT
+
+    from twisted.internet.epollreactor import EPollReactor as _Stock
+except ImportError:  # no epoll (not Linux): prefer() leaves Twisted's default reactor
+    EPOLLOUT = 4
+    _Stock = object  # type: ignore[assignment,misc]
 
 log = Logger()
 
@@ -55,7 +61,7 @@ FLUSH_PASSES = 3
 _ABSENT = object()
 
 
-class EPollReactor(epollreactor.EPollReactor):
+class EPollReactor(_Stock):  # type: ignore[misc,valid-type]
     """``epollreactor.EPollReactor`` whose ``doPoll`` calls ``_doReadOrWrite`` directly and
     whose writers are flushed before the next poll (see the module's documentation)."""
 
@@ -158,13 +164,7 @@ def prefer() -> bool:
     ``twistd --reactor``, or imported by something) or epoll is missing; True if it did."""
     import sys
 
-    if "twisted.internet.reactor" in sys.modules:
-        return False
-    try:
-        import select
-
-        select.epoll  # noqa: B018 -- not on every platform
-    except AttributeError:
+    if "twisted.internet.reactor" in sys.modules or _Stock is object:
         return False
     install()
     return True

@@ -164,6 +164,16 @@ def test_prefer_leaves_an_installed_reactor_alone():
     ("setup", "expected"),
     [
         ("", "txfaas.reactor.EPollReactor"),
+        # Without epoll (not Linux): Twisted's default, whatever it is there.
+        (
+            "import builtins\n_real = builtins.__import__\n"
+            "def _no_epoll(name, *a, **k):\n"
+            "    if name == 'twisted.internet.epollreactor':\n"
+            "        raise ImportError(name)\n"
+            "    return _real(name, *a, **k)\n"
+            "builtins.__import__ = _no_epoll\n",
+            "twisted.internet.pollreactor.PollReactor",
+        ),
         # A reactor chosen first (twistd --reactor=...) is kept.
         (
             "from twisted.internet import pollreactor; pollreactor.install()\n",
