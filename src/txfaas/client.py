@@ -17,15 +17,16 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web._newclient import Request as _ClientRequest
-from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS, _RetryingHTTP11ClientProtocol
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"})
+#: Twisted's own rule for sending a request again on a new connection (idempotent methods, no
+#: body, no answer yet, not cancelled), as its pool's retrying wrapper applies it.
+_should_retry = _RetryingHTTP11ClientProtocol(None, None)._shouldRetry
 #: Longest wait for a new connection to a function (Twisted's endpoints default to 30 s too).
 CONNECT_TIMEOUT = 30
 
@@ -134,13 +135,7 @@ class PoolAgent:
         """A request that failed on a kept connection before any answer came (the function closed
         it while idle), sent once more on a new one, as Twisted's pool does: only idempotent
         methods without a body, and never after a cancel."""
-        error = failure.value
-        if (
-            request.method in _IDEMPOTENT
-            and request.bodyProducer is None
-            and isinstance(error, (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived))
-            and not any(f.check(defer.CancelledError) for f in getattr(error, "reasons", ()))
-        ):
+        if _should_retry(request.method, failure.value, request.bodyProducer):
             return self._pool.getConnection(key, endpoint).addCallback(_send, request)
         return failure
 

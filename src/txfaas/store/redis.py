@@ -20,6 +20,7 @@ so each is atomic: a cancel and a worker starting the call cannot both win.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from typing import Any
 
@@ -93,9 +94,7 @@ return 1
 """
 
 
-_PROTOCOL: Any = None
-
-
+@functools.cache
 def commands_protocol() -> Any:
     """txredisapi's ``RedisProtocol`` with a cheaper command encoder, made on first use
     (importing txredisapi imports the global reactor).
@@ -106,22 +105,19 @@ def commands_protocol() -> Any:
     (a RESP array of bulk strings) in one ``join``, and sends only what is not ``bytes``
     already through txredisapi's own ``_encode_value``.
     """
-    global _PROTOCOL
-    if _PROTOCOL is None:
-        import txredisapi
+    import txredisapi
 
-        class RedisProtocol(txredisapi.RedisProtocol):
-            def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
-                parts = [b"*%d\r\n" % len(args)]
-                encode = self._encode_value
-                for arg in args:
-                    if arg.__class__ is not bytes:
-                        arg = encode(arg)
-                    parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
-                return b"".join(parts)
+    class RedisProtocol(txredisapi.RedisProtocol):
+        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+            parts = [b"*%d\r\n" % len(args)]
+            encode = self._encode_value
+            for arg in args:
+                if arg.__class__ is not bytes:
+                    arg = encode(arg)
+                parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+            return b"".join(parts)
 
-        _PROTOCOL = RedisProtocol
-    return _PROTOCOL
+    return RedisProtocol
 
 
 class RedisStore:
