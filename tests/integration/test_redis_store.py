@@ -8,9 +8,10 @@ from __future__ import annotations
 import time
 
 import attrs
+import orjson
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
 from tests.support import free_port, unique
@@ -298,3 +299,31 @@ async def test_commands_go_straight_to_a_connected_protocol_and_survive_its_loss
             break
         await deferLater(reactor, 0.01, lambda: None)
     assert isinstance(store._redis, commands_protocol()) and store._redis not in lost  # reconnected
+
+
+@pytest_twisted.ensureDeferred
+async def test_thousands_of_commands_in_flight_each_get_their_own_reply(store, raw, prefix):
+    """Many bulk replies arrive in one read (the store's protocol reads them all at once, not one
+    per pass of the reactor): every caller still gets its own, and they all come back within a
+    few passes of the loop, not one pass per reply."""
+    n = 3000
+    records = [
+        CallRecord(call_id=f"many-{i}", function="fn", status=CallStatus.QUEUED, error="x" * (i % 97))
+        for i in range(n)
+    ]
+    for record in records:
+        await raw.set(f"{prefix}call:{record.call_id}", orjson.dumps(record.to_json()))
+    await store.ping()
+    passes = 0
+
+    def count() -> None:
+        nonlocal passes
+        passes += 1
+        if not done.called:
+            reactor.callLater(0, count)
+
+    done = defer.gatherResults([defer.ensureDeferred(store.get_call(r.call_id)) for r in records])
+    reactor.callLater(0, count)
+    got = await done
+    assert got == records
+    assert passes < n // 4  # txredisapi's own protocol: at least one pass per reply
