@@ -356,6 +356,11 @@ class Bench:
             raise BenchError(f"release: {code} {body!r}")
         return int(json.loads(body)["released"])
 
+    def function_times(self, batch: str) -> dict[str, list[float]]:
+        """When each ``/sleep`` call of ``batch`` reached the function, and was answered."""
+        times = get_json(self.functions_url + "/times")
+        return {k: v for k, v in times.items() if k.rpartition(".")[0] == batch}
+
     def callbacks(self, batch: str) -> dict[str, list[Any]]:
         return get_json(f"http://{LOOPBACK}:{self.receiver_port}/arrivals?batch={batch}")
 
@@ -432,6 +437,18 @@ def burst_figures(posted: dict[str, Any], arrivals: dict[str, list[Any]]) -> dic
         "answers": statuses(posted["results"]),
         "callback_statuses": _count(str(a[1]) for a in arrivals.values()),
         "duplicate_callbacks": sum(a[2] - 1 for a in arrivals.values()),
+    }
+
+
+def reached_figures(posted: dict[str, Any], times: dict[str, list[float]]) -> dict[str, Any]:
+    """When the burst's calls reached the function (the worker sent them), from the first post."""
+    if not times:
+        return {}
+    started = posted["started"]
+    reached = sorted(t[0] for t in times.values())
+    return {
+        "reached_first_s": round(reached[0] - started, 4),
+        "reached_last_s": round(reached[-1] - started, 4),
     }
 
 
@@ -546,7 +563,9 @@ def case_burst(
     meter = _meter(bench, gateway, worker)
     posted = post_calls(bench, gateway_url + "/async-function/bench-sleep", n, n, batch)
     arrivals = bench.wait_callbacks(batch, n, timeout=max(60.0, n / 10))
-    return _with_cpu(burst_figures(posted, arrivals), meter.stop())
+    figures = _with_cpu(burst_figures(posted, arrivals), meter.stop())
+    figures.update(reached_figures(posted, bench.function_times(batch)))
+    return figures
 
 
 def case_burst_processes(bench: Bench, gateway: Twistd, gateway_url: str, rnd: int) -> dict[str, Any]:
@@ -806,6 +825,7 @@ def analyse(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, A
         "burst": {
             "post_all_s": summary([r["burst"]["post_all_s"] for r in done]),
             "first_callback_s": summary([r["burst"]["first_callback_s"] for r in done]),
+            "reached_last_s": summary([r["burst"].get("reached_last_s", 0.0) for r in done]),
             "last_callback_s": summary([r["burst"]["last_callback_s"] for r in done]),
             "worker_cpu_ms_per_call": summary([r["burst"]["worker_cpu_ms_per_call"] for r in done]),
             "others_cores": summary([r["burst"]["others_cores"] for r in done], 2),
@@ -950,6 +970,7 @@ def table(cases: dict[str, Any], args: argparse.Namespace, rounds: int) -> str:
         ),
         ("    rest of the machine meanwhile, cores", _mm(e["others_cores"], ".2f")),
         (f"(3) burst of {args.burst} 1-s calls: all posted, s", _mm(b["post_all_s"], ".2f")),
+        ("    last call reached the function, s", _mm(b["reached_last_s"], ".2f")),
         ("    first callback, s", _mm(b["first_callback_s"], ".2f")),
         ("    last callback, s (goal <= 3)", _mm(b["last_callback_s"], ".2f")),
         ("    worker CPU ms per call", _mm(b["worker_cpu_ms_per_call"], ".3f")),

@@ -6,14 +6,10 @@ Run with ``.venv/bin/pytest -p no:cacheprovider bench/test_async_bench.py`` (no 
 from __future__ import annotations
 
 import asyncio
-import io
 import sys
 from pathlib import Path
 
 import pytest
-from twisted.internet.task import Clock
-from twisted.web.server import NOT_DONE_YET
-from twisted.web.test.requesthelper import DummyRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -93,6 +89,13 @@ def test_burst_figures_measure_from_the_first_post():
     assert figures["answers"] == {"202": 2}
     assert figures["callback_statuses"] == {"200": 2}
     assert figures["duplicate_callbacks"] == 1
+
+
+def test_reached_figures_are_when_the_calls_reached_the_function_from_the_first_post():
+    posted = {"started": 100.0, "results": []}
+    figures = async_bench.reached_figures(posted, {"b.0": [100.7, 101.7], "b.1": [100.4, 0.0]})
+    assert figures == {"reached_first_s": pytest.approx(0.4), "reached_last_s": pytest.approx(0.7)}
+    assert async_bench.reached_figures(posted, {}) == {}
 
 
 def test_lateness_is_measured_from_started_at_plus_the_timeout_and_split_at_finished_at():
@@ -187,48 +190,147 @@ def test_stack_summary_groups_self_time_by_area_and_leaves_out_the_trunk():
 # --------------------------------------------------------------------------- the servers
 
 
-def _request(path: bytes, method: bytes = b"GET", headers: dict[bytes, bytes] | None = None) -> DummyRequest:
-    request = DummyRequest(path.strip(b"/").split(b"/"))
-    request.path = path
-    request.content = io.BytesIO(b"body")
-    request.method = method
-    for name, value in (headers or {}).items():
-        request.requestHeaders.setRawHeaders(name, [value])
-    return request
+class _Timers:
+    """``call_later`` for the servers' apps, advanced by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[list] = []
+
+    def call_later(self, delay: float, fn):
+        timer = _Timer(self.now + delay, fn)
+        self.calls.append(timer)
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for timer in [t for t in self.calls if t.when <= self.now and not t.cancelled]:
+            self.calls.remove(timer)
+            timer.fn()
+
+
+class _Timer:
+    def __init__(self, when: float, fn) -> None:
+        self.when, self.fn, self.cancelled = when, fn, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _serve(app) -> tuple[async_servers.Connection, _Transport]:
+    connection = async_servers.Connection(app.handle)
+    transport = _Transport()
+    connection.connection_made(transport)
+    return connection, transport
+
+
+def _answers(written: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each response in ``written``."""
+    out = []
+    while written:
+        head, _, rest = written.partition(b"\r\n\r\n")
+        status, headers = async_client.parse_head(head + b"\r\n\r\n")
+        length = int(headers["content-length"])
+        out.append((status, rest[:length]))
+        written = rest[length:]
+    return out
+
+
+def _post(path: bytes, call_id: bytes, body: bytes = b"body", extra: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nX-Call-Id: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        path,
+        call_id,
+        len(body),
+        extra,
+        body,
+    )
 
 
 def test_hanging_requests_are_counted_until_aborted_or_released():
-    functions = async_servers.Functions(Clock())
-    first, second = _request(b"/hang/"), _request(b"/hang/x")
-    assert functions.render(first) is NOT_DONE_YET and functions.render(second) is NOT_DONE_YET
+    functions = async_servers.Functions(_Timers().call_later)
+    first, _ = _serve(functions)
+    second, second_out = _serve(functions)
+    first.data_received(b"POST /hang/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    second.data_received(b"POST /hang/x HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
     assert len(functions.hanging) == 2
-    first.processingFailed(Exception("the worker gave up"))  # the caller aborted the connection
+    first.connection_lost(None)  # the caller aborted the connection
     assert len(functions.hanging) == 1 and functions.aborted == 1
-    release = _request(b"/release", b"POST")
-    assert b'"released": 1' in functions.render(release)
-    assert functions.hanging == set() and second.finished and b"".join(second.written) == b"released"
+    control, control_out = _serve(functions)
+    control.data_received(b"POST /release HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    assert _answers(control_out.written) == [(200, b'{"released": 1}')]
+    assert functions.hanging == set() and _answers(second_out.written) == [(200, b"released")]
+    assert functions.served["hang"] == 1
 
 
-def test_sleeping_function_answers_after_its_delay_and_not_before():
-    clock = Clock()
-    functions = async_servers.Functions(clock)
-    request = _request(b"/sleep/")
-    assert functions.render(request) is NOT_DONE_YET
-    clock.advance(0.99)
-    assert not request.finished and functions.sleeping == 1
-    clock.advance(0.01)
-    assert request.finished and b"".join(request.written) == b"slept" and functions.sleeping == 0
+def test_sleeping_function_answers_after_its_delay_and_not_before_and_keeps_its_times(monkeypatch):
+    timers = _Timers()
+    functions = async_servers.Functions(timers.call_later)
+    times = iter([5.0, 6.0])
+    monkeypatch.setattr(async_servers.time, "time", lambda: next(times))
+    connection, out = _serve(functions)
+    connection.data_received(_post(b"/sleep/", b"burst.7"))
+    timers.advance(0.99)
+    assert out.written == b"" and functions.sleeping == 1
+    timers.advance(0.01)
+    assert _answers(out.written) == [(200, b"slept")] and functions.sleeping == 0
+    assert functions.times == {"burst.7": [5.0, 6.0]}
+
+
+def test_a_sleeper_whose_caller_goes_away_is_counted_as_aborted_and_never_answered():
+    timers = _Timers()
+    functions = async_servers.Functions(timers.call_later)
+    connection, out = _serve(functions)
+    connection.data_received(_post(b"/sleep?s=0.5", b"b.1"))
+    connection.connection_lost(None)
+    timers.advance(1)
+    assert functions.aborted == 1 and functions.sleeping == 0 and out.written == b""
 
 
 def test_receiver_keeps_the_first_arrival_per_call_and_counts_redeliveries(monkeypatch):
     receiver = async_servers.Receiver()
     times = iter([5.0, 6.0, 7.0])
     monkeypatch.setattr(async_servers.time, "time", lambda: next(times))
+    connection, out = _serve(receiver)
     for call_id, status in ((b"hang-r1.0", b"504"), (b"hang-r1.0", b"504"), (b"e2e-r1.3", b"200")):
-        receiver.render_POST(
-            _request(b"/callback", b"POST", {b"X-Call-Id": call_id, b"X-Function-Status": status})
-        )
+        connection.data_received(_post(b"/callback", call_id, extra=b"X-Function-Status: %s\r\n" % status))
     assert receiver.batches["hang-r1"] == {"hang-r1.0": [5.0, 504, 2]}
-    count = _request(b"/count")
-    count.args = {b"batch": [b"e2e-r1"]}
-    assert receiver.render_GET(count) == b'{"count": 1}'
+    connection.data_received(b"GET /count?batch=e2e-r1 HTTP/1.1\r\n\r\n")
+    assert _answers(out.written)[-1] == (200, b'{"count": 1}')
+
+
+def test_the_servers_read_pipelined_chunked_and_split_requests_and_close_when_asked():
+    receiver = async_servers.Receiver()
+    connection, out = _serve(receiver)
+    chunked = (
+        b"POST /callback HTTP/1.1\r\nX-Call-Id: c.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nTrailer: x\r\n\r\n"
+    )
+    data = _post(b"/callback", b"c.0") + chunked + b"GET /count?batch=c HTTP/1.1\r\nConnection: close\r\n\r\n"
+    for i in range(0, len(data), 7):  # in pieces that cut lines, sizes and bodies
+        connection.data_received(data[i : i + 7])
+    assert _answers(out.written) == [(200, b"ok"), (200, b"ok"), (200, b'{"count": 2}')]
+    assert out.closed and b"Connection: close" in out.written.rsplit(b"HTTP/1.1", 1)[1]
+
+
+def test_a_malformed_request_gets_400_and_the_connection_closed():
+    connection, out = _serve(async_servers.Receiver())
+    connection.data_received(b"NONSENSE\r\n\r\n")
+    assert _answers(out.written)[0][0] == 400 and out.closed
+
+
+def test_thousands_of_pipelined_requests_answered_at_once_without_recursion():
+    connection, out = _serve(async_servers.Functions(_Timers().call_later))
+    connection.data_received(b"GET /ok HTTP/1.1\r\n\r\n" * 5000)
+    assert _answers(out.written) == [(200, b"ok")] * 5000
