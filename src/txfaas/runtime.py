@@ -19,11 +19,13 @@ from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, _parseRequestLine
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import INonQueuedRequestFactory
 
 from txfaas.config import ConfigError, RedisURL, format_duration
 from txfaas.http11 import HTTP11ConnectionFactory
@@ -381,6 +383,9 @@ class TimerQueue:
             call.cancel()
 
 
+_FOLD = (b" ", b"\t")  # a header line starting with one continues the line before (obs-fold)
+
+
 class LimitedChannel(HTTPChannel):
     """HTTP/1.1 with a body limit, an absolute read deadline, and two kinds of write deadline.
 
@@ -483,7 +488,67 @@ class LimitedChannel(HTTPChannel):
             if self.readTimeout and not self._deadline.pending:
                 self._deadlineKind = _READ
                 self._deadline.set(self.readTimeout)
+            if self._wholeHead(data):
+                return
         super().dataReceived(data)
+
+    def _wholeHead(self, data: bytes) -> bool:
+        """A request whose head arrived whole in one read, with nothing before it: its lines go
+        to Twisted's own parsing (``_parseRequestLine``, ``headerReceived``,
+        ``allHeadersReceived``) in one loop, rather than one ``LineReceiver`` pass each (the
+        buffer split again for every line).  False, having changed nothing, for anything else:
+        part of a head, bytes left from an earlier read, a leading blank line, a folded
+        header line, a head over the size or count limits -- Twisted's line-by-line path
+        takes those, with its own answers.  (The next request on a keep-alive connection
+        comes this way too, once the one before is answered.)"""
+        if (
+            self._buffer
+            or self._busyReceiving
+            or not self.line_mode
+            or self.paused
+            or not self.persistent
+            or self._HTTPChannel__first_line != 1
+            or self._receivedHeaderSize
+        ):
+            return False
+        end = data.find(b"\r\n\r\n")
+        if end <= 0:
+            return False
+        lines = data[:end].split(b"\r\n")
+        size = end - 2 * (len(lines) - 1)  # as lineReceived counts: the lines without their CR LF
+        if size > self.totalHeadersSize or len(lines) - 1 > self.maxHeaders or not lines[0]:
+            return False
+        for line in lines:
+            if line[:1] in _FOLD:
+                return False
+        self.resetTimeout()
+        factory = self.requestFactory
+        if INonQueuedRequestFactory.providedBy(factory):
+            request = factory(self)
+        else:
+            request = factory(self, len(self.requests))
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        try:
+            self._command, self._path, self._version = _parseRequestLine(lines[0])
+        except ValueError:
+            self._respondToBadRequestAndDisconnect()
+            return True
+        self._receivedHeaderSize = size
+        for line in lines[1:]:
+            if not self.headerReceived(line):
+                return True  # answered 400 and closing
+        self.allHeadersReceived()
+        if self._rejected or self.transport is None or self.transport.disconnecting:
+            return True
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+        rest = data[end + 4 :]
+        if rest and not self._rejected and self.transport is not None and not self.transport.disconnecting:
+            LineReceiver.dataReceived(self, rest)
+        return True
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._rejected:
