@@ -35,7 +35,9 @@ _DATE = re.compile(rb"Date: [^\r]*\r\n")
 def read(data: bytes, piecewise: bool) -> tuple[list[tuple], bytes, int, bool]:
     """(what the resource saw, what the client got, lines read one by one, connection closing)."""
     record = Record()
-    site = LimitedSite(record, Clock(), body_limit=lambda path: 1000 if path.startswith(b"/limited") else None)
+    site = LimitedSite(
+        record, Clock(), body_limit=lambda path: 1000 if path.startswith(b"/limited") else None
+    )
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
