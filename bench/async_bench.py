@@ -26,7 +26,11 @@ Cases, every round in this order (the worker is started after case 1 and stopped
 2. end to end: ``--calls`` posts with ``X-Callback-Url`` to the trivial function, 100 at a
    time; completions/s = calls / (last callback - first post).
 3. burst: ``--burst`` calls to a function sleeping 1 s, all at once (one connection each),
-   worker ``--max-inflight`` = burst: time to post them all and time to the last callback.
+   worker ``--max-inflight`` = burst: time to post them all and time to the last callback;
+   when the last call reached the function; and, per call (median and slowest), three stages
+   the worker answers for: its start of the call (``startedAt`` in the call's record, read
+   from Redis) to the request reaching the function, the function's answer to the worker's
+   recorded outcome (``finishedAt``), and that record to the callback's arrival.
    Goal: last callback <= 3 s.
 1b. with ``--gateway-workers N``: the same accept rate through a second gateway started with
    ``--workers N`` (its processes' CPU summed), against the same pika run.
@@ -90,6 +94,7 @@ from harness import (
     prepare_run,
     py_spy,
     redis_delete_prefix,
+    redis_mget,
     run_main,
     run_wrk,
     say,
@@ -361,6 +366,14 @@ class Bench:
         times = get_json(self.functions_url + "/times")
         return {k: v for k, v in times.items() if k.rpartition(".")[0] == batch}
 
+    def call_records(self, call_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The calls' status records, as the gateway and worker left them in Redis."""
+        redis = urlsplit(self.args.redis)
+        db = int((redis.path or "/0").strip("/") or 0)
+        keys = [f"{self.prefix}call:{call_id}" for call_id in call_ids]
+        values = redis_mget(redis.hostname or LOOPBACK, redis.port or 6379, db, keys)
+        return {c: json.loads(v) for c, v in zip(call_ids, values, strict=True) if v is not None}
+
     def callbacks(self, batch: str) -> dict[str, list[Any]]:
         return get_json(f"http://{LOOPBACK}:{self.receiver_port}/arrivals?batch={batch}")
 
@@ -450,6 +463,36 @@ def reached_figures(posted: dict[str, Any], times: dict[str, list[float]]) -> di
         "reached_first_s": round(reached[0] - started, 4),
         "reached_last_s": round(reached[-1] - started, 4),
     }
+
+
+#: The stages of a burst call that the worker answers for: from its own record (startedAt,
+#: finishedAt), the function server's times (reached, answered) and the callbacks' arrivals.
+STAGES = ("start_to_function", "answer_to_record", "record_to_callback")
+
+
+def stage_figures(
+    arrivals: dict[str, list[Any]], times: dict[str, list[float]], records: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Median and max seconds, over the calls, of three stages: the worker's start of a call
+    (``startedAt``) to its request reaching the function; the function's answer to the worker's
+    recorded outcome (``finishedAt``); that record to the callback's arrival.  A worker that
+    takes its Redis replies or its sockets late shows here, not in the totals alone."""
+    spans: dict[str, list[float]] = {name: [] for name in STAGES}
+    for call_id, record in records.items():
+        started, finished = record.get("startedAt"), record.get("finishedAt")
+        at_function = times.get(call_id)
+        if started is None or finished is None or not at_function or not at_function[1]:
+            continue
+        spans["start_to_function"].append(at_function[0] - started)
+        spans["answer_to_record"].append(finished - at_function[1])
+        if call_id in arrivals:
+            spans["record_to_callback"].append(arrivals[call_id][0] - finished)
+    out: dict[str, Any] = {}
+    for name, values in spans.items():
+        if values:
+            out[f"{name}_p50_s"] = round(statistics.median(values), 4)
+            out[f"{name}_max_s"] = round(max(values), 4)
+    return out
 
 
 def _count(values: Any) -> dict[str, int]:
@@ -564,7 +607,9 @@ def case_burst(
     posted = post_calls(bench, gateway_url + "/async-function/bench-sleep", n, n, batch)
     arrivals = bench.wait_callbacks(batch, n, timeout=max(60.0, n / 10))
     figures = _with_cpu(burst_figures(posted, arrivals), meter.stop())
-    figures.update(reached_figures(posted, bench.function_times(batch)))
+    times = bench.function_times(batch)
+    figures.update(reached_figures(posted, times))
+    figures.update(stage_figures(arrivals, times, bench.call_records(list(arrivals))))
     return figures
 
 
@@ -826,6 +871,11 @@ def analyse(rounds: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, A
             "post_all_s": summary([r["burst"]["post_all_s"] for r in done]),
             "first_callback_s": summary([r["burst"]["first_callback_s"] for r in done]),
             "reached_last_s": summary([r["burst"].get("reached_last_s", 0.0) for r in done]),
+            **{
+                f"{stage}_{q}_s": summary([r["burst"].get(f"{stage}_{q}_s", 0.0) for r in done])
+                for stage in STAGES
+                for q in ("p50", "max")
+            },
             "last_callback_s": summary([r["burst"]["last_callback_s"] for r in done]),
             "worker_cpu_ms_per_call": summary([r["burst"]["worker_cpu_ms_per_call"] for r in done]),
             "others_cores": summary([r["burst"]["others_cores"] for r in done], 2),
@@ -971,6 +1021,17 @@ def table(cases: dict[str, Any], args: argparse.Namespace, rounds: int) -> str:
         ("    rest of the machine meanwhile, cores", _mm(e["others_cores"], ".2f")),
         (f"(3) burst of {args.burst} 1-s calls: all posted, s", _mm(b["post_all_s"], ".2f")),
         ("    last call reached the function, s", _mm(b["reached_last_s"], ".2f")),
+        *(
+            (
+                f"    {label}, s: median call / slowest",
+                f"{_mm(b[f'{stage}_p50_s'], '.3f')} / {_mm(b[f'{stage}_max_s'], '.3f')}",
+            )
+            for stage, label in (
+                ("start_to_function", "worker start -> function reached"),
+                ("answer_to_record", "function answered -> worker recorded"),
+                ("record_to_callback", "recorded -> callback arrived"),
+            )
+        ),
         ("    first callback, s", _mm(b["first_callback_s"], ".2f")),
         ("    last callback, s (goal <= 3)", _mm(b["last_callback_s"], ".2f")),
         ("    worker CPU ms per call", _mm(b["worker_cpu_ms_per_call"], ".3f")),

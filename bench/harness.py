@@ -364,19 +364,34 @@ class Gateway(Twistd):
 # --------------------------------------------------------------------------- redis clean-up
 
 
-def redis_delete_prefix(host: str, port: int, db: int, prefix: str, timeout: float = 5.0) -> int:
-    """Delete every key starting with ``prefix`` (SCAN + DEL over raw RESP); return how many."""
+class RawRedis:
+    """A blocking RESP client of a few lines, for the benchmarks' own bookkeeping (no redis-py here)."""
 
-    def command(sock: socket.socket, reader: Any, *args: str) -> Any:
+    def __init__(self, host: str, port: int, db: int, timeout: float = 5.0) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._reader = self._sock.makefile("rb")
+        self.command("SELECT", str(db))
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+    def __enter__(self) -> RawRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def command(self, *args: str) -> Any:
         parts = [f"*{len(args)}\r\n".encode()]
         for a in args:
             data = a.encode()
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        sock.sendall(b"".join(parts))
-        return read(reader)
+        self._sock.sendall(b"".join(parts))
+        return self._read()
 
-    def read(reader: Any) -> Any:
-        line = reader.readline().rstrip(b"\r\n")
+    def _read(self) -> Any:
+        line = self._reader.readline().rstrip(b"\r\n")
         kind, rest = line[:1], line[1:]
         if kind == b"+":
             return rest.decode()
@@ -388,22 +403,31 @@ def redis_delete_prefix(host: str, port: int, db: int, prefix: str, timeout: flo
             n = int(rest)
             if n < 0:
                 return None
-            data = reader.read(n + 2)[:-2]
-            return data.decode()
+            return self._reader.read(n + 2)[:-2].decode()
         if kind == b"*":
-            return [read(reader) for _ in range(int(rest))]
+            return [self._read() for _ in range(int(rest))]
         raise BenchError(f"redis: unexpected reply {line!r}")
 
+
+def redis_mget(host: str, port: int, db: int, keys: Sequence[str], chunk: int = 500) -> list[str | None]:
+    """The values of ``keys`` (None where missing), read ``chunk`` keys per MGET."""
+    values: list[str | None] = []
+    with RawRedis(host, port, db) as redis:
+        for i in range(0, len(keys), chunk):
+            values += redis.command("MGET", *keys[i : i + chunk])
+    return values
+
+
+def redis_delete_prefix(host: str, port: int, db: int, prefix: str, timeout: float = 5.0) -> int:
+    """Delete every key starting with ``prefix`` (SCAN + DEL over raw RESP); return how many."""
     deleted = 0
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        reader = sock.makefile("rb")
-        command(sock, reader, "SELECT", str(db))
+    with RawRedis(host, port, db, timeout) as redis:
         cursor = "0"
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
         while True:
-            cursor, keys = command(sock, reader, "SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
+            cursor, keys = redis.command("SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
             if keys:
-                deleted += command(sock, reader, "DEL", *keys)
+                deleted += redis.command("DEL", *keys)
             if cursor == "0":
                 return deleted
 

@@ -98,6 +98,50 @@ def test_reached_figures_are_when_the_calls_reached_the_function_from_the_first_
     assert async_bench.reached_figures(posted, {}) == {}
 
 
+def test_stage_figures_split_each_call_at_the_function_and_at_the_workers_record():
+    records = {
+        "b.0": {"startedAt": 10.0, "finishedAt": 11.30},
+        "b.1": {"startedAt": 10.1, "finishedAt": 11.50},
+        "b.2": {"startedAt": 10.2},  # never finished: left out
+    }
+    times = {"b.0": [10.1, 11.1], "b.1": [10.4, 11.4], "b.2": [10.3, 0.0]}
+    arrivals = {"b.0": [11.40, 200, 1], "b.1": [11.55, 200, 1]}
+    figures = async_bench.stage_figures(arrivals, times, records)
+    assert figures["start_to_function_p50_s"] == pytest.approx(0.2)  # median of 0.1 and 0.3
+    assert figures["start_to_function_max_s"] == pytest.approx(0.3)
+    assert figures["answer_to_record_max_s"] == pytest.approx(0.2)
+    assert figures["record_to_callback_p50_s"] == pytest.approx(0.075)
+    assert async_bench.stage_figures({}, {}, {}) == {}
+
+
+def test_raw_redis_reads_status_integer_bulk_nil_and_array_replies():
+    import socket
+    import threading
+
+    from harness import RawRedis
+
+    server = socket.create_server(("127.0.0.1", 0))
+    asked: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        replies = [b"+OK\r\n", b"*3\r\n$1\r\na\r\n$-1\r\n$4\r\nb\r\nc\r\n", b":7\r\n"]
+        with conn:
+            for reply in replies:
+                asked.append(conn.recv(4096))
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with RawRedis("127.0.0.1", server.getsockname()[1], 3) as redis:
+        assert redis.command("MGET", "k1", "k2", "k3") == ["a", None, "b\r\nc"]
+        assert redis.command("DEL", "k1") == 7
+    thread.join(5)
+    server.close()
+    assert asked[0] == b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"
+    assert asked[1].startswith(b"*4\r\n$4\r\nMGET\r\n$2\r\nk1\r\n")
+
+
 def test_lateness_is_measured_from_started_at_plus_the_timeout_and_split_at_finished_at():
     late = async_bench.lateness(arrival=11.030, started_at=10.0, finished_at=11.004, timeout=1.0)
     assert late == {
