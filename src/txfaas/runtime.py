@@ -23,7 +23,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http import HTTPChannel, _parseRequestLine
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
 
@@ -385,6 +385,14 @@ class TimerQueue:
 
 _FOLD = (b" ", b"\t")  # a header line starting with one continues the line before (obs-fold)
 
+try:  # Twisted's own request-line parser (24.7 and later), used by the whole-head path
+    from twisted.web.http import _parseRequestLine
+except ImportError:  # pragma: no cover - a Twisted without it: every head goes line by line
+    _parseRequestLine = None
+#: The whole-head path needs the Twisted it was written against: its request-line parser, and
+#: HTTPChannel's "first line next" flag under its private name.  Anything else: line by line.
+WHOLE_HEAD = _parseRequestLine is not None and getattr(HTTPChannel, "_HTTPChannel__first_line", None) == 1
+
 
 class LimitedChannel(HTTPChannel):
     """HTTP/1.1 with a body limit, an absolute read deadline, and two kinds of write deadline.
@@ -502,7 +510,8 @@ class LimitedChannel(HTTPChannel):
         takes those, with its own answers.  (The next request on a keep-alive connection
         comes this way too, once the one before is answered.)"""
         if (
-            self._buffer
+            not WHOLE_HEAD
+            or self._buffer
             or self._busyReceiving
             or not self.line_mode
             or self.paused

@@ -132,3 +132,15 @@ def test_the_simple_cases_answer_as_expected():
     assert seen == [] and out.startswith(b"HTTP/1.1 400 Bad Request") and closing
     seen, out, _lines, closing = read(TAKEN["body over the path's limit"], piecewise=False)
     assert seen == [] and out.startswith(b"HTTP/1.1 413") and closing
+
+
+def test_off_when_twisted_lacks_what_it_relies_on(monkeypatch):
+    """On a Twisted without its request-line parser or the channel's private first-line flag,
+    every head goes line by line -- with the same result."""
+    from txfaas import runtime
+
+    assert runtime.WHOLE_HEAD  # the Twisted these tests run on has both
+    monkeypatch.setattr(runtime, "WHOLE_HEAD", False)
+    whole = read(GET + POST, piecewise=False)
+    assert whole[2] > 0  # read by lineReceived
+    assert whole[:2] == read(GET + POST, piecewise=True)[:2]
