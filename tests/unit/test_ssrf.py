@@ -446,3 +446,86 @@ def test_literal_first_reactor_answers_addresses_itself_and_delegates_everything
     assert view.seconds() == reactor.seconds()
     with pytest.raises(NotImplementedError):
         view.installNameResolver(RESOLVER)
+
+
+# --- CachingResolver: the gateway's callback check remembers names for a few seconds ------------
+
+
+def _resolve(resolver: Any, host: str, port: int = 80) -> Receiver:
+    receiver = Receiver()
+    resolver.resolveHostName(receiver, host, port)
+    return receiver
+
+
+def test_caching_resolver_answers_a_name_again_from_memory_until_its_time_is_up():
+    from twisted.internet.task import Clock
+
+    from txfaas.ssrf import CachingResolver
+
+    clock = Clock()
+    upstream = FakeResolver({"hooks.example": ["203.0.113.7", "2001:db8::7"]})
+    resolver = CachingResolver(upstream, clock, ttl=5.0)
+    verifyObject(IHostnameResolver, resolver)
+    first = _resolve(resolver, "hooks.example")
+    clock.advance(4.9)
+    again = _resolve(resolver, "hooks.example")
+    assert upstream.asked == [("hooks.example", 80)]  # the second came from memory
+    assert again.addresses == first.addresses == ["203.0.113.7", "2001:db8::7"]
+    assert again.complete and again.began is not None and again.began.name == "hooks.example"
+    verifyObject(IHostResolution, again.began)
+    _resolve(resolver, "hooks.example", 443)  # another port: another question
+    clock.advance(0.2)
+    _resolve(resolver, "hooks.example")  # past its time: asked again
+    assert upstream.asked == [("hooks.example", 80), ("hooks.example", 443), ("hooks.example", 80)]
+
+
+def test_caching_resolver_does_not_remember_a_name_that_resolved_to_nothing():
+    from twisted.internet.task import Clock
+
+    from txfaas.ssrf import CachingResolver
+
+    upstream = FakeResolver({})
+    resolver = CachingResolver(upstream, Clock())
+    assert _resolve(resolver, "nowhere.example").addresses == []
+    assert _resolve(resolver, "nowhere.example").complete
+    assert len(upstream.asked) == 2
+
+
+def test_caching_resolver_keeps_at_most_limit_names_dropping_the_oldest():
+    from twisted.internet.task import Clock
+
+    from txfaas.ssrf import CachingResolver
+
+    upstream = FakeResolver({f"h{i}.example": ["203.0.113.1"] for i in range(4)})
+    resolver = CachingResolver(upstream, Clock(), limit=3)
+    for i in range(4):
+        _resolve(resolver, f"h{i}.example")
+    _resolve(resolver, "h3.example")  # still known
+    _resolve(resolver, "h0.example")  # dropped for h3: asked again
+    assert [h for h, _ in upstream.asked] == [
+        "h0.example",
+        "h1.example",
+        "h2.example",
+        "h3.example",
+        "h0.example",
+    ]
+
+
+def test_a_callback_check_through_the_caching_resolver_still_refuses_what_the_policy_refuses():
+    from twisted.internet.task import Clock
+
+    from txfaas.ssrf import CachingResolver
+
+    upstream = FakeResolver({"inside.example": ["10.0.0.5"], "hooks.example": ["93.184.216.34"]})
+    resolver = CachingResolver(upstream, Clock())
+    policy = AddressPolicy()
+    for _ in range(2):  # the second time from memory
+        refused = Deferred.fromCoroutine(check_callback_url("http://inside.example/cb", resolver, policy))
+        failures: list[Failure] = []
+        refused.addErrback(failures.append)
+        assert failures and failures[0].check(CallbackRefused)
+        ok = Deferred.fromCoroutine(check_callback_url("https://hooks.example/cb", resolver, policy))
+        results: list[Any] = []
+        ok.addBoth(results.append)
+        assert results == [None]
+    assert len(upstream.asked) == 2

@@ -27,7 +27,7 @@ from txfaas.config import (
     read_secret,
 )
 from txfaas.runtime import parse_tcp_listen, prepare_multiprocess_metrics
-from txfaas.ssrf import AddressPolicy, literal_first
+from txfaas.ssrf import AddressPolicy, CachingResolver, literal_first
 
 FLAGS = Flags(
     Flag("listen", ("TXFAAS_LISTEN",), "tcp:8080", "Twisted endpoint to serve on"),
@@ -287,7 +287,8 @@ def build_gateway(
         functions,
         store,
         queue,
-        reactor.nameResolver,
+        # Callback hosts resolved once per 5 s, not on every accepted call.
+        CachingResolver(reactor.nameResolver, reactor),
         metrics,
         AppSettings(callback_policy=config.callback_policy),
         clock=reactor,
