@@ -93,6 +93,7 @@ from harness import (
     post_script,
     prepare_run,
     py_spy,
+    redis_address,
     redis_delete_prefix,
     redis_mget,
     run_main,
@@ -368,10 +369,8 @@ class Bench:
 
     def call_records(self, call_ids: list[str]) -> dict[str, dict[str, Any]]:
         """The calls' status records, as the gateway and worker left them in Redis."""
-        redis = urlsplit(self.args.redis)
-        db = int((redis.path or "/0").strip("/") or 0)
         keys = [f"{self.prefix}call:{call_id}" for call_id in call_ids]
-        values = redis_mget(redis.hostname or LOOPBACK, redis.port or 6379, db, keys)
+        values = redis_mget(self.args.redis, keys)
         return {c: json.loads(v) for c, v in zip(call_ids, values, strict=True) if v is not None}
 
     def callbacks(self, batch: str) -> dict[str, list[Any]]:
@@ -1236,12 +1235,11 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
         broker=Broker(args.amqp),
         stack=stack,
     )
-    redis = urlsplit(args.redis)
-    db = int((redis.path or "/0").strip("/") or 0)
+    redis_port = redis_address(args.redis)[1]
     amqp_port = urlsplit(args.amqp).port or 5672
     bench.services = {
         "rabbitmq": lambda: listener_pids(amqp_port, "beam.smp"),
-        "redis": lambda: listener_pids(redis.port or 6379, "redis-server"),
+        "redis": lambda: listener_pids(redis_port, "redis-server"),
     }
 
     def clean_up() -> None:
@@ -1251,7 +1249,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
             bench.broker.delete(queue)
         for exchange in (f"{bench.retry_prefix}.retry", tier):  # a delay tier is a queue and an exchange
             bench.broker.delete_exchange(exchange)
-        removed = redis_delete_prefix(redis.hostname or LOOPBACK, redis.port or 6379, db, bench.prefix)
+        removed = redis_delete_prefix(args.redis, bench.prefix)
         say(
             f"removed queues {', '.join(queues)}, exchange {bench.retry_prefix}.retry and {removed} redis keys"
         )

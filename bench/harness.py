@@ -29,6 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -364,10 +365,17 @@ class Gateway(Twistd):
 # --------------------------------------------------------------------------- redis clean-up
 
 
+def redis_address(url: str) -> tuple[str, int, int]:
+    """Host, port and database of a ``redis://host:port/db`` URL (defaults 127.0.0.1, 6379, 0)."""
+    parts = urlsplit(url)
+    return parts.hostname or LOOPBACK, parts.port or 6379, int((parts.path or "/0").strip("/") or 0)
+
+
 class RawRedis:
     """A blocking RESP client of a few lines, for the benchmarks' own bookkeeping (no redis-py here)."""
 
-    def __init__(self, host: str, port: int, db: int, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, timeout: float = 5.0) -> None:
+        host, port, db = redis_address(url)
         self._sock = socket.create_connection((host, port), timeout=timeout)
         self._reader = self._sock.makefile("rb")
         self.command("SELECT", str(db))
@@ -409,19 +417,19 @@ class RawRedis:
         raise BenchError(f"redis: unexpected reply {line!r}")
 
 
-def redis_mget(host: str, port: int, db: int, keys: Sequence[str], chunk: int = 500) -> list[str | None]:
+def redis_mget(url: str, keys: Sequence[str], chunk: int = 500) -> list[str | None]:
     """The values of ``keys`` (None where missing), read ``chunk`` keys per MGET."""
     values: list[str | None] = []
-    with RawRedis(host, port, db) as redis:
+    with RawRedis(url) as redis:
         for i in range(0, len(keys), chunk):
             values += redis.command("MGET", *keys[i : i + chunk])
     return values
 
 
-def redis_delete_prefix(host: str, port: int, db: int, prefix: str, timeout: float = 5.0) -> int:
+def redis_delete_prefix(url: str, prefix: str, timeout: float = 5.0) -> int:
     """Delete every key starting with ``prefix`` (SCAN + DEL over raw RESP); return how many."""
     deleted = 0
-    with RawRedis(host, port, db, timeout) as redis:
+    with RawRedis(url, timeout) as redis:
         cursor = "0"
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
         while True:

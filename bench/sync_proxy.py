@@ -399,17 +399,10 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
         "gateway": lambda: [gateway.pid],
     }
     if args.redis:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(args.redis)
         prefix = f"bench:{uuid.uuid4().hex[:12]}:"
-        db = int((parts.path or "/0").strip("/") or 0)
         # Registered before the gateway's stop, so it runs after the gateway has stopped.
         stack.callback(
-            lambda: say(
-                f"removed {redis_delete_prefix(parts.hostname or LOOPBACK, parts.port or 6379, db, prefix)}"
-                f" redis keys under {prefix}"
-            )
+            lambda: say(f"removed {redis_delete_prefix(args.redis, prefix)} redis keys under {prefix}")
         )
         rd_port = free_port()
         redis_gw = Gateway(
@@ -429,14 +422,15 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
 
     if args.gateway_workers > 1:
         prefix_w = f"bench:{uuid.uuid4().hex[:12]}:"
-        stack.callback(lambda: say(f"removed {redis_delete_prefix(LOOPBACK, 6379, 0, prefix_w)} redis keys"))
+        redis_w = "redis://127.0.0.1:6379/0"
+        stack.callback(lambda: say(f"removed {redis_delete_prefix(redis_w, prefix_w)} redis keys"))
         wk_port = free_port()
         workers_gw = Gateway(
             "gateway-workers",
             tmp,
             wk_port,
             deploy,
-            redis="redis://127.0.0.1:6379/0",
+            redis=redis_w,
             extra=[
                 f"--redis-prefix={prefix_w}",
                 f"--workers={args.gateway_workers}",

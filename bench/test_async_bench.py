@@ -133,7 +133,7 @@ def test_raw_redis_reads_status_integer_bulk_nil_and_array_replies():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    with RawRedis("127.0.0.1", server.getsockname()[1], 3) as redis:
+    with RawRedis(f"redis://127.0.0.1:{server.getsockname()[1]}/3") as redis:
         assert redis.command("MGET", "k1", "k2", "k3") == ["a", None, "b\r\nc"]
         assert redis.command("DEL", "k1") == 7
     thread.join(5)
