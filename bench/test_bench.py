@@ -102,14 +102,18 @@ def test_ratios_are_taken_per_round_then_medianed():
     assert ratios["gateway/direct"]["median"] == pytest.approx(0.05)
     assert ratios["nginx/direct"]["median"] == pytest.approx(0.5)
     assert cases["sync_proxy"]["targets"]["nginx"]["rps"]["median"] == pytest.approx(40.0)
-    assert cases["sync_proxy"]["goal"]["met"] is True
+    goals = cases["sync_proxy"]["goals"]
+    assert goals["issue 2"]["met"] is True and goals["issue 6"]["met"] is False  # 0.1: >= 0.06, < 0.12
+    assert cases["added_latency_1conn_goal"]["met"] is False  # +0.5 ms
     added = cases["added_latency_1conn"]
     assert added["gateway-direct"]["p50_ms"]["median"] == pytest.approx(0.5)
     assert added["nginx-direct"]["p50_ms"]["median"] == pytest.approx(0.1)
     # 3.5 CPU-seconds over 10,000 requests is 3.5 s per 10k calls.
     assert cases["cpu_s_per_10k_calls"]["gateway"]["median"] == pytest.approx(3.5)
     text = sync_proxy.table(cases, _targets(), 3, [1, 50])
-    assert "gateway/nginx" in text and "goal gateway/nginx >= 0.06: met" in text
+    assert "goal (issue 2) gateway/nginx >= 0.06: met" in text
+    assert "goal (issue 6) gateway/nginx >= 0.12: NOT met" in text
+    assert "goal (issue 6) gateway p50 added <= 0.2 ms: NOT met" in text
 
 
 def test_summary_keeps_runs_and_handles_no_values():
