@@ -9,11 +9,13 @@ import gc
 import os
 import re
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
+from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -23,9 +25,10 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.resource import _IEncodingResource
 
 from txfaas.config import ConfigError, RedisURL, format_duration
 from txfaas.http11 import HTTP11ConnectionFactory
@@ -688,10 +691,63 @@ class LimitedChannel(HTTPChannel):
         self._flushed()
 
 
+_date: list[Any] = [None, b""]  # [whole second, its HTTP date]
+
+
+def http_date() -> bytes:
+    """Now as an HTTP date (``datetimeToString()``), formatted once per second rather than per request."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, datetimeToString(now)
+    return _date[1]
+
+
 class LimitedRequest(server.Request):
-    """Counts the body as it arrives (chunked too) against the limit its channel chose."""
+    """Counts the body as it arrives (chunked too) against the limit its channel chose.
+
+    And a request whose path starts with one of the site's :attr:`LimitedSite.direct` names
+    goes straight to that leaf resource: where Twisted's ``Site.getResourceFor`` would walk
+    the tree from the root to the same leaf, the request gets the same ``prepath``,
+    ``postpath`` and ``sitepath``; anything else (a ``%``-escaped first segment, ``*``)
+    takes Twisted's own way.  ``Date`` is formatted once a second.
+    """
 
     _received = 0
+
+    def process(self) -> None:
+        site = self.site = self.channel.site
+        raw = self.responseHeaders._rawHeaders
+        raw[b"Server"] = [server.version]
+        raw[b"Date"] = [http_date()]
+        segments = self.path[1:].split(b"/")
+        leaf = site.direct.get(segments[0]) if self.path[:1] == b"/" else None
+        if leaf is None:
+            self._walk(segments)
+            return
+        self.prepath = [segments[0]]
+        self.postpath = [unquote(segment) for segment in segments[1:]]
+        self.sitepath = []
+        try:
+            self.render(leaf)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def _walk(self, segments: list[bytes]) -> None:
+        """``server.Request.process`` after its two headers: find the resource through the tree."""
+        self.prepath = []
+        self.postpath = [unquote(segment) for segment in segments]
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            found = self.site.getResourceFor(self)
+            if _IEncodingResource.providedBy(found):
+                encoder = found.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(found)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def handleContentChunk(self, data: bytes) -> None:
         limit = self.channel._limit
@@ -728,6 +784,10 @@ class LimitedSite(server.Site):
     protocol = LimitedChannel  # type: ignore[assignment]
     requestFactory = LimitedRequest
     displayTracebacks = False
+    #: First path segment -> the leaf resource that serves every path under it, reached
+    #: without walking the tree (see :class:`LimitedRequest`).  It must be where the tree
+    #: leads for that segment: the gateway's hot routes, which need no authentication.
+    direct: dict[bytes, Any] = {}
 
     def __init__(
         self,

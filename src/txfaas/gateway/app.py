@@ -696,6 +696,11 @@ class GatewayRoot(resource.Resource):
         self._auth = auth
         self._unauthorized = Unauthorized()
 
+    def direct_routes(self) -> dict[bytes, resource.IResource]:
+        """The leaves :meth:`getChildWithDefault` gives for the open hot routes, for
+        ``LimitedSite.direct`` (reached without walking the tree)."""
+        return {b"function": self._proxy, b"async-function": self._calls}
+
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
         if path == b"function":
             return self._proxy

@@ -311,6 +311,7 @@ def build_gateway(
         response_timeout=config.write_timeout,  # from the request read to its response finished
         idle_timeout=IDLE_TIMEOUT,
     )
+    site.direct = root.direct_routes()
 
     async def close() -> None:
         for closer in closers:
