@@ -61,6 +61,7 @@ from zope.interface import implementer
 MAX_HEAD = 64 * 1024
 # Not the response's own headers but how the connection carries it; and the codes with no body.
 _CONTROL = frozenset(HTTPClientParser.CONNECTION_CONTROL_HEADERS)
+_CONTROL_NAMES = {_nameEncoder.encode(name): name for name in _CONTROL}  # Header-Case -> lower case
 NO_BODY_CODES = frozenset(HTTPClientParser.NO_BODY_CODES)
 _BODY_METHODS = frozenset({b"PUT", b"POST"})
 _DONE = ResponseDone("Response body fully received")
@@ -377,11 +378,11 @@ class HTTP11Connection(Protocol):
             # raising and clearing a TypeError every time (two of them: 690 ns here, this 230).
             if len(value.translate(None, b"\r\x00")) != len(value):
                 value = b" ".join(value.replace(b"\x00", b" ").splitlines())
-            low = name.lower()
-            if low in _CONTROL and not (head_method and low == b"content-length"):
+            key = encode(name)  # Header-Case (remembered per spelling), and InvalidHeaderName unless a token
+            low = _CONTROL_NAMES.get(key)
+            if low is not None and not (head_method and low == b"content-length"):
                 control.setdefault(low, []).append(value)
                 continue
-            key = encode(low)  # Header-Case, and InvalidHeaderName unless a token
             values = raw.get(key)
             if values is None:
                 raw[key] = [value]

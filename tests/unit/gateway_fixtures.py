@@ -24,6 +24,7 @@ from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
 from txfaas.model import FunctionSpec
+from txfaas.runtime import LimitedSite
 from txfaas.store.cache import FunctionCache
 from txfaas.testing import MemoryQueue, MemoryStore
 
@@ -112,6 +113,10 @@ class GatewayTestCase(SynchronousTestCase):
         # A raw agent, not StubTreq: treq's client would decode gzip, follow redirects and
         # keep cookies on the test's side, hiding what the gateway really answered.
         self.client = RequestTraversalAgent(self.root)
+        # Served as the gateway serves: LimitedSite, its requests, the direct hot routes.
+        self.site = LimitedSite(self.root, self.clock)
+        self.site.direct = self.root.direct_routes()
+        self.client._serverFactory = self.site
         self.treq = StubTreq(self.root)
 
     def make_resolver(self) -> Any:

@@ -312,7 +312,7 @@ class _Exchange:
         raw[hdr.CALL_ID] = [self.call_id]
         raw[hdr.START_TIME] = [start_ns]
         self.deadline = proxy.deadline(self.timeout, self._expire)
-        request.notifyFinish().addErrback(self._client_gone)
+        when_gone(request, self._client_gone)
         d = self.step = proxy._client.proxy(
             request.method, self.url, out, body_producer(request, proxy._cooperator)
         )
@@ -413,6 +413,16 @@ class _Exchange:
         self.deadline = self.relay = None
         self.proxy._metrics.finished(self.name, self.code, time.monotonic() - self.started)
         self.proxy._functions.count_invocation(self.name)
+
+
+def when_gone(request: server.Request, gone: Any) -> None:
+    """``gone(reason)`` once the client went away before the response was finished:
+    ``LimitedRequest.whenGone`` (no Deferred per call), else ``notifyFinish``."""
+    hook = getattr(request, "whenGone", None)
+    if hook is not None:
+        hook(gone)
+    else:
+        request.notifyFinish().addErrback(gone)
 
 
 class _Relay(Protocol):
