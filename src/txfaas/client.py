@@ -118,8 +118,9 @@ class PoolAgent:
             key, endpoint, host = target
             if headers is None:
                 headers = Headers()
-            if not headers.hasHeader(b"host"):
-                headers.addRawHeader(b"Host", host)
+            raw = headers._rawHeaders  # names in Twisted's Header-Case, whoever set them
+            if b"Host" not in raw:
+                raw[b"Host"] = [host]
             request = _ClientRequest(method, path, headers, bodyProducer, persistent=self._pool.persistent)
         except Exception:
             return defer.fail()

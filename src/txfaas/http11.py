@@ -30,6 +30,7 @@ Twisted's ``Request.writeTo``, which enforces its length or chunks it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,9 @@ _CONTROL_NAMES = {_nameEncoder.encode(name): name for name in _CONTROL}  # Heade
 NO_BODY_CODES = frozenset(HTTPClientParser.NO_BODY_CODES)
 _BODY_METHODS = frozenset({b"PUT", b"POST"})
 _DONE = ResponseDone("Response body fully received")
+# The reason every complete body ends with, made once: its readers only look at it (check, trap,
+# isinstance of its value), and a Failure per response cost a twelfth of the head's parsing.
+_DONE_FAILURE = Failure(_DONE)
 _ENDED = object()  # a response's protocol once its body ended
 
 
@@ -101,12 +105,12 @@ class _BodyTransport:
     def pauseProducing(self) -> None:
         connection = self._response._connection
         if connection is not None:
-            connection.transport.pauseProducing()
+            connection._pause()
 
     def resumeProducing(self) -> None:
         connection = self._response._connection
         if connection is not None:
-            connection.transport.resumeProducing()
+            connection._resume()
 
     def stopProducing(self) -> None:
         """Abort the connection if the body is still arriving; nothing once it is complete."""
@@ -159,7 +163,7 @@ class Response:
             end, self._end = self._end, None
             self._lose(end)
         elif self._connection is not None:
-            self._connection.transport.resumeProducing()  # paused while nobody read the body
+            self._connection._resume()  # if paused while nobody read the body
 
     def _data(self, data: bytes) -> None:
         protocol = self._protocol
@@ -191,6 +195,7 @@ class HTTP11Connection(Protocol):
     def __init__(self, quiescentCallback: Callable[[HTTP11Connection], object] = lambda c: None) -> None:
         self._quiescentCallback = quiescentCallback
         self._state = "QUIESCENT"
+        self._paused = False  # reading from the transport paused by us (and only we pause it)
         self._abortDeferreds: list[defer.Deferred[None]] = []
         self._reset()
 
@@ -209,6 +214,17 @@ class HTTP11Connection(Protocol):
     @property
     def state(self) -> str:
         return self._state
+
+    def _pause(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        """Resume reading if paused: a transport already reading is not told again (Twisted's
+        resumeProducing -> startReading -> addReader -> _add, four calls to find nothing to do)."""
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
 
     def connectionMade(self) -> None:
         if ITCPTransport.providedBy(self.transport):
@@ -240,7 +256,7 @@ class HTTP11Connection(Protocol):
             return request.writeTo(self.transport)  # Twisted's: length enforced, or chunked
         method = _ensureValidMethod(request.method)
         headers = request.headers
-        if len(headers.getRawHeaders(b"host", ())) != 1:
+        if len(headers._rawHeaders.get(b"Host", ())) != 1:
             raise ValueError("exactly one Host header is required")
         lines = [method + b" " + _ensureValidURI(request.uri) + b" HTTP/1.1\r\n"]
         if not request.persistent:
@@ -346,23 +362,16 @@ class HTTP11Connection(Protocol):
         if rest:
             self._body_received(rest)
         if response._connection is not None and response._protocol is None:
-            self.transport.pauseProducing()  # until someone reads the body
+            self._pause()  # until someone reads the body
 
     def _parse_head(self, head: bytes) -> Response | None:
         lines = head.split(b"\n", 1)
         status = lines[0].rstrip(b"\r")
-        parts = status.split(b" ", 2)
-        if len(parts) == 2:
-            parts.append(b"")
-        elif len(parts) != 3:
-            raise ParseError("wrong number of parts", status)
-        version, code_b, phrase = parts
-        proto, _, numbers = version.partition(b"/")
-        major, _, minor = numbers.partition(b".")
-        if proto != b"HTTP" or not major.isdigit() or not minor.isdigit():
-            raise ParseError("bad response version", version)
-        if len(code_b) != 3 or not code_b.isdigit():
-            raise ParseError("bad status code", status)
+        line = _STATUS_LINE(status)
+        if line is not None:
+            major, minor, code_b, phrase = line.groups(b"")
+        else:
+            major, minor, code_b, phrase = _status_parts(status)  # its error, or the same parts
         code = int(code_b)
         if 100 <= code < 200:
             return None
@@ -417,7 +426,7 @@ class HTTP11Connection(Protocol):
             self._keep = False  # the body ends with the connection
         response = Response((b"HTTP", int(major), int(minor)), code, phrase, headers, length, request, self)
         if length == 0:
-            response._finish(Failure(_DONE))
+            response._finish(_DONE_FAILURE)
         return response
 
     def _body_received(self, data: bytes) -> None:
@@ -437,7 +446,7 @@ class HTTP11Connection(Protocol):
             response._data(data[:remaining])
             if self._response is response:
                 self._exchange_done(data[remaining:])
-            response._finish(Failure(_DONE))
+            response._finish(_DONE_FAILURE)
         elif self._chunked is not None:
             self._chunked.dataReceived(data)
         else:
@@ -452,7 +461,7 @@ class HTTP11Connection(Protocol):
         assert response is not None
         self._chunked = None
         self._exchange_done(rest)
-        response._finish(Failure(_DONE))
+        response._finish(_DONE_FAILURE)
 
     def _exchange_done(self, rest: bytes) -> None:
         """The response is complete: back to the pool, or closed.
@@ -471,7 +480,7 @@ class HTTP11Connection(Protocol):
             return
         self._reset()
         self._state = "QUIESCENT"
-        self.transport.resumeProducing()
+        self._resume()
         try:
             self._quiescentCallback(self)
         except Exception:
@@ -525,13 +534,58 @@ class HTTP11Connection(Protocol):
         return d
 
 
+#: A well-formed status line, read as :func:`_status_parts` reads it.
+_STATUS_LINE = re.compile(rb"HTTP/([0-9]+)\.([0-9]+) ([0-9]{3})(?: (.*))?").fullmatch
+
+
+def _status_parts(status: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """Major, minor, code and phrase of a status line; ``ParseError`` for one that is not."""
+    parts = status.split(b" ", 2)
+    if len(parts) == 2:
+        parts.append(b"")
+    elif len(parts) != 3:
+        raise ParseError("wrong number of parts", status)
+    version, code_b, phrase = parts
+    proto, _, numbers = version.partition(b"/")
+    major, _, minor = numbers.partition(b".")
+    if proto != b"HTTP" or not major.isdigit() or not minor.isdigit():
+        raise ParseError("bad response version", version)
+    if len(code_b) != 3 or not code_b.isdigit():
+        raise ParseError("bad status code", status)
+    return major, minor, code_b, phrase
+
+
+#: One ``name: value`` line (the name everything before the first colon, the value stripped of
+#: spaces and tabs), for a block whose every CR ends a line and which has no folded line.
+_HEADER_LINE = re.compile(rb"([^:\r\n]*):[ \t]*([^\r\n]*?)[ \t]*\r?\n")
+
+
 def _header_lines(block: bytes) -> list[tuple[bytes, bytes]]:
     """The (name, value) pairs of a header block; ``ParseError`` for a line that is not one.
 
     Lines end in CR LF or a bare LF; a line starting with a space or a tab continues the
-    value before it (obs-fold).  Names are checked when they are encoded (``InvalidHeaderName``)."""
+    value before it (obs-fold).  Names are checked when they are encoded (``InvalidHeaderName``).
+
+    The usual block -- no CR but at a line's end, no folded line -- is read by one regex
+    scan, kept only if it found a pair on every line (a line without a colon gives none);
+    anything else line by line below, which also gives the errors."""
     if not block:
         return []
+    first = block[:1]
+    if (
+        block.count(b"\r") == block.count(b"\r\n")
+        and first != b" "
+        and first != b"\t"
+        and block.find(b"\n ") < 0
+        and block.find(b"\n\t") < 0
+    ):
+        pairs = _HEADER_LINE.findall(block + b"\n")
+        if len(pairs) == block.count(b"\n") + 1:
+            return pairs
+    return _header_lines_one_by_one(block)
+
+
+def _header_lines_one_by_one(block: bytes) -> list[tuple[bytes, bytes]]:
     lines = block.split(b"\r\n")
     if len(lines) != block.count(b"\n") + 1:  # some line ends in a bare LF
         lines = [line[:-1] if line[-1:] == b"\r" else line for line in block.split(b"\n")]

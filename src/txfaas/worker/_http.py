@@ -43,7 +43,7 @@ def make_headers(pairs: Pairs) -> Headers:
     for name, value in pairs:
         if isinstance(value, str):
             value = value.encode("utf8")
-        if b"\r" in value or b"\n" in value:
+        if len(value.translate(None, b"\r\n")) != len(value):  # (a bytes ``in`` raises inside)
             value = b" ".join(value.splitlines())
         key = encode(name)
         values = raw.get(key)
