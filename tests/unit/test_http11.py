@@ -675,3 +675,24 @@ def test_status_line_match_agrees_with_reading_its_parts():
     assert matched > 500
     assert _STATUS_LINE(b"HTTP/1.1 200 OK").groups(b"") == (b"1", b"1", b"200", b"OK")
     assert _STATUS_LINE(b"HTTP/1.1 200").groups(b"") == (b"1", b"1", b"200", b"")
+
+
+def test_a_usual_response_head_is_read_by_the_scan(monkeypatch):
+    """nginx's head, CR LF throughout, never goes line by line (the head is cut at its last LF:
+    the CR before it must not send the block the slow way)."""
+    from txfaas import http11
+
+    def refuse(block):
+        raise AssertionError(f"read line by line: {block!r}")
+
+    monkeypatch.setattr(http11, "_header_lines_one_by_one", refuse)
+    c = Conn()
+    d = c.request()
+    c.answer(
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 13:41:00 GMT\r\n"
+        b"Content-Type: text/plain\r\nContent-Length: 2\r\nX-Last: v \r\n\r\nok"
+    )
+    response = result(d)
+    assert response.headers.getRawHeaders(b"server") == [b"nginx/1.22.1"]
+    assert response.headers.getRawHeaders(b"x-last") == [b"v"]
+    assert read(response).body == b"ok"
