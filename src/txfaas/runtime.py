@@ -25,7 +25,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import NO_BODY_CODES, NO_CONTENT, NOT_MODIFIED, HTTPChannel, datetimeToString, toChunk
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import _IEncodingResource
@@ -386,7 +386,6 @@ class TimerQueue:
             call.cancel()
 
 
-_FOLD = (b" ", b"\t")  # a header line starting with one continues the line before (obs-fold)
 #: Twisted's ``_parseRequestLine`` as one match: a token, a target of printable ASCII (33-176,
 #: as Twisted allows), HTTP/1.0 or 1.1, single spaces between.  (Twisted's loops over the
 #: target in Python, byte by byte.)
@@ -443,11 +442,17 @@ class LimitedChannel(HTTPChannel):
         if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)  # sanitises a list of pairs
             return
+        self.writeHead(version, code, reason, headers, b"")
+
+    def writeHead(self, version: bytes, code: bytes, reason: bytes, headers: Headers, body: bytes) -> None:
+        """The head (as :meth:`writeHeaders`) and the first of the body in one transport write."""
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
+        for name, values in headers._rawHeaders.items():
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
+        if body:
+            parts.append(body)
         self.transport.write(b"".join(parts))
 
     def _timers(self) -> None:
@@ -536,9 +541,8 @@ class LimitedChannel(HTTPChannel):
         size = end - 2 * (len(lines) - 1)  # as lineReceived counts: the lines without their CR LF
         if size > self.totalHeadersSize or len(lines) - 1 > self.maxHeaders or not lines[0]:
             return False
-        for line in lines:
-            if line[:1] in _FOLD:
-                return False
+        if data.find(b"\n ", 0, end) >= 0 or data.find(b"\n\t", 0, end) >= 0:
+            return False  # a folded header line (the request line cannot start with a blank: 400)
         self.resetTimeout()
         factory = self.requestFactory
         if INonQueuedRequestFactory.providedBy(factory):
@@ -721,6 +725,10 @@ class LimitedChannel(HTTPChannel):
         self._flushed()
 
 
+def _drop(data: bytes) -> None:
+    """A response's ``write`` once nothing more may follow its head (HEAD, 204, 304)."""
+
+
 _date: list[Any] = [None, b""]  # [whole second, its HTTP date]
 
 
@@ -756,6 +764,47 @@ class LimitedRequest(server.Request):
     def finish(self) -> None:
         self._gone = None  # it holds the caller, which holds this request: no cycle left behind
         super().finish()
+
+    def write(self, data: bytes) -> None:
+        """The first write as ``server.Request.write`` and ``http.Request.write`` make it -- the
+        default Content-Type, chunked when HTTP/1.1 has no Content-Length, nothing after the head
+        for HEAD or a code without a body -- but the head and these bytes go to the transport in
+        one write, the headers read from the raw dict.  Anything unusual (a later write, an
+        encoder, Last-Modified, ETag or cookies set through the request) is Twisted's."""
+        channel = self.channel
+        if (
+            self.startedWriting
+            or self.finished
+            or self._disconnected
+            or self._inFakeHead
+            or self._encoder is not None
+            or self.lastModified is not None
+            or self.etag is not None
+            or self.cookies
+            or not isinstance(channel, LimitedChannel)
+        ):
+            super().write(data)
+            return
+        raw = self.responseHeaders._rawHeaders
+        code = self.code
+        if code != NOT_MODIFIED and code != NO_CONTENT and self.defaultContentType is not None:
+            length = raw.get(b"Content-Length")
+            if b"Content-Type" not in raw and not (length and length[0] == b"0"):
+                raw[b"Content-Type"] = [self.defaultContentType]
+        self.startedWriting = 1
+        version = self.clientproto
+        silent = self.method == b"HEAD" or code in NO_BODY_CODES
+        if version == b"HTTP/1.1" and not silent and b"Content-Length" not in raw:
+            raw[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        if silent:
+            channel.writeHead(version, b"%d" % code, self.code_message, self.responseHeaders, b"")
+            self.write = _drop  # type: ignore[method-assign]  # as Twisted does
+            return
+        self.sentLength += len(data)
+        if data and self.chunked:
+            data = b"".join(toChunk(data))
+        channel.writeHead(version, b"%d" % code, self.code_message, self.responseHeaders, data)
 
     def connectionLost(self, reason: Failure) -> None:
         gone, self._gone = self._gone, None

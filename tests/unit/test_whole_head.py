@@ -76,6 +76,8 @@ TAKEN = {  # the whole-head path reads these
     "empty value": b"GET / HTTP/1.1\r\nX-Empty:\r\n\r\n",
     "bad request line": b"GET /a b HTTP/1.1\r\nHost: gw\r\n\r\n",
     "HTTP/2.0 request line": b"GET / HTTP/2.0\r\n\r\n",
+    "a request line starting with a blank": b" GET / HTTP/1.1\r\nHost: gw\r\n\r\n",
+    "a request line starting with a tab": b"\tGET / HTTP/1.1\r\nHost: gw\r\n\r\n",
     "two spaces in the request line": b"GET  / HTTP/1.1\r\nHost: gw\r\n\r\n",
     "a tab in the request line": b"GET\t/ HTTP/1.1\r\nHost: gw\r\n\r\n",
     "a trailing space in the request line": b"GET / HTTP/1.1 \r\nHost: gw\r\n\r\n",
