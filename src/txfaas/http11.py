@@ -30,7 +30,6 @@ Twisted's ``Request.writeTo``, which enforces its length or chunks it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -367,11 +366,18 @@ class HTTP11Connection(Protocol):
     def _parse_head(self, head: bytes) -> Response | None:
         lines = head.split(b"\n", 1)
         status = lines[0].rstrip(b"\r")
-        line = _STATUS_LINE(status)
-        if line is not None:
-            major, minor, code_b, phrase = line.groups(b"")
-        else:
-            major, minor, code_b, phrase = _status_parts(status)  # its error, or the same parts
+        parts = status.split(b" ", 2)
+        if len(parts) == 2:
+            parts.append(b"")
+        elif len(parts) != 3:
+            raise ParseError("wrong number of parts", status)
+        version, code_b, phrase = parts
+        proto, _, numbers = version.partition(b"/")
+        major, _, minor = numbers.partition(b".")
+        if proto != b"HTTP" or not major.isdigit() or not minor.isdigit():
+            raise ParseError("bad response version", version)
+        if len(code_b) != 3 or not code_b.isdigit():
+            raise ParseError("bad status code", status)
         code = int(code_b)
         if 100 <= code < 200:
             return None
@@ -537,58 +543,15 @@ class HTTP11Connection(Protocol):
         return d
 
 
-#: A well-formed status line, read as :func:`_status_parts` reads it.
-_STATUS_LINE = re.compile(rb"HTTP/([0-9]+)\.([0-9]+) ([0-9]{3})(?: (.*))?").fullmatch
-
-
-def _status_parts(status: bytes) -> tuple[bytes, bytes, bytes, bytes]:
-    """Major, minor, code and phrase of a status line; ``ParseError`` for one that is not."""
-    parts = status.split(b" ", 2)
-    if len(parts) == 2:
-        parts.append(b"")
-    elif len(parts) != 3:
-        raise ParseError("wrong number of parts", status)
-    version, code_b, phrase = parts
-    proto, _, numbers = version.partition(b"/")
-    major, _, minor = numbers.partition(b".")
-    if proto != b"HTTP" or not major.isdigit() or not minor.isdigit():
-        raise ParseError("bad response version", version)
-    if len(code_b) != 3 or not code_b.isdigit():
-        raise ParseError("bad status code", status)
-    return major, minor, code_b, phrase
-
-
-#: One ``name: value`` line (the name everything before the first colon, the value stripped of
-#: spaces and tabs), for a block whose every CR ends a line and which has no folded line.
-_HEADER_LINE = re.compile(rb"([^:\r\n]*):[ \t]*([^\r\n]*?)[ \t]*\r?\n")
-
-
 def _header_lines(block: bytes) -> list[tuple[bytes, bytes]]:
     """The (name, value) pairs of a header block; ``ParseError`` for a line that is not one.
 
     Lines end in CR LF or a bare LF; a line starting with a space or a tab continues the
     value before it (obs-fold).  Names are checked when they are encoded (``InvalidHeaderName``).
-
-    The usual block -- no CR but at a line's end, no folded line -- is read by one regex
-    scan, kept only if it found a pair on every line (a line without a colon gives none);
-    anything else line by line below, which also gives the errors."""
+    (A regex scan of the whole block was tried: 5.1 us here against this loop's 1.9, and
+    34k more instructions per proxied call.)"""
     if not block:
         return []
-    first = block[:1]
-    if (
-        block.count(b"\r") == block.count(b"\r\n")
-        and first != b" "
-        and first != b"\t"
-        and block.find(b"\n ") < 0
-        and block.find(b"\n\t") < 0
-    ):
-        pairs = _HEADER_LINE.findall(block + b"\n")
-        if len(pairs) == block.count(b"\n") + 1:
-            return pairs
-    return _header_lines_one_by_one(block)
-
-
-def _header_lines_one_by_one(block: bytes) -> list[tuple[bytes, bytes]]:
     lines = block.split(b"\r\n")
     if len(lines) != block.count(b"\n") + 1:  # some line ends in a bare LF
         lines = [line[:-1] if line[-1:] == b"\r" else line for line in block.split(b"\n")]
