@@ -103,7 +103,20 @@ def total_instructions(path: Path) -> int:
     raise BenchError(f"no totals in {path}")
 
 
-def counted(directory: Path, upstream: int, route: str, calls: int, connections: int, tag: str) -> int:
+# ``--preload``: a file run in the gateway's process before twistd starts (to take a part out and
+# see what it costs, say), then twistd with the arguments that follow.
+_PRELOADED = "import runpy, sys; runpy.run_path({path!r}); from twisted.scripts.twistd import run; run()"
+
+
+def counted(
+    directory: Path,
+    upstream: int,
+    route: str,
+    calls: int,
+    connections: int,
+    tag: str,
+    preload: Path | None = None,
+) -> int:
     """Total instructions of a gateway process that answered ``calls`` calls, then stopped."""
     functions = directory / "functions.json"
     functions.write_text(f'[{{"service": "bench", "image": "nginx", "url": "http://{LOOPBACK}:{upstream}"}}]')
@@ -116,7 +129,11 @@ def counted(directory: Path, upstream: int, route: str, calls: int, connections:
         valgrind,
         "--tool=callgrind",
         f"--callgrind-out-file={out}",
-        *twistd_command(),
+        *(
+            twistd_command()
+            if preload is None
+            else [sys.executable, "-c", _PRELOADED.format(path=str(preload))]
+        ),
         "-n",
         "--pidfile=",
         "faas-gateway",
@@ -144,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2000, help="calls counted [2000]")
     parser.add_argument("--warmup", type=int, default=200, help="calls in both runs [200]")
     parser.add_argument("--connections", type=int, default=1, help="keep-alive connections [1]")
+    parser.add_argument(
+        "--preload", type=Path, help="a Python file run in the gateway's process first (to take a part out)"
+    )
     args = parser.parse_args(argv)
     directory = make_tempdir("txfaas-instructions-")
     upstream = free_port()
@@ -151,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_http(f"http://{LOOPBACK}:{upstream}/", nginx, timeout=10)
         started = time.monotonic()
-        base = counted(directory, upstream, args.route, args.warmup, args.connections, "base")
-        more = counted(directory, upstream, args.route, args.warmup + args.calls, args.connections, "more")
+        base = counted(directory, upstream, args.route, args.warmup, args.connections, "base", args.preload)
+        more = counted(
+            directory, upstream, args.route, args.warmup + args.calls, args.connections, "more", args.preload
+        )
     finally:
         nginx.stop()
     per_call = (more - base) / args.calls

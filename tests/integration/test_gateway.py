@@ -252,10 +252,15 @@ async def test_workers_share_the_port_and_metrics_add_up(redis_url, upstream):
             response = await treq.get(base + "/function/echo", persistent=False)
             assert response.code == 200
             await response.content()
-        # /metrics of either process counts all 40 calls.
-        response = await treq.get(base + "/metrics")
-        text = await response.text()
-        assert 'gateway_function_invocation_total{code="200",function_name="echo"} 40.0' in text
+
+        # /metrics of either process counts all 40 calls: its own at once, the other's once that
+        # process applied them (every second).
+        async def all_counted() -> bool:
+            response = await treq.get(base + "/metrics", persistent=False)
+            text = await response.text()
+            return 'gateway_function_invocation_total{code="200",function_name="echo"} 40.0' in text
+
+        await wait_for(all_counted, timeout=3, interval=0.2, what="40 calls in /metrics")
     finally:
         await proc.stop()
     assert proc.popen.returncode is not None

@@ -236,7 +236,7 @@ def build_gateway(
 
     from txfaas.client import CachingEndpointFactory, PoolAgent
     from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
-    from txfaas.gateway.metrics import GatewayMetrics
+    from txfaas.gateway.metrics import FlushMetrics, GatewayMetrics
     from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
     from txfaas.runtime import (
@@ -322,6 +322,7 @@ def build_gateway(
         ChildProcesses(reactor, config.workers - 1).setServiceParent(top)
     elif is_child():
         die_with_parent()
+    FlushMetrics(metrics, reactor).setServiceParent(top)
     GatewayService(
         reactor,
         site,
