@@ -116,6 +116,8 @@ def counted(
     connections: int,
     tag: str,
     preload: Path | None = None,
+    redis: str = "memory:",
+    amqp: str = "memory:",
 ) -> int:
     """Total instructions of a gateway process that answered ``calls`` calls, then stopped."""
     functions = directory / "functions.json"
@@ -138,8 +140,8 @@ def counted(
         "--pidfile=",
         "faas-gateway",
         f"--listen=tcp:{port}:interface={LOOPBACK}",
-        "--redis=memory:",
-        "--amqp=memory:",
+        f"--redis={redis}",
+        f"--amqp={amqp}",
         f"--functions={functions}",
     ]
     # A fixed hash seed: dict and set layouts, and so the count, the same from run to run.
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2000, help="calls counted [2000]")
     parser.add_argument("--warmup", type=int, default=200, help="calls in both runs [200]")
     parser.add_argument("--connections", type=int, default=1, help="keep-alive connections [1]")
+    parser.add_argument("--redis", default="memory:", help="the gateway's --redis [memory:]")
+    parser.add_argument("--amqp", default="memory:", help="the gateway's --amqp [memory:]")
     parser.add_argument(
         "--preload", type=Path, help="a Python file run in the gateway's process first (to take a part out)"
     )
@@ -171,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_http(f"http://{LOOPBACK}:{upstream}/", nginx, timeout=10)
         started = time.monotonic()
-        base = counted(directory, upstream, args.route, args.warmup, args.connections, "base", args.preload)
+        backends = {"preload": args.preload, "redis": args.redis, "amqp": args.amqp}
+        base = counted(directory, upstream, args.route, args.warmup, args.connections, "base", **backends)
         more = counted(
-            directory, upstream, args.route, args.warmup + args.calls, args.connections, "more", args.preload
+            directory, upstream, args.route, args.warmup + args.calls, args.connections, "more", **backends
         )
     finally:
         nginx.stop()
