@@ -251,6 +251,37 @@ class AsyncAcceptTests(GatewayTestCase):
         record = self.store.calls[call_id]
         self.assertEqual((record.status, record.function), ("queued", "echo"))
 
+    def test_queued_headers_are_the_end_to_end_ones_in_order(self) -> None:
+        """Hop-by-hop headers, those named in Connection, and what the gateway sets itself are not
+        queued; the others are, in the order and spelling Twisted keeps them."""
+        response, _ = self.call(
+            "POST",
+            "/async-function/echo",
+            headers={
+                "X-First": ["1", "2"],
+                "Connection": ["keep-alive, X-Secret-Hop"],
+                "Keep-Alive": ["timeout=5"],
+                "TE": ["trailers"],
+                "Upgrade": ["websocket"],
+                "Proxy-Authorization": ["Basic eA=="],
+                "X-Secret-Hop": ["s"],
+                "X-Callback-Url": ["http://hooks.example.com/done"],
+                "content-type": ["text/plain"],
+            },
+            data=b"x",
+        )
+        self.assertEqual(response.code, 202)
+        [call] = self.queue.published
+        self.assertEqual(
+            call.headers,
+            [
+                ("X-First", "1"),
+                ("X-First", "2"),
+                ("Content-Type", "text/plain"),
+                ("X-Call-Id", call.call_id),
+            ],
+        )
+
     def test_sub_path_is_queued_as_the_client_sent_it(self) -> None:
         response, _ = self.call("POST", "/async-function/echo/a%20b/c%3Fd?q=%2F", data=b"x")
         self.assertEqual(response.code, 202)

@@ -50,7 +50,9 @@ SYSTEM_BODY_LIMIT = 1024 * 1024
 DEAD_LETTER_PAGE = 100
 DEAD_LETTER_PAGE_MAX = 1000
 # Set by the gateway itself, or of no use to the function.
-_ASYNC_DROP = frozenset({b"host", b"content-length", b"x-callback-url", b"x-call-id"})
+_ASYNC_DROP = hdr.canonical_names(
+    hdr.HOP_BY_HOP | frozenset({b"host", b"content-length", b"x-callback-url", b"x-call-id"})
+)
 
 
 class HTTPError(Exception):
@@ -307,8 +309,7 @@ class GatewayApp:
 
         if request._disconnected:
             raise _ClientGone()
-        pairs = [(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
-        forwarded = hdr.end_to_end(pairs, _ASYNC_DROP)
+        forwarded = [(k, v) for k, vs in hdr.end_to_end_raw(request.requestHeaders, _ASYNC_DROP) for v in vs]
         forwarded.append((b"X-Call-Id", call_id.encode()))
         path = b"/" + b"/".join(subpath)
         call = Call(
@@ -520,7 +521,7 @@ def _text(request: IRequest, code: int, message: str) -> bytes:
 
 def _json(request: IRequest, code: int, data: Any) -> bytes:
     request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"application/json")
+    request.responseHeaders._rawHeaders[b"Content-Type"] = [b"application/json"]  # as setHeader would
     return orjson.dumps(data)  # compact, as OpenFaaS's Go encoder writes it
 
 
@@ -574,8 +575,10 @@ def _check_call_id(call_id: str) -> str:
 
 def _accepted(request: IRequest, record: CallRecord, duplicate: bool) -> bytes:
     location = f"/system/calls/{record.call_id}"
-    request.setHeader(hdr.CALL_ID, record.call_id.encode())
-    request.setHeader(b"Location", location.encode())
+    # Straight into the raw headers (canonical names; a call id has no CR or LF: valid_call_id).
+    raw = request.responseHeaders._rawHeaders
+    raw[hdr.CALL_ID] = [record.call_id.encode()]
+    raw[b"Location"] = [location.encode()]
     body = {"callId": record.call_id, "status": record.status, "location": location}
     if duplicate:
         body["duplicate"] = True
@@ -649,7 +652,7 @@ class _ClientGone(Exception):
 def _finish(request: server.Request, body: bytes) -> None:
     if request.finished or request._disconnected:
         return
-    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.responseHeaders._rawHeaders[b"Content-Length"] = [b"%d" % len(body)]
     request.write(body)
     request.finish()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from io import BytesIO
 from typing import Any
@@ -42,7 +41,7 @@ from twisted.web import resource, server
 from twisted.web._newclient import ResponseDone, ResponseFailed
 from twisted.web.client import FileBodyProducer
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers, _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
@@ -54,27 +53,14 @@ from txfaas.runtime import QueuedTimer, TimerQueue
 from txfaas.store import StoreUnavailable
 from txfaas.store.cache import FunctionCache
 
-
-def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
-    """Names as ``Headers._rawHeaders`` keys them (Twisted's Header-Case); a token that is not a
-    header name names no header and is left out."""
-    canonical = set()
-    for name in names:
-        try:
-            canonical.add(_nameEncoder.encode(name))
-        except ValueError:
-            pass
-    return frozenset(canonical)
-
-
 # Set by the gateway itself (or by the Agent, for Host and Content-Length).
-_REQUEST_DROP = _canonical(
+_REQUEST_DROP = hdr.canonical_names(
     hdr.HOP_BY_HOP
     | frozenset(
         {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-host", b"x-call-id", b"x-start-time"}
     )
 )
-_RESPONSE_DROP = _canonical(hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"}))
+_RESPONSE_DROP = hdr.canonical_names(hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"}))
 _NAME_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
 
@@ -95,25 +81,6 @@ class ProxyClient(HTTPClient):
     ) -> defer.Deferred[IResponse]:
         """Send as is; the response comes back undecoded, unbuffered, redirects included."""
         return self._agent.request(method, url, headers, body)
-
-
-def _filtered(incoming: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, list[bytes]]]:
-    """End-to-end headers in one pass: ``drop`` (canonical names) and every header named in
-    ``Connection`` removed.
-
-    Read from and copied into ``Headers._rawHeaders``: its names are in Twisted's canonical case
-    (the same encoder puts them there, whoever sets them) and Twisted's parsers took line breaks
-    out of the values, so ``setRawHeaders`` would only do that work a second time (a tenth of
-    the header handling per call).  The headers the proxy adds itself have canonical constant
-    names (``txfaas.headers``; a test checks them against Twisted's encoder) and values with no
-    line break in them.
-    """
-    raw = incoming._rawHeaders
-    connection = raw.get(b"Connection")
-    if connection:
-        named = _canonical(hdr.connection_tokens((b"connection", v) for v in connection))
-        return [(name, values) for name, values in raw.items() if name not in drop and name not in named]
-    return [(name, values) for name, values in raw.items() if name not in drop]
 
 
 def body_producer(request: server.Request, cooperator: Any) -> IBodyProducer | None:
@@ -296,7 +263,7 @@ class _Exchange:
         out = Headers()
         raw = out._rawHeaders
         incoming = request.requestHeaders
-        for name, values in _filtered(incoming, _REQUEST_DROP):
+        for name, values in hdr.end_to_end_raw(incoming, _REQUEST_DROP):
             raw[name] = list(values)
         client = request.getClientAddress()
         given = incoming._rawHeaders
@@ -329,7 +296,7 @@ class _Exchange:
         request.setResponseCode(response.code, response.phrase)
         raw = request.responseHeaders._rawHeaders
         # The function's end-to-end headers replace ours (its Date, Server, Content-Type...).
-        for name, values in _filtered(response.headers, _RESPONSE_DROP):
+        for name, values in hdr.end_to_end_raw(response.headers, _RESPONSE_DROP):
             raw[name] = list(values)
         raw[hdr.START_TIME] = [self.start_ns]
         raw[hdr.DURATION] = [b"%.6f" % (time.monotonic() - self.started)]
