@@ -16,18 +16,23 @@ requests per pass of its loop, as under load)::
     python bench/instructions.py --route async          # POST /async-function/bench (202)
     python bench/instructions.py --connections 10 --calls 3000
 
+With ``--redis`` / ``--amqp`` on the real services, the run keeps its keys under a prefix and its
+calls on a queue of its own, and removes both when done.
+
 Needs valgrind (``apt-get install valgrind``) and nginx.  A run takes a minute or two.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +45,7 @@ from harness import (
     free_port,
     make_tempdir,
     nginx_function_conf,
+    redis_delete_prefix,
     say,
     twistd_command,
     wait_http,
@@ -108,6 +114,26 @@ def total_instructions(path: Path) -> int:
 _PRELOADED = "import runpy, sys; runpy.run_path({path!r}); from twisted.scripts.twistd import run; run()"
 
 
+def function(upstream: int, run: str) -> dict:
+    """The function called: nginx's ``return 200``, its async calls on a queue of this run's own."""
+    url = f"http://{LOOPBACK}:{upstream}"
+    return {"service": "bench", "image": "nginx", "url": url, "annotations": {"com.openfaas.queue": run}}
+
+
+def clean_up(run: str, redis: str, amqp: str) -> None:
+    """Remove what the calls left on the real services: the run's keys and its queue."""
+    if redis != "memory:":
+        redis_delete_prefix(redis, f"{run}:")
+    if amqp != "memory:":
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(amqp))
+        try:
+            connection.channel().queue_delete(run)
+        finally:
+            connection.close()
+
+
 def counted(
     directory: Path,
     upstream: int,
@@ -115,13 +141,14 @@ def counted(
     calls: int,
     connections: int,
     tag: str,
+    run: str,
     preload: Path | None = None,
     redis: str = "memory:",
     amqp: str = "memory:",
 ) -> int:
     """Total instructions of a gateway process that answered ``calls`` calls, then stopped."""
     functions = directory / "functions.json"
-    functions.write_text(f'[{{"service": "bench", "image": "nginx", "url": "http://{LOOPBACK}:{upstream}"}}]')
+    functions.write_text(json.dumps([function(upstream, run)]))
     port = free_port()
     out = directory / f"callgrind-{tag}.out"
     valgrind = shutil.which("valgrind")
@@ -141,6 +168,7 @@ def counted(
         "faas-gateway",
         f"--listen=tcp:{port}:interface={LOOPBACK}",
         f"--redis={redis}",
+        f"--redis-prefix={run}:",
         f"--amqp={amqp}",
         f"--functions={functions}",
     ]
@@ -175,11 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_http(f"http://{LOOPBACK}:{upstream}/", nginx, timeout=10)
         started = time.monotonic()
-        backends = {"preload": args.preload, "redis": args.redis, "amqp": args.amqp}
-        base = counted(directory, upstream, args.route, args.warmup, args.connections, "base", **backends)
-        more = counted(
-            directory, upstream, args.route, args.warmup + args.calls, args.connections, "more", **backends
-        )
+        # Keys and queue of this run's own: nothing it queues or records meets anyone else's.
+        run = f"instructions-{uuid.uuid4().hex[:10]}"
+        backends = {"run": run, "preload": args.preload, "redis": args.redis, "amqp": args.amqp}
+        try:
+            base = counted(directory, upstream, args.route, args.warmup, args.connections, "base", **backends)
+            more = counted(
+                directory,
+                upstream,
+                args.route,
+                args.warmup + args.calls,
+                args.connections,
+                "more",
+                **backends,
+            )
+        finally:
+            clean_up(run, args.redis, args.amqp)
     finally:
         nginx.stop()
     per_call = (more - base) / args.calls

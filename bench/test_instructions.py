@@ -52,3 +52,13 @@ def test_total_instructions_reads_callgrinds_summary(tmp_path: Path) -> None:
     out.write_text("events: Ir\n")
     with pytest.raises(BenchError):
         instructions.total_instructions(out)
+
+
+def test_the_function_queues_on_the_runs_own_queue() -> None:
+    """Against the real services, a run's calls go to a queue of its own (and its keys carry its own
+    prefix): nothing it leaves can reach another gateway, worker or test on the same broker."""
+    from txfaas.model import FunctionSpec
+
+    spec = FunctionSpec.from_json(instructions.function(8080, "instructions-abc"))
+    assert spec.queue == "instructions-abc"
+    assert spec.base_url("http://{name}:8080") == "http://127.0.0.1:8080"
