@@ -393,12 +393,13 @@ _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTT
 #: The headers that choose how the body is framed (HTTPChannel._maybeChooseTransferDecoder).
 _FRAMING = frozenset({b"Content-Length", b"Transfer-Encoding"})
 
-try:  # Twisted's own request-line parser (24.7 and later), used by the whole-head path
+try:  # Twisted's own request-line parser (24.7 and later), whose rules _REQUEST_LINE follows
     from twisted.web.http import _parseRequestLine
 except ImportError:  # pragma: no cover - a Twisted without it: every head goes line by line
     _parseRequestLine = None
-#: The whole-head path needs the Twisted it was written against: its request-line parser, and
-#: HTTPChannel's "first line next" flag under its private name.  Anything else: line by line.
+#: The whole-head path needs the Twisted it was written against: the request-line rules it
+#: follows (their parser is there), and HTTPChannel's "first line next" flag under its private
+#: name.  Anything else: line by line.  tests/unit/test_whole_head.py compares the two paths.
 WHOLE_HEAD = _parseRequestLine is not None and getattr(HTTPChannel, "_HTTPChannel__first_line", None) == 1
 
 
