@@ -28,7 +28,6 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import NO_BODY_CODES, NO_CONTENT, NOT_MODIFIED, HTTPChannel, datetimeToString, toChunk
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
-from twisted.web.resource import _IEncodingResource
 
 from txfaas.config import ConfigError, RedisURL, format_duration
 from txfaas.http11 import HTTP11ConnectionFactory
@@ -516,10 +515,10 @@ class LimitedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def _wholeHead(self, data: bytes) -> bool:
-        """A request whose head arrived whole in one read, with nothing before it: its lines go
-        to Twisted's own parsing (``_parseRequestLine``, ``headerReceived``,
-        ``allHeadersReceived``) in one loop, rather than one ``LineReceiver`` pass each (the
-        buffer split again for every line).  False, having changed nothing, for anything else:
+        """A request whose head arrived whole in one read, with nothing before it: its lines are
+        parsed in one loop with Twisted's rules (``_parseRequestLine``'s as one match,
+        ``headerReceived``'s checks, then Twisted's ``allHeadersReceived``), rather than one
+        ``LineReceiver`` pass each (the buffer split again for every line).  False, having changed nothing, for anything else:
         part of a head, bytes left from an earlier read, a leading blank line, a folded
         header line, a head over the size or count limits -- Twisted's line-by-line path
         takes those, with its own answers.  (The next request on a keep-alive connection
@@ -814,37 +813,22 @@ class LimitedRequest(server.Request):
             gone(reason)
 
     def process(self) -> None:
-        site = self.site = self.channel.site
+        segments = self.path[1:].split(b"/")
+        site = self.channel.site
+        leaf = site.direct.get(segments[0]) if self.path[:1] == b"/" else None
+        if leaf is None:
+            super().process()  # Twisted's way: through the tree
+            return
+        # server.Request.process, without the walk: where it would lead, and what it sets.
+        self.site = site
         raw = self.responseHeaders._rawHeaders
         raw[b"Server"] = [server.version]
         raw[b"Date"] = [http_date()]
-        segments = self.path[1:].split(b"/")
-        leaf = site.direct.get(segments[0]) if self.path[:1] == b"/" else None
-        if leaf is None:
-            self._walk(segments)
-            return
         self.prepath = [segments[0]]
         self.postpath = [unquote(segment) for segment in segments[1:]]
         self.sitepath = []
         try:
             self.render(leaf)
-        except BaseException:
-            self.processingFailed(Failure())
-
-    def _walk(self, segments: list[bytes]) -> None:
-        """``server.Request.process`` after its two headers: find the resource through the tree."""
-        self.prepath = []
-        self.postpath = [unquote(segment) for segment in segments]
-        if self.path == b"*":
-            self._handleStar()
-            return
-        try:
-            found = self.site.getResourceFor(self)
-            if _IEncodingResource.providedBy(found):
-                encoder = found.getEncoder(self)
-                if encoder is not None:
-                    self._encoder = encoder
-            self.render(found)
         except BaseException:
             self.processingFailed(Failure())
 

@@ -698,17 +698,17 @@ class GatewayRoot(resource.Resource):
         self._app = app.resource()
         self._auth = auth
         self._unauthorized = Unauthorized()
+        self._hot = {b"function": self._proxy, b"async-function": self._calls}
 
     def direct_routes(self) -> dict[bytes, resource.IResource]:
         """The leaves :meth:`getChildWithDefault` gives for the open hot routes, for
         ``LimitedSite.direct`` (reached without walking the tree)."""
-        return {b"function": self._proxy, b"async-function": self._calls}
+        return dict(self._hot)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
-        if path == b"function":
-            return self._proxy
-        if path == b"async-function":
-            return self._calls
+        hot = self._hot.get(path)
+        if hot is not None:
+            return hot
         if self._auth is not None and path not in self._OPEN and not self._auth.check(request):
             return self._unauthorized
         # Hand the whole path to Klein.
