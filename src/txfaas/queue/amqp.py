@@ -66,11 +66,13 @@ from zope.interface import implementer
 from txfaas.config import AMQPURL
 from txfaas.model import Call, DeadMark, DeadReason
 from txfaas.queue import DeliveryHandler, QueueUnavailable
+from txfaas.queue.frames import FramePublisher
 from txfaas.retry import DEFAULT_TIERS, pick_tier
 from txfaas.runtime import Deadlines
 
 #: The message header carrying the call's metadata (JSON); the body is the raw request body.
 CALL_HEADER = "txfaas-call"
+_CALL_HEADER_BYTES = CALL_HEADER.encode()
 QUEUE_TYPES = ("quorum", "classic")
 
 
@@ -195,6 +197,30 @@ class _Publisher:
     def __init__(self, channel: Any) -> None:
         self.channel = channel
         self._returned: Counter[str] = Counter()
+        # One write per call, pika's bytes (None: not pika's TwistedChannel; basic_publish then).
+        self._frames = FramePublisher.for_channel(channel)
+
+    def publish_call(self, call: Call, exchange: str, routing_key: str) -> Deferred:
+        """Publish ``call`` (mandatory, persistent); the confirm's Deferred."""
+        meta = call.encode_meta()
+        timestamp = int(call.accepted_at)
+        if self._frames is not None:
+            return self._frames.publish(
+                exchange, routing_key, call.body, call.call_id, timestamp, ((_CALL_HEADER_BYTES, meta),)
+            )
+        properties = pika.BasicProperties(
+            delivery_mode=2,
+            message_id=call.call_id,
+            timestamp=timestamp,
+            headers={CALL_HEADER: meta.decode()},
+        )
+        return self.publish(exchange, routing_key, call.body, properties)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: Any) -> Deferred:
+        """Publish a message as it is (mandatory); the confirm's Deferred."""
+        return self.channel.basic_publish(
+            exchange=exchange, routing_key=routing_key, body=body, properties=properties, mandatory=True
+        )
 
     def on_return(self, message: Any) -> None:
         self._returned[message.properties.message_id] += 1
@@ -472,7 +498,9 @@ class _Consumer:
             dlq=topology.dead_letter_queue,
         )
         d = Deferred.fromCoroutine(
-            self.owner._publish_raw(str(message_id), "", topology.dead_letter_queue, message.body, properties)
+            self.owner._publish_raw(
+                str(message_id), "", topology.dead_letter_queue, (message.body, properties)
+            )
         )
 
         def moved(_: object) -> None:
@@ -960,26 +988,22 @@ class AMQPQueue(Service):
         return self._topology
 
     async def _publish_call(self, call: Call, exchange: str, routing_key: str) -> None:
-        properties = pika.BasicProperties(
-            delivery_mode=2,
-            message_id=call.call_id,
-            timestamp=int(call.accepted_at),
-            headers={CALL_HEADER: call.encode_meta().decode()},
-        )
-        await self._publish_raw(call.call_id, exchange, routing_key, call.body, properties)
+        await self._publish_raw(call.call_id, exchange, routing_key, call)
 
     async def _publish_raw(
-        self, message_id: str, exchange: str, routing_key: str, body: bytes, properties: Any
+        self, message_id: str, exchange: str, routing_key: str, message: Call | tuple[bytes, Any]
     ) -> None:
+        """Publish ``message`` (a call, or a body and its pika properties) and wait for its confirm."""
         deadline = self._reactor.seconds() + self._confirm_timeout
         publisher = self._live_publisher()
         waited = publisher is None
         if publisher is None:
             publisher = await self._usable(self._confirm_timeout)
         try:
-            confirm = publisher.channel.basic_publish(
-                exchange=exchange, routing_key=routing_key, body=body, properties=properties, mandatory=True
-            )
+            if isinstance(message, Call):
+                confirm = publisher.publish_call(message, exchange, routing_key)
+            else:
+                confirm = publisher.publish(exchange, routing_key, *message)
         except Exception as e:
             raise QueueUnavailable(f"cannot publish: {_describe(e)}") from None
         try:
