@@ -57,6 +57,8 @@ from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from txfaas.reactor import send_now
+
 #: Longest response head (status line and headers) accepted.
 MAX_HEAD = 64 * 1024
 # Not the response's own headers but how the connection carries it; and the codes with no body.
@@ -271,6 +273,7 @@ class HTTP11Connection(Protocol):
         if body is not None and body.length:
             lines.append(body._body)
         self.transport.write(b"".join(lines))  # (writeSequence would check every piece)
+        send_now(self.transport)  # the whole request: out before our caller's bookkeeping
         return None
 
     def _written(self, _: object) -> None:

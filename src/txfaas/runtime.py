@@ -31,6 +31,7 @@ from twisted.web.iweb import INonQueuedRequestFactory
 
 from txfaas.config import ConfigError, RedisURL, format_duration
 from txfaas.http11 import HTTP11ConnectionFactory
+from txfaas.reactor import send_now
 
 log = Logger(namespace="txfaas.runtime")
 
@@ -763,6 +764,18 @@ class LimitedRequest(server.Request):
 
     def finish(self) -> None:
         self._gone = None  # it holds the caller, which holds this request: no cycle left behind
+        channel = self.channel
+        if (
+            self.startedWriting
+            and not self.chunked  # (the last chunk is written by finish)
+            and self._encoder is None  # (so is what an encoder still holds)
+            and not self.finished
+            and not self._disconnected
+            and channel is not None
+        ):
+            # The response is whole: out now, before Twisted's teardown of the request and
+            # what the caller does after finish (txfaas.reactor.send_now).
+            send_now(channel.transport)
         super().finish()
 
     def write(self, data: bytes) -> None:

@@ -330,3 +330,108 @@ def test_remove_all_returns_the_writers_not_flushed_yet(reactor):
     assert reactor.getWriters() == []
     reactor.runUntilCurrent()
     assert w.writes == 0
+
+
+# --- send_now: a finished message goes out at once ------------------------------------------
+
+
+def test_send_now_sends_at_once_and_leaves_nothing_for_the_flush(reactor):
+    protocol, peer = _pair(reactor)
+    transport = protocol.transport
+    transport.write(b"a whole response")
+    txreactor.send_now(transport)
+    assert _received(peer) == b"a whole response"  # no pass of the loop needed
+    assert transport not in reactor.getWriters() and transport.fileno() not in reactor._writes
+    reactor.runUntilCurrent()
+    assert _received(peer) == b""
+    transport.loseConnection()
+    reactor.runUntilCurrent()
+    peer.close()
+
+
+def test_send_now_leaves_what_the_socket_cannot_take_to_the_flush(reactor):
+    protocol, peer = _pair(reactor)
+    transport = protocol.transport
+    big = b"x" * (16 << 20)
+    transport.write(big)
+    txreactor.send_now(transport)
+    got = len(_received(peer))
+    assert 0 < got < len(big)
+    assert transport in reactor._unflushed  # the flush hands the rest to epoll, as before
+    reactor.runUntilCurrent()
+    assert transport.fileno() in reactor._writes
+    transport.abortConnection()
+    reactor.iterate(0)
+    peer.close()
+
+
+@pytest.mark.parametrize("state", ["disconnecting", "producer paused", "pull producer", "TLS"])
+def test_send_now_leaves_a_writer_whose_doWrite_would_do_more_than_send(reactor, state):
+    from twisted.internet.interfaces import IPullProducer, IPushProducer
+    from zope.interface import implementer
+
+    @implementer(IPushProducer, IPullProducer)
+    class Producer:
+        resumed = 0
+
+        def resumeProducing(self):
+            self.resumed += 1
+
+        def pauseProducing(self):
+            pass
+
+        def stopProducing(self):
+            pass
+
+    protocol, peer = _pair(reactor)
+    transport = protocol.transport
+    producer = Producer()
+    if state == "producer paused":
+        transport.registerProducer(producer, True)
+        transport.producerPaused = True
+    elif state == "pull producer":
+        transport.registerProducer(producer, False)
+        producer.resumed = 0  # (registering a pull producer asks it for data once)
+    transport.write(b"data")
+    if state == "disconnecting":
+        transport.loseConnection()
+    elif state == "TLS":
+        transport.TLS = True  # (after the write: a TLS transport's write goes through TLS)
+    txreactor.send_now(transport)
+    assert _received(peer) == b""  # nothing sent early
+    assert transport in reactor._unflushed and producer.resumed == 0
+    transport.TLS = False
+    if state in ("producer paused", "pull producer"):
+        transport.producerPaused = False
+        transport.unregisterProducer()
+    reactor.runUntilCurrent()
+    assert _received(peer) == b"data"  # the flush sends it as always
+    transport.abortConnection()
+    reactor.iterate(0)
+    peer.close()
+
+
+def test_send_now_leaves_a_failed_send_to_the_flush_which_loses_the_connection(reactor, monkeypatch):
+    monkeypatch.setattr(reactor, "_poller", _Poller([]))
+    w = _Writer(1001, reactor)
+    calls: list[int] = []
+
+    def failing() -> object:
+        calls.append(1)
+        from twisted.internet.main import CONNECTION_LOST
+
+        return CONNECTION_LOST
+
+    w.doWrite = failing  # type: ignore[method-assign]
+    w.startWriting()
+    reactor.send_now(w)
+    assert calls == [1] and w.lost == [] and w in reactor._unflushed
+    reactor.runUntilCurrent()
+    assert calls == [1, 1] and len(w.lost) == 1
+
+
+def test_send_now_ignores_what_the_reactor_does_not_hold(reactor):
+    w = _Writer(1001, reactor)
+    reactor.send_now(w)  # not writing: nothing to do
+    assert w.writes == 0
+    txreactor.send_now(object())  # no reactor at all (a test's transport)
