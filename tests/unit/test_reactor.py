@@ -435,3 +435,27 @@ def test_send_now_ignores_what_the_reactor_does_not_hold(reactor):
     reactor.send_now(w)  # not writing: nothing to do
     assert w.writes == 0
     txreactor.send_now(object())  # no reactor at all (a test's transport)
+
+
+def test_send_now_waits_for_the_flush_when_the_poll_found_several_ready(reactor):
+    protocol, peer = _pair(reactor)
+    transport = protocol.transport
+    poller = _Poller([(transport.fileno(), select.EPOLLIN), (9999, select.EPOLLIN)])
+    real = reactor._poller
+    reactor._poller = poller
+    reactor.doPoll(0)  # two ready (one of them unknown): busy
+    reactor._poller = real
+    transport.write(b"under load")
+    txreactor.send_now(transport)
+    assert _received(peer) == b""
+    reactor.runUntilCurrent()  # the flush, as always
+    assert _received(peer) == b"under load"
+    reactor._poller = _Poller([(transport.fileno(), select.EPOLLIN)])
+    reactor.doPoll(0)  # one ready: the loop has only that to do
+    reactor._poller = real
+    transport.write(b"alone")
+    txreactor.send_now(transport)
+    assert _received(peer) == b"alone"
+    transport.abortConnection()
+    reactor.iterate(0)
+    peer.close()
