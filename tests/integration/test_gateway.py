@@ -12,6 +12,7 @@ import treq
 from tests.support import (
     Recorder,
     TwistdProcess,
+    delete_redis_prefix,
     free_port,
     listen_http,
     never_answer,
@@ -19,6 +20,22 @@ from tests.support import (
     unique,
     wait_for,
 )
+
+#: The key prefixes of this test's gateways, deleted from Redis when the test ends.
+_PREFIXES: list[str] = []
+
+
+def _prefix() -> str:
+    prefix = unique("gwtest") + ":"
+    _PREFIXES.append(prefix)
+    return prefix
+
+
+@pytest_twisted.async_yield_fixture(autouse=True)
+async def _delete_gateway_keys():
+    yield
+    while _PREFIXES:
+        await delete_redis_prefix("redis://127.0.0.1:6379/0", _PREFIXES.pop())
 
 
 async def start_gateway(redis_url: str, *extra: str, env: dict | None = None) -> tuple[TwistdProcess, str]:
@@ -31,7 +48,7 @@ async def start_gateway(redis_url: str, *extra: str, env: dict | None = None) ->
             "--redis",
             redis_url,
             "--redis-prefix",
-            unique("gwtest") + ":",
+            _prefix(),
             "--amqp",
             "memory:",
             *extra,
@@ -233,7 +250,7 @@ async def test_health_reports_redis_trouble(redis_url):
 async def test_workers_share_the_port_and_metrics_add_up(redis_url, upstream):
     recorder, url = upstream
     port = free_port()
-    prefix = unique("gwtest") + ":"
+    prefix = _prefix()
     proc = TwistdProcess(
         "faas-gateway",
         ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_url, "--redis-prefix", prefix,
@@ -297,7 +314,7 @@ async def test_worker_processes_die_with_a_killed_parent(redis_url):
     proc = TwistdProcess(
         "faas-gateway",
         ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_url, "--redis-prefix",
-         unique("gwtest") + ":", "--workers", "2"],
+         _prefix(), "--workers", "2"],
     )  # fmt: skip
     await wait_for(
         lambda: proc.output().count("gateway listening on") == 2, timeout=20, what="both processes"
