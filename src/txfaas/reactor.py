@@ -79,8 +79,9 @@ class EPollReactor(_Stock):  # type: ignore[misc,valid-type]
         # Writers noted by addWriter and not watched by epoll yet, in order (a dict as an
         # ordered set); a writer is either here or in ``_writes``, never both.
         self._unflushed: dict[Any, None] = {}
-        # How many descriptors the last poll found ready: send_now acts only when it was one.
-        self._ready = 0
+        # send_now acts only when the last poll found at most one descriptor ready, and once a
+        # pass (a read with many replies finishing many messages is a busy pass too).
+        self._quiet = True
         super().__init__()
 
     def addWriter(self, writer: Any) -> None:
@@ -132,11 +133,12 @@ class EPollReactor(_Stock):  # type: ignore[misc,valid-type]
             self._watch(writer)
 
     def send_now(self, writer: Any) -> None:
-        """Give ``writer`` its ``doWrite`` now if the last poll found one descriptor ready (the
-        loop has nothing else to do in this pass), ``writer`` is waiting for the flush, and its
-        ``doWrite`` can do nothing but send: not a connection being closed (its ``doWrite``
-        would close it), not one whose producer it paused or whose producer is a pull producer
-        (it would ask it for more), not TLS.  What could not be sent, and an error (a
+        """Give ``writer`` its ``doWrite`` now if the last poll found at most one descriptor
+        ready and nothing was sent early since (the loop has nothing else to do in this pass),
+        ``writer`` is waiting for the flush, and its ``doWrite`` can do nothing but send: not a
+        connection being closed or half-closed (its ``doWrite`` would close it), not one whose
+        producer it paused or whose producer is a pull producer (it would ask it for more), not
+        TLS.  What could not be sent, and an error (a
         connection reset), are left to the flush, which handles them as always (the send is
         repeated and fails the same way, and the connection is lost).
 
@@ -145,20 +147,22 @@ class EPollReactor(_Stock):  # type: ignore[misc,valid-type]
         function) while this process still has work, and on two cores the gateway then did
         24 % fewer calls a second at 50 connections."""
         if (
-            self._ready > 1
+            not self._quiet
             or writer not in self._unflushed
             or writer.disconnecting
+            or getattr(writer, "_writeDisconnecting", False)  # (doWrite would half-close it)
             or writer.producerPaused
             or (writer.producer is not None and not writer.streamingProducer)
             or getattr(writer, "TLS", False)
         ):
             return
+        self._quiet = False  # the rest of this pass waits for the flush
         try:
             writer.doWrite()
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            pass  # the flush's doWrite meets it again, and logs and disconnects
+        except Exception:
+            # Not expected (doWrite returns its errors); the flush meets it again if the
+            # writer still waits, and loses the connection.
+            log.failure("sending at once on {writer}", writer=writer)
 
     def _watch(self, writer: Any) -> None:
         try:
@@ -178,7 +182,7 @@ class EPollReactor(_Stock):  # type: ignore[misc,valid-type]
                 return
             raise
         selectables = self._selectables
-        self._ready = len(events)
+        self._quiet = len(events) <= 1
         dispatch = self._doReadOrWrite
         for fd, event in events:
             selectable = selectables.get(fd)

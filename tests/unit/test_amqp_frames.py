@@ -208,7 +208,7 @@ def test_the_queue_publisher_uses_it_on_pikas_channel() -> None:
     publisher = _Publisher(broker.channel)
     c = call()
     expected = pika_bytes(broker, c)
-    publisher.publish_call(c, "", "q")
+    publisher.publish_call(c, c.encode_meta(), "", "q")
     assert broker.written() == expected
     assert publisher._frames is not None
 
@@ -220,3 +220,46 @@ def test_anything_else_is_not_its_business() -> None:
         _channel = object()
 
     assert FramePublisher.for_channel(Lookalike()) is None
+
+
+def returned(broker: Broker, message_id: str, body: bytes = b"") -> None:
+    """The broker hands a mandatory message back (Basic.Return, its header and body)."""
+    props = pika.BasicProperties(message_id=message_id)
+    broker.feed(
+        frame(1, spec.Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="", routing_key="q")),
+        pika.frame.Header(1, len(body), props).marshal(),
+        *([pika.frame.Body(1, body).marshal()] if body else []),
+    )
+
+
+def test_a_returned_message_is_known_by_its_id_and_its_confirm_fails_as_pikas() -> None:
+    broker = Broker()
+    publisher = _Publisher(broker.channel)
+    broker.channel.add_on_return_callback(publisher.on_return)
+    c = call(call_id="lost-1")
+    d = publisher.publish_call(c, c.encode_meta(), "", "q")
+    returned(broker, "lost-1", c.body)
+    broker.feed(frame(1, spec.Basic.Ack(delivery_tag=1)))
+    with pytest.raises(pika.exceptions.UnroutableError):
+        Broker.result(d)
+    assert publisher.take_return("lost-1") and not publisher.take_return("lost-1")
+
+
+def test_a_pending_confirm_fails_when_the_broker_closes_the_channel() -> None:
+    broker = Broker()
+    d = fast_publish(broker, call())
+    broker.feed(
+        frame(
+            1, spec.Channel.Close(reply_code=406, reply_text="PRECONDITION_FAILED", class_id=60, method_id=40)
+        )
+    )
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+        Broker.result(d)
+
+
+def test_a_channel_that_is_not_open_raises_as_pika_does() -> None:
+    broker = Broker()
+    broker.channel._channel._set_state(broker.channel._channel.CLOSING)  # closing, not closed yet
+    with pytest.raises(pika.exceptions.ChannelWrongStateError):
+        fast_publish(broker, call())
+    assert broker.written() == b""

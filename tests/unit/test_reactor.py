@@ -365,7 +365,7 @@ def test_send_now_leaves_what_the_socket_cannot_take_to_the_flush(reactor):
     peer.close()
 
 
-@pytest.mark.parametrize("state", ["disconnecting", "producer paused", "pull producer", "TLS"])
+@pytest.mark.parametrize("state", ["disconnecting", "half-closed", "producer paused", "pull producer", "TLS"])
 def test_send_now_leaves_a_writer_whose_doWrite_would_do_more_than_send(reactor, state):
     from twisted.internet.interfaces import IPullProducer, IPushProducer
     from zope.interface import implementer
@@ -395,6 +395,8 @@ def test_send_now_leaves_a_writer_whose_doWrite_would_do_more_than_send(reactor,
     transport.write(b"data")
     if state == "disconnecting":
         transport.loseConnection()
+    elif state == "half-closed":
+        transport.loseWriteConnection()
     elif state == "TLS":
         transport.TLS = True  # (after the write: a TLS transport's write goes through TLS)
     txreactor.send_now(transport)
@@ -459,3 +461,20 @@ def test_send_now_waits_for_the_flush_when_the_poll_found_several_ready(reactor)
     transport.abortConnection()
     reactor.iterate(0)
     peer.close()
+
+
+def test_send_now_sends_once_a_pass(reactor):
+    """A read that finishes many messages (a multiple ack for many accepted calls) is a busy
+    pass: the first goes at once, the others wait for the flush."""
+    (first, peer1), (second, peer2) = _pair(reactor), _pair(reactor)
+    first.transport.write(b"one")
+    second.transport.write(b"two")
+    txreactor.send_now(first.transport)
+    txreactor.send_now(second.transport)
+    assert (_received(peer1), _received(peer2)) == (b"one", b"")
+    reactor.runUntilCurrent()
+    assert _received(peer2) == b"two"
+    for protocol, peer in ((first, peer1), (second, peer2)):
+        protocol.transport.abortConnection()
+        peer.close()
+    reactor.iterate(0)

@@ -200,9 +200,9 @@ class _Publisher:
         # One write per call, pika's bytes (None: not pika's TwistedChannel; basic_publish then).
         self._frames = FramePublisher.for_channel(channel)
 
-    def publish_call(self, call: Call, exchange: str, routing_key: str) -> Deferred:
-        """Publish ``call`` (mandatory, persistent); the confirm's Deferred."""
-        meta = call.encode_meta()
+    def publish_call(self, call: Call, meta: bytes, exchange: str, routing_key: str) -> Deferred:
+        """Publish ``call`` (mandatory, persistent; ``meta`` its encoded metadata); the
+        confirm's Deferred."""
         timestamp = int(call.accepted_at)
         if self._frames is not None:
             return self._frames.publish(
@@ -995,13 +995,15 @@ class AMQPQueue(Service):
     ) -> None:
         """Publish ``message`` (a call, or a body and its pika properties) and wait for its confirm."""
         deadline = self._reactor.seconds() + self._confirm_timeout
+        # Encoded out of the try below: a call that cannot be encoded is a bug, not the broker's.
+        meta = message.encode_meta() if isinstance(message, Call) else b""
         publisher = self._live_publisher()
         waited = publisher is None
         if publisher is None:
             publisher = await self._usable(self._confirm_timeout)
         try:
             if isinstance(message, Call):
-                confirm = publisher.publish_call(message, exchange, routing_key)
+                confirm = publisher.publish_call(message, meta, exchange, routing_key)
             else:
                 confirm = publisher.publish(exchange, routing_key, *message)
         except Exception as e:

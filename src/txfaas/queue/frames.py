@@ -90,7 +90,7 @@ class FramePublisher:
         connection = getattr(impl, "connection", None)
         needed = (
             (channel, ("_closed", "_delivery_confirmation", "_delivery_message_id", "_deliveries")),
-            (impl, ("channel_number", "is_open")),
+            (impl, ("channel_number", "is_open", "_raise_if_not_open")),
             (connection, ("_body_max_length", "_adapter_emit_data", "bytes_sent", "frames_sent")),
         )
         if impl is None or connection is None:
