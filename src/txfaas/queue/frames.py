@@ -93,8 +93,6 @@ class FramePublisher:
             (impl, ("channel_number", "is_open", "_raise_if_not_open")),
             (connection, ("_body_max_length", "_adapter_emit_data", "bytes_sent", "frames_sent")),
         )
-        if impl is None or connection is None:
-            return None
         if not all(hasattr(obj, name) for obj, names in needed for name in names):
             return None
         if not isinstance(channel._deliveries, dict) or not isinstance(connection._body_max_length, int):
