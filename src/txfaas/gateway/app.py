@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from importlib import resources as package_files
 from typing import Any
 
 import attrs
@@ -47,6 +48,8 @@ from txfaas.store import AlreadyExists, AsyncCallStore, NotFound, StoreUnavailab
 from txfaas.store.cache import FunctionCache
 
 SYSTEM_BODY_LIMIT = 1024 * 1024
+#: This gateway's OpenAPI document (packaged beside this module), served as it is.
+OPENAPI_DOCUMENT = package_files.files(__package__).joinpath("openapi.json").read_bytes()
 DEAD_LETTER_PAGE = 100
 DEAD_LETTER_PAGE_MAX = 1000
 # Set by the gateway itself, or of no use to the function.
@@ -226,6 +229,12 @@ class GatewayApp:
         self._functions.forget(name)
         self._metrics.service_count.labels(name).set(replicas)
         return _text(request, 202, f"function {name!r} scaled to {replicas}")
+
+    @app.route("/system/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/json")
+        return OPENAPI_DOCUMENT
 
     @app.route("/system/info", methods=["GET"])
     def info(self, request: IRequest) -> bytes:
