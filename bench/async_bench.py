@@ -216,7 +216,7 @@ def http_post(url: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, 
 
 
 def get_json(url: str) -> Any:
-    code, body = http_get(url, timeout=10.0)
+    code, body = http_get(url, timeout=10.0, auth=harness.BENCH_AUTH)
     if code != 200:
         raise BenchError(f"GET {url}: {code} {body[:200]!r}")
     return json.loads(body)

@@ -9,6 +9,7 @@ exceptions, Ctrl-C and SIGTERM alike.  Traffic goes to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
@@ -203,10 +204,14 @@ def direct_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """GET ``url`` directly (never through an environment proxy)."""
+def http_get(url: str, timeout: float = 2.0, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+    """GET ``url`` directly (never through an environment proxy), with basic ``auth`` when given."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with direct_opener().open(url, timeout=timeout) as response:
+        with direct_opener().open(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -322,15 +327,30 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+#: The basic-auth credentials of every gateway the benchmarks start (for their /system/* requests).
+BENCH_AUTH = ("bench", os.urandom(16).hex())
+
+
+def auth_env(directory: Path) -> dict[str, str]:
+    """Gives a gateway :data:`BENCH_AUTH`, and a state dir in ``directory`` (none in the user's)."""
+    return {
+        "TXFAAS_BASIC_AUTH_USER": BENCH_AUTH[0],
+        "TXFAAS_BASIC_AUTH_PASSWORD": BENCH_AUTH[1],
+        "TXFAAS_STATE_DIR": str(directory / "state"),
+    }
+
+
 class Twistd(Child):
     """``twistd -n --pidfile= <plugin> ...`` of this venv, inheriting no ``TXFAAS_*`` setting nor any
-    environment variable named in :attr:`drop_env` (settings the plugin would otherwise read)."""
+    environment variable named in :attr:`drop_env` (settings the plugin would otherwise read);
+    gateways get :data:`BENCH_AUTH`."""
 
     drop_env: tuple[str, ...] = ()
 
     def __init__(self, name: str, directory: Path, plugin: str, args: Sequence[str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TXFAAS_") and k not in self.drop_env}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(auth_env(directory))
         argv = [*twistd_command(), "-n", "--pidfile=", plugin, *args]
         super().__init__(name, argv, directory / f"{name}.log", env)
 

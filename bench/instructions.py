@@ -42,6 +42,7 @@ from harness import (
     BenchError,
     Child,
     Nginx,
+    auth_env,
     free_port,
     make_tempdir,
     nginx_function_conf,
@@ -173,7 +174,7 @@ def counted(
         f"--functions={functions}",
     ]
     # A fixed hash seed: dict and set layouts, and so the count, the same from run to run.
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "PYTHONHASHSEED": "0", **auth_env(directory)}
     child = Child(f"gateway-{tag}", argv, directory / f"gateway-{tag}.log", env)
     try:
         wait_http(f"http://{LOOPBACK}:{port}/healthz", child, timeout=180)

@@ -19,6 +19,7 @@ import argparse
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "docker" / "functions"
 VENV_BIN = Path(sys.executable).parent
+#: Variables that would change how the gateway finds its credentials (it generates its own here).
+OWN_SETTINGS = ("TXFAAS_BASIC_AUTH_USER", "TXFAAS_BASIC_AUTH_PASSWORD", "basic_auth", "secret_mount_path")
 
 
 def answers(port: int) -> bool:
@@ -62,7 +65,8 @@ class Processes:
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logdir / f"{name}.log", "wb")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {k: v for k, v in os.environ.items() if k not in OWN_SETTINGS}
+        full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         proc = subprocess.Popen(
             [str(VENV_BIN / "twistd"), "-n", "--pidfile=", *args],
             stdout=log,
@@ -105,6 +109,19 @@ def wait_http(url: str, procs: Processes, timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"quickstart: {url} did not answer within {timeout:g}s")
         time.sleep(0.2)
+
+
+def login_line(procs: Processes, name: str, timeout: float = 10) -> tuple[str, str]:
+    """The ``faas-cli login`` line the gateway logged, and the password file it names."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = (procs.logdir / f"{name}.log").read_text(errors="replace")
+        match = re.search(r"log in with: (faas-cli login .* --password-stdin < (\S+))", log)
+        if match:
+            return match.group(1), match.group(2)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"quickstart: the {name} logged no faas-cli login line; see {procs.logdir}")
+        time.sleep(0.1)
 
 
 class CallbackHandler(http.server.BaseHTTPRequestHandler):
@@ -204,6 +221,8 @@ def main() -> int:
             )
         gateway = f"http://127.0.0.1:{gateway_port}"
         wait_http(f"{gateway}/healthz", procs)
+        login, password_file = login_line(procs, "gateway" if durable else "local")
+        auth = f'-u "admin:$(cat {password_file})"'
         callback = f"http://127.0.0.1:{callback_port}/"
         demo = f"demo-{os.urandom(3).hex()}"
         print(
@@ -216,13 +235,16 @@ curl -s {gateway}/function/echo -d 'hello txfaas'
 curl -s {gateway}/function/wordcount -d 'one two three'
 # an asynchronous call: 202 at once, the result reaches the callback receiver (printed here)
 curl -s -i {gateway}/async-function/wordcount -d 'four five' -H 'X-Callback-Url: {callback}' -H 'X-Call-Id: {demo}'
-# its status and its result
-curl -s {gateway}/system/calls/{demo}
-curl -s {gateway}/system/calls/{demo}/result
+# its status and its result (/system/* needs the gateway's basic-auth password)
+curl -s {auth} {gateway}/system/calls/{demo}
+curl -s {auth} {gateway}/system/calls/{demo}/result
 # a call that outlasts its exec_timeout (3s): 504
 curl -s -i {gateway}/function/slow -d 5
 # the functions, OpenFaaS-style
-curl -s {gateway}/system/functions
+curl -s {auth} {gateway}/system/functions
+
+faas-cli logs in with the password the gateway generated on its first start (kept in {password_file}):
+{login}
 
 Ctrl-C stops everything.""",
             flush=True,

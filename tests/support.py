@@ -25,6 +25,24 @@ from twisted.web import resource, server
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The credentials every test gateway is started with (see :func:`gateway_env`); send them to /system/*.
+GATEWAY_AUTH = ("admin", uuid.uuid4().hex)
+
+
+def gateway_env(auth: tuple[str, str] = GATEWAY_AUTH) -> dict[str, str]:
+    """The environment that gives a ``faas-gateway``/``faas-local`` these basic-auth credentials."""
+    return {"TXFAAS_BASIC_AUTH_USER": auth[0], "TXFAAS_BASIC_AUTH_PASSWORD": auth[1]}
+
+
+def _twistd_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The test's environment plus ``env``; a fresh state dir, so nothing lands in the user's."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    full_env.setdefault("TXFAAS_STATE_DIR", tempfile.mkdtemp(prefix="txfaas-state-"))
+    return full_env
+
+
 def twistd_command() -> list[str]:
     """The ``twistd`` of the Python running the tests (its venv's script, else the module)."""
     script = Path(sys.executable).parent / "twistd"
@@ -73,9 +91,8 @@ class TwistdProcess:
         self.plugin = plugin
         self.args = args
         self.log_path = Path(tempfile.mkstemp(prefix=f"{plugin}-", suffix=".log")[1])
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        full_env = _twistd_env(env)
+        self.state_dir = Path(full_env["TXFAAS_STATE_DIR"])
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(
             [*twistd_command(), "-n", "--pidfile=", plugin, *args],
@@ -97,14 +114,16 @@ class TwistdProcess:
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.output().splitlines()[-lines:])
 
-    async def wait_http(self, url: str, timeout: float = 20.0, status: int | None = None) -> None:
+    async def wait_http(
+        self, url: str, timeout: float = 20.0, status: int | None = None, auth: tuple[str, str] | None = None
+    ) -> None:
         """Wait until ``url`` answers (with ``status`` when given); fail early if the process died."""
 
         async def ready() -> bool:
             if self.popen.poll() is not None:
                 raise AssertionError(f"{self.plugin} exited with {self.popen.returncode}:\n{self.tail()}")
             try:
-                response = await treq.get(url, timeout=2)
+                response = await treq.get(url, timeout=2, auth=auth)
                 await response.content()
             except Exception:
                 return False
@@ -144,8 +163,7 @@ class TwistdProcess:
 
 def run_twistd_sync(plugin: str, args: list[str], timeout: float = 30, env: dict | None = None):
     """Run a twistd command to completion (for --help and start-up errors)."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
+    full_env = _twistd_env(env)
     return subprocess.run(
         [*twistd_command(), "-n", "--pidfile=", plugin, *args],
         capture_output=True,

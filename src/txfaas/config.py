@@ -412,3 +412,61 @@ def read_secret(mount_path: str, name: str) -> str:
             return f.read().strip()
     except OSError as e:
         raise ConfigError("--secret-mount-path", f"cannot read {path}: {e.strerror}") from None
+
+
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    """Where txfaas keeps what it generates: ``$XDG_STATE_HOME/txfaas``, else ``~/.local/state/txfaas``."""
+    base = environ.get("XDG_STATE_HOME") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "txfaas")
+
+
+#: The user name of generated credentials (OpenFaaS's installers use the same).
+GENERATED_USER = "admin"
+
+
+def load_or_create_credentials(state_dir: str) -> tuple[str, str, bool]:
+    """Basic-auth ``(user, password, created)`` kept in ``state_dir``; generated when absent.
+
+    The files are ``basic-auth-user`` and ``basic-auth-password`` (as in a secret mount), mode
+    0600 in a 0700 folder.  Each is written whole to a temporary file, then linked into place
+    (which fails if it exists), so concurrent first starts agree and never read half a file.
+    """
+    import secrets
+    import tempfile
+
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("--state-dir", f"cannot create {state_dir}: {e.strerror}") from None
+    created = False
+    values = []
+    for name, make in (
+        ("basic-auth-user", lambda: GENERATED_USER),
+        ("basic-auth-password", lambda: secrets.token_urlsafe(24)),
+    ):
+        path = os.path.join(state_dir, name)
+        if not os.path.exists(path):
+            try:
+                fd, temp = tempfile.mkstemp(dir=state_dir, prefix=f".{name}.")  # mode 0600
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(make())
+                    os.link(temp, path)
+                    created = True
+                except FileExistsError:
+                    pass  # another process was first: use its file
+                finally:
+                    os.unlink(temp)
+            except OSError as e:
+                raise ConfigError("--state-dir", f"cannot write {path}: {e.strerror}") from None
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as e:
+            raise ConfigError("--state-dir", f"cannot read {path}: {e.strerror}") from None
+        if not value:
+            raise ConfigError("--state-dir", f"{path} is empty (delete it to generate another)")
+        values.append(value)
+    return values[0], values[1], created

@@ -35,7 +35,7 @@ from tests.faults.injectors import KINDS, NEEDS_PRIVATE_BROKER, SELF_TESTS, Inje
 from tests.faults.ledger import ACCEPTED, FINAL, Ledger, Summary, report_json, summarize, table
 from tests.faults.servers import CallbackReceiver, FunctionServer
 from tests.faults.stack import Stack, StackError
-from tests.support import listen_http
+from tests.support import GATEWAY_AUTH, listen_http
 
 FUNCTION = "faults-fn"
 #: Callback states after which nothing more will happen to a final call.
@@ -84,16 +84,19 @@ class Outcome:
 class StatusPoller:
     """``GET /system/calls/{id}`` for many ids at a bounded concurrency."""
 
-    def __init__(self, reactor: Any, base: str, concurrency: int = 32) -> None:
+    def __init__(
+        self, reactor: Any, base: str, concurrency: int = 32, auth: tuple[str, str] = GATEWAY_AUTH
+    ) -> None:
         self._reactor = reactor
         self._base = base
+        self._auth = auth
         self._slots = defer.DeferredSemaphore(concurrency)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = concurrency
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
 
     async def _get(self, path: str) -> tuple[int, bytes]:
-        d = self._http.get(self._base + path)
+        d = self._http.get(self._base + path, auth=self._auth)
         d.addTimeout(10, self._reactor)
         response = await d
         body = await response.content()

@@ -32,7 +32,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
-from tests.support import TwistdProcess, free_port, unique
+from tests.support import GATEWAY_AUTH, TwistdProcess, free_port, gateway_env, unique
 from tests.tcpproxy import TCPProxy
 
 SHARED_AMQP_PORT = 5672
@@ -415,6 +415,7 @@ class Stack:
             ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", self.redis.url,
              "--redis-prefix", self.prefix, "--amqp", self._amqp_url(self.gateway_proxy),
              "--callback-allow", "127.0.0.0/8", "--confirm-timeout", "3s"],
+            env=gateway_env(),
         )  # fmt: skip
         self.gateway_url = f"http://127.0.0.1:{port}"
         await self.gateway.wait_http(self.gateway_url + "/healthz", status=200, timeout=30)
@@ -444,7 +445,9 @@ class Stack:
 
         body = {"service": name, "image": "faults", "url": url,
                 "annotations": {"com.openfaas.queue": self.queue}}  # fmt: skip
-        response = await treq.post(self.gateway_url + "/system/functions", data=json.dumps(body).encode())
+        response = await treq.post(
+            self.gateway_url + "/system/functions", data=json.dumps(body).encode(), auth=GATEWAY_AUTH
+        )
         text = await response.text()
         if response.code != 202:
             raise StackError(f"deploying {name}: {response.code} {text}")

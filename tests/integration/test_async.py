@@ -12,11 +12,13 @@ import pytest_twisted
 import treq
 
 from tests.support import (
+    GATEWAY_AUTH,
     Recorder,
     TwistdProcess,
     delete_queues,
     delete_redis_prefix,
     free_port,
+    gateway_env,
     listen_http,
     unique,
     wait_for,
@@ -48,10 +50,11 @@ class System:
                 "--amqp", amqp_url or self.amqp_url,
                 *extra,
             ],
+            env=gateway_env(),
         )  # fmt: skip
         self.procs.append(proc)
         base = f"http://127.0.0.1:{port}"
-        await proc.wait_http(base + "/system/info", status=200)
+        await proc.wait_http(base + "/system/info", status=200, auth=GATEWAY_AUTH)
         return base
 
     async def worker(self, *extra: str) -> None:
@@ -73,7 +76,9 @@ class System:
 
     async def deploy(self, base: str, name: str, url: str) -> None:
         body = {"service": name, "image": "x", "url": url, "annotations": {"com.openfaas.queue": self.queue}}
-        response = await treq.post(base + "/system/functions", data=json.dumps(body).encode())
+        response = await treq.post(
+            base + "/system/functions", data=json.dumps(body).encode(), auth=GATEWAY_AUTH
+        )
         assert response.code == 202, await response.text()
 
     async def close(self) -> None:
@@ -131,13 +136,13 @@ async def test_post_runs_the_function_once_and_the_callback_carries_its_answer(a
         assert float(headers["x-duration-seconds"][0]) >= 0
 
         async def final():
-            response = await treq.get(gateway + f"/system/calls/{call_id}")
+            response = await treq.get(gateway + f"/system/calls/{call_id}", auth=GATEWAY_AUTH)
             record = json.loads(await response.content())
             return record if record["callbackState"] == "delivered" else None
 
         record = await wait_for(final, timeout=10, what="the final record")
         assert (record["status"], record["statusCode"], record["attempts"]) == ("succeeded", 201, 1)
-        response = await treq.get(gateway + f"/system/calls/{call_id}/result")
+        response = await treq.get(gateway + f"/system/calls/{call_id}/result", auth=GATEWAY_AUTH)
         assert (response.code, await response.content()) == (200, b"done")
         assert response.headers.getRawHeaders("X-Function-Status") == ["201"]
     finally:
@@ -187,7 +192,7 @@ async def test_broker_unreachable_is_503_never_202(amqp_url, redis_url):
         assert response.headers.getRawHeaders("Retry-After")
         assert "queue unavailable" in await response.text()
         # Nothing was accepted, so nothing was recorded.
-        response = await treq.get(gateway + "/system/calls/c-503")
+        response = await treq.get(gateway + "/system/calls/c-503", auth=GATEWAY_AUTH)
         assert response.code == 404
         response = await treq.get(gateway + "/healthz")
         assert response.code == 503

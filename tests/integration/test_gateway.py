@@ -10,10 +10,12 @@ import pytest_twisted
 import treq
 
 from tests.support import (
+    GATEWAY_AUTH,
     Recorder,
     TwistdProcess,
     delete_redis_prefix,
     free_port,
+    gateway_env,
     listen_http,
     never_answer,
     run_twistd_sync,
@@ -53,14 +55,14 @@ async def start_gateway(redis_url: str, *extra: str, env: dict | None = None) ->
             "memory:",
             *extra,
         ],
-        env=env,
+        env=gateway_env() if env is None else env,
     )
     base = f"http://127.0.0.1:{port}"
     await proc.wait_http(base + "/healthz", status=200)
     return proc, base
 
 
-async def deploy(base: str, name: str, url: str, auth=None, **fields) -> int:
+async def deploy(base: str, name: str, url: str, auth=GATEWAY_AUTH, **fields) -> int:
     body = json.dumps({"service": name, "image": "none", "url": url, **fields}).encode()
     response = await treq.post(base + "/system/functions", data=body, auth=auth)
     await response.content()
@@ -121,7 +123,7 @@ async def test_sync_call_end_to_end(redis_url, upstream):
         assert (response.code, await response.text()) == (404, "function 'nope' not found\n")
 
         # The record lives in Redis: a second gateway on the same prefix sees it.
-        response = await treq.get(base + "/system/functions")
+        response = await treq.get(base + "/system/functions", auth=GATEWAY_AUTH)
         [fn] = json.loads(await response.content())
         assert fn["name"] == "echo"
         assert fn["url"] == url
@@ -166,9 +168,12 @@ async def test_functions_file_and_basic_auth(redis_url, upstream, tmp_path):
         "true",
         "--secret-mount-path",
         str(tmp_path),
+        env={},
     )
     try:
         response = await treq.get(base + "/system/functions")
+        assert response.code == 401
+        response = await treq.get(base + "/system/functions", auth=("admin", "wrong"))
         assert response.code == 401
         response = await treq.get(base + "/system/functions", auth=("admin", "pw"))
         assert response.code == 200
@@ -191,6 +196,56 @@ async def test_body_limit_413_before_reading(redis_url, upstream):
         assert response.code == 413
         response = await treq.post(base + "/function/echo", data=b"a" * 1000)
         assert response.code == 200
+    finally:
+        await proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_gateway_guards_system_with_a_generated_password(redis_url):
+    """No flag, no credentials: /system/* and /metrics answer 401; the password is in a 0600 file
+    whose path and faas-cli login line are logged (never the password), and a restart reuses it."""
+    proc, base = await start_gateway(redis_url, env={})
+    try:
+        for path in ("/system/functions", "/system/info", "/metrics"):
+            response = await treq.get(base + path)
+            assert response.code == 401, path
+            assert "<html" not in (await response.text()).lower()
+        password_file = proc.state_dir / "basic-auth-password"
+        assert password_file.stat().st_mode & 0o777 == 0o600
+        password = password_file.read_text()
+        assert len(password) >= 32
+        auth = ((proc.state_dir / "basic-auth-user").read_text(), password)
+        response = await treq.get(base + "/system/functions", auth=auth)
+        assert response.code == 200
+        port = base.rsplit(":", 1)[1]
+        output = proc.output()
+        assert f"generated a password for user admin in {password_file} (mode 0600)" in output
+        assert (
+            f"faas-cli login --gateway http://127.0.0.1:{port} --username admin --password-stdin "
+            f"< {password_file}" in output
+        )
+        assert password not in output
+    finally:
+        await proc.stop()
+
+    again, base = await start_gateway(redis_url, env={"TXFAAS_STATE_DIR": str(proc.state_dir)})
+    try:
+        response = await treq.get(base + "/system/functions", auth=auth)
+        assert response.code == 200
+        assert "generated" not in again.output()
+        assert "faas-cli login" in again.output()
+    finally:
+        await again.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_basic_auth_false_opens_system_and_warns(redis_url):
+    proc, base = await start_gateway(redis_url, "--basic-auth", "false", env={})
+    try:
+        response = await treq.get(base + "/system/functions")
+        assert response.code == 200
+        assert "basic auth is OFF (--basic-auth false)" in proc.output()
+        assert not (proc.state_dir / "basic-auth-password").exists()
     finally:
         await proc.stop()
 
@@ -255,6 +310,7 @@ async def test_workers_share_the_port_and_metrics_add_up(redis_url, upstream):
         "faas-gateway",
         ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_url, "--redis-prefix", prefix,
          "--workers", "2"],
+        env=gateway_env(),
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
@@ -273,7 +329,7 @@ async def test_workers_share_the_port_and_metrics_add_up(redis_url, upstream):
         # /metrics of either process counts all 40 calls: its own at once, the other's once that
         # process applied them (every second).
         async def all_counted() -> bool:
-            response = await treq.get(base + "/metrics", persistent=False)
+            response = await treq.get(base + "/metrics", persistent=False, auth=GATEWAY_AUTH)
             text = await response.text()
             return 'gateway_function_invocation_total{code="200",function_name="echo"} 40.0' in text
 
@@ -315,6 +371,7 @@ async def test_worker_processes_die_with_a_killed_parent(redis_url):
         "faas-gateway",
         ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", redis_url, "--redis-prefix",
          _prefix(), "--workers", "2"],
+        env=gateway_env(),
     )  # fmt: skip
     await wait_for(
         lambda: proc.output().count("gateway listening on") == 2, timeout=20, what="both processes"

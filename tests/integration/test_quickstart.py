@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -25,12 +26,14 @@ pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is no
 
 class Quickstart:
     def __init__(self, *args: str) -> None:
+        self.state_dir = tempfile.mkdtemp(prefix="txfaas-state-")  # not the user's
         self.proc = subprocess.Popen(
             [str(ROOT / "scripts" / "run"), "--port", str(free_port()), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             start_new_session=True,
+            env={**os.environ, "TXFAAS_STATE_DIR": self.state_dir},
         )
         self.output = ""
 
@@ -99,6 +102,18 @@ def check_quickstart(qs: Quickstart) -> None:
     assert run(slow).startswith("HTTP/1.1 504")
     names = sorted(f["name"] for f in json.loads(run(functions)))
     assert names == ["echo", "slow", "wordcount"]
+
+    # Basic auth is on: the printed commands carry it, the login line names the generated file.
+    password_file = os.path.join(qs.state_dir, "basic-auth-password")
+    assert f'-u "admin:$(cat {password_file})"' in functions
+    assert (
+        run(functions.replace(f' -u "admin:$(cat {password_file})"', "") + " -o /dev/null -w %{http_code}")
+        == "401"
+    )
+    gateway = functions.split()[-1].rsplit("/system", 1)[0]
+    assert (
+        f"faas-cli login --gateway {gateway} --username admin --password-stdin < {password_file}" in qs.output
+    )
 
 
 @pytest.mark.parametrize("mode", ["durable", "local"])

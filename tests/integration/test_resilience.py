@@ -23,7 +23,16 @@ from twisted.internet import defer, reactor, utils
 
 from tests.integration.test_amqp_queue import Admin
 from tests.integration.test_worker import SECRET, Env
-from tests.support import Recorder, TwistdProcess, free_port, never_answer, unique, wait_for
+from tests.support import (
+    GATEWAY_AUTH,
+    Recorder,
+    TwistdProcess,
+    free_port,
+    gateway_env,
+    never_answer,
+    unique,
+    wait_for,
+)
 from txfaas.config import parse_amqp_url
 from txfaas.model import Call, CallRecord, CallStatus, DeadMark
 from txfaas.queue.amqp import AMQPQueue, Topology
@@ -76,6 +85,7 @@ class Resilience(Env):
                 "--callback-allow",
                 "127.0.0.0/8",
             ],
+            env=gateway_env(),
         )
         base = f"http://127.0.0.1:{port}"
         await self.gateway.wait_http(base + "/healthz", status=200)
@@ -90,7 +100,9 @@ class Resilience(Env):
             "url": self.serve(recorder),
             "annotations": {"com.openfaas.queue": self.queue, **annotations},
         }
-        response = await treq.post(base + "/system/functions", data=json.dumps(spec).encode())
+        response = await treq.post(
+            base + "/system/functions", data=json.dumps(spec).encode(), auth=GATEWAY_AUTH
+        )
         assert response.code == 202, await response.text()
         return name
 
@@ -311,7 +323,7 @@ async def test_an_exhausted_callback_is_dead_lettered_and_re_queuing_it_delivers
     assert (record.dead_reason, record.callback_attempts, record.status_code) == ("callback_failed", 2, 202)
 
     async def listed():
-        response = await treq.get(base + f"/system/dead-letters?function={name}")
+        response = await treq.get(base + f"/system/dead-letters?function={name}", auth=GATEWAY_AUTH)
         return await json_of(response)
 
     [item] = await wait_for(listed, what="the dead letter listed")
@@ -322,7 +334,7 @@ async def test_an_exhausted_callback_is_dead_lettered_and_re_queuing_it_delivers
         2,
     )
     broken[0] = False
-    response = await treq.post(base + f"/system/calls/{call_id}/retry")
+    response = await treq.post(base + f"/system/calls/{call_id}/retry", auth=GATEWAY_AUTH)
     assert response.code == 202, await response.text()
     record = await final(env, call, callback_state="delivered")
     assert (record.status, record.replays, record.dead_reason) == ("succeeded", 1, None)
@@ -488,15 +500,15 @@ async def test_idempotent_post_and_cancel_of_a_queued_call(env):
     assert (body["status"], body.get("duplicate")) == ("queued", True)
     call_id = (await json_of(first))["callId"]
     assert await env.admin.ready_count(env.queue) == 1
-    response = await treq.delete(base + f"/system/calls/{call_id}")
+    response = await treq.delete(base + f"/system/calls/{call_id}", auth=GATEWAY_AUTH)
     assert (response.code, (await json_of(response))["status"]) == (202, "cancelled")
-    response = await treq.delete(base + f"/system/calls/{call_id}")
+    response = await treq.delete(base + f"/system/calls/{call_id}", auth=GATEWAY_AUTH)
     assert response.code == 409 and "is cancelled" in await response.text()
     third = await treq.post(base + f"/async-function/{name}", data=b"x", headers=headers)
     assert (await json_of(third))["status"] == "cancelled"
     _, worker = await env.start_worker(*FAST)
     await wait_for(_metric(worker, "txfaas_worker_skipped_total 1.0"), what="the cancelled call skipped")
-    response = await treq.get(base + f"/system/calls/{call_id}")
+    response = await treq.get(base + f"/system/calls/{call_id}", auth=GATEWAY_AUTH)
     assert (await json_of(response))["status"] == "cancelled"
     assert function.requests == []
 
@@ -513,7 +525,7 @@ async def test_cancel_while_waiting_for_a_retry_and_409_while_running(env):
     response = await treq.post(base + f"/async-function/{name}", data=b"x")
     call = Call(call_id=(await json_of(response))["callId"], function=name)
     await final(env, call, status=CallStatus.RETRYING)
-    response = await treq.delete(base + f"/system/calls/{call.call_id}")
+    response = await treq.delete(base + f"/system/calls/{call.call_id}", auth=GATEWAY_AUTH)
     assert response.code == 202
     await final(env, call, status=CallStatus.CANCELLED, next_attempt_at=None)
     await wait_for(_metric(worker, "txfaas_worker_skipped_total 1.0"), what="the retry delivered and skipped")
@@ -523,7 +535,7 @@ async def test_cancel_while_waiting_for_a_retry_and_409_while_running(env):
     response = await treq.post(base + f"/async-function/{slow}", data=b"x")
     running = Call(call_id=(await json_of(response))["callId"], function=slow)
     await wait_for(lambda: hanging.requests, what="the slow call running")
-    response = await treq.delete(base + f"/system/calls/{running.call_id}")
+    response = await treq.delete(base + f"/system/calls/{running.call_id}", auth=GATEWAY_AUTH)
     assert response.code == 409 and "is running" in await response.text()
 
 
@@ -550,7 +562,7 @@ async def test_dead_letters_are_listed_and_replayed_with_the_readme_loop(env):
         ids.append((await json_of(response))["callId"])
 
     async def listed():
-        response = await treq.get(base + f"/system/dead-letters?function={name}")
+        response = await treq.get(base + f"/system/dead-letters?function={name}", auth=GATEWAY_AUTH)
         items = await json_of(response)
         return items if len(items) == 2 else None
 
@@ -562,13 +574,15 @@ async def test_dead_letters_are_listed_and_replayed_with_the_readme_loop(env):
     receiver.requests.clear()
     healthy[0] = True
     out, err, code = await utils.getProcessOutputAndValue(
-        "bash", ["-c", REPLAY_ALL], env={**os.environ, "GATEWAY": base, "FN": name}
+        "bash",
+        ["-c", REPLAY_ALL],
+        env={**os.environ, "GATEWAY": base, "FN": name, "AUTH": ":".join(GATEWAY_AUTH)},
     )
     assert code == 0, err
     await wait_for(lambda: len(receiver.requests) == 2, timeout=20, what="the replayed callbacks")
     assert sorted(r["body"] for r in receiver.requests) == [b"fixed:payload 0", b"fixed:payload 1"]
     assert sorted(r["headers"]["x-call-id"][0] for r in receiver.requests) == sorted(ids)
-    response = await treq.get(base + f"/system/dead-letters?function={name}")
+    response = await treq.get(base + f"/system/dead-letters?function={name}", auth=GATEWAY_AUTH)
     assert await json_of(response) == []
     for call_id in ids:
         record = await final(env, Call(call_id=call_id, function=name), callback_state="delivered")
@@ -577,8 +591,8 @@ async def test_dead_letters_are_listed_and_replayed_with_the_readme_loop(env):
 
 # The loop the README shows (kept identical to it: a test below checks).
 REPLAY_ALL = """\
-curl -fsS "$GATEWAY/system/dead-letters?function=$FN&limit=1000" | jq -r '.[].callId' |
-  while read -r id; do curl -fsS -X POST "$GATEWAY/system/calls/$id/retry"; echo; done
+curl -fsS -u "$AUTH" "$GATEWAY/system/dead-letters?function=$FN&limit=1000" | jq -r '.[].callId' |
+  while read -r id; do curl -fsS -u "$AUTH" -X POST "$GATEWAY/system/calls/$id/retry"; echo; done
 """
 
 

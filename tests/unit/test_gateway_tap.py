@@ -15,7 +15,8 @@ def parse(args: list[str], env: dict[str, str] | None = None, monkeypatch=None) 
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("TXFAAS_STATE_DIR", str(tmp_path / "state"))
     for name in [
         "upstream_timeout",
         "read_timeout",
@@ -42,7 +43,7 @@ def test_defaults():
     assert config.function_url_template == "http://{name}:8080"
     assert config.max_body is None
     assert config.max_async_body == 10 * 1024 * 1024
-    assert config.basic_auth is None
+    assert config.basic_auth is not None  # secure by default
 
 
 def test_durations_in_every_openfaas_form():
@@ -119,6 +120,7 @@ def test_the_defaults_shown_in_help_are_the_defaults_used():
     """One table makes --help and the lookups: giving every shown default explicitly changes nothing."""
     explicit = [f"--{flag.name}={flag.default}" for flag in tap.FLAGS if flag.default is not None]
     assert len(explicit) > 10
+    parse([])  # the first start generates credentials; both below find them
     assert parse(explicit) == parse([])
     help_text = " ".join(str(tap.Options()).split())
     assert "[$read_timeout; default 65s]" in help_text
@@ -132,3 +134,114 @@ def test_pool_size_and_workers_must_be_whole_numbers_of_at_least_one():
         parse(["--workers", "two"])
     with pytest.raises(usage.UsageError, match=r"^--basic-auth: not true or false"):
         parse(["--basic-auth", "perhaps"])
+
+
+def test_basic_auth_is_on_by_default_with_generated_credentials(tmp_path):
+    """No flag, no variable, no secret files: a strong password is generated, files mode 0600."""
+    config = parse([])
+    state = tmp_path / "state"
+    user, password = config.basic_auth
+    assert user == "admin"
+    assert len(password) >= 32
+    assert (state / "basic-auth-user").read_text() == "admin"
+    assert (state / "basic-auth-password").read_text() == password
+    assert (state / "basic-auth-password").stat().st_mode & 0o777 == 0o600
+    assert (state / "basic-auth-user").stat().st_mode & 0o777 == 0o600
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert (config.auth_source, config.auth_generated) == (str(state), True)
+    assert sorted(p.name for p in state.iterdir()) == ["basic-auth-password", "basic-auth-user"]
+
+
+def test_generated_credentials_are_reused_on_the_next_start():
+    first = parse([])
+    again = parse([])
+    assert again.basic_auth == first.basic_auth
+    assert again.auth_generated is False
+
+
+def test_generated_passwords_differ_between_state_dirs(tmp_path, monkeypatch):
+    first = parse([])
+    monkeypatch.setenv("TXFAAS_STATE_DIR", str(tmp_path / "other"))
+    assert parse([]).basic_auth[1] != first.basic_auth[1]
+
+
+def test_state_dir_flag_and_its_default(tmp_path, monkeypatch):
+    config = parse(["--state-dir", str(tmp_path / "flag")])
+    assert (tmp_path / "flag" / "basic-auth-password").read_text() == config.basic_auth[1]
+    from txfaas.config import default_state_dir
+
+    assert default_state_dir({"XDG_STATE_HOME": "/x/state", "HOME": "/h"}) == "/x/state/txfaas"
+    assert default_state_dir({"HOME": "/h"}) == "/h/.local/state/txfaas"
+
+
+def test_an_unwritable_state_dir_is_one_line_naming_the_flag(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(usage.UsageError, match=r"^--state-dir: cannot create .*file/sub"):
+        parse(["--state-dir", str(blocker / "sub")])
+
+
+def test_an_empty_generated_file_is_refused_not_used(tmp_path):
+    state = tmp_path / "state"
+    parse([])
+    (state / "basic-auth-password").write_text("")
+    with pytest.raises(usage.UsageError, match=r"^--state-dir: .*basic-auth-password is empty"):
+        parse([])
+
+
+def test_secret_files_win_over_generated_ones(tmp_path):
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / "basic-auth-user").write_text("ops")
+    (mount / "basic-auth-password").write_text("s3cret")
+    config = parse(["--secret-mount-path", str(mount)])
+    assert config.basic_auth == ("ops", "s3cret")
+    assert config.auth_source == str(mount)
+    assert not (tmp_path / "state").exists()
+
+
+def test_basic_auth_false_must_be_said_and_turns_it_off(tmp_path):
+    config = parse(["--basic-auth", "false"])
+    assert config.basic_auth is None
+    assert not (tmp_path / "state").exists()
+
+
+def _logged(monkeypatch, config) -> str:
+    from twisted.logger import Logger, formatEvent
+
+    events: list[dict] = []
+    monkeypatch.setattr(tap, "log", Logger(observer=events.append))
+    tap.log_auth(config)
+    return "\n".join(f"{e['log_level'].name}: {formatEvent(e)}" for e in events)
+
+
+def test_a_warning_is_logged_at_every_start_with_auth_off(monkeypatch):
+    text = _logged(monkeypatch, parse(["--basic-auth", "false", "--listen", "tcp:9000"]))
+    assert text.startswith("warn: basic auth is OFF")
+    assert "/system/*" in text
+
+
+def test_the_login_line_is_logged_never_the_password(monkeypatch, tmp_path):
+    config = parse(["--listen", "tcp:9000:interface=0.0.0.0"])
+    text = _logged(monkeypatch, config)
+    path = tmp_path / "state" / "basic-auth-password"
+    assert f"generated a password for user admin in {path} (mode 0600)" in text
+    assert (
+        f"faas-cli login --gateway http://127.0.0.1:9000 --username admin --password-stdin < {path}" in text
+    )
+    assert config.basic_auth[1] not in text
+    again = _logged(monkeypatch, parse(["--listen", "tcp:9000"]))
+    assert "generated" not in again and "faas-cli login" in again
+
+
+@pytest.mark.parametrize(
+    "listen, url",
+    [
+        ("tcp:8080", "http://127.0.0.1:8080"),
+        ("tcp:port=81:interface=10.0.0.5", "http://10.0.0.5:81"),
+        ("tcp6:8080:interface=\\:\\:1", "http://[::1]:8080"),
+        ("ssl:8443:privateKey=k.pem", "https://127.0.0.1:8443"),
+    ],
+)
+def test_gateway_url_for_the_login_line(listen, url):
+    assert tap.gateway_url(listen) == url
