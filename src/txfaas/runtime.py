@@ -23,8 +23,9 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamSer
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import pages, resource, server
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.error import UnsupportedMethod
 from twisted.web.http import NO_BODY_CODES, NO_CONTENT, NOT_MODIFIED, HTTPChannel, datetimeToString, toChunk
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
@@ -32,6 +33,9 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from txfaas.config import ConfigError, RedisURL, format_duration
 from txfaas.http11 import HTTP11ConnectionFactory
 from txfaas.reactor import send_now
+
+#: Twisted's HTML error pages (``Resource.getChild`` gives ``_UnsafeNoResource``).
+_ERROR_PAGES = (resource._UnsafeErrorPageBase, type(pages.notFound()))
 
 log = Logger(namespace="txfaas.runtime")
 
@@ -741,7 +745,87 @@ def http_date() -> bytes:
     return _date[1]
 
 
-class LimitedRequest(server.Request):
+def plain_error(request: server.Request, code: int, message: str) -> bytes:
+    """Set ``code`` and a plain-text ``message`` line as the response; return the body."""
+    body = message.encode("utf-8", "replace") + b"\n"
+    request.setResponseCode(code)
+    raw = request.responseHeaders._rawHeaders
+    raw[b"Content-Type"] = [b"text/plain; charset=utf-8"]
+    raw[b"Content-Length"] = [b"%d" % len(body)]
+    return body
+
+
+class _PlainError(resource.Resource):
+    """What is rendered in place of one of Twisted's HTML error pages (NoResource, ...)."""
+
+    isLeaf = True
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__()
+        self._code = code
+        self._message = message
+
+    def render(self, request: server.Request) -> bytes:
+        return plain_error(request, self._code, self._message)
+
+
+class _PlainMethods:
+    """A resource whose unsupported methods answer 405 in plain text (Twisted's page is HTML)."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def render(self, request: server.Request) -> Any:
+        try:
+            return self._inner.render(request)
+        except UnsupportedMethod as e:
+            if request.method == b"HEAD" and b"GET" in e.allowedMethods:
+                raise  # Twisted answers HEAD with the GET's headers
+            allowed = b", ".join(e.allowedMethods)
+            request.setHeader(b"Allow", allowed)
+            method = request.method.decode("latin-1")
+            return plain_error(request, 405, f"method {method} not allowed here: use {allowed.decode()}")
+
+
+class PlainErrorsRequest(server.Request):
+    """A request whose errors are short plain text, never Twisted's HTML pages: a resource
+    Twisted would render as an error page (``NoResource`` for an unknown path, ...), a method
+    the resource has no ``render_*`` for, and a failure while processing (500)."""
+
+    def render(self, resrc: Any) -> None:
+        if isinstance(resrc, _ERROR_PAGES):
+            code = getattr(resrc, "code", None) or getattr(resrc, "_code", 500)
+            brief = getattr(resrc, "brief", None) or getattr(resrc, "_brief", "error")
+            path = self.path.decode("latin-1", "replace")
+            resrc = _PlainError(code, f"{brief.lower()}: {path}" if code == 404 else brief)
+        elif type(resrc).render is resource.Resource.render:
+            # Only Resource's own render raises UnsupportedMethod (no render_<METHOD>).
+            resrc = _PlainMethods(resrc)
+        super().render(resrc)
+
+    def processingFailed(self, reason: Failure) -> Failure:
+        self._log.failure("processing {uri} failed", failure=reason, uri=self.uri)
+        if self.finished or self._disconnected:
+            return reason
+        if self.startedWriting:
+            self.channel.loseConnection()  # a body cut short must not look whole
+            return reason
+        body = plain_error(self, 500, "internal error")
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class PlainErrorsSite(server.Site):
+    """A ``Site`` of :class:`PlainErrorsRequest` s (no HTML error page, no traceback shown)."""
+
+    requestFactory = PlainErrorsRequest
+    displayTracebacks = False
+
+
+class LimitedRequest(PlainErrorsRequest):
     """Counts the body as it arrives (chunked too) against the limit its channel chose.
 
     And a request whose path starts with one of the site's :attr:`LimitedSite.direct` names
@@ -855,7 +939,7 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
-class LimitedSite(server.Site):
+class LimitedSite(PlainErrorsSite):
     """A ``Site`` whose connections are :class:`LimitedChannel` s.  Every duration is seconds, 0 = none.
 
     - ``body_limit``: a number of bytes (0: none) or ``path -> int | None`` (None: none).

@@ -390,3 +390,27 @@ async def test_worker_processes_die_with_a_killed_parent(redis_url):
 
     await wait_for(gone, timeout=15, what="the child to end with its parent")
     await proc.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_route_answers_html(redis_url, upstream):
+    """A real gateway, every path and method of the unit walk, with and without credentials."""
+    from tests.unit.test_no_html import METHODS, PATHS, looks_like_html
+
+    _recorder, url = upstream
+    proc, base = await start_gateway(redis_url)
+    try:
+        await deploy(base, "echo", url)
+        for auth in (GATEWAY_AUTH, None):
+            for path in PATHS:
+                for method in METHODS:
+                    response = await treq.request(
+                        method, base + path, auth=auth, data=b"{}", allow_redirects=False
+                    )
+                    body = await response.content()
+                    where = f"{method} {path} -> {response.code}: {body[:120]!r}"
+                    assert not looks_like_html(body), where
+                    assert response.code < 500 or response.code == 501, where
+    finally:
+        await proc.stop()
+

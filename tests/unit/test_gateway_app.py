@@ -7,6 +7,7 @@ import json
 from ipaddress import ip_network
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IResolutionReceiver
@@ -348,9 +349,10 @@ class AsyncAcceptTests(GatewayTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(js(body)["status"], "queued")
         response, body = self.call("GET", "/system/calls/c1/result")
-        self.assertEqual(response.code, 404)
-        self.assertIn(b"no result yet", body)
+        self.assertEqual(response.code, 409)
+        self.assertEqual(js(body)["status"], "queued")
         self.store.results["c1"] = CallResult(201, [("Content-Type", "text/x-out"), ("X-Fn", "1")], b"out")
+        self.store.calls["c1"] = attrs.evolve(self.store.calls["c1"], status="succeeded", status_code=201)
         response, body = self.call("GET", "/system/calls/c1/result")
         self.assertEqual((response.code, body), (200, b"out"))
         self.assertEqual(response.headers.getRawHeaders(b"x-function-status"), [b"201"])

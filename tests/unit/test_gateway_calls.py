@@ -124,6 +124,95 @@ class DeadLetterListTests(GatewayTestCase):
             self.assertEqual(self.call("GET", f"/system/dead-letters?{query}")[0].code, 400, query)
 
 
+class DiscardTests(GatewayTestCase):
+    """``DELETE /system/dead-letters/{id}`` discards one; ``GET`` shows one."""
+
+    def test_a_dead_letter_is_discarded_with_204_then_404(self) -> None:
+        self.store.dead_letters["c1"] = letter("c1")
+        self.store.dead_letters["c2"] = letter("c2")
+        response, body = self.call("DELETE", "/system/dead-letters/c1")
+        self.assertEqual((response.code, body), (204, b""))
+        self.assertEqual(list(self.store.dead_letters), ["c2"])
+        _, body = self.call("GET", "/system/dead-letters")
+        self.assertEqual([i["callId"] for i in js(body)], ["c2"])
+        response, body = self.call("DELETE", "/system/dead-letters/c1")
+        self.assertEqual((response.code, body), (404, b"no dead letter for call 'c1'\n"))
+        self.assertEqual(self.call("POST", "/system/calls/c1/retry")[0].code, 404)
+
+    def test_one_dead_letter_is_shown(self) -> None:
+        self.store.dead_letters["c1"] = letter("c1")
+        response, body = self.call("GET", "/system/dead-letters/c1")
+        self.assertEqual(
+            (response.code, js(body)["callId"], js(body)["reason"]), (200, "c1", "attempts_exhausted")
+        )
+        self.assertEqual(self.call("GET", "/system/dead-letters/nope")[0].code, 404)
+
+    def test_a_bad_id_is_400_and_the_store_down_503(self) -> None:
+        self.assertEqual(self.call("DELETE", "/system/dead-letters/bad%20id")[0].code, 400)
+        self.store.available = False
+        self.assertEqual(self.call("DELETE", "/system/dead-letters/c1")[0].code, 503)
+
+
+class AuthenticatedDiscardTests(GatewayTestCase):
+    auth = ("admin", "pw")
+
+    def test_discarding_needs_credentials(self) -> None:
+        self.store.dead_letters["c1"] = letter("c1")
+        self.assertEqual(self.call("DELETE", "/system/dead-letters/c1")[0].code, 401)
+        self.assertIn("c1", self.store.dead_letters)
+
+
+class ResultWhileRetryingTests(GatewayTestCase):
+    """A retrying call's stored answer is its last attempt's, not its result: 409 until it is final."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from txfaas.model import CallResult
+
+        self.store.results["c1"] = CallResult(503, [("Content-Type", "text/plain")], b"busy, try later")
+
+    def put(self, **fields) -> None:
+        self.store.calls["c1"] = CallRecord("c1", "echo", **fields)
+
+    def test_retrying_is_409_saying_status_attempt_and_when(self) -> None:
+        due = self.clock.seconds() + 7.2
+        self.put(status=CallStatus.RETRYING, attempts=2, status_code=503, next_attempt_at=due)
+        response, body = self.call("GET", "/system/calls/c1/result")
+        self.assertEqual(response.code, 409)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"8"])
+        self.assertEqual(
+            js(body),
+            {
+                "callId": "c1",
+                "status": "retrying",
+                "attempts": 2,
+                "nextAttemptAt": due,
+                "lastStatusCode": 503,
+                "error": "call 'c1' has no final result yet: it is retrying",
+            },
+        )
+
+    def test_queued_and_running_are_409_too(self) -> None:
+        for status in (CallStatus.QUEUED, CallStatus.RUNNING):
+            self.put(status=status, attempts=3)
+            response, body = self.call("GET", "/system/calls/c1/result")
+            self.assertEqual((response.code, js(body)["status"]), (409, status))
+            self.assertIsNone(response.headers.getRawHeaders(b"retry-after"))
+
+    def test_a_final_call_answers_its_result(self) -> None:
+        for status in (CallStatus.FAILED, CallStatus.DEAD_LETTERED):
+            self.put(status=status, attempts=5, status_code=503)
+            response, body = self.call("GET", "/system/calls/c1/result")
+            self.assertEqual((response.code, body), (200, b"busy, try later"))
+            self.assertEqual(response.headers.getRawHeaders(b"x-function-status"), [b"503"])
+
+    def test_a_final_call_without_a_result_is_404(self) -> None:
+        del self.store.results["c1"]
+        self.put(status=CallStatus.CANCELLED)
+        response, body = self.call("GET", "/system/calls/c1/result")
+        self.assertEqual((response.code, body), (404, b"call 'c1' has no result (status: cancelled)\n"))
+
+
 class RetryTests(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()

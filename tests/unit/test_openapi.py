@@ -26,8 +26,9 @@ PLANNED = {
     ("DELETE", "/system/secrets"),
     ("GET", "/system/logs"),
 }
-#: Klein routes that only refuse (405 with Allow): not operations of the API.
-REFUSALS = {"functions_other"}
+#: Klein routes that only refuse (405 with Allow; 501 for OpenFaaS's alert route and UI):
+#: not operations of the API.
+REFUSALS = {"functions_other", "alert", "ui", "ui_branch"}
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 

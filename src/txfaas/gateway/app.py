@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 import orjson
+import werkzeug.exceptions
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer
@@ -132,6 +133,47 @@ class GatewayApp:
     @app.handle_errors(defer.CancelledError)
     def _cancelled(self, request: IRequest, failure: Failure) -> bytes:
         return b""  # the client went away
+
+    @app.handle_errors(werkzeug.exceptions.NotFound)
+    def _no_route(self, request: IRequest, failure: Failure) -> bytes:
+        return _text(request, 404, f"no route {_method(request)} {_path(request)}")
+
+    @app.handle_errors(werkzeug.exceptions.MethodNotAllowed)
+    def _wrong_method(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = ", ".join(sorted(failure.value.valid_methods or ()))
+        request.setHeader(b"Allow", allowed.encode())
+        return _text(
+            request, 405, f"method {_method(request)} not allowed on {_path(request)}: use {allowed}"
+        )
+
+    @app.handle_errors(werkzeug.exceptions.HTTPException)
+    def _routing(self, request: IRequest, failure: Failure) -> bytes:
+        """Werkzeug's other answers (a redirect to the slash-ended path, ...), without its HTML."""
+        error = failure.value
+        for name, value in error.get_response({}).headers.items():
+            if name.lower() not in ("content-type", "content-length"):
+                request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        return _text(request, error.code or 500, f"{error.name}: {_path(request)}")
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure("{method} {uri} failed", failure, method=_method(request), uri=request.uri)
+        return _text(request, 500, "internal error")
+
+    # --- OpenFaaS routes txfaas does not implement ------------------------------------------
+
+    @app.route("/system/alert")
+    def alert(self, request: IRequest) -> bytes:
+        return _text(request, 501, "not implemented: alert-driven autoscaling (AlertManager's /system/alert)")
+
+    @app.route("/")
+    @app.route("/ui/", branch=True)
+    def ui(self, request: IRequest) -> bytes:
+        return _text(
+            request,
+            501,
+            "not implemented: the OpenFaaS web UI (/ui/); use faas-cli or the /system API",
+        )
 
     # --- health and metrics -----------------------------------------------------------------
 
@@ -500,15 +542,33 @@ class GatewayApp:
         request.setHeader(b"X-Total-Count", str(total).encode())
         return _json(request, 200, [letter.summary_json() for letter in letters])
 
+    @app.route("/system/dead-letters/<call_id>", methods=["GET"])
+    async def dead_letter(self, request: IRequest, call_id: str) -> bytes:
+        letter = await self._calls.get_dead_letter(_check_call_id(call_id))
+        if letter is None:
+            raise HTTPError(404, f"no dead letter for call {call_id!r}")
+        return _json(request, 200, letter.summary_json())
+
+    @app.route("/system/dead-letters/<call_id>", methods=["DELETE"])
+    async def discard_dead_letter(self, request: IRequest, call_id: str) -> bytes:
+        """Discard a dead letter: it is no longer listed nor can be re-queued (its record stays)."""
+        if not await self._calls.remove_dead_letter(_check_call_id(call_id)):
+            raise HTTPError(404, f"no dead letter for call {call_id!r}")
+        self.log.info("[{call_id}] dead letter discarded", call_id=call_id)
+        request.setResponseCode(204)
+        return b""
+
     @app.route("/system/calls/<call_id>/result", methods=["GET"])
     async def call_result(self, request: IRequest, call_id: str) -> bytes:
         _check_call_id(call_id)
         record = await self._calls.get_call(call_id)
         if record is None:
             raise HTTPError(404, f"no call {call_id!r} (unknown, or older than the status TTL)")
+        if record.status not in CallStatus.FINAL:
+            return _not_final(request, record, self._clock)
         result = await self._calls.get_result(call_id)
         if result is None:
-            raise HTTPError(404, f"call {call_id!r} has no result yet (status: {record.status})")
+            raise HTTPError(404, f"call {call_id!r} has no result (status: {record.status})")
         request.setResponseCode(200)
         for name, value in hdr.end_to_end(hdr.to_bytes_pairs(result.headers), frozenset({b"content-length"})):
             request.responseHeaders.addRawHeader(name, value)
@@ -526,6 +586,14 @@ def _text(request: IRequest, code: int, message: str) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
     return message.encode("utf-8", "replace") + b"\n"
+
+
+def _method(request: IRequest) -> str:
+    return request.method.decode("latin-1")
+
+
+def _path(request: IRequest) -> str:
+    return request.path.decode("utf-8", "replace")
 
 
 def _json(request: IRequest, code: int, data: Any) -> bytes:
@@ -592,6 +660,29 @@ def _accepted(request: IRequest, record: CallRecord, duplicate: bool) -> bytes:
     if duplicate:
         body["duplicate"] = True
     return _json(request, 202, body)
+
+
+def _not_final(request: IRequest, record: CallRecord, clock: Any) -> bytes:
+    """409 for a call with no final result yet (a retrying call's last answer is not its result).
+
+    Not 404 (the call exists and will have a result), not 202 (a client that only checks for
+    success would take the body for the result): the state conflicts with the request, and the
+    body says which state; ``Retry-After`` says when the next attempt is due.
+    """
+    if record.next_attempt_at is not None and record.status == CallStatus.RETRYING:
+        now = clock.seconds() if clock is not None else time.time()
+        wait = max(0, int(record.next_attempt_at - now + 0.999))
+        request.setHeader(b"Retry-After", str(wait).encode())
+    body: dict[str, Any] = {
+        "callId": record.call_id,
+        "status": record.status,
+        "attempts": record.attempts,
+        "error": f"call {record.call_id!r} has no final result yet: it is {record.status}",
+    }
+    if record.status == CallStatus.RETRYING:
+        body["nextAttemptAt"] = record.next_attempt_at
+        body["lastStatusCode"] = record.status_code
+    return _json(request, 409, body)
 
 
 def _arch() -> str:

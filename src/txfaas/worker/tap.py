@@ -357,17 +357,14 @@ def makeService(options: Mapping[str, Any]) -> service.IService:
 def build_supervisor(reactor: Any, settings: Settings) -> service.MultiService:
     """``--processes N``: run N worker processes (the kernel and the broker spread the work), restart
     one that dies, and serve /healthz (all alive) and /metrics (the sum over all of them)."""
-    from twisted.web.server import Site
-
-    from txfaas.runtime import ChildProcesses
+    from txfaas.runtime import ChildProcesses, PlainErrorsSite
     from txfaas.worker.web import supervisor_resource
 
     # Before the children import prometheus_client: their values go to files this process adds up
     # (this process makes no metrics of its own).
     prepare_multiprocess_metrics(settings.processes, parent_only=True)
     children = ChildProcesses(reactor, settings.processes)
-    site = Site(supervisor_resource(children.alive, settings.processes))
-    site.displayTracebacks = False
+    site = PlainErrorsSite(supervisor_resource(children.alive, settings.processes))
     top = service.MultiService()
     children.setServiceParent(top)
     Listener(reactor, settings.listen, site).setServiceParent(top)
@@ -382,10 +379,9 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     in-memory ones with the gateway); otherwise they are made from the settings.
     """
     from prometheus_client import CollectorRegistry
-    from twisted.web.server import Site
 
     from txfaas.client import CachingEndpointFactory, PoolAgent
-    from txfaas.runtime import RecentFirstPool, is_child
+    from txfaas.runtime import PlainErrorsSite, RecentFirstPool, is_child
     from txfaas.ssrf import CallbackEndpointFactory, literal_first
     from txfaas.store.cache import FunctionCache
     from txfaas.worker.callback import CallbackDelivery
@@ -445,8 +441,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
         callbacks,
         WorkerMetrics(registry),
     )
-    site = Site(worker_resource(worker.health, registry))
-    site.displayTracebacks = False
+    site = PlainErrorsSite(worker_resource(worker.health, registry))
 
     top = OrderedMultiService()
     # Stopped in turn, in reverse order: the listener first, then the worker drains, then the pools
