@@ -414,3 +414,31 @@ async def test_no_route_answers_html(redis_url, upstream):
     finally:
         await proc.stop()
 
+
+PLUGINS = ("faas-gateway", "faas-worker", "faas-watchdog", "faas-local")
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_version_prints_txfaas_version(plugin):
+    from txfaas import __version__
+
+    result = run_twistd_sync(plugin, ["--version"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"txfaas {__version__} (Twisted "), result.stdout
+
+
+@pytest.mark.parametrize(
+    "plugin, args, problem",
+    [
+        ("faas-gateway", ["--max-body", "lots"], "--max-body: not a size"),
+        ("faas-worker", ["--nope"], "option --nope not recognized"),
+        ("faas-watchdog", ["--no-such-flag"], "option --no-such-flag not recognized"),
+        ("faas-local", ["--basic-auth", "perhaps"], "--basic-auth: not true or false"),
+    ],
+)
+def test_a_bad_flag_is_one_line_naming_it(plugin, args, problem):
+    result = run_twistd_sync(plugin, args)
+    assert result.returncode == 1
+    output = (result.stdout + result.stderr).strip()
+    assert output.splitlines() == [f"twistd {plugin}: {problem}" + output.split(problem, 1)[1]], output
+    assert output.endswith(f"; see twistd {plugin} --help")

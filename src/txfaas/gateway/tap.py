@@ -11,6 +11,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from txfaas.cli import CommandOptions
 from txfaas.config import (
     AMQPURL,
     ConfigError,
@@ -162,7 +163,7 @@ class GatewayConfig:
     auth_generated: bool = False
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "[options]"
     longdesc = (
         "The txfaas gateway: /function/{name} proxies to the function, /async-function/{name} "

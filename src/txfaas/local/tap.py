@@ -13,6 +13,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from txfaas.cli import CommandOptions
 from txfaas.config import ConfigError
 from txfaas.gateway import tap as gateway_tap
 from txfaas.worker import tap as worker_tap
@@ -26,7 +27,7 @@ _GATEWAY_FLAGS = gateway_tap.FLAGS.opt_parameters(
 _WORKER_FLAGS = ["max-inflight", "exec-timeout", "callback-secret", "callback-timeout", "max-result-size"]
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "[options]"
     longdesc = (
         "Gateway and worker in ONE process on an in-memory queue and store, for trying txfaas without "

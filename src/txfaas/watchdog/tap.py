@@ -20,6 +20,7 @@ import attrs
 from twisted.application import service
 from twisted.python import usage
 
+from txfaas.cli import CommandOptions
 from txfaas.config import (
     ConfigError,
     Flag,
@@ -160,7 +161,7 @@ FLAGS = Flags(
 )
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "[options]"
     longdesc = (
         "Runs any program as an OpenFaaS-style function over HTTP. fork mode starts the command for "

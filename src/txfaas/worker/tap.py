@@ -9,8 +9,8 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.logger import Logger
-from twisted.python import usage
 
+from txfaas.cli import CommandOptions
 from txfaas.config import (
     AMQPURL,
     ConfigError,
@@ -207,7 +207,7 @@ FLAGS = Flags(
 )
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "[options]"
     longdesc = (
         "Consume queued calls, invoke the functions, record each outcome in Redis, deliver callbacks, "
