@@ -34,6 +34,8 @@ class _Upstream(Protocol):
         self.pair = pair
 
     def dataReceived(self, data: bytes) -> None:
+        if self.pair.mode == HOLD:
+            return  # stalled: dropped
         self.pair.transport.write(data)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -133,6 +135,13 @@ class TCPProxy:
         self.mode = HOLD
         if self._listening is None:
             self.listen(self.port)
+
+    def stall(self) -> None:
+        """Stop forwarding on every connection, current and new, both ways (the bytes are
+        dropped): what a peer sends never arrives, and it waits for answers that never come."""
+        self.hold()
+        for connection in self.connections:
+            connection.mode = HOLD
 
     async def refuse(self) -> None:
         """Stop listening: new connections are refused until ``forward()``/``hold()``."""

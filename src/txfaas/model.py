@@ -427,6 +427,8 @@ class Call:
 
 
 class CallStatus:
+    #: Claimed by a gateway that is publishing it (until ``acceptingUntil``): not confirmed yet.
+    ACCEPTING = "accepting"
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -497,6 +499,8 @@ class CallRecord:
     interruptions: int = 0
     #: Times the call was re-queued from the dead letters.
     replays: int = 0
+    #: While ``accepting``: when the gateway's claim lapses (on the store's clock).
+    accepting_until: float | None = None
 
     @property
     def final(self) -> bool:
@@ -526,6 +530,7 @@ class CallRecord:
             "deadLetterReason": self.dead_reason,
             "interruptions": self.interruptions,
             "replays": self.replays,
+            "acceptingUntil": self.accepting_until if self.status == CallStatus.ACCEPTING else None,
         }
 
     @classmethod
@@ -553,6 +558,7 @@ class CallRecord:
             dead_reason=data.get("deadLetterReason"),
             interruptions=data.get("interruptions", 0),
             replays=data.get("replays", 0),
+            accepting_until=data.get("acceptingUntil"),
         )
 
     @classmethod

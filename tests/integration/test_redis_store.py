@@ -327,3 +327,62 @@ async def test_thousands_of_commands_in_flight_each_get_their_own_reply(store, r
     got = await done
     assert got == records
     assert passes < n // 4  # txredisapi's own protocol: at least one pass per reply
+
+
+# --- claims ---------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_is_stored_accepting_with_a_deadline_on_the_redis_clock(store, prefix, raw):
+    before = time.time()
+    claim, found = await store.claim_call(CallRecord("c1", "fn"), 10.0)
+    assert found is None
+    assert claim.status == CallStatus.ACCEPTING
+    assert before + 9 < claim.accepting_until < time.time() + 11
+    assert await store.get_call("c1") == claim
+    assert 0 < await raw.ttl(f"{prefix}call:c1") <= CALL_TTL
+    claim2, found = await store.claim_call(CallRecord("c1", "fn"), 10.0)
+    assert (claim2, found) == (None, claim)  # not lapsed: refused
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lapsed_claim_is_taken_by_exactly_one_of_many_at_once(store):
+    await store.claim_call(CallRecord("c1", "fn"), 0.05)
+    await deferLater(reactor, 0.1, lambda: None)
+    results = await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(store.claim_call(CallRecord("c1", "fn"), 10.0)) for _ in range(20)]
+    )
+    winners = [claim for claim, _ in results if claim is not None]
+    assert len(winners) == 1
+    assert await store.get_call("c1") == winners[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_replaces_only_the_statuses_named_and_fewer_replays(store):
+    dead = CallRecord("c1", "fn", status=CallStatus.DEAD_LETTERED, replays=1)
+    await store.put_call(dead)
+    assert await store.claim_call(CallRecord("c1", "fn", replays=2), 10.0) == (None, dead)
+    refused = await store.claim_call(
+        CallRecord("c1", "fn", replays=1), 10.0, replace={CallStatus.DEAD_LETTERED}, replays_below=1
+    )
+    assert refused == (None, dead)
+    claim, _ = await store.claim_call(
+        CallRecord("c1", "fn", replays=2), 10.0, replace={CallStatus.DEAD_LETTERED}, replays_below=2
+    )
+    assert (claim.status, claim.replays) == (CallStatus.ACCEPTING, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_the_claims_owner_settles_it(store):
+    claim, _ = await store.claim_call(CallRecord("c1", "fn"), 0.05)
+    await deferLater(reactor, 0.1, lambda: None)
+    theirs, _ = await store.claim_call(CallRecord("c1", "fn"), 10.0)
+    queued = CallRecord("c1", "fn")
+    assert await store.settle_claim(claim, queued) == theirs  # ours lapsed and was taken
+    assert await store.settle_claim(claim, None) == theirs
+    assert await store.settle_claim(theirs, queued) is None
+    assert await store.get_call("c1") == queued
+    assert await store.settle_claim(theirs, None) == queued  # confirmed: not a claim any more
+    claim, _ = await store.claim_call(CallRecord("c2", "fn"), 10.0)
+    assert await store.settle_claim(claim, None) is None
+    assert await store.get_call("c2") is None

@@ -33,6 +33,7 @@ from tests.support import (
     unique,
     wait_for,
 )
+from tests.tcpproxy import TCPProxy
 from txfaas.config import parse_amqp_url
 from txfaas.model import Call, CallRecord, CallStatus, DeadMark
 from txfaas.queue.amqp import AMQPQueue, Topology
@@ -69,8 +70,8 @@ class Resilience(Env):
             callback_queue=self.callback_queue,
         )
 
-    async def start_gateway(self) -> str:
-        port = free_port()
+    async def start_gateway(self, *extra: str, amqp_url: str | None = None, port: int = 0) -> str:
+        port = port or free_port()
         self.gateway = TwistdProcess(
             "faas-gateway",
             [
@@ -81,9 +82,10 @@ class Resilience(Env):
                 "--redis-prefix",
                 self.prefix,
                 "--amqp",
-                self.amqp_url,
+                amqp_url or self.amqp_url,
                 "--callback-allow",
                 "127.0.0.0/8",
+                *extra,
             ],
             env=gateway_env(),
         )
@@ -511,6 +513,50 @@ async def test_idempotent_post_and_cancel_of_a_queued_call(env):
     response = await treq.get(base + f"/system/calls/{call_id}", auth=GATEWAY_AUTH)
     assert (await json_of(response))["status"] == "cancelled"
     assert function.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_killed_before_the_confirm_leaves_no_false_202(env):
+    """Issue 16's false 202: the broker stops answering the gateway, a post with X-Call-Id is
+    claimed, the gateway is SIGKILLed before any confirm.  After a restart, the same id is
+    refused (409) while the dead gateway's claim holds, then accepted, run and called back."""
+    function, receiver = Recorder(), Recorder()
+    amqp = parse_amqp_url(env.amqp_url)
+    proxy = TCPProxy(reactor, amqp.host, amqp.port)
+    proxy.listen()
+    try:
+        proxied = f"amqp://{amqp.username}:{amqp.password}@127.0.0.1:{proxy.port}/%2F"
+        base = await env.start_gateway("--confirm-timeout", "2s", amqp_url=proxied)
+        name = await env.deploy_http(base, function)
+        call_id = "orphan-" + unique()
+        headers = {"X-Call-Id": [call_id], "X-Callback-Url": [env.serve(receiver)]}
+        url = base + f"/async-function/{name}"
+        proxy.stall()
+        first = treq.post(url, data=b"x", headers=headers)
+        first.addErrback(lambda _: None)  # no answer: the gateway is killed
+        claimed = await wait_for(lambda: env.store.get_call(call_id), what="the claim")
+        assert claimed.status == CallStatus.ACCEPTING
+        env.gateway.kill()
+        proxy.forward()
+        base = await env.start_gateway("--confirm-timeout", "2s", amqp_url=proxied)
+        url = base + f"/async-function/{name}"
+        early = await treq.post(url, data=b"x", headers=headers)
+        assert early.code == 409 and early.headers.getRawHeaders(b"retry-after")
+        assert await env.admin.ready_count(env.queue) == 0
+
+        async def accepted():
+            response = await treq.post(url, data=b"x", headers=headers)
+            return await json_of(response) if response.code == 202 else None
+
+        body = await wait_for(accepted, timeout=20, interval=0.5, what="the retry accepted")
+        assert (body["status"], body.get("duplicate")) == ("queued", None)
+        await env.start_worker(*FAST)
+        await wait_for(lambda: receiver.requests, what="the callback")
+        assert [r["headers"]["x-call-id"] for r in function.requests] == [[call_id]]
+        record = await env.store.get_call(call_id)
+        assert (record.status, record.callback_state) == (CallStatus.SUCCEEDED, "delivered")
+    finally:
+        await proxy.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -85,7 +85,7 @@ class GatewayTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(time.time())
         self.cooperator = Cooperator(scheduler=lambda f: self.clock.callLater(0, f))
-        self.store = MemoryStore()
+        self.store = MemoryStore(clock=self.clock)
         self.queue = MemoryQueue(["faas-request"])
         self.function = Function()
         self.function_agent = RequestTraversalAgent(self.function)

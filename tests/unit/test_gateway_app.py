@@ -8,13 +8,14 @@ from ipaddress import ip_network
 from typing import Any
 
 import attrs
+from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IResolutionReceiver
 
 from tests.unit.gateway_fixtures import GatewayTestCase
-from txfaas.gateway.app import AppSettings
-from txfaas.model import CallRecord, CallResult
+from txfaas.gateway.app import AppSettings, GatewayApp, GatewayRoot
+from txfaas.model import CallRecord, CallResult, CallStatus
 from txfaas.ssrf import AddressPolicy
 
 
@@ -459,13 +460,67 @@ class IdempotencyRaceTests(GatewayTestCase):
         first = self.start("POST", "/async-function/echo", headers={"X-Call-Id": ["same"]}, data=b"x")
         self.assertNoResult(first)  # waiting for the broker's confirm
         second, body = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["same"]}, data=b"x")
-        self.assertEqual(second.code, 202)
-        self.assertTrue(js(body)["duplicate"])
+        # Not confirmed yet: no 202 (which would promise it), but "in progress, retry".
+        self.assertEqual(second.code, 409)
+        self.assertEqual(second.headers.getRawHeaders(b"retry-after"), [b"10"])
+        self.assertIn(b"being accepted", body)
         self.assertEqual(len(slow.waiting), 1)
         slow.waiting[0].callback(None)
         self.flush()
         self.assertEqual(self.successResultOf(first).code, 202)
+        third, body = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["same"]}, data=b"x")
+        self.assertEqual((third.code, js(body)["status"], js(body)["duplicate"]), (202, "queued", True))
         self.assertEqual(len(self.queue.published), 1)
+
+    def test_a_claim_left_by_a_gateway_that_died_before_the_confirm_is_published_again(self) -> None:
+        """The false 202 of issue 16: the claim of a gateway that died between the claim and the
+        broker's confirm lapses at its deadline, and the client's retry queues the call."""
+        self.deploy("echo")
+        self.app._queue = SlowQueue(self.queue)  # never confirms: this gateway "dies" waiting
+        headers = {"X-Call-Id": ["orphan"]}
+        self.assertNoResult(self.start("POST", "/async-function/echo", headers=headers, data=b"x"))
+        self.assertEqual(self.store.calls["orphan"].status, "accepting")
+        restarted = GatewayApp(
+            self.functions,
+            self.store,
+            self.queue,
+            self.resolver,
+            self.metrics,
+            self.app_settings(),
+            self.clock,
+        )
+        self.root = GatewayRoot(self.proxy, restarted, None)
+        self.client = RequestTraversalAgent(self.root)
+        early, _ = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["orphan"]}, data=b"x")
+        self.assertEqual(early.code, 409)  # the first request may still be publishing
+        self.assertEqual(self.queue.published, [])
+        self.clock.advance(10)
+        response, body = self.call(
+            "POST", "/async-function/echo", headers={"X-Call-Id": ["orphan"]}, data=b"y"
+        )
+        self.assertEqual((response.code, js(body)["status"]), (202, "queued"))
+        self.assertNotIn("duplicate", js(body))
+        [call] = self.queue.published
+        self.assertEqual((call.call_id, call.body), ("orphan", b"y"))
+        self.assertEqual(self.store.calls["orphan"].status, "queued")
+        again, body = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["orphan"]}, data=b"y")
+        self.assertEqual((again.code, js(body)["duplicate"]), (202, True))
+        self.assertEqual(len(self.queue.published), 1)
+
+    def test_a_call_id_of_another_function_is_409_without_its_status(self) -> None:
+        self.deploy("echo")
+        self.deploy("other")
+        self.store.calls["theirs"] = CallRecord(
+            "theirs", "echo", status=CallStatus.SUCCEEDED, status_code=200
+        )
+        response, body = self.call(
+            "POST", "/async-function/other", headers={"X-Call-Id": ["theirs"]}, data=b"x"
+        )
+        self.assertEqual(response.code, 409)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), None)
+        for secret in (b"succeeded", b"echo", b"200", b"/system/calls"):
+            self.assertNotIn(secret, body)
+        self.assertEqual(self.queue.published, [])
 
     def test_a_call_id_whose_publish_failed_can_be_posted_again(self) -> None:
         self.deploy("echo")

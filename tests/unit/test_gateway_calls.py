@@ -286,7 +286,7 @@ class RetryTests(GatewayTestCase):
         self.assertIn("c1", self.store.dead_letters)
         self.assertEqual(self.store.calls["c1"], dead)
 
-    def test_the_record_is_reset_before_the_message_is_published(self) -> None:
+    def test_the_record_is_claimed_before_the_message_is_published(self) -> None:
         """A worker must never see the re-queued message before its record says so."""
         self.store.dead_letters["c1"] = letter("c1")
         self.store.calls["c1"] = CallRecord("c1", "echo", status=CallStatus.DEAD_LETTERED)
@@ -299,7 +299,60 @@ class RetryTests(GatewayTestCase):
 
         self.queue.publish = watch
         self.assertEqual(self.call("POST", "/system/calls/c1/retry")[0].code, 202)
-        self.assertEqual([(r.status, r.replays) for r in seen], [("queued", 1)])
+        self.assertEqual([(r.status, r.replays) for r in seen], [("accepting", 1)])
+        self.assertEqual(self.store.calls["c1"].status, "queued")
+
+    def test_ten_retries_at_once_requeue_once_and_the_others_are_409(self) -> None:
+        self.store.dead_letters["c1"] = letter("c1")
+        self.store.calls["c1"] = CallRecord("c1", "echo", status=CallStatus.DEAD_LETTERED)
+        confirms: list[defer.Deferred] = []
+        publish = self.queue.publish
+
+        async def slow(call):
+            d: defer.Deferred = defer.Deferred()
+            confirms.append(d)
+            await d
+            await publish(call)
+
+        self.queue.publish = slow
+        pending = [self.start("POST", "/system/calls/c1/retry") for _ in range(10)]
+        for d in confirms:
+            d.callback(None)
+        self.flush()
+        codes = sorted(self.successResultOf(d).code for d in pending)
+        self.assertEqual(codes, [202] + [409] * 9)
+        self.assertEqual([c.call_id for c in self.queue.published], ["c1"])
+        self.assertEqual((self.store.calls["c1"].status, self.store.calls["c1"].replays), ("queued", 1))
+
+    def test_a_dead_letter_already_requeued_is_409_not_requeued_twice(self) -> None:
+        """The gateway that re-queued it died before removing the dead letter: the call runs
+        (replay 1) and the dead letter is still listed."""
+        self.store.dead_letters["c1"] = letter("c1")
+        self.store.calls["c1"] = CallRecord("c1", "echo", status=CallStatus.RUNNING, replays=1)
+        response, body = self.call("POST", "/system/calls/c1/retry")
+        self.assertEqual(response.code, 409)
+        self.assertIn(b"re-queued already", body)
+        self.assertEqual(self.queue.published, [])
+
+    def test_an_unconfirmed_retry_of_a_letter_without_record_leaves_no_record(self) -> None:
+        """Nothing queued: no ``queued`` record may say otherwise."""
+        self.store.dead_letters["c1"] = letter("c1")
+        self.queue.available = False
+        self.assertEqual(self.call("POST", "/system/calls/c1/retry")[0].code, 503)
+        self.assertNotIn("c1", self.store.calls)
+        self.assertIn("c1", self.store.dead_letters)
+
+    def test_a_retry_whose_gateway_died_before_the_confirm_can_be_retried_after_the_deadline(self) -> None:
+        self.store.dead_letters["c1"] = letter("c1")
+        self.store.calls["c1"] = CallRecord(
+            "c1", "echo", status=CallStatus.ACCEPTING, replays=1, accepting_until=self.clock.seconds() + 10
+        )
+        self.assertEqual(self.call("POST", "/system/calls/c1/retry")[0].code, 409)
+        self.clock.advance(10)
+        response, body = self.call("POST", "/system/calls/c1/retry")
+        self.assertEqual((response.code, js(body)["replay"]), (202, 2))
+        [call] = self.queue.published
+        self.assertEqual(call.replay, 2)
 
     def test_a_message_that_was_not_a_txfaas_call_cannot_be_requeued(self) -> None:
         self.store.dead_letters["x"] = letter("x", function="", dead=DeadMark(DeadReason.UNDECODABLE, 1.0))

@@ -458,6 +458,38 @@ def test_a_duplicate_callback_job_is_dropped():
     assert h.metric("txfaas_worker_stale_total", kind="callback") == 1
 
 
+def test_a_requeued_callback_whose_gateway_did_not_record_the_confirm_ends_with_the_outcome():
+    """A callback re-queued from the dead letters whose record is still the gateway's claim
+    (``accepting``): once delivered, the record says the call's outcome, not ``accepting``
+    (a lapsed claim would let a client's retry run the call again)."""
+    h = Harness(**retrying())
+    h.deploy()
+    claim = CallRecord(
+        "call-1",
+        "echo",
+        status=CallStatus.ACCEPTING,
+        accepting_until=5.0,
+        callback_url=CALLBACK,
+        callback_state="retrying",
+        replays=1,
+    )
+    h.store.calls["call-1"] = claim
+    job = Call(
+        call_id="call-1",
+        function="echo",
+        callback_url=CALLBACK,
+        queue="txfaas.callbacks",
+        replay=1,
+        callback_job=CallbackJob(201, attempt=1),
+    )
+    h.start()
+    defer.Deferred.fromCoroutine(h.queue.publish(job))
+    h.flush()
+    assert len(h.receiver.requests) == 1
+    record = h.record()
+    assert (record.status, record.callback_state) == (CallStatus.SUCCEEDED, "delivered")
+
+
 # --- the dead-letter keeper --------------------------------------------------------------------------
 
 

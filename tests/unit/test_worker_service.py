@@ -424,6 +424,22 @@ def test_call_found_running_is_run_again_and_the_interruption_counted():
     assert h.record().status == CallStatus.SUCCEEDED
 
 
+def test_a_claim_whose_gateway_died_after_the_confirm_is_run():
+    """An ``accepting`` record with a message behind it: the gateway had the broker's confirm
+    but died before recording it; the worker runs the call and the record moves on."""
+    h = Harness()
+    h.deploy()
+    call = Call(call_id="call-1", function="echo", callback_url=CALLBACK)
+    claim = attrs.evolve(CallRecord.for_call(call), status=CallStatus.ACCEPTING, accepting_until=5.0)
+    h.enqueue(call, record=claim)
+    h.start()
+    h.flush()
+    assert len(h.function.requests) == 1
+    assert h.record().status == CallStatus.SUCCEEDED
+    assert h.record().to_json()["acceptingUntil"] is None
+    assert len(h.receiver.requests) == 1
+
+
 def test_missing_record_is_created_and_the_call_runs():
     """A call whose record is gone (expired, or never written) still runs and gets a record."""
     h = Harness()

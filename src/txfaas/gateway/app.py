@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import time
 from importlib import resources as package_files
 from typing import Any
@@ -75,6 +76,9 @@ class AppSettings:
     callback_policy: AddressPolicy = attrs.field(factory=AddressPolicy)
     retry_after: int = 5
     resolve_timeout: float = 5.0
+    #: How long a gateway's claim on a call id holds before another may take it over: longer
+    #: than a publish can take (the broker's confirm timeout), with a margin.
+    claim_window: float = 10.0
 
 
 class GatewayApp:
@@ -377,38 +381,72 @@ class GatewayApp:
         )
         record = CallRecord.for_call(call)
         if request.getHeader(hdr.CALL_ID) is not None:
-            # Idempotent post: a call id the client chose is claimed (SET NX) before anything is
-            # published, so two posts with it -- even at the same moment -- queue one run.
-            existing = await self._calls.create_call(record)
-            if existing is not None:
-                return _accepted(request, existing, duplicate=True)
-            try:
-                await self._queue.publish(call)
-            except QueueUnavailable:
-                # Not queued: give the id back so that the client's retry can queue it.
-                try:
-                    await self._calls.delete_call(call_id)
-                except StoreUnavailable as e:
-                    self.log.warn(
-                        "[{call_id}] could not release the call id: {error}", call_id=call_id, error=e
-                    )
-                raise
+            return await self._accept_once(request, call, record)
+        # An id the gateway just made up cannot exist: publish first, then record (a 202 is
+        # only sent once the broker confirmed the message; a record that could not be
+        # written is created by the worker).
+        await self._queue.publish(call)
+        try:
+            found = await self._calls.create_call(record)
+        except StoreUnavailable as e:
+            self.log.warn(
+                "[{call_id}] queued, but its status record could not be written yet: {error}",
+                call_id=call_id,
+                error=e,
+            )
             found = None
-        else:
-            # An id the gateway just made up cannot exist: publish first, then record (a 202 is
-            # only sent once the broker confirmed the message; a record that could not be
-            # written is created by the worker).
-            await self._queue.publish(call)
-            try:
-                found = await self._calls.create_call(record)
-            except StoreUnavailable as e:
-                self.log.warn(
-                    "[{call_id}] queued, but its status record could not be written yet: {error}",
-                    call_id=call_id,
-                    error=e,
-                )
-                found = None
         return _accepted(request, found or record, duplicate=False)
+
+    async def _accept_once(self, request: IRequest, call: Call, record: CallRecord) -> bytes:
+        """Queue a call under the id its client chose, at most once however often it is posted.
+
+        The id is claimed (``accepting``, with a deadline) before the publish and becomes
+        ``queued`` once the broker confirmed it.  A claim whose gateway died before the
+        confirm lapses at its deadline; the client's retry then takes it and publishes again."""
+        claim, found = await self._calls.claim_call(record, self._settings.claim_window)
+        if claim is None:
+            assert found is not None
+            return self._duplicate(request, found, call.function)
+        try:
+            await self._queue.publish(call)
+        except QueueUnavailable:
+            # Not queued (as far as we know): give the id back so that a retry can queue it.
+            await self._settle(claim, None)
+            raise
+        found = await self._settle(claim, record)
+        if found is None or found.status == CallStatus.ACCEPTING:
+            found = record  # (ACCEPTING: our claim lapsed and was taken over, yet ours is confirmed)
+        return _accepted(request, found, duplicate=False)
+
+    async def _settle(self, claim: CallRecord, record: CallRecord | None) -> CallRecord | None:
+        """Replace our claim with ``record`` (None: release it); the record found instead when
+        the claim moved on (a worker started the call).  A store that is down leaves the
+        claim to lapse (a worker that gets the message moves it on)."""
+        try:
+            return await self._calls.settle_claim(claim, record)
+        except StoreUnavailable as e:
+            self.log.warn(
+                "[{call_id}] could not {what} its claim: {error}",
+                call_id=claim.call_id,
+                what="release" if record is None else "confirm",
+                error=e,
+            )
+            return None
+
+    def _duplicate(self, request: IRequest, found: CallRecord, function: str) -> bytes:
+        if found.function != function:
+            # Someone else's call: its status is none of this caller's business.
+            raise HTTPError(409, f"call id {found.call_id!r} is taken by another call: choose another id")
+        if found.status == CallStatus.ACCEPTING:
+            # The IETF Idempotency-Key draft: a retry while the first request is in progress is 409.
+            left = (found.accepting_until or 0.0) - time.time()
+            wait = min(max(1, math.ceil(left)), max(1, math.ceil(self._settings.claim_window)))
+            raise HTTPError(
+                409,
+                f"call {found.call_id!r} is being accepted by another request: retry in {wait}s",
+                {b"Retry-After": str(wait).encode()},
+            )
+        return _accepted(request, found, duplicate=True)
 
     # --- call status ------------------------------------------------------------------------
 
@@ -484,21 +522,29 @@ class GatewayApp:
         else:
             call = attrs.evolve(dead, dead=None, not_before=0.0, attempt=1, replay=replay, accepted_at=now)
             fresh = CallRecord.for_call(call)
-        # The record first (with the higher replay number: a late duplicate of the dead letter
-        # is then ignored), so a worker never sees the message before it; then the message,
-        # confirmed; the dead letter goes last, so a failure anywhere leaves it to retry again.
-        await self._calls.put_call(fresh)
+        # The record is claimed first (with the higher replay number: a late duplicate of the
+        # dead letter is then ignored), so a worker never sees the message before it, and two
+        # retries at once cannot both publish; then the message, confirmed; the dead letter
+        # goes last, so a failure anywhere leaves it to retry again.
+        claim, found = await self._calls.claim_call(
+            fresh,
+            self._settings.claim_window,
+            replace={CallStatus.DEAD_LETTERED},
+            replays_below=replay,
+        )
+        if claim is None:
+            assert found is not None
+            if found.status == CallStatus.ACCEPTING:
+                raise HTTPError(409, f"call {call_id!r} is being re-queued by another request")
+            raise HTTPError(
+                409, f"call {call_id!r} is {found.status} (replay {found.replays}): it was re-queued already"
+            )
         try:
             await self._queue.publish(call)
         except Exception:
-            if record is not None:
-                try:
-                    await self._calls.put_call(record)
-                except StoreUnavailable as e:
-                    self.log.warn(
-                        "[{call_id}] could not restore the record: {error}", call_id=call_id, error=e
-                    )
+            await self._settle(claim, record)
             raise
+        await self._settle(claim, fresh)
         try:
             await self._calls.remove_dead_letter(call_id)
         except StoreUnavailable as e:

@@ -381,7 +381,11 @@ def build_gateway(
         # Callback hosts resolved once per 5 s, not on every accepted call.
         CachingResolver(reactor.nameResolver, reactor),
         metrics,
-        AppSettings(callback_policy=config.callback_policy),
+        AppSettings(
+            callback_policy=config.callback_policy,
+            # A publish takes at most the confirm timeout; the margin covers the claim's own writes.
+            claim_window=config.confirm_timeout + 5.0,
+        ),
         clock=reactor,
     )
     auth = BasicAuth(*config.basic_auth) if config.basic_auth else None

@@ -64,7 +64,29 @@ class CallStore(Protocol):
         """Overwrite the record (its TTL restarts)."""
 
     async def delete_call(self, call_id: str) -> None:
-        """Forget a record (the gateway's claim on a call id whose message was never queued)."""
+        """Forget a record."""
+
+    async def claim_call(
+        self,
+        record: CallRecord,
+        window: float,
+        *,
+        replace: Collection[str] = (),
+        replays_below: int | None = None,
+    ) -> tuple[CallRecord | None, CallRecord | None]:
+        """Claim a call id for a publish, atomically: store ``record`` as ``accepting`` until
+        ``window`` seconds from now (on the store's clock).
+
+        Taken when there is no record, when the stored one is a lapsed claim (its gateway died
+        before the broker's confirm: nothing may be queued), or when its status is in
+        ``replace``; with ``replays_below``, only over a record with fewer replays.  Returns
+        ``(claim, None)``, the claim as stored, or ``(None, found)``, the record that refused it.
+        """
+
+    async def settle_claim(self, claim: CallRecord, record: CallRecord | None) -> CallRecord | None:
+        """Replace our own claim (the stored record is still ``claim``: same deadline) with
+        ``record``, or delete it when ``record`` is None.  Returns None when done, else the
+        record found (a worker started the call, or another gateway took a lapsed claim)."""
 
     async def put_result(self, call_id: str, result: CallResult) -> None: ...
 

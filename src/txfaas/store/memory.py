@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
+from typing import Any
 
 import attrs
 
-from txfaas.model import CallRecord, CallResult, DeadLetter, FunctionSpec
+from txfaas.model import CallRecord, CallResult, CallStatus, DeadLetter, FunctionSpec
 from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
 
 
@@ -14,10 +16,12 @@ class MemoryStore:
     """Implements ``FunctionStore``, ``CallStore`` and ``DeadLetterStore``.
 
     Set ``available = False`` to make every call raise :class:`StoreUnavailable`,
-    as an unreachable Redis would.  TTLs are not enforced.
+    as an unreachable Redis would.  TTLs are not enforced.  Claims lapse on ``clock``
+    (wall time without one).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
+        self.clock = clock
         self.functions: dict[str, FunctionSpec] = {}
         self.invocations: dict[str, int] = {}
         self.calls: dict[str, CallRecord] = {}
@@ -94,6 +98,41 @@ class MemoryStore:
     async def delete_call(self, call_id: str) -> None:
         self._check()
         self.calls.pop(call_id, None)
+
+    async def claim_call(
+        self,
+        record: CallRecord,
+        window: float,
+        *,
+        replace: Collection[str] = (),
+        replays_below: int | None = None,
+    ) -> tuple[CallRecord | None, CallRecord | None]:
+        self._check()
+        now = self.clock.seconds() if self.clock is not None else time.time()
+        current = self.calls.get(record.call_id)
+        if current is not None:
+            if current.status == CallStatus.ACCEPTING:
+                free = (current.accepting_until or 0.0) <= now
+            else:
+                free = current.status in replace
+            if not free or (replays_below is not None and current.replays >= replays_below):
+                return None, current
+        claim = attrs.evolve(record, status=CallStatus.ACCEPTING, accepting_until=now + window)
+        self.calls[record.call_id] = claim
+        return claim, None
+
+    async def settle_claim(self, claim: CallRecord, record: CallRecord | None) -> CallRecord | None:
+        self._check()
+        current = self.calls.get(claim.call_id)
+        if current is not None and (
+            current.status != CallStatus.ACCEPTING or current.accepting_until != claim.accepting_until
+        ):
+            return current
+        if record is None:
+            self.calls.pop(claim.call_id, None)
+        else:
+            self.calls[claim.call_id] = record
+        return None
 
     async def put_result(self, call_id: str, result: CallResult) -> None:
         self._check()

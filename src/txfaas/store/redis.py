@@ -14,8 +14,9 @@ Keys (``prefix`` defaults to ``txfaas:``):
 - ``{prefix}dead-letters``: sorted set of dead-lettered call ids, scored by the time
 - ``{prefix}dead-letters:fn:{function}``: the same, per function
 
-Status transitions (``transition_call``) and dead-letter writes are Lua scripts,
-so each is atomic: a cancel and a worker starting the call cannot both win.
+Status transitions (``transition_call``), claims (``claim_call``, ``settle_claim``) and
+dead-letter writes are Lua scripts, so each is atomic: a cancel and a worker starting the
+call cannot both win, nor two gateways taking one lapsed claim.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txfaas.config import RedisURL
-from txfaas.model import CallRecord, CallResult, DeadLetter, FunctionSpec
+from txfaas.model import CallRecord, CallResult, CallStatus, DeadLetter, FunctionSpec
 from txfaas.runtime import Deadlines
 from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
 
@@ -70,6 +71,64 @@ for i = 6, #ARGV do
   end
 end
 return {0, raw}
+"""
+
+# KEYS[1] call key; ARGV[1] the claim's JSON (with "acceptingUntil":null), ARGV[2] the window in
+# seconds, ARGV[3] TTL, ARGV[4] the replays the replaced record must be below ("" = any), ARGV[5..]
+# the statuses it may replace besides a lapsed claim.  The deadline is on Redis's own clock, so
+# gateways with skewed clocks agree on it.  -> {1, deadline} claimed, {0, current} refused.
+_CLAIM = b"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local current = cjson.decode(raw)
+  local status = current['status']
+  local free = false
+  if status == 'accepting' then
+    local deadline = current['acceptingUntil']
+    free = type(deadline) ~= 'number' or deadline <= now
+  else
+    for i = 5, #ARGV do
+      if ARGV[i] == status then
+        free = true
+      end
+    end
+  end
+  local replays = current['replays']
+  if type(replays) ~= 'number' then
+    replays = 0
+  end
+  if free and ARGV[4] ~= '' and replays >= tonumber(ARGV[4]) then
+    free = false
+  end
+  if not free then
+    return {0, raw}
+  end
+end
+local deadline = string.format('%.6f', now + tonumber(ARGV[2]))
+local claim = string.gsub(ARGV[1], '"acceptingUntil":null', '"acceptingUntil":' .. deadline, 1)
+redis.call('SET', KEYS[1], claim, 'EX', ARGV[3])
+return {1, deadline}
+"""
+
+# KEYS[1] call key; ARGV[1] the claim's deadline, ARGV[2] the JSON to put in its place ("" to
+# delete it), ARGV[3] TTL.  A missing record counts as ours.  -> {1} done, {0, current} refused.
+_SETTLE = b"""
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local current = cjson.decode(raw)
+  local deadline = current['acceptingUntil']
+  if current['status'] ~= 'accepting' or type(deadline) ~= 'number' or deadline ~= tonumber(ARGV[1]) then
+    return {0, raw}
+  end
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+return {1}
 """
 
 # KEYS: letter key, all index, function index; ARGV: JSON, score, call id.
@@ -345,6 +404,50 @@ class RedisStore:
 
     async def delete_call(self, call_id: str) -> None:
         await self._run("DEL", self._redis.delete(self._call_key(call_id)))
+
+    async def claim_call(
+        self,
+        record: CallRecord,
+        window: float,
+        *,
+        replace: Collection[str] = (),
+        replays_below: int | None = None,
+    ) -> tuple[CallRecord | None, CallRecord | None]:
+        claim = attrs.evolve(record, status=CallStatus.ACCEPTING, accepting_until=None)
+        reply = await self._run(
+            "EVAL claim",
+            self._redis.eval(
+                _CLAIM,
+                [self._call_key(record.call_id)],
+                [
+                    _dumps(claim.to_json()),
+                    repr(float(window)),
+                    self._call_ttl,
+                    "" if replays_below is None else str(replays_below),
+                    *replace,
+                ],
+            ),
+        )
+        if int(reply[0]) == 1:
+            return attrs.evolve(claim, accepting_until=float(reply[1])), None
+        return None, CallRecord.from_json(orjson.loads(reply[1]))
+
+    async def settle_claim(self, claim: CallRecord, record: CallRecord | None) -> CallRecord | None:
+        reply = await self._run(
+            "EVAL settle claim",
+            self._redis.eval(
+                _SETTLE,
+                [self._call_key(claim.call_id)],
+                [
+                    repr(claim.accepting_until),
+                    b"" if record is None else _dumps(record.to_json()),
+                    self._call_ttl,
+                ],
+            ),
+        )
+        if int(reply[0]) == 1:
+            return None
+        return CallRecord.from_json(orjson.loads(reply[1]))
 
     async def put_result(self, call_id: str, result: CallResult) -> None:
         await self._run(

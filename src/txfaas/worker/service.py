@@ -99,8 +99,9 @@ _REQUEST_DROP = frozenset({b"host", b"content-length", CALL_ID.lower()})
 _URL_SAFE = "/%:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _URL_SAFE + "?"
 _TEXT = [(b"Content-Type", b"text/plain; charset=utf-8")]
-# Statuses a starting attempt may replace (a cancel, or a finish, that came first wins).
-_STARTABLE = frozenset({CallStatus.QUEUED, CallStatus.RETRYING, CallStatus.RUNNING})
+# Statuses a starting attempt may replace (a cancel, or a finish, that came first wins).  An
+# ``accepting`` claim is one whose gateway had the broker's confirm but did not record it.
+_STARTABLE = frozenset({CallStatus.ACCEPTING, CallStatus.QUEUED, CallStatus.RETRYING, CallStatus.RUNNING})
 
 CALL, CALLBACK, DEAD = "call", "callback", "dead"
 
@@ -970,6 +971,9 @@ class WorkerService(Service):
         }
         policy = self.config.callback_retry
         dead = False
+        if record.status == CallStatus.ACCEPTING:
+            # A re-queued callback whose gateway did not record the confirm: the call's outcome.
+            changes["status"] = outcome_status(job.status_code)
         if outcome.delivered:
             changes["callback_state"] = CallbackState.DELIVERED
         elif outcome.retryable and policy.should_retry(outcome.status, job.attempt, job.first_at, now):
