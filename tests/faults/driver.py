@@ -3,7 +3,10 @@
 Each call has its own ``X-Call-Id`` and the receiver's ``X-Callback-Url``; the gateway's
 answer is written into the ledger: ``"202"``, another status code (``"503"``, ``"400"``...),
 ``"timeout"`` (no answer within ``timeout`` seconds) or ``"error"`` (connection refused/reset).
-Calls are not retried: a call that was not accepted may still run ("recovered").
+With ``retry`` (the default) a client that got no answer, a 5xx or a 409 (its id still being
+accepted) posts again under the same id, as a careful client would, until it gets a 202 or
+``give_up`` seconds have passed; every answer is kept (``Ledger.posts``).  A call that was
+never accepted may still run ("recovered").
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.faults.ledger import Ledger
+from tests.faults.ledger import Ledger, unknown_outcome
 from tests.faults.servers import payload
 
 
@@ -33,6 +36,8 @@ class LoadDriver:
         concurrency: int,
         timeout: float = 10.0,
         run_id: str = "c",
+        retry: bool = True,
+        give_up: float = 120.0,
     ) -> None:
         self._reactor = reactor
         self._ledger = ledger
@@ -41,6 +46,8 @@ class LoadDriver:
         self._rate = rate
         self._timeout = timeout
         self._run_id = run_id
+        self._retry = retry
+        self._give_up = give_up
         self._slots = defer.DeferredSemaphore(concurrency)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = concurrency
@@ -48,6 +55,7 @@ class LoadDriver:
         self._http = HTTPClient(Agent(reactor, pool=self._pool))
         self.sent = 0
         self.answered = 0
+        self.retries = 0
 
     def call_id(self, i: int) -> str:
         return f"{self._run_id}-{i:06d}"
@@ -80,6 +88,22 @@ class LoadDriver:
 
     async def _send(self, call_id: str) -> None:
         self._ledger.sent[call_id] = "timeout"  # until the gateway answers
+        answers = self._ledger.posts.setdefault(call_id, [])
+        give_up = self._reactor.seconds() + self._give_up
+        while True:
+            answer, retry_after = await self._post(call_id)
+            answers.append(answer)
+            self._ledger.sent[call_id] = answer
+            if not (self._retry and _retryable(answer)) or self._reactor.seconds() > give_up:
+                return
+            wait = min(0.25 * 2 ** min(len(answers) - 1, 3), 2.0)
+            if retry_after is not None:
+                wait = max(wait, min(retry_after, 5.0))
+            self.retries += 1
+            await task.deferLater(self._reactor, wait, lambda: None)
+
+    async def _post(self, call_id: str) -> tuple[str, float | None]:
+        """One post: the answer, and its Retry-After in seconds (if any)."""
         d = self._http.post(
             self._url,
             data=payload(call_id),
@@ -94,12 +118,22 @@ class LoadDriver:
         try:
             response = await d
         except defer.TimeoutError:
-            return
+            return "timeout", None
         except Exception as e:
             self.log.debug("{call_id}: {error}", call_id=call_id, error=e)
-            self._ledger.sent[call_id] = "error"
-            return
-        self._ledger.sent[call_id] = str(response.code)
+            return "error", None
+        retry_after = None
+        for value in response.headers.getRawHeaders(b"retry-after", []):
+            try:
+                retry_after = float(value)
+            except ValueError:
+                pass
+        return str(response.code), retry_after
 
     async def close(self) -> None:
         await self._pool.closeCachedConnections()
+
+
+def _retryable(answer: str) -> bool:
+    """No answer, a 5xx, or 409 (the id is still being accepted): the outcome is not known yet."""
+    return unknown_outcome(answer) or answer == "409"

@@ -6,6 +6,11 @@ a connection went away with deliveries still unacknowledged, so a call may run t
 
 - ``worker_kill``: SIGKILL of one worker process (its group) while calls are running at the
   function, then a restart; the other worker keeps consuming.  Crash window: the kill.
+- ``gateway_kill``: SIGKILL of the gateway while it publishes, then a restart on the same port.
+  Odd rounds first stall its AMQP connection at the proxy (nothing it publishes arrives, no
+  confirm comes back), so calls are claimed and never confirmed; even rounds kill it mid-stream,
+  so some calls are confirmed and never recorded.  The load driver's clients retry under their
+  own ``X-Call-Id``.  Crash window: from the kill until the gateway answers again.
 - ``amqp_cut``: every AMQP connection of the gateway and the workers aborted at the TCP proxies
   (both sides see a reset).  Crash window: the cut.
 - ``broker_restart``: ``rabbitmqctl stop_app`` on the private node, a pause, ``start_app``, then
@@ -47,7 +52,15 @@ from tests.faults.stack import Stack
 from txfaas.model import Call
 from txfaas.queue.amqp import CALL_HEADER
 
-KINDS = ("worker_kill", "amqp_cut", "broker_restart", "redis_pause", "callback_outage", "poison")
+KINDS = (
+    "worker_kill",
+    "gateway_kill",
+    "amqp_cut",
+    "broker_restart",
+    "redis_pause",
+    "callback_outage",
+    "poison",
+)
 #: Faults that only prove the suite can see a loss (selected by name, never by default).
 SELF_TESTS = ("purge",)
 #: Faults that need the private broker.
@@ -59,6 +72,8 @@ class Timings:
     """How long each fault is held (seconds)."""
 
     worker_down: float = 1.0
+    #: How long the gateway's broker connection is stalled before the kill.
+    gateway_stall: float = 1.0
     broker_down: float = 2.0
     redis_pause: float = 6.0
     callback_down: float = 3.0
@@ -101,6 +116,7 @@ class Injector:
         self._run_id = run_id
         self._timings = timings
         self._next_worker = 0
+        self._gateway_kills = 0
         self._poisons = 0
         self.current: str | None = None
 
@@ -148,6 +164,30 @@ class Injector:
             self._reactor.seconds(),
             f"worker {worker.index} SIGKILLed with {running} call(s) running at the function; restarted",
             crash=(at, at),
+        )
+
+    async def gateway_kill(self) -> FaultEvent:
+        proxy = self._stack.gateway_proxy
+        assert proxy is not None
+        self._gateway_kills += 1
+        stalled = self._gateway_kills % 2 == 1
+        if stalled:
+            proxy.stall()
+            await self._sleep(self._timings.gateway_stall)
+        at = self._reactor.seconds()
+        self._stack.kill_gateway()
+        proxy.forward()
+        await self._stack.start_gateway()
+        back = self._reactor.seconds()
+        how = (
+            f"its broker connection stalled for {self._timings.gateway_stall:g}s" if stalled else "mid-stream"
+        )
+        return FaultEvent(
+            "gateway_kill",
+            at,
+            back,
+            f"gateway SIGKILLed {how}; answering again after {back - at:.1f}s",
+            crash=(at, back),
         )
 
     async def amqp_cut(self) -> FaultEvent:

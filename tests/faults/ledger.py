@@ -19,9 +19,15 @@ Definitions (all over call ids; times are seconds on the run's one clock):
 - **unexpected**: callbacks (or executions) for call ids never sent.
 - **duplicate executions / callbacks**: a call id the function saw more than
   once / the receiver answered 2xx more than once.  Each is *explained* when a
-  crash window (a worker SIGKILL, an AMQP connection cut, a broker restart) lies
-  between the first and the last one, or (executions only) when an earlier
-  execution was cut off before its answer was written; the rest are flagged.
+  crash window (a worker or gateway SIGKILL, an AMQP connection cut, a broker
+  restart) lies between the first and the last one, when the client posted it
+  again after an answer that left the outcome unknown (none, or a 5xx), or
+  (executions only) when an earlier execution was cut off before its answer was
+  written; the rest are flagged.
+- **client retries**: posts after the first (the driver retries under the same
+  ``X-Call-Id`` until it gets a 202).
+- **corrupt**: a sent call whose function request or callback carried a body
+  that was not the one sent (poison is not held to it: it was never sent).
 - **recovered**: not accepted (503, 4xx, timeout, connection error), yet it ran.
 """
 
@@ -85,8 +91,10 @@ class FaultEvent:
 class Ledger:
     """Everything a run observed."""
 
-    #: call id -> the gateway's answer: "202", "503", "400", ..., "timeout", "error".
+    #: call id -> the gateway's (last) answer: "202", "503", "400", ..., "timeout", "error".
     sent: dict[str, str] = attrs.field(factory=dict)
+    #: call id -> every answer to its posts, in order (more than one: the client retried).
+    posts: dict[str, list[str]] = attrs.field(factory=dict)
     executions: dict[str, list[Execution]] = attrs.field(factory=dict)
     callbacks: dict[str, list[Arrival]] = attrs.field(factory=dict)
     #: call id -> the last ``GET /system/calls/{id}`` JSON, None when it answered 404.
@@ -135,6 +143,7 @@ class Summary:
     duplicate_executions: Duplicates
     duplicate_callbacks: Duplicates
     recovered: int
+    client_retries: int
     dead_lettered: int
     #: Entries in ``GET /system/dead-letters`` (accepted calls, poison, ...); None: no such list.
     dead_letters: int | None
@@ -187,6 +196,16 @@ def _crash_between(events: Iterable[FaultEvent], first: float, last: float) -> b
         if start <= last + SLACK and end >= first - SLACK:
             return True
     return False
+
+
+def unknown_outcome(answer: str) -> bool:
+    """An answer after which the call may or may not have been queued."""
+    return answer in ("timeout", "error") or answer.startswith("5")
+
+
+def _posted_again_unknowing(ledger: Ledger, call_id: str) -> bool:
+    """The client posted the call again after an answer that left its outcome unknown."""
+    return any(unknown_outcome(a) for a in ledger.posts.get(call_id, [])[:-1])
 
 
 def _executions_explained(runs: list[Execution], events: list[FaultEvent]) -> bool:
@@ -275,7 +294,12 @@ def summarize(ledger: Ledger, strict_callbacks: bool = False) -> Summary:
             received += 1
 
     sent_execs = {c: [e.at for e in runs] for c, runs in ledger.executions.items() if c in sent}
-    dup_exec = _duplicates(sent_execs, lambda c: _executions_explained(ledger.executions[c], ledger.events))
+    dup_exec = _duplicates(
+        sent_execs,
+        lambda c: (
+            _posted_again_unknowing(ledger, c) or _executions_explained(ledger.executions[c], ledger.events)
+        ),
+    )
     accepted_arrivals = {
         c: sorted(a.at for a in arrivals if a.accepted)
         for c, arrivals in ledger.callbacks.items()
@@ -283,11 +307,16 @@ def summarize(ledger: Ledger, strict_callbacks: bool = False) -> Summary:
     }
     dup_cb = _duplicates(
         accepted_arrivals,
-        lambda c: _crash_between(ledger.events, accepted_arrivals[c][0], accepted_arrivals[c][-1]),
+        lambda c: (
+            _posted_again_unknowing(ledger, c)
+            or _crash_between(ledger.events, accepted_arrivals[c][0], accepted_arrivals[c][-1])
+        ),
     )
+    # Only calls the driver sent: a poison message's body is whatever the injector made up, and
+    # its callback (if any) carries the worker's error, not a function's answer.
     corrupt = sorted(
-        {c for c, runs in ledger.executions.items() if c in known and not all(e.body_ok for e in runs)}
-        | {c for c, arr in ledger.callbacks.items() if c in known and not all(a.body_ok for a in arr)}
+        {c for c, runs in ledger.executions.items() if c in sent and not all(e.body_ok for e in runs)}
+        | {c for c, arr in ledger.callbacks.items() if c in sent and not all(a.body_ok for a in arr)}
     )
     return Summary(
         sent=len(sent),
@@ -299,6 +328,7 @@ def summarize(ledger: Ledger, strict_callbacks: bool = False) -> Summary:
         duplicate_executions=dup_exec,
         duplicate_callbacks=dup_cb,
         recovered=recovered,
+        client_retries=sum(max(0, len(answers) - 1) for answers in ledger.posts.values()),
         dead_lettered=dead,
         dead_letters=None if ledger.dead_letters is None else len(ledger.dead_letters),
         callbacks_received=received,
@@ -347,6 +377,7 @@ def table(summary: Summary, title: str = "txfaas fault suite") -> str:
         ("duplicate executions", f"{de.count} ({de.explained} explained by a crash window)"),
         ("duplicate callbacks", f"{dc.count} ({dc.explained} explained by a crash window)"),
         ("recovered (not accepted, ran)", str(s.recovered)),
+        ("client retries (same id)", str(s.client_retries)),
         ("dead-lettered", f"{s.dead_lettered} accepted call(s); dead-letter list: {s.dead_letters}"),
         ("callbacks received", str(s.callbacks_received)),
         ("callbacks given up (recorded)", str(s.callbacks_given_up)),

@@ -57,6 +57,8 @@ class RunOptions:
     #: durably and dead-lettered when exhausted, so "failed" only follows a receiver's 410/4xx,
     #: which the suite's receiver never answers.
     strict_callbacks: bool = True
+    #: The driver's clients post again under the same X-Call-Id until they get a 202.
+    client_retries: bool = True
     timings: Timings = attrs.field(factory=Timings)
     report: str | None = None
     keep_logs: bool = False
@@ -64,9 +66,9 @@ class RunOptions:
 
     @classmethod
     def quick(cls, **changes: Any) -> RunOptions:
-        """≈300 calls in ≈30 s, each fault once (worker kills and connection cuts twice)."""
+        """≈300 calls in ≈30 s, each fault once (worker and gateway kills, connection cuts twice)."""
         rounds = dict.fromkeys(KINDS, 1)
-        rounds.update(worker_kill=2, amqp_cut=2)
+        rounds.update(worker_kill=2, gateway_kill=2, amqp_cut=2)
         base = cls(calls=300, rate=10.0, concurrency=16, rounds=rounds, drain_timeout=60.0)
         return attrs.evolve(base, **changes)
 
@@ -210,6 +212,7 @@ class Run:
             rate=o.rate,
             concurrency=o.concurrency,
             run_id=self.run_id,
+            retry=o.client_retries,
         )
         injector = Injector(
             self._reactor,
@@ -262,9 +265,11 @@ class Run:
     def _progress(self, driver: LoadDriver, injector: Injector) -> None:
         accepted = sum(1 for a in self.ledger.sent.values() if a == ACCEPTED)
         self.log.info(
-            "sent {sent} answered {answered} accepted {accepted} executions {ex} callbacks {cb} fault {fault}",
+            "sent {sent} answered {answered} accepted {accepted} retries {retries} executions {ex} "
+            "callbacks {cb} fault {fault}",
             sent=driver.sent,
             answered=driver.answered,
+            retries=driver.retries,
             accepted=accepted,
             ex=len(self.ledger.executions),
             cb=len(self.ledger.callbacks),
@@ -370,6 +375,11 @@ def parse_args(argv: list[str]) -> RunOptions:
         action="store_true",
         help="do not count a succeeded call whose callback was given up (callbackState failed) as lost",
     )
+    parser.add_argument(
+        "--no-client-retries",
+        action="store_true",
+        help="post each call once (by default a client retries under its X-Call-Id until it gets a 202)",
+    )
     parser.add_argument("--drain-timeout", type=float, help="seconds to wait for the queue to drain")
     parser.add_argument("--shared-broker", action="store_true", help="use 127.0.0.1:5672 (no broker restart)")
     parser.add_argument(
@@ -400,6 +410,8 @@ def parse_args(argv: list[str]) -> RunOptions:
         changes["private_broker"] = False
     if args.lenient_callbacks:
         changes["strict_callbacks"] = False
+    if args.no_client_retries:
+        changes["client_retries"] = False
     return attrs.evolve(options, **changes)
 
 

@@ -382,6 +382,8 @@ class Stack:
         self.amqp_port = SHARED_AMQP_PORT
         self.gateway: TwistdProcess | None = None
         self.gateway_url = ""
+        self.gateway_port = 0
+        self.gateway_logs: list[Path] = []
         self.gateway_proxy: TCPProxy | None = None
         self.workers: list[Worker] = []
         self._n_workers = workers
@@ -409,16 +411,28 @@ class Stack:
             proxy = TCPProxy(self._reactor, "127.0.0.1", self.amqp_port)
             proxy.listen()
             self.workers.append(Worker(i, proxy))
-        port = free_port()
+        self.gateway_port = free_port()
+        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        await self.start_gateway()
+
+    async def start_gateway(self) -> None:
+        """Start (or restart, on the same port) the gateway, and wait until it is healthy."""
+        assert self.gateway_proxy is not None
         self.gateway = TwistdProcess(
             "faas-gateway",
-            ["--listen", f"tcp:{port}:interface=127.0.0.1", "--redis", self.redis.url,
+            ["--listen", f"tcp:{self.gateway_port}:interface=127.0.0.1", "--redis", self.redis.url,
              "--redis-prefix", self.prefix, "--amqp", self._amqp_url(self.gateway_proxy),
              "--callback-allow", "127.0.0.0/8", "--confirm-timeout", "3s"],
             env=gateway_env(),
         )  # fmt: skip
-        self.gateway_url = f"http://127.0.0.1:{port}"
+        self.gateway_logs.append(self.gateway.log_path)
         await self.gateway.wait_http(self.gateway_url + "/healthz", status=200, timeout=30)
+
+    def kill_gateway(self) -> None:
+        """SIGKILL the gateway's process (group)."""
+        assert self.gateway is not None
+        self.gateway.kill()
+        self.gateway._log.close()
 
     async def _start_broker(self) -> None:
         if self.want_private_broker:
@@ -506,8 +520,7 @@ class Stack:
 
     def log_paths(self) -> list[str]:
         paths = [str(p) for w in self.workers for p in w.logs]
-        if self.gateway is not None:
-            paths.append(str(self.gateway.log_path))
+        paths += [str(p) for p in self.gateway_logs]
         return paths
 
     async def queue_names(self) -> list[str]:

@@ -152,6 +152,35 @@ def test_bodies_that_are_not_the_ones_sent_are_flagged_as_corrupt():
     assert any("not the one sent" in flag for flag in s.flags)
 
 
+def test_poison_with_a_body_of_its_own_is_not_flagged_as_corrupt():
+    """The suite's own poison is no call the driver sent: its callback carries the worker's
+    error, not a function's answer, and that is no corruption."""
+    ledger = Ledger()
+    ledger.poison["p"] = "unprocessable"
+    ledger.records["p"] = record("failed", "delivered")
+    ledger.arrival("p", 1.0, 200, body_ok=False)
+    ledger.execution("p", 1.0, body_ok=False)
+    s = summarize(ledger)
+    assert s.corrupt == []
+    assert not any("not the one sent" in flag for flag in s.flags)
+
+
+def test_a_duplicate_after_a_client_retry_with_an_unknown_outcome_is_explained():
+    ledger = Ledger()
+    for call_id, posts in (("unknown", ["error", "202"]), ("5xx", ["503", "409", "202"]), ("once", ["202"])):
+        accepted(ledger, call_id, record("succeeded", "delivered"))
+        ledger.posts[call_id] = posts
+        ledger.execution(call_id, 1.0).completed = True
+        ledger.execution(call_id, 30.0).completed = True
+        ledger.arrival(call_id, 2.0, 200)
+        ledger.arrival(call_id, 31.0, 200)
+    s = summarize(ledger)
+    assert s.duplicate_executions.unexplained == ["once"]
+    assert s.duplicate_callbacks.unexplained == ["once"]
+    assert s.client_retries == 3
+    assert "client retries (same id)       3" in table(s)
+
+
 def test_poison_fates_say_whether_it_ended_or_still_circulates():
     ledger = Ledger()
     ledger.poison.update({"u": "undecodable", "v": "undecodable", "p": "unprocessable", "q": "unprocessable"})
