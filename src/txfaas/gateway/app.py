@@ -537,7 +537,9 @@ class GatewayApp:
             if found.status == CallStatus.ACCEPTING:
                 raise HTTPError(409, f"call {call_id!r} is being re-queued by another request")
             raise HTTPError(
-                409, f"call {call_id!r} is {found.status} (replay {found.replays}): it was re-queued already"
+                409,
+                f"call {call_id!r} is {found.status} (replay {found.replays}): it was re-queued already "
+                f"(DELETE /system/dead-letters/{call_id} discards the stale dead letter)",
             )
         try:
             await self._queue.publish(call)
