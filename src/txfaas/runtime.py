@@ -422,7 +422,6 @@ class LimitedChannel(HTTPChannel):
 
     # Set by LimitedSite.buildProtocol.
     clock: Any = None
-    bodyLimit: Callable[[bytes], int | None] | None = None
     readTimeout: float = 0.0
     responseTimeout: float = 0.0
     sendTimeout: float = 0.0
@@ -606,7 +605,11 @@ class LimitedChannel(HTTPChannel):
             super().rawDataReceived(data)
 
     def allHeadersReceived(self) -> None:
-        limit = self._limit = self.bodyLimit(self._path) if self.bodyLimit is not None else None
+        site = self.site
+        route = site.route(self._path) if isinstance(site, LimitedSite) else None
+        if route is not None:
+            self.requests[-1].route = route  # the request's leaf comes from the same decision
+        limit = self._limit = route.limit if route is not None else None
         if limit is not None and self.length is not None and self.length > limit:
             self.refuseBody(limit, self.length)
             return
@@ -730,6 +733,23 @@ class LimitedChannel(HTTPChannel):
         self._flushed()
 
 
+class Route:
+    """Where a request goes, decided once from its path (:meth:`LimitedSite.route`): the
+    percent-decoded first ``segment``, the ``leaf`` resource that serves every path under it
+    without a walk of the tree (None: Twisted's walk), and the body ``limit`` in bytes (None:
+    none).  A leaf must be where the tree leads for that segment."""
+
+    __slots__ = ("leaf", "limit", "segment")
+
+    def __init__(self, segment: bytes, leaf: Any, limit: int | None) -> None:
+        self.segment = segment
+        self.leaf = leaf
+        self.limit = limit
+
+    def __repr__(self) -> str:
+        return f"Route({self.segment!r}, {self.leaf!r}, limit={self.limit})"
+
+
 def _drop(data: bytes) -> None:
     """A response's ``write`` once nothing more may follow its head (HEAD, 204, 304)."""
 
@@ -826,15 +846,16 @@ class PlainErrorsSite(server.Site):
 
 
 class LimitedRequest(PlainErrorsRequest):
-    """Counts the body as it arrives (chunked too) against the limit its channel chose.
+    """Counts the body as it arrives (chunked too) against the limit its route chose.
 
-    And a request whose path starts with one of the site's :attr:`LimitedSite.direct` names
-    goes straight to that leaf resource: where Twisted's ``Site.getResourceFor`` would walk
-    the tree from the root to the same leaf, the request gets the same ``prepath``,
-    ``postpath`` and ``sitepath``; anything else (a ``%``-escaped first segment, ``*``)
-    takes Twisted's own way.  ``Date`` is formatted once a second.
+    A request whose :class:`Route` has a leaf goes straight to it: where Twisted's
+    ``Site.getResourceFor`` would walk the tree from the root to the same leaf, the request
+    gets the same ``prepath``, ``postpath`` and ``sitepath``; anything else takes Twisted's
+    own way.  ``Date`` is formatted once a second.
     """
 
+    #: Decided by the channel once the head is read (or here, for a request read elsewhere).
+    route: Route | None = None
     _received = 0
     _gone: Callable[[Failure], object] | None = None
 
@@ -910,9 +931,11 @@ class LimitedRequest(PlainErrorsRequest):
             gone(reason)
 
     def process(self) -> None:
-        segments = self.path[1:].split(b"/")
         site = self.channel.site
-        leaf = site.direct.get(segments[0]) if self.path[:1] == b"/" else None
+        route = self.route
+        if route is None and isinstance(site, LimitedSite):
+            route = self.route = site.route(self.uri)
+        leaf = route.leaf if route is not None else None
         if leaf is None:
             super().process()  # Twisted's way: through the tree
             return
@@ -921,7 +944,8 @@ class LimitedRequest(PlainErrorsRequest):
         raw = self.responseHeaders._rawHeaders
         raw[b"Server"] = [server.version]
         raw[b"Date"] = [http_date()]
-        self.prepath = [segments[0]]
+        segments = self.path[1:].split(b"/")
+        self.prepath = [route.segment]
         self.postpath = [unquote(segment) for segment in segments[1:]]
         self.sitepath = []
         try:
@@ -942,9 +966,10 @@ class LimitedRequest(PlainErrorsRequest):
 class LimitedSite(PlainErrorsSite):
     """A ``Site`` whose connections are :class:`LimitedChannel` s.  Every duration is seconds, 0 = none.
 
-    - ``body_limit``: a number of bytes (0: none) or ``path -> int | None`` (None: none).
-      A declared Content-Length over it is refused with 413 before any body is read; a
-      chunked body is counted as it arrives.
+    - ``body_limit``: a number of bytes (0: none), for every path that ``routes`` does not
+      name.  A declared Content-Length over a request's limit is refused with 413 before any
+      body is read; a chunked body is counted as it arrives.
+    - ``routes``: percent-decoded first path segment -> :class:`Route` (see :meth:`route`).
     - ``read_timeout``: the whole request (line, headers, body) must arrive within this of
       its first byte, or of the connection's opening for the first request; else 408 and
       close.  (Twisted's idle timeout restarts at every byte: a client trickling bytes
@@ -964,17 +989,14 @@ class LimitedSite(PlainErrorsSite):
     protocol = LimitedChannel  # type: ignore[assignment]
     requestFactory = LimitedRequest
     displayTracebacks = False
-    #: First path segment -> the leaf resource that serves every path under it, reached
-    #: without walking the tree (see :class:`LimitedRequest`).  It must be where the tree
-    #: leads for that segment: the gateway's hot routes, which need no authentication.
-    direct: dict[bytes, Any] = {}
 
     def __init__(
         self,
         resource: Any,
         clock: Any,
         *,
-        body_limit: int | Callable[[bytes], int | None] | None = None,
+        body_limit: int | None = None,
+        routes: dict[bytes, Route] | None = None,
         read_timeout: float = 0,
         response_timeout: float = 0,
         send_timeout: float = 0,
@@ -984,10 +1006,8 @@ class LimitedSite(PlainErrorsSite):
         # twisted.web would otherwise parse every form-encoded body it proxies or queues.
         super().__init__(resource, timeout=idle_timeout or None, reactor=clock, parsePOSTFormSubmission=False)
         self.clock = clock
-        if isinstance(body_limit, int):
-            fixed = body_limit
-            body_limit = (lambda path: fixed) if fixed else None
-        self.body_limit = body_limit
+        self.routes = dict(routes or {})
+        self.default_route = Route(b"", None, body_limit or None)
         self.read_timeout = read_timeout
         self.response_timeout = response_timeout
         self.send_timeout = send_timeout
@@ -995,11 +1015,29 @@ class LimitedSite(PlainErrorsSite):
     def buildProtocol(self, addr: Any) -> LimitedChannel:
         channel = super().buildProtocol(addr)
         channel.clock = self.clock
-        channel.bodyLimit = self.body_limit
         channel.readTimeout = self.read_timeout
         channel.responseTimeout = self.response_timeout
         channel.sendTimeout = self.send_timeout
         return channel
+
+    def route(self, target: bytes) -> Route:
+        """The route of a request target (its path and query, as in the request line): the one
+        decision that every limit and leaf of the request comes from.
+
+        Decided on the first path segment percent-decoded, as Twisted's walk of the tree
+        decodes it, so that ``/%66unction/x`` is ``/function/x`` with its limits.  (``%2F`` is
+        no separator, for the walk as for this: a route's segment never holds a ``/``.)"""
+        if target[:1] != b"/":
+            return self.default_route  # "*", or an absolute URI: no segment of ours
+        end = len(target)
+        for stop in (b"/", b"?"):
+            found = target.find(stop, 1, end)
+            if found >= 0:
+                end = found
+        segment = target[1:end]
+        if b"%" in segment:
+            segment = unquote(segment)
+        return self.routes.get(segment, self.default_route)
 
     def log(self, request: Any) -> None:
         """No access log line per request: the hot path stays quiet (metrics count requests)."""

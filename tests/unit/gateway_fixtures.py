@@ -24,7 +24,6 @@ from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
 from txfaas.model import FunctionSpec
-from txfaas.runtime import LimitedSite
 from txfaas.store.cache import FunctionCache
 from txfaas.testing import MemoryQueue, MemoryStore
 
@@ -80,6 +79,8 @@ class GatewayTestCase(SynchronousTestCase):
 
     upstream_timeout = 10.0
     auth: tuple[str, str] | None = None
+    max_body: int | None = None
+    max_async_body: int | None = None
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -109,13 +110,18 @@ class GatewayTestCase(SynchronousTestCase):
             self.app_settings(),
             clock=self.clock,
         )
-        self.root = GatewayRoot(self.proxy, self.app, BasicAuth(*self.auth) if self.auth else None)
+        self.root = GatewayRoot(
+            self.proxy,
+            self.app,
+            BasicAuth(*self.auth) if self.auth else None,
+            max_body=self.max_body,
+            max_async_body=self.max_async_body,
+        )
         # A raw agent, not StubTreq: treq's client would decode gzip, follow redirects and
         # keep cookies on the test's side, hiding what the gateway really answered.
         self.client = RequestTraversalAgent(self.root)
         # Served as the gateway serves: LimitedSite, its requests, the direct hot routes.
-        self.site = LimitedSite(self.root, self.clock)
-        self.site.direct = self.root.direct_routes()
+        self.site = self.root.site(self.clock)
         self.client._serverFactory = self.site
         self.treq = StubTreq(self.root)
 

@@ -19,6 +19,7 @@ from txfaas.runtime import (
     LazyTimer,
     LimitedSite,
     Listener,
+    Route,
     StartupError,
     TimerQueue,
     exit_on_startup_error,
@@ -56,9 +57,8 @@ def make(limit=100, read_timeout=0.0, response_timeout=0.0, send_timeout=0.0, bo
     site = LimitedSite(
         echo,
         clock,
-        body_limit=body_limit
-        if body_limit is not None
-        else (lambda path: limit if path.startswith(b"/limited") else None),
+        body_limit=body_limit,
+        routes=None if body_limit is not None else {b"limited": Route(b"limited", None, limit)},
         read_timeout=read_timeout,
         response_timeout=response_timeout,
         send_timeout=send_timeout,

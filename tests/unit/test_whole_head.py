@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
 
-from txfaas.runtime import LimitedSite
+from txfaas.runtime import LimitedSite, Route
 
 
 class Record(resource.Resource):
@@ -35,9 +35,7 @@ _DATE = re.compile(rb"Date: [^\r]*\r\n")
 def read(data: bytes, piecewise: bool) -> tuple[list[tuple], bytes, int, bool]:
     """(what the resource saw, what the client got, lines read one by one, connection closing)."""
     record = Record()
-    site = LimitedSite(
-        record, Clock(), body_limit=lambda path: 1000 if path.startswith(b"/limited") else None
-    )
+    site = LimitedSite(record, Clock(), routes={b"limited": Route(b"limited", None, 1000)})
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)

@@ -45,6 +45,7 @@ from txfaas.model import (
     parse_scale_request,
 )
 from txfaas.queue import CallQueue, QueueUnavailable
+from txfaas.runtime import LimitedSite, Route
 from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
 from txfaas.store import AlreadyExists, AsyncCallStore, NotFound, StoreUnavailable
 from txfaas.store.cache import FunctionCache
@@ -839,24 +840,36 @@ class GatewayRoot(resource.Resource):
 
     _OPEN = frozenset({b"function", b"async-function", b"healthz"})
 
-    def __init__(self, proxy: resource.IResource, app: GatewayApp, auth: BasicAuth | None) -> None:
+    def __init__(
+        self,
+        proxy: resource.IResource,
+        app: GatewayApp,
+        auth: BasicAuth | None,
+        *,
+        max_body: int | None = None,
+        max_async_body: int | None = None,
+    ) -> None:
         super().__init__()
         self._proxy = proxy
         self._calls = app.accept_resource()
         self._app = app.resource()
         self._auth = auth
         self._unauthorized = Unauthorized()
-        self._hot = {b"function": self._proxy, b"async-function": self._calls}
+        #: The hot routes and their body limits (everything else: SYSTEM_BODY_LIMIT).
+        self.routes = {
+            b"function": Route(b"function", self._proxy, max_body or None),
+            b"async-function": Route(b"async-function", self._calls, max_async_body or None),
+        }
 
-    def direct_routes(self) -> dict[bytes, resource.IResource]:
-        """The leaves :meth:`getChildWithDefault` gives for the open hot routes, for
-        ``LimitedSite.direct`` (reached without walking the tree)."""
-        return dict(self._hot)
+    def site(self, clock: Any, **settings: Any) -> LimitedSite:
+        """The site that serves this root: one route decision per request (:meth:`LimitedSite.route`)
+        gives both the leaf and the body limit, and the hot routes skip the walk of the tree."""
+        return LimitedSite(self, clock, body_limit=SYSTEM_BODY_LIMIT, routes=self.routes, **settings)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
-        hot = self._hot.get(path)
-        if hot is not None:
-            return hot
+        route = self.routes.get(path)  # the decision LimitedSite.route makes, on the same segment
+        if route is not None and route.leaf is not None:
+            return route.leaf
         if self._auth is not None and path not in self._OPEN and not self._auth.check(request):
             return self._unauthorized
         # Hand the whole path to Klein.

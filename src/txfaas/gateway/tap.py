@@ -330,7 +330,6 @@ def build_gateway(
     from txfaas.gateway.service import GatewayService
     from txfaas.runtime import (
         ChildProcesses,
-        LimitedSite,
         die_with_parent,
         is_child,
         listen,
@@ -389,24 +388,19 @@ def build_gateway(
         clock=reactor,
     )
     auth = BasicAuth(*config.basic_auth) if config.basic_auth else None
-    root = GatewayRoot(proxy, app, auth)
-
-    def body_limit(path: bytes) -> int | None:
-        if path.startswith(b"/async-function/"):
-            return config.max_async_body
-        if path.startswith(b"/function/"):
-            return config.max_body or None  # 0, like no value, means no limit
-        return 1024 * 1024
-
-    site = LimitedSite(
-        root,
+    root = GatewayRoot(
+        proxy,
+        app,
+        auth,
+        max_body=config.max_body or None,  # 0, like no value, means no limit
+        max_async_body=config.max_async_body,
+    )
+    site = root.site(
         reactor,
-        body_limit=body_limit,
         read_timeout=config.read_timeout,
         response_timeout=config.write_timeout,  # from the request read to its response finished
         idle_timeout=IDLE_TIMEOUT,
     )
-    site.direct = root.direct_routes()
 
     async def close() -> None:
         for closer in closers:
