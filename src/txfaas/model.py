@@ -23,6 +23,7 @@ from txfaas.retry import RetryConfigError, RetryPolicy
 
 NAME_RULE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")  # \Z: "$" would accept a trailing newline
 MAX_NAME = 63
+MAX_REPLICAS = 2**31 - 1  # Kubernetes's replicas are an int32
 
 URL_ANNOTATION = "txfaas.url"
 TIMEOUT_ANNOTATION = "txfaas.timeout"
@@ -261,8 +262,8 @@ def parse_scale_request(data: Any, name: str) -> int:
     if service != name:
         raise ValidationError("serviceName", f"{service!r} does not match the URL's {name!r}")
     replicas = data.get("replicas")
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
-        raise ValidationError("replicas", "must be a non-negative integer")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= MAX_REPLICAS:
+        raise ValidationError("replicas", f"must be a whole number from 0 to {MAX_REPLICAS}")
     return replicas
 
 
