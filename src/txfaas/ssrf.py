@@ -10,6 +10,7 @@ network or host name.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -102,6 +103,10 @@ class AddressPolicy:
         return host.lower().rstrip(".") in self.allow_hosts
 
 
+#: What the resolver can take (its IDNA encoding refuses an empty label or one over 63).
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?\Z)[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
+
+
 def parse_callback_url(url: str) -> tuple[str, str, int]:
     """Check the form of a callback URL: ``(scheme, host, port)``; :class:`CallbackRefused` if bad."""
     if len(url) > 2048:
@@ -117,7 +122,19 @@ def parse_callback_url(url: str) -> tuple[str, str, int]:
         raise CallbackRefused("X-Callback-Url may not carry credentials")
     if any(ord(c) < 33 or ord(c) == 127 for c in url):
         raise CallbackRefused("X-Callback-Url contains spaces or control characters")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+    if not url.isascii():
+        # The resolver would fail on it in its thread, and the check would wait for nothing.
+        raise CallbackRefused(
+            "X-Callback-Url must be ASCII (an international host name in its xn-- form, the rest "
+            "percent-encoded)"
+        )
+    host = parts.hostname
+    if _literal(host) is None and not _HOST_NAME.fullmatch(host):
+        raise CallbackRefused(
+            f"X-Callback-Url host {host!r} is not a host name (dot-separated labels of 1 to 63 "
+            "letters, digits, '-' or '_', at most 253 characters)"
+        )
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
 
 
 @implementer(IResolutionReceiver)

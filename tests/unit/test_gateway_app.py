@@ -8,6 +8,7 @@ from ipaddress import ip_network
 from typing import Any
 
 import attrs
+import treq
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -419,6 +420,25 @@ class SlowDNSTests(GatewayTestCase):
         self.flush()
         response = self.successResultOf(d)
         self.assertEqual(response.code, 400)
+        self.assertEqual(self.queue.published, [])
+
+    def test_a_callback_host_the_resolver_cannot_take_is_400_at_once(self) -> None:
+        """Non-ASCII bytes (the system resolver's IDNA encoding raised in its thread, so the
+        check waited for its timeout), an empty label or one over 63 characters: refused
+        before any resolution, with no time passing."""
+        self.deploy("echo")
+        for url in (
+            b"http://h\xe9llo.example/cb",
+            b"http://\xff\x80.example/cb",
+            b"http://a..b.example/cb",
+            b"http://" + b"a" * 64 + b".example/cb",
+            b"http://.example/cb",
+        ):
+            d = self.start("POST", "/async-function/echo", headers={b"X-Callback-Url": [url]}, data=b"x")
+            response = self.successResultOf(d)
+            self.assertEqual(response.code, 400, url)
+            body = self.successResultOf(treq.content(response))
+            self.assertIn(b"X-Callback-Url", body)
         self.assertEqual(self.queue.published, [])
 
 
