@@ -7,6 +7,7 @@ import gzip
 import treq
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import StringTransport
 from twisted.web.http_headers import Headers
 
 from tests.unit.gateway_fixtures import GatewayTestCase
@@ -25,6 +26,32 @@ class ForwardingTests(GatewayTestCase):
             seen = self.function.seen[-1]
             self.assertEqual(seen["method"], method.encode())
             self.assertEqual(seen["uri"], b"/a/b%20c?x=1&y=%2F")
+
+    def test_trace_and_connect_are_405_and_never_reach_a_function(self) -> None:
+        for method, path in [
+            ("TRACE", "/function/echo"),
+            ("CONNECT", "/function/echo/x"),
+            ("TRACE", "/%66unction/echo"),
+            ("TRACE", "/system/functions"),
+            ("CONNECT", "/healthz"),
+        ]:
+            response, body = self.call(method, path, headers={"Authorization": ["Basic c2VjcmV0"]})
+            self.assertEqual(response.code, 405, (method, path))
+            self.assertEqual(
+                response.headers.getRawHeaders("Allow"), ["GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"]
+            )
+            self.assertIn(method.encode(), body)
+            self.assertNotIn(b"c2VjcmV0", body)
+        self.assertEqual(self.function.seen, [])
+
+    def test_connect_to_an_authority_is_405(self) -> None:
+        channel = self.site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(b"CONNECT echo.fn:8080 HTTP/1.1\r\nHost: echo.fn:8080\r\n\r\n")
+        self.flush()
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "), transport.value()[:60])
+        self.assertEqual(self.function.seen, [])
 
     def test_bare_function_path_is_root_for_the_function(self) -> None:
         self.call("GET", "/function/echo")

@@ -30,6 +30,7 @@ from twisted.web.iweb import IRequest
 from txfaas import __version__
 from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
+from txfaas.gateway.proxy import PROXIED_METHODS, REFUSED_METHODS
 from txfaas.model import (
     DEFAULT_QUEUE,
     Call,
@@ -808,6 +809,16 @@ def _finish(request: server.Request, body: bytes) -> None:
     request.finish()
 
 
+class RefusedMethod(resource.Resource):
+    """405 for TRACE and CONNECT, whatever the path."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        request.setHeader(b"Allow", PROXIED_METHODS)
+        return _text(request, 405, f"{request.method.decode('latin-1')} is not allowed here")
+
+
 class Unauthorized(resource.Resource):
     isLeaf = True
 
@@ -857,6 +868,7 @@ class GatewayRoot(resource.Resource):
         self._app = app.resource()
         self._auth = auth
         self._unauthorized = Unauthorized()
+        self._refused = RefusedMethod()
         #: The hot routes and their body limits (everything else: SYSTEM_BODY_LIMIT).
         self.routes = {
             b"function": Route(b"function", self._proxy, max_body or None),
@@ -869,6 +881,8 @@ class GatewayRoot(resource.Resource):
         return LimitedSite(self, clock, body_limit=SYSTEM_BODY_LIMIT, routes=self.routes, **settings)
 
     def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
+        if request.method in REFUSED_METHODS:
+            return self._refused
         route = self.routes.get(path)  # the decision LimitedSite.route makes, on the same segment
         if route is not None and route.leaf is not None:
             return route.leaf

@@ -62,6 +62,9 @@ _REQUEST_DROP = hdr.canonical_names(
 )
 _RESPONSE_DROP = hdr.canonical_names(hdr.HOP_BY_HOP | frozenset({b"x-call-id", b"x-duration-seconds"}))
 _NAME_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+#: TRACE would echo the caller's headers (credentials too) back; CONNECT asks for a tunnel.
+REFUSED_METHODS = frozenset({b"TRACE", b"CONNECT"})
+PROXIED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
 
 
@@ -155,6 +158,9 @@ class FunctionProxy(resource.Resource):
         return queue.add(expire)
 
     def render(self, request: server.Request) -> Any:
+        if request.method in REFUSED_METHODS:
+            request.responseHeaders._rawHeaders[b"Allow"] = [PROXIED_METHODS]
+            return _error(request, 405, f"{request.method.decode('latin-1')} is not passed to functions")
         postpath = request.postpath
         if not postpath or not postpath[0]:
             return _error(request, 404, "no function named in the path: use /function/{name}")
