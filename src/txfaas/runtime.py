@@ -144,10 +144,29 @@ def settle_gc(reactor: Any) -> None:
 # --- listening ------------------------------------------------------------------------------
 
 
-def server_endpoint(reactor: Any, description: str, setting: str = "--listen") -> IStreamServerEndpoint:
-    """``serverFromString``; a description it cannot read is a :class:`StartupError` naming the setting."""
+#: Pending connections the kernel queues for a listening socket (Twisted's own default is 50,
+#: and SYNs past it are dropped under a burst of connections); Linux caps it at somaxconn.
+DEFAULT_BACKLOG = 1024
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "unix", "ssl"})
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """``description`` with ``backlog=`` added, for an endpoint type that takes one and a
+    description that does not set its own."""
+    parts = re.split(r"(?<!\\):", description)
+    kind = "tcp" if parts[0].isdigit() else parts[0]
+    if kind not in _BACKLOG_TYPES or any(p.startswith("backlog=") for p in parts[1:]):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
+def server_endpoint(
+    reactor: Any, description: str, setting: str = "--listen", backlog: int = DEFAULT_BACKLOG
+) -> IStreamServerEndpoint:
+    """``serverFromString`` (with ``backlog`` unless the description sets one); a description it
+    cannot read is a :class:`StartupError` naming the setting."""
     try:
-        return endpoints.serverFromString(reactor, description)
+        return endpoints.serverFromString(reactor, with_backlog(description, backlog))
     except (ValueError, KeyError, TypeError) as e:
         raise StartupError(f"{setting} {description}: not a valid endpoint ({e})") from None
 
@@ -159,11 +178,12 @@ async def listen(
     setting: str = "--listen",
     *,
     endpoint: IStreamServerEndpoint | None = None,
+    backlog: int = DEFAULT_BACKLOG,
 ) -> IListeningPort:
     """Listen on a Twisted endpoint string (or on ``endpoint``, described by ``description``);
     a failure is a :class:`StartupError` naming the setting."""
     if endpoint is None:
-        endpoint = server_endpoint(reactor, description, setting)
+        endpoint = server_endpoint(reactor, description, setting, backlog)
     try:
         return await endpoint.listen(factory)
     except Exception as e:  # CannotListenError and friends
@@ -190,7 +210,9 @@ class Listener(service.Service):
         *,
         setting: str = "--listen",
         endpoint: IStreamServerEndpoint | None = None,
+        backlog: int = DEFAULT_BACKLOG,
     ) -> None:
+        self._backlog = backlog
         self._reactor = reactor
         self._description = description
         self._factory = factory
@@ -211,7 +233,14 @@ class Listener(service.Service):
         if self._opening is not None:
             return
         d = defer.Deferred.fromCoroutine(
-            listen(self._reactor, self._description, self._factory, self._setting, endpoint=self._endpoint)
+            listen(
+                self._reactor,
+                self._description,
+                self._factory,
+                self._setting,
+                endpoint=self._endpoint,
+                backlog=self._backlog,
+            )
         )
         self._opening = d
         if d.called:
@@ -603,6 +632,35 @@ class LimitedChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:
         if not self._rejected:
             super().rawDataReceived(data)
+
+    # A head over Twisted's limits is answered (it closed the connection without a word, or
+    # answered a bare 400): 414 for a request line, 431 for the header lines.
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._HTTPChannel__first_line:
+            self.reject(b"414 URI Too Long", f"the request line is over {self.MAX_LENGTH} bytes")
+        else:
+            self.reject(
+                b"431 Request Header Fields Too Large", f"a header line is over {self.MAX_LENGTH} bytes"
+            )
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            if self._HTTPChannel__first_line:
+                self.reject(b"414 URI Too Long", f"the request line is over {self.totalHeadersSize} bytes")
+            else:
+                self.reject(
+                    b"431 Request Header Fields Too Large",
+                    f"the request head is over {self.totalHeadersSize} bytes",
+                )
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self.reject(b"431 Request Header Fields Too Large", f"more than {self.maxHeaders} header lines")
+            return False
+        return super().headerReceived(line)
 
     def allHeadersReceived(self) -> None:
         site = self.site
@@ -1060,8 +1118,9 @@ def open_store(reactor: Any, url: RedisURL, *, prefix: str, call_ttl: float) -> 
 CHILD_ENV = "TXFAAS_CHILD_INDEX"
 
 
-def parse_tcp_listen(description: str) -> tuple[str, int, int]:
-    """``tcp:PORT[:interface=HOST][:backlog=N]`` -> (host, port, backlog), for SO_REUSEPORT listening."""
+def parse_tcp_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> tuple[str, int, int]:
+    """``tcp:PORT[:interface=HOST][:backlog=N]`` -> (host, port, backlog), for SO_REUSEPORT
+    listening (``backlog`` when the description sets none)."""
     parts = [p.replace("\\:", ":") for p in re.split(r"(?<!\\):", description)]
     if parts[0] not in ("tcp", "tcp6") or len(parts) < 2:
         raise ValueError(f"--workers needs a tcp:PORT endpoint, not {description!r}")
@@ -1069,7 +1128,6 @@ def parse_tcp_listen(description: str) -> tuple[str, int, int]:
     if not port_text.isdigit() or int(port_text) == 0:
         raise ValueError(f"--workers needs a fixed port, not {parts[1]!r}")
     host = "::" if parts[0] == "tcp6" else "0.0.0.0"
-    backlog = 50
     for option in parts[2:]:
         key, _, value = option.partition("=")
         if key == "interface":
@@ -1081,12 +1139,14 @@ def parse_tcp_listen(description: str) -> tuple[str, int, int]:
     return host, int(port_text), backlog
 
 
-async def listen_reuseport(reactor: Any, description: str, factory: Any, setting: str = "--listen") -> Any:
+async def listen_reuseport(
+    reactor: Any, description: str, factory: Any, setting: str = "--listen", *, backlog: int = DEFAULT_BACKLOG
+) -> Any:
     """Listen with SO_REUSEPORT, so that several processes share the port (the kernel spreads connections)."""
     import socket
 
     try:
-        host, port, backlog = parse_tcp_listen(description)
+        host, port, backlog = parse_tcp_listen(description, backlog)
     except ValueError as e:
         raise StartupError(f"{setting} {description}: {e}") from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

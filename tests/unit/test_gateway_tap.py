@@ -29,6 +29,7 @@ def clean_env(monkeypatch, tmp_path):
         "TXFAAS_MAX_BODY",
         "TXFAAS_BASIC_AUTH_USER",
         "TXFAAS_BASIC_AUTH_PASSWORD",
+        "TXFAAS_BACKLOG",
     ]:
         monkeypatch.delenv(name, raising=False)
 
@@ -245,3 +246,12 @@ def test_the_login_line_is_logged_never_the_password(monkeypatch, tmp_path):
 )
 def test_gateway_url_for_the_login_line(listen, url):
     assert tap.gateway_url(listen) == url
+
+
+def test_backlog_defaults_to_1024_and_is_a_flag(monkeypatch):
+    assert parse([]).backlog == 1024
+    assert parse(["--backlog", "4096"]).backlog == 4096
+    monkeypatch.setenv("TXFAAS_BACKLOG", "200")
+    assert parse([]).backlog == 200
+    with pytest.raises(usage.UsageError, match="--backlog"):
+        parse(["--backlog", "0"])

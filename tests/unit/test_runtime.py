@@ -303,9 +303,10 @@ def test_without_send_timeout_a_backed_up_client_is_left_to_the_other_timers():
 def test_parse_tcp_listen_for_shared_ports():
     from txfaas.runtime import parse_tcp_listen
 
-    assert parse_tcp_listen("tcp:8080") == ("0.0.0.0", 8080, 50)
-    assert parse_tcp_listen("tcp:8080:interface=127.0.0.1:backlog=512") == ("127.0.0.1", 8080, 512)
-    assert parse_tcp_listen("tcp6:port=8080:interface=\\:\\:1") == ("::1", 8080, 50)
+    assert parse_tcp_listen("tcp:8080") == ("0.0.0.0", 8080, 1024)
+    assert parse_tcp_listen("tcp:8080", 77) == ("0.0.0.0", 8080, 77)
+    assert parse_tcp_listen("tcp:8080:interface=127.0.0.1:backlog=512", 77) == ("127.0.0.1", 8080, 512)
+    assert parse_tcp_listen("tcp6:port=8080:interface=\\:\\:1") == ("::1", 8080, 1024)
     for bad in ["unix:/tmp/s", "tcp:0", "tcp:http", "ssl:443", "tcp:80:foo=1"]:
         with pytest.raises(ValueError):
             parse_tcp_listen(bad)
@@ -713,3 +714,81 @@ def test_settle_gc_freezes_start_up_objects_once_the_reactor_runs_and_never_in_a
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+# --- a head over Twisted's limits is answered, not dropped -----------------------------------
+
+
+def _head_answer(data: bytes, piecewise: bool = False) -> tuple[bytes, bool]:
+    _clock, echo, site = make()
+    channel, transport = connect(site)
+    if piecewise:
+        for i in range(0, len(data), 1000):
+            channel.dataReceived(data[i : i + 1000])
+    else:
+        channel.dataReceived(data)
+    return transport.value(), transport.disconnecting
+
+
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_a_request_line_over_16k_is_414(piecewise):
+    answer, closing = _head_answer(b"GET /" + b"a" * 17000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", piecewise)
+    assert answer.startswith(b"HTTP/1.1 414 URI Too Long\r\n")
+    assert answer.endswith(b"the request line is over 16384 bytes\n")
+    assert closing
+
+
+@pytest.mark.parametrize("piecewise", [False, True])
+def test_a_header_line_over_16k_is_431(piecewise):
+    answer, closing = _head_answer(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 17000 + b"\r\n\r\n", piecewise
+    )
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert closing
+
+
+def test_header_lines_adding_up_to_over_16k_are_431():
+    lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(20))
+    answer, closing = _head_answer(b"GET / HTTP/1.1\r\nHost: x\r\n" + lines + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"the request head is over 16384 bytes" in answer
+    assert closing
+
+
+def test_more_header_lines_than_allowed_are_431():
+    lines = b"".join(b"X-%d: v\r\n" % i for i in range(600))
+    answer, closing = _head_answer(b"GET / HTTP/1.1\r\n" + lines + b"\r\n", piecewise=True)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b"more than 500 header lines" in answer
+
+
+def test_a_head_just_within_the_limits_is_served():
+    answer, _closing = _head_answer(b"GET /" + b"a" * 16000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+# --- the listen backlog ------------------------------------------------------------------------
+
+
+def test_endpoints_get_the_production_backlog_unless_they_set_their_own():
+    from twisted.internet.testing import MemoryReactor
+
+    from txfaas.runtime import DEFAULT_BACKLOG, server_endpoint, with_backlog
+
+    assert DEFAULT_BACKLOG == 1024
+    assert with_backlog("tcp:8080", 1024) == "tcp:8080:backlog=1024"
+    assert with_backlog("tcp6:8080:interface=\\:\\:1", 7) == "tcp6:8080:interface=\\:\\:1:backlog=7"
+    assert with_backlog("8080", 9) == "8080:backlog=9"
+    assert with_backlog("unix:/tmp/s", 9) == "unix:/tmp/s:backlog=9"
+    assert with_backlog("tcp:8080:backlog=5", 1024) == "tcp:8080:backlog=5"
+    assert with_backlog("systemd:domain=INET:index=0", 1024) == "systemd:domain=INET:index=0"
+    reactor = MemoryReactor()
+    assert server_endpoint(reactor, "tcp:0")._backlog == 1024
+    assert server_endpoint(reactor, "tcp:0", backlog=64)._backlog == 64
+    assert server_endpoint(reactor, "tcp:0:backlog=5")._backlog == 5
+    server_endpoint(reactor, "tcp:0").listen(site_for_backlog())
+    assert reactor.tcpServers[0][2] == 1024
+
+
+def site_for_backlog():
+    return make()[2]
