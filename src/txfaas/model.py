@@ -61,6 +61,39 @@ def check_queue_name(name: str, field: str = "annotations.com.openfaas.queue") -
     return name
 
 
+@attrs.frozen
+class ReservedQueues:
+    """Queue names a function may not take: RabbitMQ's own (``amq.*``: 403 on declare) and the
+    worker's internal ones -- its dead-letter and callback queues, and everything under its
+    retry prefix (``<prefix>.retry``, ``<prefix>.delay.<ms>``).  Gateway and worker read the
+    same flags (--retry-prefix, --dead-letter-queue, --callback-queue)."""
+
+    prefix: str = "txfaas"
+    dead_letter_queue: str = "txfaas.dead-letter"
+    callback_queue: str = "txfaas.callbacks"
+
+    def refusal(self, name: str) -> str | None:
+        """Why ``name`` may not be a function's queue, or None."""
+        if name.lower().startswith("amq."):
+            return f"queue {name!r}: names starting with 'amq.' are reserved by RabbitMQ"
+        if name == self.dead_letter_queue:
+            return f"queue {name!r} is the worker's dead-letter queue (--dead-letter-queue)"
+        if name == self.callback_queue:
+            return f"queue {name!r} is the worker's callback queue (--callback-queue)"
+        if name.startswith(self.prefix + "."):
+            return (
+                f"queue {name!r}: names under {self.prefix + '.'!r} are the worker's retry exchange "
+                "and delay queues (--retry-prefix)"
+            )
+        return None
+
+    def check(self, name: str, field: str = f"annotations.{QUEUE_ANNOTATION}") -> str:
+        reason = self.refusal(name)
+        if reason is not None:
+            raise ValidationError(field, reason)
+        return name
+
+
 def _str_map(data: Mapping[str, Any], key: str) -> dict[str, str]:
     value = data.get(key)
     if value is None:

@@ -238,6 +238,22 @@ async def test_declare_creates_a_durable_quorum_queue_and_remembers_it(make_queu
     assert await admin.ready_count(name) == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_queue_the_broker_refuses_is_queue_refused_and_not_asked_for_again(make_queue, admin):
+    from txfaas.queue import QueueRefused
+
+    q = await make_queue([])
+    await q.ready(10)
+    with pytest.raises(QueueRefused, match="ACCESS_REFUSED"):
+        await q.declare(f"amq.{unique('refused')}")
+    assert not [name for name in q.queues if name.startswith("amq.")]
+    name = unique("after-refusal")
+    admin.track(name)
+    await q.declare(name)  # the connection is still usable for the others
+    await q.publish(a_call(name))
+    assert await admin.ready_count(name) == 1
+
+
 # --- broker unreachable ------------------------------------------------------------------------
 
 

@@ -33,18 +33,20 @@ from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.proxy import PROXIED_METHODS, REFUSED_METHODS
 from txfaas.model import (
     DEFAULT_QUEUE,
+    QUEUE_ANNOTATION,
     Call,
     CallbackState,
     CallRecord,
     CallStatus,
     DeadReason,
     FunctionSpec,
+    ReservedQueues,
     ValidationError,
     check_name,
     outcome_status,
     parse_scale_request,
 )
-from txfaas.queue import CallQueue, QueueUnavailable
+from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
 from txfaas.runtime import LimitedSite, Route
 from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
 from txfaas.store import AlreadyExists, AsyncCallStore, NotFound, StoreUnavailable
@@ -81,6 +83,7 @@ class AppSettings:
     #: How long a gateway's claim on a call id holds before another may take it over: longer
     #: than a publish can take (the broker's confirm timeout), with a margin.
     claim_window: float = 10.0
+    reserved_queues: ReservedQueues = attrs.field(factory=ReservedQueues)
 
 
 class GatewayApp:
@@ -107,6 +110,9 @@ class GatewayApp:
         self._resolver = resolver
         self._metrics = metrics
         self._settings = settings
+        #: Queue name -> why it cannot be used (the broker refused it, or it is reserved): a
+        #: function's record from before the rule.  Its async calls are 503; nothing else is.
+        self.refused_queues: dict[str, str] = {}
 
     def resource(self) -> resource.IResource:
         return self.app.resource()
@@ -303,11 +309,17 @@ class GatewayApp:
         )
 
     async def _declare_queue(self, spec: FunctionSpec) -> None:
-        """Declare a function's named queue; a broker that is down does not block the deploy
-        (the queue is remembered and declared as soon as the broker is back)."""
+        """Check a function's named queue and declare it: a reserved name, or one the broker
+        refuses, is a 400; a broker that is down does not block the deploy (the queue is
+        remembered and declared as soon as the broker is back)."""
+        self._settings.reserved_queues.check(spec.queue)
         if self._queue is not None and spec.queue != DEFAULT_QUEUE:
             try:
                 await self._queue.declare(spec.queue)
+            except QueueRefused as e:
+                raise ValidationError(
+                    f"annotations.{QUEUE_ANNOTATION}", f"the broker refused it: {e}"
+                ) from None
             except QueueUnavailable as e:
                 self.log.warn(
                     "queue {queue} of {function} not declared yet (it will be on reconnection): {error}",
@@ -315,6 +327,8 @@ class GatewayApp:
                     function=spec.service,
                     error=e,
                 )
+                return
+            self.refused_queues.pop(spec.queue, None)
 
     # --- asynchronous calls -----------------------------------------------------------------
 
@@ -363,6 +377,11 @@ class GatewayApp:
         spec = await self._functions.get(name)
         if spec is None:
             raise HTTPError(404, f"function {name!r} not found")
+        if self.refused_queues and spec.queue in self.refused_queues:
+            raise QueueUnavailable(
+                f"function {name!r}'s queue cannot be used ({self.refused_queues[spec.queue]}); "
+                f"redeploy it with another {QUEUE_ANNOTATION} annotation"
+            )
 
         if request._disconnected:
             raise _ClientGone()

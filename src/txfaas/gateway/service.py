@@ -17,14 +17,14 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from txfaas.model import DEFAULT_QUEUE, FunctionSpec, ValidationError
-from txfaas.queue import CallQueue
+from txfaas.model import DEFAULT_QUEUE, FunctionSpec, ReservedQueues, ValidationError
+from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
 from txfaas.runtime import StartupError, listen, run_startup
 from txfaas.store import AlreadyExists, StoreUnavailable
 from txfaas.store.cache import FunctionCache
 
 
-def load_functions_file(path: str) -> list[FunctionSpec]:
+def load_functions_file(path: str, reserved: ReservedQueues | None = None) -> list[FunctionSpec]:
     """A JSON list of FunctionDeployment objects (or ``{"functions": [...]}``)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -40,7 +40,9 @@ def load_functions_file(path: str) -> list[FunctionSpec]:
     specs = []
     for i, item in enumerate(data):
         try:
-            specs.append(FunctionSpec.from_json(item))
+            spec = FunctionSpec.from_json(item)
+            (reserved or ReservedQueues()).check(spec.queue)
+            specs.append(spec)
         except ValidationError as e:
             raise StartupError(f"--functions {path}: function #{i + 1}: {e}") from None
     return specs
@@ -61,7 +63,12 @@ class GatewayService(service.Service):
         redis_description: str = "redis",
         close: Callable[[], Any] | None = None,
         listen: Callable[..., Any] = listen,
+        reserved_queues: ReservedQueues | None = None,
+        refused_queues: dict[str, str] | None = None,
     ) -> None:
+        self.reserved_queues = reserved_queues or ReservedQueues()
+        #: Filled at start (the app's ``refused_queues``: it answers 503 for them).
+        self.refused_queues = refused_queues if refused_queues is not None else {}
         self.reactor = reactor
         self.site = site
         self.listen_on = listen_on
@@ -89,7 +96,7 @@ class GatewayService(service.Service):
         except StoreUnavailable as e:
             raise StartupError(f"--redis {self.redis_description}: {e}") from None
         if self.functions_file:
-            for spec in load_functions_file(self.functions_file):
+            for spec in load_functions_file(self.functions_file, self.reserved_queues):
                 try:
                     await self.functions.store.create_function(spec)
                 except AlreadyExists:
@@ -98,12 +105,37 @@ class GatewayService(service.Service):
                     "loaded function {function} from {path}", function=spec.service, path=self.functions_file
                 )
         if self.queue is not None:
-            names = {spec.queue for spec in await self.functions.store.list_functions()} - {DEFAULT_QUEUE}
-            for name in sorted(names):
-                await self.queue.declare(name)
+            specs = await self.functions.store.list_functions()
+            for name in sorted({spec.queue for spec in specs} - {DEFAULT_QUEUE}):
+                await self._declare(name, [spec.service for spec in specs if spec.queue == name])
         self.functions.start()
         self._port = await self._listen(self.reactor, self.listen_on, self.site)
         self.log.info("gateway listening on {address}", address=self._port.getHost())
+
+    async def _declare(self, name: str, functions: list[str]) -> None:
+        """Declare one function queue.  One that is reserved (a record from before the rule) or
+        that the broker refuses is not fatal: its functions' async calls get 503 with the
+        reason, every other function works."""
+        reason = self.reserved_queues.refusal(name)
+        if reason is None:
+            try:
+                await self.queue.declare(name)
+                return
+            except QueueRefused as e:
+                reason = str(e)
+            except QueueUnavailable as e:
+                self.log.warn(
+                    "queue {queue} not declared yet (it will be on reconnection): {error}",
+                    queue=name,
+                    error=e,
+                )
+                return
+        self.refused_queues[name] = reason
+        self.log.error(
+            "asynchronous calls to {functions} refused (503): {reason}; redeploy with another queue",
+            functions=", ".join(functions),
+            reason=reason,
+        )
 
     async def _stop(self) -> None:
         if self._port is not None:

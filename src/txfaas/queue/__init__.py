@@ -21,6 +21,11 @@ class QueueUnavailable(QueueError):
     """The broker is unreachable, refused the message, or did not confirm it in time (-> 503)."""
 
 
+class QueueRefused(QueueUnavailable):
+    """The broker refused to declare a queue (access refused, other arguments): asking again
+    will not help until someone changes the name or the queue."""
+
+
 class Delivery(Protocol):
     """One message handed to a consumer."""
 

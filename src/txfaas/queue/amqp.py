@@ -65,7 +65,7 @@ from zope.interface import implementer
 
 from txfaas.config import AMQPURL
 from txfaas.model import Call, DeadMark, DeadReason
-from txfaas.queue import DeliveryHandler, QueueUnavailable
+from txfaas.queue import DeliveryHandler, QueueRefused, QueueUnavailable
 from txfaas.queue.frames import FramePublisher
 from txfaas.retry import DEFAULT_TIERS, pick_tier
 from txfaas.runtime import Deadlines
@@ -889,7 +889,10 @@ class AMQPQueue(Service):
                 # e.g. 406 PRECONDITION_FAILED: the queue exists with other arguments.  Not fatal
                 # for the connection; logged on every connection until someone fixes it.
                 self.log.error("cannot declare queue {queue}: {reason}", queue=queue, reason=_describe(e))
-                raise QueueUnavailable(f"cannot declare queue {queue!r}: {_describe(e)}") from None
+                # 403 (amq.*, no permission): the queue cannot be had.  Others (406: it exists
+                # with other arguments) leave a queue that takes messages all the same.
+                kind = QueueRefused if e.reply_code == 403 else QueueUnavailable
+                raise kind(f"cannot declare queue {queue!r}: {_describe(e)}") from None
             await self._bind_for_retries(conn, channel, queue)
         finally:
             _close_quietly(channel)
@@ -945,11 +948,16 @@ class AMQPQueue(Service):
             _close_quietly(channel)
 
     async def declare(self, queue: str) -> None:
-        """Make sure the durable queue exists, now and after every reconnection."""
+        """Make sure the durable queue exists, now and after every reconnection (unless the
+        broker refuses it: :class:`QueueRefused`, and it is not asked for again)."""
         self._remember(queue)
         await self._usable(self._connect_timeout)
         try:
             await self._declare(self._conn, queue)
+        except QueueRefused:
+            if queue in self._queues:
+                self._queues.remove(queue)
+            raise
         except QueueUnavailable:
             raise
         except Exception as e:
