@@ -144,6 +144,8 @@ class Summary:
     duplicate_callbacks: Duplicates
     recovered: int
     client_retries: int
+    #: The answers that made clients post again (each but the last of a call's posts).
+    retried_after: dict[str, int]
     dead_lettered: int
     #: Entries in ``GET /system/dead-letters`` (accepted calls, poison, ...); None: no such list.
     dead_letters: int | None
@@ -329,6 +331,9 @@ def summarize(ledger: Ledger, strict_callbacks: bool = False) -> Summary:
         duplicate_callbacks=dup_cb,
         recovered=recovered,
         client_retries=sum(max(0, len(answers) - 1) for answers in ledger.posts.values()),
+        retried_after=dict(
+            sorted(Counter(a for answers in ledger.posts.values() for a in answers[:-1]).items())
+        ),
         dead_lettered=dead,
         dead_letters=None if ledger.dead_letters is None else len(ledger.dead_letters),
         callbacks_received=received,
@@ -377,7 +382,7 @@ def table(summary: Summary, title: str = "txfaas fault suite") -> str:
         ("duplicate executions", f"{de.count} ({de.explained} explained by a crash window)"),
         ("duplicate callbacks", f"{dc.count} ({dc.explained} explained by a crash window)"),
         ("recovered (not accepted, ran)", str(s.recovered)),
-        ("client retries (same id)", str(s.client_retries)),
+        ("client retries (same id)", f"{s.client_retries} (after {_counts(s.retried_after)})"),
         ("dead-lettered", f"{s.dead_lettered} accepted call(s); dead-letter list: {s.dead_letters}"),
         ("callbacks received", str(s.callbacks_received)),
         ("callbacks given up (recorded)", str(s.callbacks_given_up)),

@@ -178,7 +178,8 @@ def test_a_duplicate_after_a_client_retry_with_an_unknown_outcome_is_explained()
     assert s.duplicate_executions.unexplained == ["once"]
     assert s.duplicate_callbacks.unexplained == ["once"]
     assert s.client_retries == 3
-    assert "client retries (same id)       3" in table(s)
+    assert s.retried_after == {"409": 1, "503": 1, "error": 1}
+    assert "client retries (same id)       3 (after 409 1, 503 1, error 1)" in table(s)
 
 
 def test_poison_fates_say_whether_it_ended_or_still_circulates():
