@@ -63,9 +63,6 @@ class CallStore(Protocol):
     async def put_call(self, record: CallRecord) -> None:
         """Overwrite the record (its TTL restarts)."""
 
-    async def delete_call(self, call_id: str) -> None:
-        """Forget a record."""
-
     async def claim_call(
         self,
         record: CallRecord,

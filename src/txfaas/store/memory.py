@@ -95,10 +95,6 @@ class MemoryStore:
         self._check()
         self.calls[record.call_id] = record
 
-    async def delete_call(self, call_id: str) -> None:
-        self._check()
-        self.calls.pop(call_id, None)
-
     async def claim_call(
         self,
         record: CallRecord,

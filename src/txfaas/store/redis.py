@@ -402,9 +402,6 @@ class RedisStore:
             self._set(self._call_key(record.call_id), _dumps(record.to_json())),
         )
 
-    async def delete_call(self, call_id: str) -> None:
-        await self._run("DEL", self._redis.delete(self._call_key(call_id)))
-
     async def claim_call(
         self,
         record: CallRecord,
