@@ -345,6 +345,16 @@ class AsyncAcceptTests(GatewayTestCase):
             self.assertIn(reason, body, url)
         self.assertEqual(self.queue.published, [])
 
+    def test_an_empty_callback_url_is_400_not_a_call_without_callback(self) -> None:
+        """``X-Callback-Url:`` with no value (an unset variable in a client's script, say) is
+        refused: taken as "no callback", the call would run and nobody would hear of it."""
+        response, body = self.call(
+            "POST", "/async-function/echo", headers={"X-Callback-Url": [""]}, data=b"x"
+        )
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"X-Callback-Url must be an absolute http:// or https:// URL", body)
+        self.assertEqual(self.queue.published, [])
+
     def test_status_lookup_and_result(self) -> None:
         response, _ = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["c1"]}, data=b"x")
         response, body = self.call("GET", "/system/calls/c1")

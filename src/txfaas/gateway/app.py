@@ -358,7 +358,7 @@ class GatewayApp:
         call_id = _call_id(request)
         callback = request.getHeader(hdr.CALLBACK_URL)
         callback_url = None
-        if callback:
+        if callback is not None:  # an empty one is refused, not taken as none
             callback_url = callback.decode("latin-1")
             check = defer.Deferred.fromCoroutine(
                 check_callback_url(callback_url, self._resolver, self._settings.callback_policy)
