@@ -815,3 +815,79 @@ def test_function_url_template_is_used_without_a_function_url():
     h = Harness(function_url_template="http://{name}.fns.svc:8080")
     spec = FunctionSpec(service="echo")
     assert h.worker.url_for(Call(call_id="c", function="echo"), spec) == b"http://echo.fns.svc:8080/"
+
+
+def test_a_lost_reply_to_the_running_write_is_retried_not_counted_as_an_interruption():
+    """The start's write lands but its reply is lost (a paused Redis): the write is retried like
+    the others, the call runs once, and no interruption is counted (before, the message was given
+    back and its redelivery found its own ``running`` record)."""
+    h = Harness(respond=lambda req: (200, {}, b"ok"))
+    lose = [True]
+    landed = h.store.transition_call
+
+    async def lossy(record: CallRecord, from_statuses: Any, **kwargs: Any) -> Any:
+        found = await landed(record, from_statuses, **kwargs)
+        if lose and record.status == CallStatus.RUNNING:
+            lose.clear()
+            raise StoreUnavailable("no reply in time")
+        return found
+
+    h.store.transition_call = lossy
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    h.clock.advance(1.0)
+    h.flush()
+    record = h.record()
+    assert (record.status, record.attempts, record.interruptions) == (CallStatus.SUCCEEDED, 1, 0)
+    assert len(h.function.requests) == 1
+    assert h.metric("txfaas_worker_requeued_total", reason="store") is None
+    assert h.unacked == 0 and h.queue.pending(Q) == 0
+
+
+def test_a_call_given_back_at_the_drain_limit_does_not_raise_the_brokers_delivery_count():
+    """The drain hands the message back as a fresh copy and acks the original: its delivery count
+    stays 0, so a broker-side delivery limit (the README's policy) does not count the stop."""
+    h = Harness(respond=never_answer, drain_timeout=10.0, exec_timeout=60.0)
+    h.deploy()
+    call = h.enqueue()
+    h.start()
+    h.flush()
+    h.worker.stopService()
+    h.clock.advance(10)
+    h.flush()
+    assert list(h.queue.messages[Q]) == [(call, 0)]
+    assert h.unacked == 0
+    assert h.record().status == CallStatus.QUEUED
+
+
+def test_the_start_write_and_the_outcome_write_share_the_messages_recording_patience():
+    """Redis refuses the start's write for 15 s, then takes it; the outcome's write never gets
+    through. The two share one RECORD_PATIENCE (60 s) per message -- what exec_timeout_limit
+    counts once below the consumer timeout: the message goes back 31 s after the outcome's first
+    try (15 + 1 + 2 + 4 + 8 + 16 = 46 s spent; 32 more would pass 60), not 60 s after it."""
+    h = Harness(respond=lambda req: (200, {}, b"ok"))
+    tried: list[float] = []
+    landed = h.store.transition_call
+
+    async def flaky(record: CallRecord, from_statuses: Any, **kwargs: Any) -> Any:
+        if record.status == CallStatus.RUNNING and h.clock.seconds() < 15:
+            raise StoreUnavailable("records down")
+        if record.final:
+            tried.append(h.clock.seconds())
+            raise StoreUnavailable("records down")
+        return await landed(record, from_statuses, **kwargs)
+
+    h.store.transition_call = flaky
+    h.deploy()
+    h.enqueue()
+    h.start()
+    for _ in range(46):
+        h.flush()
+        h.clock.advance(1)
+    h.flush()
+    assert len(h.function.requests) == 1  # started at 15 s, after 1 + 2 + 4 + 8 s of waits
+    assert tried == [15, 16, 18, 22, 30, 46]
+    h.clock.advance(1)  # the give-back's own backoff
+    assert h.metric("txfaas_worker_requeued_total", reason="store") == 1

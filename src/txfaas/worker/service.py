@@ -398,13 +398,18 @@ class WorkerService(Service):
     def _give_back_all(self) -> None:
         left = [job for job in self._jobs.values() if job.deferred is not None]
         self.log.warn("drain limit reached: giving {n} call(s) back to the queue", n=len(left))
+        # Set before the cancels: they end the drain's wait, and the stop must then wait for this.
+        returned: defer.Deferred[None] = defer.Deferred()
+        self._returning = returned
         for job in left:
             job.returning = True  # settled below, once its record says queued again
             job.deferred.cancel()  # type: ignore[union-attr]
-        self._returning = defer.Deferred.fromCoroutine(self._return_all(left))
+        d = defer.Deferred.fromCoroutine(self._return_all(left))
+        d.addErrback(lambda f: self.log.failure("giving calls back failed", f))
+        d.addBoth(lambda _: returned.callback(None))
 
     async def _return_all(self, jobs: list[_Job]) -> None:
-        """Record each call given back as ``queued`` again, then requeue its message.
+        """Record each call given back as ``queued`` again, then hand its message back.
 
         A worker that stops on purpose did not crash: the next run of the call must not count
         as an interruption toward --delivery-limit, which is what a ``running`` record left
@@ -417,8 +422,28 @@ class WorkerService(Service):
             ],
             consumeErrors=True,
         )
-        for job in jobs:
-            self._settle_job(job, ack=False)
+        await defer.DeferredList(
+            [defer.Deferred.fromCoroutine(self._hand_back(job)) for job in jobs], consumeErrors=True
+        )
+
+    async def _hand_back(self, job: _Job) -> None:
+        """Give a job's message back as a fresh copy (confirmed), then ack the original.
+
+        A requeue (nack) would raise the broker's delivery count (quorum queues'
+        ``x-delivery-count``), which a broker-side delivery limit (the README's policy) counts as
+        a failed delivery; a stop on purpose is none.  If the copy cannot be published, requeue."""
+        ack = False
+        if job.kind in (CALL, CALLBACK):
+            try:
+                await self._queue.publish(job.call)
+                ack = True
+            except Exception as e:
+                self.log.warn(
+                    "call {call_id}: could not hand the message back as a copy ({error}); requeuing it",
+                    call_id=job.call.call_id,
+                    error=e,
+                )
+        self._settle_job(job, ack=ack)
 
     async def _requeue_record(self, call: Call) -> None:
         try:
@@ -657,8 +682,13 @@ class WorkerService(Service):
             interruptions=record.interruptions + 1 if interrupted else record.interruptions,
             replays=call.replay,
         )
-        found = await self._store.transition_call(
-            running, _STARTABLE, create=True, attempts_at_most=call.attempt
+        # Retried like every other write: a start whose reply was lost (it landed) would otherwise
+        # give the message back, and its redelivery would count an interruption that never was.
+        found = await self._patiently(
+            call,
+            lambda: self._store.transition_call(
+                running, _STARTABLE, create=True, attempts_at_most=call.attempt
+            ),
         )
         if found is not None:
             if found.final:
@@ -1056,8 +1086,9 @@ class WorkerService(Service):
         """Retry a write of a finished call while the store is down.
 
         The time lost to failed writes and waits is counted against one RECORD_PATIENCE per
-        message, however many writes it makes (result, record, callback state): that is what
-        ``WorkerConfig.exec_timeout_limit`` budgets below the broker's consumer timeout."""
+        message, however many writes it makes (start, result, record, callback state): that is
+        what ``WorkerConfig.exec_timeout_limit`` budgets, once, below the broker's consumer
+        timeout.  A budget per write would need one allowance per write in that sum."""
         budget = _recording.get()
         if budget is None:  # not within a job (a test calling in directly): a budget of its own
             budget = _Patience()
