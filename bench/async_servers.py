@@ -318,11 +318,11 @@ class Receiver:
         request.reply(b"ok")
 
 
-async def serve(role: str, port: int) -> None:
+async def serve(role: str, port: int, host: str = "127.0.0.1") -> None:
     loop = asyncio.get_running_loop()
     app = Functions(loop.call_later) if role == "functions" else Receiver()
     server = await loop.create_server(
-        lambda: Connection(app.handle), "127.0.0.1", port, backlog=BACKLOG, reuse_address=True
+        lambda: Connection(app.handle), host, port, backlog=BACKLOG, reuse_address=True
     )
     async with server:
         await server.serve_forever()
@@ -332,8 +332,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=["functions", "receiver"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address to listen on [127.0.0.1]")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.role, args.port))
+    if not args.host.startswith("127."):
+        parser.error("--host must be a loopback address (127.x.x.x)")
+    asyncio.run(serve(args.role, args.port, args.host))
     return 0
 
 

@@ -617,6 +617,8 @@ async def test_dead_letters_are_listed_and_replayed_with_the_readme_loop(env):
     for item in items:
         assert (item["function"], item["reason"], item["attempts"]) == (name, "attempts_exhausted", 2)
         assert item["deadAt"] <= time.time() and item["deadAtTime"].endswith("Z")
+    # The last answers' callbacks (from the callback queue) first, then the replay's.
+    await wait_for(lambda: len(receiver.requests) == 2, timeout=20, what="the dead calls' callbacks")
     receiver.requests.clear()
     healthy[0] = True
     out, err, code = await utils.getProcessOutputAndValue(

@@ -192,6 +192,7 @@ def test_help_lists_every_flag():
         "--max-attempts", "--retry-codes", "--retry-min-wait", "--retry-max-wait", "--callback-max-attempts",
         "--callback-max-age", "--callback-min-wait", "--callback-max-wait", "--max-age", "--delivery-limit",
         "--delay-tiers", "--retry-prefix", "--dead-letter-queue", "--callback-queue",
+        "--callback-concurrency", "--callback-host-concurrency",
     ]:  # fmt: skip
         assert flag in result.stdout, flag
 

@@ -237,8 +237,10 @@ def test_a_call_no_http_request_can_carry_fails_once_as_400():
     assert h.unacked == 0 and h.queue.pending(Q) == 0
 
 
-def test_ack_comes_only_after_the_outcome_is_recorded_and_the_callback_answered():
-    """While the callback receiver has not answered, the message stays unacknowledged."""
+def test_the_call_is_acked_once_its_callback_is_queued_which_is_acked_once_answered():
+    """The call's message is acked once its outcome is recorded and its callback is on the
+    callback queue (confirmed); the callback's message stays unacknowledged until the receiver
+    answers: a crash in between loses neither."""
     answer: defer.Deferred = defer.Deferred()
     h = Harness(callback_respond=lambda req: answer)
     h.deploy()
@@ -247,7 +249,8 @@ def test_ack_comes_only_after_the_outcome_is_recorded_and_the_callback_answered(
     h.flush()
     assert h.record().status == CallStatus.SUCCEEDED
     assert h.record().callback_state == "pending"
-    assert h.unacked == 1
+    [waiting] = h.queue._unacked
+    assert (waiting.call.queue, waiting.call.callback_job.attempt) == ("txfaas.callbacks", 1)
     answer.callback((204, {}, b""))
     h.flush()
     assert h.record().callback_state == "delivered"
@@ -537,41 +540,6 @@ def test_outcome_never_recorded_is_never_acked():
     assert delivery.delivery_count >= 1
     assert delivery.settled is None
     assert h.record().status == CallStatus.RUNNING
-
-
-def test_the_recording_patience_is_one_budget_per_message_not_one_per_write():
-    """The outcome write waits out 31 s of failures; then the callback state's write fails on: the
-    job gives up when the two together reach RECORD_PATIENCE (60 s), not 60 s after the second
-    write began."""
-    gate: defer.Deferred = defer.Deferred()
-    h = Harness(respond=lambda req: gate)
-    h.deploy()
-    h.enqueue()
-    h.start()
-    h.flush()
-    tried: list[float] = []
-
-    async def failing(record: CallRecord) -> None:  # the callback state: never gets through
-        tried.append(h.clock.seconds() - started)
-        raise StoreUnavailable("records down")
-
-    h.store.put_call = failing
-    h.store.writes_fail = True  # the outcome write fails too, at first
-    started = h.clock.seconds()
-    gate.callback((200, {}, b"x"))
-    h.flush()
-    for _ in range(20):
-        h.clock.advance(1)
-        h.flush()
-    h.store.writes_fail = False  # the outcome goes through at its retry at 31 s
-    for _ in range(30):
-        h.clock.advance(1)
-        h.flush()
-    assert h.record().status == CallStatus.SUCCEEDED
-    # 31 s spent on the outcome; then 1, 2, 4, 8 s waits (46 s) and the next (16 s) would pass 60:
-    # by 50 s the message was given back (with a budget per write it would wait until 62 s).
-    assert tried[:5] == [31, 32, 34, 38, 46]
-    assert h.metric("txfaas_worker_requeued_total", reason="store") == 1
 
 
 def test_failed_callback_is_recorded_and_the_message_acked_without_rerun():
@@ -891,3 +859,90 @@ def test_the_start_write_and_the_outcome_write_share_the_messages_recording_pati
     assert tried == [15, 16, 18, 22, 30, 46]
     h.clock.advance(1)  # the give-back's own backoff
     assert h.metric("txfaas_worker_requeued_total", reason="store") == 1
+
+
+SLOW_HOOK = "http://slow.test:9000/hook"
+
+
+def slow_host_never_answers(request: server.Request) -> Any:
+    """A callback receiver: ``slow.test`` accepts and never answers; any other host answers 200."""
+    if request.getRequestHostname() == b"slow.test":
+        return defer.Deferred()
+    return (200, {}, b"")
+
+
+def callbacks_to(h: Harness, host: str) -> list[dict[str, Any]]:
+    return [r for r in h.receiver.requests if r["headers"]["host"][0].startswith(host)]
+
+
+def test_slow_callback_receivers_take_no_call_capacity():
+    """Four calls whose receiver never answers, with --max-inflight 2: every call still runs at
+    once, and an ordinary call's callback is delivered at once (before, the slow callbacks held
+    both call slots for --callback-timeout each, and the ordinary call waited 20 s to run)."""
+    h = Harness(
+        respond=lambda req: (200, {}, b"ok"), callback_respond=slow_host_never_answers, max_inflight=2
+    )
+    h.deploy()
+    for n in range(4):
+        h.enqueue(call_id=f"slow-{n}", callback_url=SLOW_HOOK)
+    h.enqueue(call_id="ordinary")
+    h.start()
+    h.flush()
+    assert len(h.function.requests) == 5
+    assert len(callbacks_to(h, "slow.test")) == 4
+    [ordinary] = callbacks_to(h, "receiver.test")
+    assert ordinary["headers"]["x-call-id"] == ["ordinary"]
+    assert h.record("ordinary").callback_state == "delivered"
+    assert h.queue.pending(Q) == 0
+
+
+def test_one_host_gets_at_most_its_share_of_callback_slots_the_rest_wait_then_are_parked():
+    """--callback-host-concurrency 2: two callbacks go to the slow host, three wait; a second
+    later those three are parked in the broker (a delay queue, the same attempt), and another
+    host's callback is never held up."""
+    h = Harness(
+        respond=lambda req: (200, {}, b"ok"),
+        callback_respond=slow_host_never_answers,
+        callback_concurrency=10,
+        callback_host_concurrency=2,
+    )
+    h.deploy()
+    for n in range(5):
+        h.enqueue(call_id=f"slow-{n}", callback_url=SLOW_HOOK)
+    h.start()
+    h.flush()
+    assert len(callbacks_to(h, "slow.test")) == 2
+    h.enqueue(call_id="ordinary")
+    h.flush()
+    assert len(callbacks_to(h, "receiver.test")) == 1
+    assert h.metric("txfaas_worker_callbacks_parked_total") == 0
+    h.clock.advance(1.0)
+    h.flush()
+    assert h.metric("txfaas_worker_callbacks_parked_total") == 3
+    parked = [call for _, call in h.queue.delayed if call.queue == "txfaas.callbacks"]
+    assert sorted(c.call_id for c in parked) == ["slow-2", "slow-3", "slow-4"]
+    assert {c.callback_job.attempt for c in parked} == {1}
+    assert len(callbacks_to(h, "slow.test")) == 2
+    assert {h.record(f"slow-{n}").callback_attempts for n in range(5)} == {0}
+
+
+def test_a_callback_that_would_fill_the_callback_prefetch_waiting_is_parked_at_once():
+    """With the callback queue's prefetch (--callback-concurrency 3) about to be full of
+    callbacks waiting for one host, the newcomer is parked at once, so the prefetch always has
+    room for other hosts' callbacks."""
+    h = Harness(
+        respond=lambda req: (200, {}, b"ok"),
+        callback_respond=slow_host_never_answers,
+        callback_concurrency=3,
+        callback_host_concurrency=1,
+    )
+    h.deploy()
+    for n in range(3):
+        h.enqueue(call_id=f"slow-{n}", callback_url=SLOW_HOOK)
+    h.start()
+    h.flush()
+    assert len(callbacks_to(h, "slow.test")) == 1
+    assert h.metric("txfaas_worker_callbacks_parked_total") == 1
+    h.enqueue(call_id="ordinary")
+    h.flush()
+    assert h.record("ordinary").callback_state == "delivered"

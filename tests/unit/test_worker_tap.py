@@ -29,6 +29,7 @@ def test_defaults():
     assert w.consumer_timeout == 1800.0
     assert w.drain_timeout == 30.0
     assert w.max_result_size == 1024 * 1024
+    assert (w.callback_concurrency, w.callback_host_concurrency) == (100, 20)
     assert w.gateway_url is None
     assert w.function_url_template == "http://{name}:8080"
     assert (s.amqp.host, s.amqp.port) == ("127.0.0.1", 5672)
@@ -125,6 +126,12 @@ def test_callback_secret_file(tmp_path):
         (["--callback-allow=not a net"], {}, "--callback-allow"),
         (["--callback-secret=whsec_!!"], {}, "--callback-secret"),
         (["--max-result-size=big"], {}, "--max-result-size"),
+        (["--callback-concurrency=0"], {}, "--callback-concurrency"),
+        (
+            [],
+            {"TXFAAS_CALLBACK_HOST_CONCURRENCY": "x"},
+            "--callback-host-concurrency (from $TXFAAS_CALLBACK_HOST_CONCURRENCY)",
+        ),
     ],
 )
 def test_bad_values_name_their_flag(argv, environ, flag):

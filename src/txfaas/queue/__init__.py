@@ -7,7 +7,7 @@ receives :class:`Delivery` objects and must ack or nack each one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from txfaas.model import Call
@@ -79,8 +79,9 @@ class CallQueue(Protocol):
 
         Consuming resumes by itself after a reconnection."""
 
-    async def stop_consuming(self) -> None:
-        """Stop taking new messages; deliveries not yet acked stay owned until ack/nack/close."""
+    async def stop_consuming(self, queues: Sequence[str] | None = None) -> None:
+        """Stop taking new messages (only from the consumers of ``queues``, if given); deliveries
+        not yet acked stay owned until ack/nack/close."""
 
     async def ping(self) -> None:
         """Raise :class:`QueueUnavailable` unless the broker connection is up."""

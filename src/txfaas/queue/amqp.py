@@ -1057,7 +1057,11 @@ class AMQPQueue(Service):
         if self._conn is not None and self._conn.is_open:
             consumer.start(self._conn)
 
-    async def stop_consuming(self) -> None:
-        consumers, self._consumers = self._consumers, []
+    async def stop_consuming(self, queues: Sequence[str] | None = None) -> None:
+        if queues is None:
+            consumers, self._consumers = self._consumers, []
+        else:
+            consumers = [c for c in self._consumers if set(c.queues) & set(queues)]
+            self._consumers = [c for c in self._consumers if c not in consumers]
         for consumer in consumers:
             await consumer.stop()

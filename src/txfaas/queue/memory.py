@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -127,8 +128,11 @@ class MemoryQueue:
         self._consumers.append((list(queues), prefetch, handler))
         self._pump()
 
-    async def stop_consuming(self) -> None:
-        self._consumers.clear()
+    async def stop_consuming(self, queues: Sequence[str] | None = None) -> None:
+        if queues is None:
+            self._consumers.clear()
+        else:
+            self._consumers = [c for c in self._consumers if not set(c[0]) & set(queues)]
 
     async def ping(self) -> None:
         if not self.available:

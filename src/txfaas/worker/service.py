@@ -53,7 +53,7 @@ import random as _random
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -85,6 +85,7 @@ from txfaas.retry import DEFAULT_TIERS, CallbackPolicy, RetryConfigError, RetryP
 from txfaas.store import StoreUnavailable
 from txfaas.worker._http import BodyTooLarge, describe, fetch
 from txfaas.worker.callback import Callback, CallbackDelivery
+from txfaas.worker.slots import KeyedSlots
 
 #: How long the writes of a finished call are retried while the store is down.
 RECORD_PATIENCE = 60.0
@@ -92,6 +93,8 @@ RECORD_PATIENCE = 60.0
 ACK_MARGIN = 30.0
 #: Deliveries from the dead-letter queue handled at once.
 KEEPER_PREFETCH = 10
+#: How long a callback waits here for a slot of its host before it is parked in the broker.
+CALLBACK_WAIT = 1.0
 
 # Request headers the worker sets itself (the body producer sets Content-Length; the
 # agent sets Host for the function's own address).
@@ -134,6 +137,10 @@ class WorkerConfig:
     dead_letter_queue: str = "txfaas.dead-letter"
     #: The broker's delay tiers: a retry arriving less than half the smallest early runs now.
     delay_tiers: tuple[float, ...] = DEFAULT_TIERS
+    #: Callback deliveries at once (the callback queue's prefetch), apart from --max-inflight.
+    callback_concurrency: int = 100
+    #: Of those, at most this many to one destination host.
+    callback_host_concurrency: int = 20
 
     @property
     def exec_timeout_limit(self) -> float:
@@ -168,6 +175,10 @@ class WorkerConfig:
             raise ConfigError("--callback-max-wait", "must not be below --callback-min-wait")
         if self.delivery_limit < 0:
             raise ConfigError("--delivery-limit", "must not be negative")
+        if self.callback_concurrency < 1:
+            raise ConfigError("--callback-concurrency", "must be at least 1")
+        if self.callback_host_concurrency < 1:
+            raise ConfigError("--callback-host-concurrency", "must be at least 1")
         overlap = {self.callback_queue, self.dead_letter_queue} & set(self.queues)
         if overlap or self.callback_queue == self.dead_letter_queue:
             raise ConfigError(
@@ -221,6 +232,11 @@ class WorkerMetrics:
         )
         self.callback_retries = Counter(
             "txfaas_worker_callback_retries", "Callback deliveries scheduled again.", registry=registry
+        )
+        self.callbacks_parked = Counter(
+            "txfaas_worker_callbacks_parked",
+            "Callbacks put back in the broker for a while: their host had all its slots.",
+            registry=registry,
         )
         self.dead_letters = Counter(
             "txfaas_worker_dead_letters",
@@ -323,16 +339,19 @@ class WorkerService(Service):
         self._jobs: dict[tuple[str, str, bytes], _Job] = {}
         self._by_call: dict[tuple[str, str], _Job] = {}  # the latest job of each call
         self._stopping = False
+        self._callbacks_stopping = False  # callbacks are taken until the calls have drained
         self._failures = 0
         self._starting: defer.Deferred[None] | None = None
         self._returning: defer.Deferred[None] | None = None  # the give-back at the drain limit
         self._handlers = {CALL: self._execute, CALLBACK: self._execute_callback, DEAD: self._keep}
+        self._callback_slots = KeyedSlots(config.callback_host_concurrency)
+        self._callback_jobs = 0  # callback-queue deliveries held here (at most its prefetch)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self._stopping = False
+        self._stopping = self._callbacks_stopping = False
         self._starting = defer.Deferred.fromCoroutine(self._start())
         self._starting.addErrback(self._start_failed)
 
@@ -352,13 +371,16 @@ class WorkerService(Service):
         config = self.config
         # The dead-letter and callback queues first: work may need them as soon as it arrives.
         self._queue.consume([config.dead_letter_queue], KEEPER_PREFETCH, self.handle_dead_letter)
-        self._queue.consume([config.callback_queue], config.max_inflight, self.handle_callback)
+        self._queue.consume([config.callback_queue], config.callback_concurrency, self.handle_callback)
         self._queue.consume(list(config.queues), config.max_inflight, self.handle)
         self.log.info(
-            "consuming {queues} (max in flight {n}), callbacks from {callbacks}, dead letters from {dead}",
+            "consuming {queues} (max in flight {n}), callbacks from {callbacks} ({c} at once, {h} a host), "
+            "dead letters from {dead}",
             queues=",".join(config.queues),
             n=config.max_inflight,
             callbacks=config.callback_queue,
+            c=config.callback_concurrency,
+            h=config.callback_host_concurrency,
             dead=config.dead_letter_queue,
         )
 
@@ -374,19 +396,25 @@ class WorkerService(Service):
         self._stopping = True
         if self._starting is not None:
             self._starting.cancel()
-        try:
-            await self._queue.stop_consuming()
-        except Exception as e:
-            self.log.warn("stop consuming: {error}", error=e)
-        jobs = [job.deferred for job in self._jobs.values() if job.deferred is not None]
-        if jobs:
-            self.log.info("draining {n} call(s), for up to {t:g}s", n=len(jobs), t=self.config.drain_timeout)
+        config = self.config
+        await self._stop_consuming([*config.queues, config.dead_letter_queue])
+        limit = None
+        if self._jobs:
+            self.log.info(
+                "draining {n} call(s), for up to {t:g}s", n=len(self._jobs), t=self.config.drain_timeout
+            )
             limit = self._clock.callLater(self.config.drain_timeout, self._give_back_all)
-            await defer.DeferredList(jobs, consumeErrors=True)
-            if limit.active():
-                limit.cancel()
-            if self._returning is not None:
-                await self._returning
+            # The calls first: the callbacks they queue as they finish still go out from here.
+            await self._drained(lambda job: job.kind != CALLBACK)
+        self._callbacks_stopping = True
+        await self._stop_consuming([config.callback_queue])
+        if self._jobs and limit is None:
+            limit = self._clock.callLater(self.config.drain_timeout, self._give_back_all)
+        await self._drained(lambda job: True)
+        if limit is not None and limit.active():
+            limit.cancel()
+        if self._returning is not None:
+            await self._returning
         for what, close in (("queue", self._queue.close), ("store", getattr(self._store, "close", None))):
             if close is None:
                 continue
@@ -394,6 +422,24 @@ class WorkerService(Service):
                 await close()
             except Exception as e:
                 self.log.warn("closing the {what}: {error}", what=what, error=e)
+
+    async def _stop_consuming(self, queues: list[str]) -> None:
+        try:
+            await self._queue.stop_consuming(queues)
+        except Exception as e:
+            self.log.warn("stop consuming {queues}: {error}", queues=",".join(queues), error=e)
+
+    async def _drained(self, which: Callable[[_Job], bool]) -> None:
+        """Wait until no job ``which`` selects is running (or the drain limit gave them back)."""
+        while self._returning is None:
+            running = [
+                job.deferred
+                for job in self._jobs.values()
+                if job.deferred is not None and not job.deferred.called and which(job)
+            ]
+            if not running:
+                return
+            await defer.DeferredList(running, consumeErrors=True)
 
     def _give_back_all(self) -> None:
         left = [job for job in self._jobs.values() if job.deferred is not None]
@@ -514,7 +560,7 @@ class WorkerService(Service):
             )
             running.deliveries.append(delivery)
             return
-        if self._stopping:
+        if self._stopping and (kind != CALLBACK or self._callbacks_stopping):
             _settle(delivery, ack=False)
             return
         earlier = self._by_call.get((kind, call.call_id))
@@ -526,6 +572,8 @@ class WorkerService(Service):
             return
         job = _Job(kind, call, [delivery])
         self._jobs[key] = job
+        if kind == CALLBACK:
+            self._callback_jobs += 1
         self._by_call[(kind, call.call_id)] = job
         self.metrics.in_flight.inc()
         job.deferred = defer.Deferred.fromCoroutine(self._process(job))
@@ -547,6 +595,8 @@ class WorkerService(Service):
         if self._jobs.get(key) is job:
             del self._jobs[key]
             self.metrics.in_flight.dec()
+            if job.kind == CALLBACK:
+                self._callback_jobs -= 1
         if self._by_call.get((job.kind, job.call.call_id)) is job:
             del self._by_call[(job.kind, job.call.call_id)]
         for delivery in job.deliveries:
@@ -899,7 +949,11 @@ class WorkerService(Service):
     # --- callbacks -----------------------------------------------------------------------------
 
     async def _callback(self, call: Call, record: CallRecord, response: FunctionResponse | None) -> None:
-        """The first delivery of a finished call's callback (later ones go through the callback queue)."""
+        """Queue a finished call's callback (confirmed) on the callback queue, before the call's ack.
+
+        Every delivery is made from the callback queue, with its own concurrency: a slow
+        receiver never holds one of the calls' --max-inflight slots.  While the worker drains,
+        the first attempt is made here instead."""
         url = record.callback_url or call.callback_url
         if not url or record.callback_state not in (CallbackState.PENDING, None):
             return
@@ -928,7 +982,12 @@ class WorkerService(Service):
             replay=call.replay,
             callback_job=job,
         )
-        await self._deliver(message, job, record)
+        if self._stopping:
+            # Draining: no new call needs the slot, and a queued callback might not come
+            # back to this worker before it stops.  (Still unacked: durable all the same.)
+            await self._deliver(message, job, record)
+        else:
+            await self._queue.publish(message)
 
     async def _execute_callback(self, call: Call, delivery: Delivery) -> None:
         job = call.callback_job
@@ -972,7 +1031,40 @@ class WorkerService(Service):
                 f"{record.callback_attempts} attempt(s))",
             )
             return
-        await self._deliver(call, job, record)
+        host = (urlsplit(call.callback_url).hostname or "").lower()
+        slot = self._callback_slots.acquire(host)
+        if not slot.called:
+            # The host has all its slots: wait a little here (a busy fast receiver frees one
+            # soon), unless this is the last delivery the callback queue's prefetch lets in,
+            # or the wait is too long: then park it in the broker, so that slow receivers
+            # never fill the prefetch and hold up every other host's callbacks.
+            if self._callback_jobs >= self.config.callback_concurrency:
+                slot.addErrback(lambda f: f.trap(defer.CancelledError))
+                slot.cancel()
+                await self._park(call, host)
+                return
+            slot.addTimeout(CALLBACK_WAIT, self._clock)
+            try:
+                await slot
+            except defer.TimeoutError:
+                await self._park(call, host)
+                return
+        try:
+            await self._deliver(call, job, record)
+        finally:
+            self._callback_slots.release(host)
+
+    async def _park(self, call: Call, host: str) -> None:
+        """Put a callback back in the broker for the smallest delay tier (the same attempt)."""
+        wait = self.config.delay_tiers[0] if self.config.delay_tiers else 1.0
+        await self._queue.publish_delayed(attrs.evolve(call, not_before=self._clock.seconds() + wait), wait)
+        self.metrics.callbacks_parked.inc()
+        self.log.debug(
+            "call {call_id}: callback host {host} has all its slots; trying again in {wait:g}s",
+            call_id=call.call_id,
+            host=host,
+            wait=wait,
+        )
 
     async def _deliver(self, message: Call, job: CallbackJob, record: CallRecord) -> None:
         """One callback attempt; then the next one queued, or the end recorded (and dead-lettered)."""

@@ -110,6 +110,18 @@ FLAGS = Flags(
     ),
     Flag("callback-timeout", ("TXFAAS_CALLBACK_TIMEOUT",), "10s", "Time limit of one callback delivery."),
     Flag(
+        "callback-concurrency",
+        ("TXFAAS_CALLBACK_CONCURRENCY",),
+        "100",
+        "Callback deliveries at once (the callback queue's prefetch), apart from --max-inflight calls.",
+    ),
+    Flag(
+        "callback-host-concurrency",
+        ("TXFAAS_CALLBACK_HOST_CONCURRENCY",),
+        "20",
+        "Of those, at most this many to one host; more wait a second, then go back to the broker for a while.",
+    ),
+    Flag(
         "consumer-timeout",
         ("TXFAAS_CONSUMER_TIMEOUT",),
         "30m",
@@ -291,6 +303,8 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         function_url_template=get("function-url-template", parse_url_template),
         gateway_url=get("gateway-url", parse_http_url),
         callback_timeout=get("callback-timeout", parse_positive_duration),
+        callback_concurrency=get("callback-concurrency", parse_positive_int),
+        callback_host_concurrency=get("callback-host-concurrency", parse_positive_int),
         consumer_timeout=get("consumer-timeout", parse_positive_duration),
         drain_timeout=get("drain-timeout", parse_duration),
         max_result_size=get("max-result-size", parse_size),
