@@ -60,10 +60,19 @@ def no_html(ctx: Any, response: Any, case: Any) -> None:
 #: Found by this run and being fixed by other engineers right now: each is skipped until its fix
 #: lands (then its entry goes).
 PENDING_OPERATIONS = r"^/system/(namespaces?|secrets|logs)"  # not built yet (ns, seclogs)
-PENDING_NAMESPACE_TYPE = True  # DELETE /system/functions ignores a non-string namespace (ns)
+PENDING_NAMESPACE_TYPE = True  # delete and scale bodies ignore a non-string namespace (ns)
+
+
+def no_server_error(ctx: Any, response: Any, case: Any) -> None:
+    """No 5xx, but the proxy's documented 502 and 504: a function that is unreachable or too slow
+    (a generated deploy has no real endpoint) is not the gateway failing."""
+    if case.path.startswith("/function/") and response.status_code in (502, 504):
+        return
+    not_a_server_error(ctx, response, case)
+
 
 CHECKS = [
-    not_a_server_error,
+    no_server_error,
     status_code_conformance,
     content_type_conformance,
     response_headers_conformance,
@@ -160,6 +169,9 @@ def _keep_calls_on_our_queue(case: Any, queue: str) -> None:
 def test_every_operation_keeps_to_the_document(case, gateway):
     _keep_calls_on_our_queue(case, gateway["queue"])
     checks = CHECKS
-    if PENDING_NAMESPACE_TYPE and (case.method, case.path) == ("DELETE", "/system/functions"):
+    if PENDING_NAMESPACE_TYPE and (case.method, case.path) in (
+        ("DELETE", "/system/functions"),
+        ("POST", "/system/scale-function/{functionName}"),
+    ):
         checks = [c for c in checks if c is not negative_data_rejection]
     case.call_and_validate(base_url=gateway["base"], timeout=15, checks=checks)
