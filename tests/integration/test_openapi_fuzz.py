@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from importlib import resources
 from typing import Any
 
@@ -99,6 +101,7 @@ def gateway():
     prefix = unique("fuzz") + ":"
     queue = unique("fuzz-queue")
     watchdog_port, port = free_port(), free_port()
+    state = tempfile.mkdtemp(prefix="fuzz-state-")
     watchdog = TwistdProcess(
         "faas-watchdog",
         ["--listen", f"tcp:{watchdog_port}:interface=127.0.0.1", "--fprocess", "cat"],
@@ -114,6 +117,9 @@ def gateway():
             prefix,
             "--basic-auth",
             "true",
+            # What the gateway generates (the secrets key, say) goes here, not into $HOME.
+            "--state-dir",
+            state,
             # Generated functions' calls: refused at once, and never for long.
             "--function-url-template",
             "http://127.0.0.1:9",
@@ -148,6 +154,7 @@ def gateway():
         _block(watchdog.stop())
         _block(delete_queues(queue))
         _block(delete_redis_prefix(REDIS, prefix))
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _keep_calls_on_our_queue(case: Any, queue: str) -> None:
