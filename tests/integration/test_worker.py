@@ -14,7 +14,7 @@ from typing import Any
 import pika
 import pytest_twisted
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 
 from tests.support import (
     Recorder,
@@ -192,7 +192,7 @@ def test_help_lists_every_flag():
         "--max-attempts", "--retry-codes", "--retry-min-wait", "--retry-max-wait", "--callback-max-attempts",
         "--callback-max-age", "--callback-min-wait", "--callback-max-wait", "--max-age", "--delivery-limit",
         "--delay-tiers", "--retry-prefix", "--dead-letter-queue", "--callback-queue",
-        "--callback-concurrency", "--callback-host-concurrency",
+        "--callback-concurrency", "--callback-host-concurrency", "--max-answer-memory",
     ]:  # fmt: skip
         assert flag in result.stdout, flag
 
@@ -429,3 +429,41 @@ async def test_redis_connection_cut_under_the_worker_it_reconnects_and_finishes_
         assert len(function.requests) == 1
     finally:
         await proxy.close()
+
+
+MIB = 1024 * 1024
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_big_answers_keep_the_workers_memory_within_max_answer_memory(env):
+    """Ten calls answering 8 MiB each at once (--max-inflight 10), called back whole, with
+    --max-answer-memory 8MiB: the worker's RSS grew by 49 MiB here (a small multiple of the
+    bound: copies made while reading, publishing and receiving), against 219 MiB without the
+    bound (all ten answers held at once, with copies of each)."""
+    big = b"z" * (8 * MIB)
+    function = Recorder(lambda request: (200, {}, big))
+    receiver = Recorder()
+    name = await env.deploy(function)
+    proc, _ = await env.start_worker("--max-answer-memory", "8MiB", "--max-inflight", "10")
+    hook = env.serve(receiver) + "/cb"
+    await task.deferLater(reactor, 0.5, lambda: None)  # settle after start-up
+    baseline = _rss(proc.popen.pid)
+    for _ in range(10):
+        await env.enqueue(name, hook)
+    peak = baseline
+    deadline = time.monotonic() + 60
+    while len(receiver.requests) < 10 and time.monotonic() < deadline:
+        peak = max(peak, _rss(proc.popen.pid))
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert len(receiver.requests) == 10, proc.tail()
+    assert all(r["body"] == big for r in receiver.requests)
+    growth = (peak - baseline) / MIB
+    assert growth < 100, f"the worker grew by {growth:.0f} MiB"

@@ -946,3 +946,131 @@ def test_a_callback_that_would_fill_the_callback_prefetch_waiting_is_parked_at_o
     h.enqueue(call_id="ordinary")
     h.flush()
     assert h.record("ordinary").callback_state == "delivered"
+
+
+KIB = 1024
+
+
+def test_callbacks_of_big_answers_wait_in_the_broker_not_in_memory():
+    """--max-answer-memory 100 KiB, four calls answering 40 KiB each, the receiver not answering
+    yet: the callback consumer's prefetch is what the budget holds at the largest answer (one),
+    so one callback body is held and the other three wait in the broker; the budget never went
+    past its bound, and every byte arrives whole once the receiver answers."""
+    answer = b"x" * (40 * KIB)
+    gates: list[defer.Deferred] = []
+
+    def held(request: server.Request) -> defer.Deferred:
+        gates.append(defer.Deferred())
+        return gates[-1]
+
+    h = Harness(
+        respond=lambda req: (200, {}, answer),
+        callback_respond=held,
+        max_answer_memory=100 * KIB,
+    )
+    h.deploy()
+    for n in range(4):
+        h.enqueue(call_id=f"big-{n}")
+    h.start()
+    h.flush()
+    budget = h.worker._answers
+    assert len(h.receiver.requests) == 1
+    assert (budget.held, h.queue.pending("txfaas.callbacks")) == (40 * KIB, 3)
+    while gates:
+        gates.pop(0).callback((200, {}, b""))
+        h.flush()
+        h.clock.advance(1.0)
+        h.flush()
+    assert budget.peak <= 100 * KIB
+    assert sorted(r["headers"]["x-call-id"][0] for r in h.receiver.requests) == [f"big-{n}" for n in range(4)]
+    assert {len(r["body"]) for r in h.receiver.requests} == {40 * KIB}
+    assert {h.record(f"big-{n}").callback_state for n in range(4)} == {"delivered"}
+    assert budget.held == 0 and h.unacked == 0
+
+
+def test_an_answer_larger_than_max_answer_memory_fails_the_call_with_a_clear_error():
+    """A 100 KiB answer with --max-answer-memory 64 KiB: the call fails (502) saying so; the
+    callback gets that error; nothing of the answer is kept."""
+    h = Harness(respond=lambda req: (200, {}, b"y" * (100 * KIB)), max_answer_memory=64 * KIB)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    record = h.record()
+    assert (record.status_code, record.status) == (502, CallStatus.FAILED)
+    assert "answered more than 65536 bytes" in record.error
+    assert "--max-answer-memory" in record.error
+    [cb] = h.receiver.requests
+    assert cb["headers"]["x-function-status"] == ["502"] and b"--max-answer-memory" in cb["body"]
+    assert h.worker._answers.held == 0
+
+
+class Chunked(resource.Resource):
+    """A function answering in chunks with no Content-Length (chunked encoding)."""
+
+    isLeaf = True
+
+    def __init__(self, chunks: int, size: int) -> None:
+        super().__init__()
+        self.chunks, self.size, self.requests = chunks, size, 0
+
+    def render(self, request: server.Request) -> Any:
+        self.requests += 1
+        for n in range(self.chunks):
+            request.write(bytes([65 + n]) * self.size)
+        request.finish()
+        return server.NOT_DONE_YET
+
+
+def test_answers_of_unknown_length_reserve_as_they_arrive_and_reading_waits_for_room():
+    """Chunked answers of 90 KiB each, --max-answer-memory 128 KiB, three calls, the first's
+    callback held by its receiver: the second's reading pauses when the budget is full (30 KiB
+    of it read), the third is not started, and both go on once the first's callback is
+    delivered; every body arrives whole, and the budget never went past its bound."""
+    function = Chunked(3, 30 * KIB)
+    gate: defer.Deferred = defer.Deferred()
+    h = Harness(
+        function_resource=function,
+        callback_respond=lambda req: gate if not gate.called else (200, {}, b""),
+        max_answer_memory=128 * KIB,
+    )
+    h.deploy()
+    for n in range(3):
+        h.enqueue(call_id=f"c-{n}")
+    h.start()
+    h.flush()
+    budget = h.worker._answers
+    assert (budget.held, budget.waiting) == (120 * KIB, 1)  # c-0's callback body + 30 KiB of c-1
+    assert function.requests == 2  # c-2 is not started while the budget is full
+    gate.callback((200, {}, b""))
+    for _ in range(5):
+        h.flush()
+        h.clock.advance(1.0)
+    assert budget.peak <= 128 * KIB
+    bodies = sorted((r["headers"]["x-call-id"][0], r["body"]) for r in h.receiver.requests)
+    expected = b"A" * (30 * KIB) + b"B" * (30 * KIB) + b"C" * (30 * KIB)
+    assert bodies == [("c-0", expected), ("c-1", expected), ("c-2", expected)]
+    assert budget.held == 0 and h.unacked == 0
+
+
+def test_a_call_cut_off_while_waiting_for_answer_memory_gives_back_what_it_held():
+    """The second call's reading waits for room until its exec_timeout: it ends in a 504 and
+    the 30 KiB it had reserved are released (only the first call's callback body stays held)."""
+    gate: defer.Deferred = defer.Deferred()
+    h = Harness(
+        function_resource=Chunked(3, 30 * KIB),
+        callback_respond=lambda req: gate,
+        max_answer_memory=128 * KIB,
+        exec_timeout=5.0,
+    )
+    h.deploy()
+    h.enqueue(call_id="c-0")
+    h.enqueue(call_id="c-1")
+    h.start()
+    h.flush()
+    budget = h.worker._answers
+    assert (budget.held, budget.waiting) == (120 * KIB, 1)
+    h.clock.advance(5.0)
+    h.flush()
+    assert h.record("c-1").status_code == 504
+    assert (budget.held, budget.waiting) == (90 * KIB, 0)  # c-0's callback body, still held

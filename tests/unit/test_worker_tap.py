@@ -30,6 +30,7 @@ def test_defaults():
     assert w.drain_timeout == 30.0
     assert w.max_result_size == 1024 * 1024
     assert (w.callback_concurrency, w.callback_host_concurrency) == (100, 20)
+    assert w.max_answer_memory == 64 * 1024 * 1024
     assert w.gateway_url is None
     assert w.function_url_template == "http://{name}:8080"
     assert (s.amqp.host, s.amqp.port) == ("127.0.0.1", 5672)
@@ -127,6 +128,7 @@ def test_callback_secret_file(tmp_path):
         (["--callback-secret=whsec_!!"], {}, "--callback-secret"),
         (["--max-result-size=big"], {}, "--max-result-size"),
         (["--callback-concurrency=0"], {}, "--callback-concurrency"),
+        (["--max-answer-memory=1KiB"], {}, "--max-answer-memory"),
         (
             [],
             {"TXFAAS_CALLBACK_HOST_CONCURRENCY": "x"},

@@ -22,6 +22,7 @@ from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import IAgent, IResponse
 
 from txfaas.http11 import BytesProducer
+from txfaas.worker.budget import ByteBudget
 
 Pairs = list[tuple[bytes, bytes]]
 
@@ -31,6 +32,8 @@ class RawResponse:
     code: int
     headers: Pairs
     body: bytes
+    #: Bytes of ``budget`` the body holds: the caller's to release.
+    reserved: int = 0
 
 
 def make_headers(pairs: Pairs) -> Headers:
@@ -64,18 +67,38 @@ class BodyTooLarge(Exception):
 
 class _BodyReader(Protocol):
     def __init__(
-        self, done: defer.Deferred[bytes], limit: int | None = None, keep_head: bool = False
+        self,
+        done: defer.Deferred[bytes],
+        limit: int | None = None,
+        keep_head: bool = False,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._done = done
         self._parts: list[bytes] = []
         self._size = 0
         self._limit = limit
         self._keep_head = keep_head
+        # With a budget, every byte kept is reserved first; past it, reading pauses.
+        self._budget = budget
+        self.reserved = 0
+        self._waiting: defer.Deferred[None] | None = None
+        self._backlog: list[bytes] = []  # arrived while a reservation was waiting
+        self._ended: Failure | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._done.called:
             return
         self._size += len(data)
+        if self._budget is not None and not (self._limit is not None and self._size > self._limit):
+            if self._waiting is not None:
+                self._backlog.append(data)
+                return
+            if not self._budget.try_reserve(len(data)):
+                self._backlog.append(data)
+                self.transport.pauseProducing()
+                self._wait()
+                return
+            self.reserved += len(data)
         if self._limit is not None and self._size > self._limit:
             # Stop reading: a peer may not make us hold an unbounded body in memory.
             if self._keep_head:
@@ -87,9 +110,49 @@ class _BodyReader(Protocol):
             return
         self._parts.append(data)
 
+    def _wait(self) -> None:
+        assert self._budget is not None
+        n = sum(len(b) for b in self._backlog)
+        self._waiting = self._budget.reserve(n)
+        self._waiting.addCallbacks(self._granted, lambda f: None, callbackArgs=(n,))
+
+    def _granted(self, _: object, n: int) -> None:
+        self._waiting = None
+        self.reserved += n
+        taken = 0
+        while taken < n:
+            chunk = self._backlog.pop(0)
+            self._parts.append(chunk)
+            taken += len(chunk)
+        if self._done.called:
+            return
+        if self._backlog:
+            self._wait()
+        elif self._ended is not None:
+            self._end(self._ended)
+        else:
+            self.transport.resumeProducing()
+
+    def give_up(self) -> None:
+        """Failed or cancelled: stop waiting and give back what was reserved."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+        if self._budget is not None:
+            self._budget.release(self.reserved)
+        self.reserved = 0
+        self._parts = []
+        self._backlog = []
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._done.called:
             return
+        if self._waiting is not None:
+            self._ended = reason  # the end is read once the bytes before it are reserved
+            return
+        self._end(reason)
+
+    def _end(self, reason: Failure) -> None:
         if reason.check(ResponseDone, PotentialDataLoss):
             # PotentialDataLoss: no length was given and the connection ended: that is the end.
             self._done.callback(b"".join(self._parts))
@@ -131,11 +194,49 @@ async def _fetch(
     body: bytes | None,
     limit: int | None,
     keep_head: bool,
+    budget: ByteBudget | None = None,
 ) -> RawResponse:
     producer = None if body is None else BytesProducer(body)
     response = await agent.request(method, url, make_headers(headers), producer)
-    data = await read_body(response, limit, keep_head)
-    return RawResponse(response.code, header_pairs(response.headers), data)
+    if budget is None:
+        data = await read_body(response, limit, keep_head)
+        return RawResponse(response.code, header_pairs(response.headers), data)
+    length = response.length
+    if isinstance(length, int) and limit is not None and length > limit:
+        _abort_response(response)
+        raise BodyTooLarge(f"response body of {length} bytes is over {limit}")
+    reserved = 0
+    if isinstance(length, int) and length > 0:
+        # The whole answer at once, before a byte is read (the transport stays paused until
+        # the body is delivered): answers of known length never hold part of the budget.
+        wait = budget.reserve(length)
+        try:
+            await wait
+        except BaseException:
+            _abort_response(response)
+            raise
+        reserved = length
+    done: defer.Deferred[bytes] = defer.Deferred(lambda _: _abort(reader.transport))
+    reader = _BodyReader(done, limit, keep_head, None if reserved else budget)
+    response.deliverBody(reader)
+    try:
+        data = await done
+    except BaseException:
+        reader.give_up()
+        budget.release(reserved)
+        raise
+    # A body shorter than its Content-Length (the connection ended early) fails above.
+    return RawResponse(response.code, header_pairs(response.headers), data, reserved + reader.reserved)
+
+
+def _abort_response(response: IResponse) -> None:
+    """Abort the connection of a response whose body will not be read."""
+
+    class _Discard(Protocol):
+        def connectionMade(self) -> None:
+            _abort(self.transport)
+
+    response.deliverBody(_Discard())
 
 
 def fetch(
@@ -146,17 +247,20 @@ def fetch(
     body: bytes | None,
     limit: int | None = None,
     keep_head: bool = False,
+    budget: ByteBudget | None = None,
 ) -> defer.Deferred[RawResponse]:
     """Send one request and read the whole answer.
 
     ``body=None`` sends no body (and no ``Content-Length``); ``limit``/``keep_head``
-    bound the answer's body (see :func:`read_body`).  Cancelling the
+    bound the answer's body (see :func:`read_body`).  With ``budget``, the body's bytes are
+    reserved in it before they are kept (reading waits for room; see :class:`ByteBudget`) and
+    the result's ``reserved`` must be released by the caller.  Cancelling the
     Deferred aborts the connection and always fails it with ``CancelledError``
     (the agent itself would report ``ResponseNeverReceived``), so ``addTimeout``
     turns it into ``TimeoutError`` and callers can tell cancellation from a
     broken function.
     """
-    inner = defer.Deferred.fromCoroutine(_fetch(agent, method, url, headers, body, limit, keep_head))
+    inner = defer.Deferred.fromCoroutine(_fetch(agent, method, url, headers, body, limit, keep_head, budget))
     cancelled = False
 
     def cancel(_: defer.Deferred[RawResponse]) -> None:
@@ -168,6 +272,8 @@ def fetch(
 
     def relay(result: Any) -> None:
         if cancelled:
+            if budget is not None and isinstance(result, RawResponse):
+                budget.release(result.reserved)  # finished as it was cancelled: nobody takes it
             return None  # outer fails with CancelledError; whatever the abort caused is moot
         if isinstance(result, Failure):
             outer.errback(result)

@@ -50,6 +50,7 @@ with it, instead of running the function a second time.
 from __future__ import annotations
 
 import random as _random
+from collections import deque
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from typing import Any
@@ -84,6 +85,7 @@ from txfaas.queue import CallQueue, Delivery
 from txfaas.retry import DEFAULT_TIERS, CallbackPolicy, RetryConfigError, RetryPolicy, parse_retry_after
 from txfaas.store import StoreUnavailable
 from txfaas.worker._http import BodyTooLarge, describe, fetch
+from txfaas.worker.budget import ByteBudget
 from txfaas.worker.callback import Callback, CallbackDelivery
 from txfaas.worker.slots import KeyedSlots
 
@@ -141,6 +143,8 @@ class WorkerConfig:
     callback_concurrency: int = 100
     #: Of those, at most this many to one destination host.
     callback_host_concurrency: int = 20
+    #: Bytes of functions' answers held at once, all jobs together (--max-answer-memory).
+    max_answer_memory: int = 64 * 1024 * 1024
 
     @property
     def exec_timeout_limit(self) -> float:
@@ -179,6 +183,8 @@ class WorkerConfig:
             raise ConfigError("--callback-concurrency", "must be at least 1")
         if self.callback_host_concurrency < 1:
             raise ConfigError("--callback-host-concurrency", "must be at least 1")
+        if self.max_answer_memory < 64 * 1024:
+            raise ConfigError("--max-answer-memory", "must be at least 64KiB")
         overlap = {self.callback_queue, self.dead_letter_queue} & set(self.queues)
         if overlap or self.callback_queue == self.dead_letter_queue:
             raise ConfigError(
@@ -235,7 +241,8 @@ class WorkerMetrics:
         )
         self.callbacks_parked = Counter(
             "txfaas_worker_callbacks_parked",
-            "Callbacks put back in the broker for a while: their host had all its slots.",
+            "Callbacks put back in the broker for a while: their host had all its slots, or the "
+            "answers held filled --max-answer-memory.",
             registry=registry,
         )
         self.dead_letters = Counter(
@@ -279,6 +286,20 @@ class _Patience:
 
 
 _recording: ContextVar[_Patience | None] = ContextVar("txfaas_worker_recording", default=None)
+
+
+class _NoRoom(Exception):
+    """A callback's body does not fit in --max-answer-memory now: give its message back."""
+
+
+@attrs.define
+class _Holding:
+    """Bytes of --max-answer-memory a job holds (its function's answer, or its callback's body)."""
+
+    bytes: int = 0
+
+
+_holding: ContextVar[_Holding | None] = ContextVar("txfaas_worker_holding", default=None)
 
 
 @attrs.define(eq=False)
@@ -345,6 +366,11 @@ class WorkerService(Service):
         self._returning: defer.Deferred[None] | None = None  # the give-back at the drain limit
         self._handlers = {CALL: self._execute, CALLBACK: self._execute_callback, DEAD: self._keep}
         self._callback_slots = KeyedSlots(config.callback_host_concurrency)
+        self._answers = ByteBudget(config.max_answer_memory, on_free=self._admit)
+        self._held_back: deque[Delivery] = deque()  # calls not started while answers fill the budget
+        self._callbacks_paused = False  # the callback consumer, stopped while answers fill it
+        self._callback_prefetch = config.callback_concurrency
+        self._callback_biggest = 0  # the largest callback body seen since the budget was last empty
         self._callback_jobs = 0  # callback-queue deliveries held here (at most its prefetch)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -371,7 +397,8 @@ class WorkerService(Service):
         config = self.config
         # The dead-letter and callback queues first: work may need them as soon as it arrives.
         self._queue.consume([config.dead_letter_queue], KEEPER_PREFETCH, self.handle_dead_letter)
-        self._queue.consume([config.callback_queue], config.callback_concurrency, self.handle_callback)
+        # Until callbacks show their size: as many as the budget holds at the largest answer.
+        self._consume_callbacks(self._prefetch_for(config.max_answer_memory, MAX_FUNCTION_RESPONSE))
         self._queue.consume(list(config.queues), config.max_inflight, self.handle)
         self.log.info(
             "consuming {queues} (max in flight {n}), callbacks from {callbacks} ({c} at once, {h} a host), "
@@ -398,6 +425,8 @@ class WorkerService(Service):
             self._starting.cancel()
         config = self.config
         await self._stop_consuming([*config.queues, config.dead_letter_queue])
+        while self._held_back:  # never started: straight back to the queue
+            _settle(self._held_back.popleft(), ack=False)
         limit = None
         if self._jobs:
             self.log.info(
@@ -563,6 +592,12 @@ class WorkerService(Service):
         if self._stopping and (kind != CALLBACK or self._callbacks_stopping):
             _settle(delivery, ack=False)
             return
+        if kind == CALL and self._answers.full:
+            # The answers held fill --max-answer-memory: start no new call until some are
+            # released.  The message waits here unacked (durable), and with the prefetch
+            # used up the broker sends no more.
+            self._held_back.append(delivery)
+            return
         earlier = self._by_call.get((kind, call.call_id))
         if earlier is not None and not earlier.settled:
             # Another message of this call (its next attempt, a callback retry) while the one
@@ -578,6 +613,36 @@ class WorkerService(Service):
         self.metrics.in_flight.inc()
         job.deferred = defer.Deferred.fromCoroutine(self._process(job))
         job.deferred.addErrback(self._process_failed, job)
+
+    def _admit(self) -> None:
+        """Room in the answer budget again: start the calls held back, while it lasts, and take
+        callbacks again (as many at once as the room left holds, at the largest body seen)."""
+        while self._held_back and not self._answers.full:
+            delivery = self._held_back.popleft()
+            if self._stopping:
+                _settle(delivery, ack=False)
+            else:
+                self._begin(CALL, delivery)
+        self._tune_callbacks()
+
+    def _tune_callbacks(self) -> None:
+        """Resume a paused callback consumer, or raise its prefetch, to what the room left holds
+        at the largest body seen since it started (a new consumer; the old one ends)."""
+        if self._callbacks_stopping or self._answers.full:
+            return
+        room = self._answers.capacity - self._answers.held
+        if self._callbacks_paused:
+            self._callbacks_paused = False
+            self._consume_callbacks(self._prefetch_for(room, self._callback_biggest or MAX_FUNCTION_RESPONSE))
+        elif self._callback_biggest and self._callback_prefetch < self.config.callback_concurrency:
+            prefetch = self._prefetch_for(room, self._callback_biggest)
+            if prefetch >= 2 * self._callback_prefetch:
+                d = defer.Deferred.fromCoroutine(self._queue.stop_consuming([self.config.callback_queue]))
+                d.addErrback(lambda f: self.log.failure("restarting the callback consumer failed", f))
+                self._consume_callbacks(prefetch)
+
+    def _prefetch_for(self, room: int, size: int) -> int:
+        return max(1, min(self.config.callback_concurrency, room // max(1, size)))
 
     def _process_failed(self, failure: Failure, job: _Job) -> None:
         if not failure.check(defer.CancelledError):
@@ -608,10 +673,22 @@ class WorkerService(Service):
         call = job.call
         # Twisted runs each coroutine in a copy of the context: this budget is this job's alone.
         _recording.set(_Patience())
+        holding = _Holding()
+        _holding.set(holding)
         try:
-            await self._handlers[job.kind](call, job.deliveries[0])
+            try:
+                await self._handlers[job.kind](call, job.deliveries[0])
+            finally:
+                # The answer is no longer needed once the job's work is done (or failed).
+                self._answers.release(holding.bytes)
+                holding.bytes = 0
+                if job.kind == CALLBACK:
+                    self._tune_callbacks()
         except StoreUnavailable as e:
             await self._give_back(job, "store", f"store unavailable: {e}")
+        except _NoRoom:
+            self.metrics.requeued.labels("memory").inc()
+            self._settle_job(job, ack=False)
         except defer.CancelledError:
             raise
         except Exception:
@@ -996,6 +1073,7 @@ class WorkerService(Service):
                 "call {call_id}: a callback-queue message without a callback; dropped", call_id=call.call_id
             )
             return
+        self._hold_callback_body(call)
         if await self._early(call):
             return
         record = await self._store.get_call(call.call_id)
@@ -1038,31 +1116,66 @@ class WorkerService(Service):
             # soon), unless this is the last delivery the callback queue's prefetch lets in,
             # or the wait is too long: then park it in the broker, so that slow receivers
             # never fill the prefetch and hold up every other host's callbacks.
-            if self._callback_jobs >= self.config.callback_concurrency:
+            if self._callback_jobs >= self._callback_prefetch:
                 slot.addErrback(lambda f: f.trap(defer.CancelledError))
                 slot.cancel()
-                await self._park(call, host)
+                await self._park(call, f"callback host {host} has all its slots")
                 return
             slot.addTimeout(CALLBACK_WAIT, self._clock)
             try:
                 await slot
             except defer.TimeoutError:
-                await self._park(call, host)
+                await self._park(call, f"callback host {host} has all its slots")
                 return
         try:
             await self._deliver(call, job, record)
         finally:
             self._callback_slots.release(host)
 
-    async def _park(self, call: Call, host: str) -> None:
+    def _hold_callback_body(self, call: Call) -> None:
+        """Count a callback's body (the answer it carries) in --max-answer-memory, or refuse it.
+
+        Refused (:class:`_NoRoom`): the message goes straight back to the broker, which frees it
+        here, and the callback consumer pauses until answers are released; it resumes with a
+        prefetch that the room left can hold (see :meth:`_admit`)."""
+        size = len(call.body)
+        self._callback_biggest = max(self._callback_biggest, size, 1)
+        if size > self._answers.capacity:
+            return  # from before the bound was lowered: it can never fit, so it is just sent
+        if not self._answers.try_reserve(size):
+            self._pause_callbacks()
+            raise _NoRoom()
+        holding = _holding.get()
+        if holding is not None:
+            holding.bytes += size
+        else:
+            self._answers.release(size)
+
+    def _pause_callbacks(self) -> None:
+        if self._callbacks_paused or self._callbacks_stopping:
+            return
+        self._callbacks_paused = True
+        self.log.info(
+            "the answers held fill --max-answer-memory ({n} bytes): taking no callbacks until some are released",
+            n=self._answers.capacity,
+        )
+        d = defer.Deferred.fromCoroutine(self._queue.stop_consuming([self.config.callback_queue]))
+        d.addErrback(lambda f: self.log.failure("pausing the callback consumer failed", f))
+
+    def _consume_callbacks(self, prefetch: int) -> None:
+        self._callback_prefetch = prefetch
+        self._callback_biggest = 0
+        self._queue.consume([self.config.callback_queue], prefetch, self.handle_callback)
+
+    async def _park(self, call: Call, why: str) -> None:
         """Put a callback back in the broker for the smallest delay tier (the same attempt)."""
         wait = self.config.delay_tiers[0] if self.config.delay_tiers else 1.0
         await self._queue.publish_delayed(attrs.evolve(call, not_before=self._clock.seconds() + wait), wait)
         self.metrics.callbacks_parked.inc()
         self.log.debug(
-            "call {call_id}: callback host {host} has all its slots; trying again in {wait:g}s",
+            "call {call_id}: {why}; its callback is tried again in {wait:g}s",
             call_id=call.call_id,
-            host=host,
+            why=why,
             wait=wait,
         )
 
@@ -1261,7 +1374,8 @@ class WorkerService(Service):
         except (UnicodeEncodeError, KeyError, IndexError, ValueError) as e:
             text = f"cannot build the URL of function {call.function!r}: {e}"
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
-        d = fetch(self._agent, method, url, headers, body, limit=MAX_FUNCTION_RESPONSE)
+        limit = min(MAX_FUNCTION_RESPONSE, self._answers.capacity)
+        d = fetch(self._agent, method, url, headers, body, limit=limit, budget=self._answers)
         d.addTimeout(timeout, self._clock)
         try:
             raw = await d
@@ -1271,11 +1385,19 @@ class WorkerService(Service):
         except defer.CancelledError:
             raise
         except BodyTooLarge:
-            text = f"function {call.function!r} answered more than {MAX_FUNCTION_RESPONSE} bytes"
+            text = (
+                f"function {call.function!r} answered more than {limit} bytes, the most a worker "
+                f"holds of one answer (--max-answer-memory, at most {MAX_FUNCTION_RESPONSE})"
+            )
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
         except Exception as e:
             text = f"function {call.function!r} unreachable: {describe(e)}"
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
+        holding = _holding.get()
+        if holding is not None:
+            holding.bytes += raw.reserved
+        else:  # not within a job (a test calling in directly): nobody would release it
+            self._answers.release(raw.reserved)
         return FunctionResponse(raw.code, raw.headers, raw.body)
 
 

@@ -134,6 +134,12 @@ FLAGS = Flags(
         "On SIGTERM, how long running calls may finish before they go back to the queue.",
     ),
     Flag(
+        "max-answer-memory",
+        ("TXFAAS_MAX_ANSWER_MEMORY",),
+        "64MiB",
+        "Bytes of functions' answers the worker holds at once; past it, it reads answers and starts calls only as memory frees (one answer over it fails with 502).",
+    ),
+    Flag(
         "max-result-size",
         ("TXFAAS_MAX_RESULT_SIZE",),
         "1MiB",
@@ -308,6 +314,7 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         consumer_timeout=get("consumer-timeout", parse_positive_duration),
         drain_timeout=get("drain-timeout", parse_duration),
         max_result_size=get("max-result-size", parse_size),
+        max_answer_memory=get("max-answer-memory", parse_size),
         retry=RetryPolicy(
             max_attempts=get("max-attempts", parse_positive_int),
             min_wait=get("retry-min-wait", parse_duration),
