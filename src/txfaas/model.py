@@ -29,6 +29,9 @@ URL_ANNOTATION = "txfaas.url"
 TIMEOUT_ANNOTATION = "txfaas.timeout"
 QUEUE_ANNOTATION = "com.openfaas.queue"
 DEFAULT_QUEUE = "faas-request"
+#: OpenFaaS's default function namespace.  Records and messages written before namespaces
+#: existed carry none and belong to it; its functions keep the keys they had then.
+DEFAULT_NAMESPACE = "openfaas-fn"
 
 
 class ValidationError(ValueError):
@@ -53,6 +56,89 @@ def check_name(name: str, field: str = "service") -> str:
             "starting and ending with a letter or digit",
         )
     return name
+
+
+def check_namespace(namespace: str, field: str = "namespace") -> str:
+    """A namespace name must be a DNS-1123 label of at most 63 characters, as in Kubernetes."""
+    if not isinstance(namespace, str) or not namespace:
+        raise ValidationError(field, "a namespace name is required")
+    if len(namespace) > MAX_NAME or not NAME_RULE.match(namespace):
+        raise ValidationError(
+            field,
+            f"invalid namespace {namespace!r}: use at most {MAX_NAME} lower-case letters, digits "
+            "and '-', starting and ending with a letter or digit",
+        )
+    return namespace
+
+
+def function_ref(name: str, namespace: str) -> str:
+    """``name.namespace``: a function's full name (metrics labels, ``X-Function-Name``, logs)."""
+    return f"{name}.{namespace}"
+
+
+def split_ref(ref: str, default_namespace: str, field: str = "function name") -> tuple[str, str]:
+    """``name`` or ``name.namespace`` (as in ``/function/{ref}``) -> (name, namespace), both checked."""
+    name, dot, namespace = ref.partition(".")
+    check_name(name, field)
+    if not dot:
+        return name, default_namespace
+    return name, check_namespace(namespace, field)
+
+
+def store_key(name: str, namespace: str) -> str:
+    """Where a function is kept: the default namespace's under the bare name, as before
+    namespaces existed (so their records are still found), any other's under ``name.namespace``."""
+    return name if namespace == DEFAULT_NAMESPACE else f"{name}.{namespace}"
+
+
+def ref_key(ref: str) -> str:
+    """The :func:`store_key` of ``name.namespace`` (or of a bare name: the default namespace's)."""
+    name, _, namespace = ref.partition(".")
+    return store_key(name, namespace or DEFAULT_NAMESPACE)
+
+
+def key_namespace(key: str) -> str:
+    """The namespace :func:`store_key` put in ``key``."""
+    return key.partition(".")[2] or DEFAULT_NAMESPACE
+
+
+def _namespace_or(data: Mapping[str, Any], default: str) -> str:
+    """A body's ``namespace``: absent or empty means ``default``."""
+    value = data.get("namespace")
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise ValidationError("namespace", "must be a string")
+    return check_namespace(value)
+
+
+@attrs.frozen
+class Namespace:
+    """A function namespace: faas-provider's ``FunctionNamespace``."""
+
+    name: str
+    labels: dict[str, str] = attrs.field(factory=dict)
+    annotations: dict[str, str] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, name: str | None = None) -> Namespace:
+        """Validate a ``{name, labels, annotations}`` body; ``name`` is the URL's, if it has one."""
+        if not isinstance(data, dict):
+            raise ValidationError("", "the body must be a JSON object")
+        given = data.get("name")
+        if given is None or given == "":
+            if name is None:
+                raise ValidationError("name", "missing")
+            given = name
+        if not isinstance(given, str):
+            raise ValidationError("name", "must be a string")
+        check_namespace(given, "name")
+        if name is not None and given != name:
+            raise ValidationError("name", f"{given!r} does not match the URL's {name!r}")
+        return cls(given, _str_map(data, "labels"), _str_map(data, "annotations"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "labels": dict(self.labels), "annotations": dict(self.annotations)}
 
 
 def check_queue_name(name: str, field: str = "annotations.com.openfaas.queue") -> str:
@@ -147,7 +233,7 @@ class FunctionSpec:
 
     service: str
     image: str = ""
-    namespace: str = ""
+    namespace: str = DEFAULT_NAMESPACE
     env_process: str = ""
     env_vars: dict[str, str] = attrs.field(factory=dict)
     labels: dict[str, str] = attrs.field(factory=dict)
@@ -162,8 +248,16 @@ class FunctionSpec:
     created_at: float = 0.0
 
     @classmethod
-    def from_json(cls, data: Any, *, created_at: float | None = None) -> FunctionSpec:
-        """Validate a FunctionDeployment body; raise :class:`ValidationError` naming the field."""
+    def from_json(
+        cls,
+        data: Any,
+        *,
+        created_at: float | None = None,
+        default_namespace: str = DEFAULT_NAMESPACE,
+    ) -> FunctionSpec:
+        """Validate a FunctionDeployment body; raise :class:`ValidationError` naming the field.
+
+        No ``namespace`` (or an empty one) means ``default_namespace``."""
         if not isinstance(data, dict):
             raise ValidationError("", "the body must be a JSON object")
         if "service" not in data:
@@ -189,7 +283,7 @@ class FunctionSpec:
         spec = cls(
             service=service,
             image=_str(data, "image"),
-            namespace=_str(data, "namespace"),
+            namespace=_namespace_or(data, default_namespace),
             env_process=_str(data, "envProcess"),
             env_vars=_str_map(data, "envVars"),
             labels=_str_map(data, "labels"),
@@ -207,6 +301,16 @@ class FunctionSpec:
         spec.queue  # noqa: B018
         spec.check_retry_annotations()
         return spec
+
+    @functools.cached_property
+    def ref(self) -> str:
+        """``name.namespace`` (:func:`function_ref`)."""
+        return function_ref(self.service, self.namespace)
+
+    @property
+    def key(self) -> str:
+        """Where the store keeps it (:func:`store_key`)."""
+        return store_key(self.service, self.namespace)
 
     # Both are read on every call (the proxy, the async accept): computed once per record.
     @functools.cached_property
@@ -252,8 +356,14 @@ class FunctionSpec:
         return data
 
     @classmethod
-    def from_record(cls, data: Mapping[str, Any]) -> FunctionSpec:
-        spec = cls.from_json(dict(data), created_at=float(data.get("createdAt") or 0.0))
+    def from_record(cls, data: Mapping[str, Any], key: str | None = None) -> FunctionSpec:
+        """A stored record.  The key it was found under decides its namespace: a record of the
+        releases before namespaces (kept under the bare name, whatever ``namespace`` it
+        carried, often none) is the default namespace's."""
+        data = dict(data)
+        if key is not None:
+            data["namespace"] = key_namespace(key)
+        spec = cls.from_json(data, created_at=float(data.get("createdAt") or 0.0))
         return attrs.evolve(spec, replicas=int(data.get("replicas", 1)))
 
     def deployment_json(self) -> dict[str, Any]:
@@ -287,17 +397,18 @@ class FunctionSpec:
         }
 
 
-def parse_scale_request(data: Any, name: str) -> int:
-    """``{"serviceName": name, "replicas": n}`` -> n."""
+def parse_scale_request(data: Any, name: str, default_namespace: str = DEFAULT_NAMESPACE) -> tuple[str, int]:
+    """``{"serviceName": name, "namespace": ns, "replicas": n}`` -> (namespace, n)."""
     if not isinstance(data, dict):
         raise ValidationError("", "the body must be a JSON object")
     service = data.get("serviceName", name)
     if service != name:
         raise ValidationError("serviceName", f"{service!r} does not match the URL's {name!r}")
+    namespace = _namespace_or(data, default_namespace)
     replicas = data.get("replicas")
     if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= MAX_REPLICAS:
         raise ValidationError("replicas", f"must be a whole number from 0 to {MAX_REPLICAS}")
-    return replicas
+    return namespace, replicas
 
 
 # --- asynchronous calls ------------------------------------------------------------------------
@@ -394,6 +505,12 @@ class Call:
     dead: DeadMark | None = None
     #: Set on messages in the callback queue.
     callback_job: CallbackJob | None = None
+    namespace: str = DEFAULT_NAMESPACE
+
+    @property
+    def ref(self) -> str:
+        """``name.namespace`` (:func:`function_ref`)."""
+        return function_ref(self.function, self.namespace)
 
     def meta(self) -> dict[str, Any]:
         """Everything but the body, as JSON-able data (the body travels as the raw payload)."""
@@ -401,6 +518,7 @@ class Call:
             "v": 1,
             "callId": self.call_id,
             "function": self.function,
+            "namespace": self.namespace,
             "method": self.method,
             "path": self.path,
             "query": self.query,
@@ -442,6 +560,8 @@ class Call:
                 replay=int(meta.get("replay", 0)),
                 dead=None if dead is None else DeadMark.from_json(dead),
                 callback_job=None if job is None else CallbackJob.from_json(job),
+                # A message queued before namespaces existed has none: the default namespace's.
+                namespace=str(meta.get("namespace") or DEFAULT_NAMESPACE),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValidationError("message", f"not a txfaas call: {e}") from None
@@ -535,6 +655,7 @@ class CallRecord:
     replays: int = 0
     #: While ``accepting``: when the gateway's claim lapses (on the store's clock).
     accepting_until: float | None = None
+    namespace: str = DEFAULT_NAMESPACE
 
     @property
     def final(self) -> bool:
@@ -544,6 +665,7 @@ class CallRecord:
         return {
             "callId": self.call_id,
             "function": self.function,
+            "namespace": self.namespace,
             "status": self.status,
             "statusCode": self.status_code,
             "attempts": self.attempts,
@@ -593,6 +715,8 @@ class CallRecord:
             interruptions=data.get("interruptions", 0),
             replays=data.get("replays", 0),
             accepting_until=data.get("acceptingUntil"),
+            # A record written before namespaces existed has none: the default namespace's.
+            namespace=data.get("namespace") or DEFAULT_NAMESPACE,
         )
 
     @classmethod
@@ -605,6 +729,7 @@ class CallRecord:
             callback_state="pending" if call.callback_url else None,
             queue=call.queue,
             replays=call.replay,
+            namespace=call.namespace,
         )
 
 
@@ -659,6 +784,15 @@ class DeadLetter:
         return self.call.function
 
     @property
+    def namespace(self) -> str:
+        return self.call.namespace
+
+    @property
+    def key(self) -> str:
+        """The function's :func:`store_key` (the dead letters are indexed by it)."""
+        return store_key(self.call.function, self.call.namespace)
+
+    @property
     def phase(self) -> str:
         """``call`` (re-queued to run again) or ``callback`` (re-queued to deliver the kept answer)."""
         return "callback" if self.call.callback_job is not None else "call"
@@ -669,6 +803,7 @@ class DeadLetter:
         return {
             "callId": self.call.call_id,
             "function": self.call.function,
+            "namespace": self.call.namespace,
             "queue": self.call.queue,
             "phase": self.phase,
             "reason": mark.reason,

@@ -14,9 +14,10 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
+from tests.store_contract import CONTRACT
 from tests.support import free_port, unique
 from txfaas.config import RedisURL, parse_redis_url
-from txfaas.model import CallRecord, CallResult, CallStatus, FunctionSpec
+from txfaas.model import Call, CallRecord, CallResult, CallStatus, DeadLetter, DeadMark, FunctionSpec
 from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
 from txfaas.store.redis import RedisStore, commands_protocol
 
@@ -254,7 +255,7 @@ async def test_spec_round_trips_every_field_through_redis(store):
         replicas=2,
     )
     await store.create_function(full)
-    assert await store.get_function("full") == full
+    assert await store.get_function("full", "ns") == full
 
 
 @pytest_twisted.ensureDeferred
@@ -386,3 +387,100 @@ async def test_only_the_claims_owner_settles_it(store):
     claim, _ = await store.claim_call(CallRecord("c2", "fn"), 10.0)
     assert await store.settle_claim(claim, None) is None
     assert await store.get_call("c2") is None
+
+
+# --- namespaces ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CONTRACT, ids=lambda c: c.__name__)
+@pytest_twisted.ensureDeferred
+async def test_namespace_contract(store, case):
+    await case(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_of_the_release_before_namespaces_read_as_the_default_namespace(store, prefix, raw):
+    """Exactly what the release before namespaces wrote: a function (namespace "" under its bare
+    name), its counter, a call record and a dead letter without namespace."""
+    old_function = {
+        "service": "echo",
+        "image": "old:1",
+        "namespace": "",
+        "envProcess": "",
+        "envVars": {},
+        "labels": {},
+        "annotations": {},
+        "constraints": [],
+        "secrets": [],
+        "limits": None,
+        "requests": None,
+        "readOnlyRootFilesystem": False,
+        "url": "http://old.example:8080",
+        "replicas": 2,
+        "createdAt": 5.0,
+    }
+    await raw.hset(f"{prefix}functions", "echo", orjson.dumps(old_function))
+    await raw.hset(f"{prefix}invocations", "echo", "7")
+    await raw.set(
+        f"{prefix}call:c-old", orjson.dumps({"callId": "c-old", "function": "echo", "status": "succeeded"})
+    )
+    old_message = {
+        "v": 1,
+        "callId": "c-dead",
+        "function": "echo",
+        "method": "POST",
+        "path": "/",
+        "query": "",
+        "headers": [],
+        "callbackUrl": None,
+        "acceptedAt": 1.0,
+        "queue": "faas-request",
+        "attempt": 3,
+        "dead": {"reason": "max_age", "at": 9.0, "error": None, "attempts": 3},
+    }
+    old_letter = {
+        "callId": "c-dead",
+        "function": "echo",
+        "queue": "faas-request",
+        "phase": "call",
+        "reason": "max_age",
+        "message": old_message,
+        "body": "",
+    }
+    await raw.set(f"{prefix}dead:c-dead", orjson.dumps(old_letter))
+    await raw.zadd(f"{prefix}dead-letters", 9.0, "c-dead")
+    await raw.zadd(f"{prefix}dead-letters:fn:echo", 9.0, "c-dead")
+
+    spec = await store.get_function("echo")
+    assert (spec.namespace, spec.ref, spec.image, spec.replicas) == (
+        "openfaas-fn",
+        "echo.openfaas-fn",
+        "old:1",
+        2,
+    )
+    assert await store.get_function("echo", "openfaas-fn") == spec
+    assert await store.get_function("echo", "dev") is None
+    assert [s.ref for s in await store.list_functions("openfaas-fn")] == ["echo.openfaas-fn"]
+    assert await store.invocation_counts(["echo.openfaas-fn"]) == {"echo.openfaas-fn": 7}
+    assert (await store.get_call("c-old")).namespace == "openfaas-fn"
+    [letter] = await store.list_dead_letters("echo")
+    assert (letter.call_id, letter.namespace) == ("c-dead", "openfaas-fn")
+    assert await store.remove_dead_letter("c-dead")
+    assert int(await raw.zcard(f"{prefix}dead-letters:fn:echo")) == 0
+
+    # Deleting it in the default namespace removes the old record and its counter.
+    await store.delete_function("echo", "openfaas-fn")
+    assert await raw.hget(f"{prefix}functions", "echo") is None
+    assert await raw.hget(f"{prefix}invocations", "echo") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_letter_of_another_namespace_is_indexed_and_removed_by_name_dot_namespace(
+    store, prefix, raw
+):
+    call = Call(call_id="c-ns", function="echo", namespace="dev", dead=DeadMark("max_age", 3.0))
+    await store.put_dead_letter(DeadLetter(call))
+    assert [d.call_id for d in await store.list_dead_letters("echo.dev")] == ["c-ns"]
+    assert await store.list_dead_letters("echo") == []
+    assert await store.remove_dead_letter("c-ns")
+    assert int(await raw.zcard(f"{prefix}dead-letters:fn:echo.dev")) == 0

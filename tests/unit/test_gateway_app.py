@@ -154,7 +154,9 @@ class HealthTests(GatewayTestCase):
         self.call("GET", "/function/echo")
         response, body = self.call("GET", "/metrics")
         self.assertEqual(response.code, 200)
-        self.assertIn(b'gateway_function_invocation_total{code="200",function_name="echo"} 1.0', body)
+        self.assertIn(
+            b'gateway_function_invocation_total{code="200",function_name="echo.openfaas-fn"} 1.0', body
+        )
 
 
 class AuthTests(GatewayTestCase):
@@ -387,7 +389,7 @@ class AsyncAcceptTests(GatewayTestCase):
         for code in ("202", "503"):
             self.assertEqual(
                 registry.get_sample_value(
-                    "gateway_async_calls_total", {"function_name": "echo", "code": code}
+                    "gateway_async_calls_total", {"function_name": "echo.openfaas-fn", "code": code}
                 ),
                 1.0,
             )

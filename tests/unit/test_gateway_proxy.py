@@ -261,7 +261,7 @@ class UnreachableTests(GatewayTestCase):
         self.deploy("echo")
         response, body = self.call("GET", "/function/echo")
         self.assertEqual(response.code, 502)
-        self.assertEqual(body, b"function 'echo' unreachable: connection refused\n")
+        self.assertEqual(body, b"function 'echo.openfaas-fn' unreachable: connection refused\n")
 
 
 class MetricsTests(GatewayTestCase):
@@ -272,12 +272,15 @@ class MetricsTests(GatewayTestCase):
         registry = self.metrics.registry
         self.assertEqual(
             registry.get_sample_value(
-                "gateway_function_invocation_total", {"function_name": "echo", "code": "200"}
+                "gateway_function_invocation_total", {"function_name": "echo.openfaas-fn", "code": "200"}
             ),
             2.0,
         )
         self.assertEqual(
-            registry.get_sample_value("gateway_function_invocation_started", {"function_name": "echo"}), 2.0
+            registry.get_sample_value(
+                "gateway_function_invocation_started", {"function_name": "echo.openfaas-fn"}
+            ),
+            2.0,
         )
 
     def test_invocation_counts_reach_the_store_in_batches(self) -> None:

@@ -229,7 +229,7 @@ _specs = st.builds(
     FunctionSpec,
     service=_name,
     image=_text,
-    namespace=_text,
+    namespace=st.just("openfaas-fn") | _name,
     env_process=_text,
     env_vars=_str_map.filter(lambda d: "exec_timeout" not in d),
     labels=_str_map,
@@ -250,6 +250,7 @@ _specs = st.builds(
 @given(_specs)
 def test_to_record_from_record_round_trips_through_json(spec):
     assert FunctionSpec.from_record(json.loads(json.dumps(spec.to_record()))) == spec
+    assert FunctionSpec.from_record(json.loads(json.dumps(spec.to_record())), spec.key) == spec
 
 
 def test_from_record_validates_like_from_json():
@@ -458,9 +459,13 @@ def test_outcome_status_maps_http_status_to_record_status(code, status):
     assert outcome_status(code) == status
 
 
-def test_parse_scale_request_returns_the_replicas():
-    assert parse_scale_request({"serviceName": "fn", "replicas": 3}, "fn") == 3
-    assert parse_scale_request({"replicas": 0}, "fn") == 0
+def test_parse_scale_request_returns_the_namespace_and_replicas():
+    assert parse_scale_request({"serviceName": "fn", "replicas": 3}, "fn") == ("openfaas-fn", 3)
+    assert parse_scale_request({"replicas": 0}, "fn", "dev") == ("dev", 0)
+    assert parse_scale_request({"serviceName": "fn", "namespace": "staging", "replicas": 2}, "fn") == (
+        "staging",
+        2,
+    )
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,7 @@ def test_a_dead_letter_keeps_the_whole_message_and_lists_a_summary():
     assert again == letter
     assert letter.summary_json() == {
         "callId": "c1",
+        "namespace": "openfaas-fn",
         "function": "fn",
         "queue": "q",
         "phase": "call",

@@ -100,7 +100,7 @@ def test_a_call_retried_until_it_succeeds_calls_back_once_with_x_retry_headers()
     assert (cb["headers"]["x-retry"], cb["headers"]["x-retry-max"]) == (["2"], ["4"])
     record = h.record()
     assert (record.status, record.attempts, record.next_attempt_at) == ("succeeded", 3, None)
-    assert h.metric("txfaas_worker_retries_total", function="echo") == 2
+    assert h.metric("txfaas_worker_retries_total", function="echo.openfaas-fn") == 2
 
 
 def test_waits_follow_full_jitter_between_the_bounds():
@@ -261,9 +261,9 @@ def test_a_cancel_that_lands_between_reading_and_starting_wins():
     worker read the record but before it started the call stops it."""
 
     class CancelInBetween(type(Harness().store)):
-        async def get_function(self, name):
+        async def get_function(self, name, namespace="openfaas-fn"):
             self.calls["call-1"] = attrs.evolve(self.calls["call-1"], status=CallStatus.CANCELLED)
-            return await super().get_function(name)
+            return await super().get_function(name, namespace)
 
     h = Harness(**retrying())
     h.store.__class__ = CancelInBetween

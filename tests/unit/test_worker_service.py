@@ -183,7 +183,7 @@ def test_call_is_invoked_recorded_called_back_and_acked():
     assert cb["method"] == "POST" and cb["uri"] == "/hook"
     assert cb["body"] == b"made it"
     assert cb["headers"]["x-call-id"] == ["call-1"]
-    assert cb["headers"]["x-function-name"] == ["echo"]
+    assert cb["headers"]["x-function-name"] == ["echo.openfaas-fn"]
     assert cb["headers"]["x-function-status"] == ["201"]
     assert cb["headers"]["x-duration-seconds"] == ["0.000000"]
     assert cb["headers"]["x-out"] == ["yes"]
@@ -206,8 +206,13 @@ def test_each_outcome_is_logged_as_one_line_with_its_fields_kept():
     finally:
         globalLogPublisher.removeObserver(events.append)
     [event] = [e for e in events if e.get("call_id") == "call-1" and "outcome" in e]
-    assert formatEvent(event) == "call call-1: echo -> succeeded (201) in 0.000s, attempt 1 of 1"
-    assert (event["function"], event["status"], event["code"], event["n"]) == ("echo", "succeeded", 201, 1)
+    assert formatEvent(event) == "call call-1: echo.openfaas-fn -> succeeded (201) in 0.000s, attempt 1 of 1"
+    assert (event["function"], event["status"], event["code"], event["n"]) == (
+        "echo.openfaas-fn",
+        "succeeded",
+        201,
+        1,
+    )
 
 
 def test_get_without_body_sends_no_body_and_empty_post_sends_empty_body():
@@ -654,8 +659,8 @@ def test_metrics_count_outcomes_durations_and_callbacks():
     h.enqueue()
     h.start()
     h.flush()
-    assert h.metric("txfaas_worker_calls_total", function="echo", status="succeeded") == 1
-    assert h.metric("txfaas_worker_call_duration_seconds_count", function="echo") == 1
+    assert h.metric("txfaas_worker_calls_total", function="echo.openfaas-fn", status="succeeded") == 1
+    assert h.metric("txfaas_worker_call_duration_seconds_count", function="echo.openfaas-fn") == 1
     assert h.metric("txfaas_worker_callbacks_total", outcome="delivered") == 1
     assert h.metric("txfaas_worker_calls_in_flight") == 0
 
@@ -766,8 +771,14 @@ def test_health_names_what_does_not_answer():
         ("http://fn:8080/prefix", "/a/b", "x=1", None, b"http://fn:8080/prefix/a/b?x=1"),
         ("http://fn:8080", "/caf\u00e9", "q=a b", None, b"http://fn:8080/caf%C3%A9?q=a%20b"),
         ("http://fn:8080", "/a%2Fb", "", None, b"http://fn:8080/a%2Fb"),
-        ("http://fn:8080", "/", "", "http://gw:8080", b"http://gw:8080/function/echo"),
-        ("http://fn:8080", "/sub", "k=v", "http://gw:8080", b"http://gw:8080/function/echo/sub?k=v"),
+        ("http://fn:8080", "/", "", "http://gw:8080", b"http://gw:8080/function/echo.openfaas-fn"),
+        (
+            "http://fn:8080",
+            "/sub",
+            "k=v",
+            "http://gw:8080",
+            b"http://gw:8080/function/echo.openfaas-fn/sub?k=v",
+        ),
     ],
 )
 def test_function_url(base, path, query, gateway, expected):

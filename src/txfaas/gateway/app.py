@@ -32,6 +32,7 @@ from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.proxy import PROXIED_METHODS, REFUSED_METHODS
 from txfaas.model import (
+    DEFAULT_NAMESPACE,
     DEFAULT_QUEUE,
     QUEUE_ANNOTATION,
     Call,
@@ -40,16 +41,28 @@ from txfaas.model import (
     CallStatus,
     DeadReason,
     FunctionSpec,
+    Namespace,
     ReservedQueues,
     ValidationError,
     check_name,
+    check_namespace,
+    function_ref,
     outcome_status,
     parse_scale_request,
+    split_ref,
+    store_key,
 )
 from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
 from txfaas.runtime import LimitedSite, Route
 from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
-from txfaas.store import AlreadyExists, AsyncCallStore, NotFound, StoreUnavailable
+from txfaas.store import (
+    AlreadyExists,
+    AsyncCallStore,
+    NamespaceNotEmpty,
+    NotFound,
+    StoreUnavailable,
+    UnknownNamespace,
+)
 from txfaas.store.cache import FunctionCache
 
 SYSTEM_BODY_LIMIT = 1024 * 1024
@@ -84,6 +97,8 @@ class AppSettings:
     #: than a publish can take (the broker's confirm timeout), with a margin.
     claim_window: float = 10.0
     reserved_queues: ReservedQueues = attrs.field(factory=ReservedQueues)
+    #: The namespace of requests that name none (``--default-namespace``).
+    default_namespace: str = DEFAULT_NAMESPACE
 
 
 class GatewayApp:
@@ -113,6 +128,8 @@ class GatewayApp:
         #: Queue name -> why it cannot be used (the broker refused it, or it is reserved): a
         #: function's record from before the rule.  Its async calls are 503; nothing else is.
         self.refused_queues: dict[str, str] = {}
+        # Namespaces that always exist and cannot be deleted.
+        self._builtin = frozenset({DEFAULT_NAMESPACE, settings.default_namespace})
 
     def resource(self) -> resource.IResource:
         return self.app.resource()
@@ -212,51 +229,83 @@ class GatewayApp:
 
     # --- functions --------------------------------------------------------------------------
 
+    def _namespace_arg(self, request: IRequest) -> str:
+        """``?namespace=``, else the default namespace."""
+        given = _query_arg(request, b"namespace")
+        return self._settings.default_namespace if not given else check_namespace(given)
+
+    async def _namespace_exists(self, name: str) -> bool:
+        return name in self._builtin or await self._store.get_namespace(name) is not None
+
+    async def _known_namespace(self, name: str) -> str:
+        """``name`` if it exists; a 400 naming it otherwise."""
+        if not await self._namespace_exists(name):
+            raise HTTPError(400, _no_namespace(name))
+        return name
+
     @app.route("/system/functions", methods=["GET"])
     async def list_functions(self, request: IRequest) -> bytes:
-        specs = await self._store.list_functions()
-        counts = await self._store.invocation_counts([s.service for s in specs])
+        """The functions of ``?namespace=`` (the default namespace without it), as OpenFaaS lists them."""
+        namespace = await self._known_namespace(self._namespace_arg(request))
+        specs = await self._store.list_functions(namespace)
+        counts = await self._store.invocation_counts([s.ref for s in specs])
         for spec in specs:
-            self._metrics.service_count.labels(spec.service).set(spec.replicas)
-        return _json(request, 200, [s.status_json(counts.get(s.service, 0)) for s in specs])
+            self._metrics.service_count.labels(spec.ref).set(spec.replicas)
+        return _json(request, 200, [s.status_json(counts.get(s.ref, 0)) for s in specs])
+
+    def _spec(self, request: IRequest) -> FunctionSpec:
+        return FunctionSpec.from_json(_read_json(request), default_namespace=self._settings.default_namespace)
 
     @app.route("/system/functions", methods=["POST"])
     async def deploy(self, request: IRequest) -> bytes:
-        spec = FunctionSpec.from_json(_read_json(request))
+        spec = self._spec(request)
+        await self._known_namespace(spec.namespace)
         await self._declare_queue(spec)
         try:
-            await self._store.create_function(spec)
+            await self._store.create_function(spec, check_namespace=spec.namespace not in self._builtin)
         except AlreadyExists:
-            raise HTTPError(409, f"function {spec.service!r} already exists: use PUT to update it") from None
-        self._functions.forget(spec.service)
-        self.log.info("deployed function {function}", function=spec.service)
-        return _text(request, 202, f"function {spec.service!r} deployed")
+            raise HTTPError(
+                409,
+                f"function {spec.service!r} already exists in namespace {spec.namespace!r}: use PUT to update it",
+            ) from None
+        except UnknownNamespace:  # deleted since we looked
+            raise HTTPError(400, _no_namespace(spec.namespace)) from None
+        self._functions.forget(spec.ref)
+        self.log.info("deployed function {function}", function=spec.ref)
+        return _text(request, 202, f"function {spec.service!r} deployed in namespace {spec.namespace!r}")
 
     @app.route("/system/functions", methods=["PUT"])
     async def update(self, request: IRequest) -> bytes:
-        spec = FunctionSpec.from_json(_read_json(request))
+        spec = self._spec(request)
+        await self._known_namespace(spec.namespace)
         await self._declare_queue(spec)
         try:
             await self._store.update_function(spec)
         except NotFound:
-            raise HTTPError(404, f"function {spec.service!r} not found") from None
-        self._functions.forget(spec.service)
-        self.log.info("updated function {function}", function=spec.service)
-        return _text(request, 202, f"function {spec.service!r} updated")
+            raise HTTPError(404, _no_function(spec.service, spec.namespace)) from None
+        self._functions.forget(spec.ref)
+        self.log.info("updated function {function}", function=spec.ref)
+        return _text(request, 202, f"function {spec.service!r} updated in namespace {spec.namespace!r}")
 
     @app.route("/system/functions", methods=["DELETE"])
     async def remove(self, request: IRequest) -> bytes:
+        """``{"functionName": name, "namespace": ns}`` (faas-provider's DeleteFunctionRequest)."""
         data = _read_json(request)
         if not isinstance(data, dict) or "functionName" not in data:
             raise ValidationError("functionName", "missing")
         name = check_name(data["functionName"], "functionName")
+        namespace = data.get("namespace") or self._settings.default_namespace
+        if not isinstance(namespace, str):
+            raise ValidationError("namespace", "must be a string")
+        check_namespace(namespace)
         try:
-            await self._store.delete_function(name)
+            await self._store.delete_function(name, namespace)
         except NotFound:
-            raise HTTPError(404, f"function {name!r} not found") from None
-        self._functions.forget(name)
-        self.log.info("removed function {function}", function=name)
-        return _text(request, 202, f"function {name!r} removed")
+            raise HTTPError(404, _no_function(name, namespace)) from None
+        ref = function_ref(name, namespace)
+        self._functions.forget(ref)
+        self.log.info("removed function {function}", function=ref)
+        return _text(request, 202, f"function {name!r} removed from namespace {namespace!r}")
 
     @app.route("/system/functions", methods=["PATCH", "OPTIONS", "HEAD"])
     def functions_other(self, request: IRequest) -> bytes:
@@ -266,23 +315,90 @@ class GatewayApp:
     @app.route("/system/function/<name>", methods=["GET"])
     async def function_status(self, request: IRequest, name: str) -> bytes:
         check_name(name, "name")
-        spec = await self._store.get_function(name)
+        namespace = self._namespace_arg(request)
+        spec = await self._store.get_function(name, namespace)
         if spec is None:
-            raise HTTPError(404, f"function {name!r} not found")
-        counts = await self._store.invocation_counts([name])
-        return _json(request, 200, spec.status_json(counts.get(name, 0)))
+            raise HTTPError(404, _no_function(name, namespace))
+        counts = await self._store.invocation_counts([spec.ref])
+        return _json(request, 200, spec.status_json(counts.get(spec.ref, 0)))
 
     @app.route("/system/scale-function/<name>", methods=["POST"])
     async def scale(self, request: IRequest, name: str) -> bytes:
+        """``{"serviceName", "namespace", "replicas"}`` (faas-provider's ScaleServiceRequest)."""
         check_name(name, "name")
-        replicas = parse_scale_request(_read_json(request), name)
+        namespace, replicas = parse_scale_request(_read_json(request), name, self._settings.default_namespace)
         try:
-            await self._store.scale_function(name, replicas)
+            await self._store.scale_function(name, replicas, namespace)
         except NotFound:
-            raise HTTPError(404, f"function {name!r} not found") from None
-        self._functions.forget(name)
-        self._metrics.service_count.labels(name).set(replicas)
-        return _text(request, 202, f"function {name!r} scaled to {replicas}")
+            raise HTTPError(404, _no_function(name, namespace)) from None
+        ref = function_ref(name, namespace)
+        self._functions.forget(ref)
+        self._metrics.service_count.labels(ref).set(replicas)
+        return _text(request, 202, f"function {name!r} in namespace {namespace!r} scaled to {replicas}")
+
+    # --- namespaces (faas-provider's FunctionNamespace: {name, labels, annotations}) -----------
+
+    @app.route("/system/namespaces", methods=["GET"])
+    async def list_namespaces(self, request: IRequest) -> bytes:
+        """The names, as a JSON list (what ``faas-cli namespaces`` reads)."""
+        stored = {ns.name for ns in await self._store.list_namespaces()}
+        return _json(request, 200, sorted(stored | self._builtin))
+
+    @app.route("/system/namespace/", methods=["POST"])
+    async def create_namespace(self, request: IRequest) -> bytes:
+        """faas-cli posts to ``/system/namespace/`` with the name in the body."""
+        return await self._create_namespace(request, None)
+
+    @app.route("/system/namespace/<name>", methods=["POST"])
+    async def create_named_namespace(self, request: IRequest, name: str) -> bytes:
+        return await self._create_namespace(request, check_namespace(name, "name"))
+
+    async def _create_namespace(self, request: IRequest, name: str | None) -> bytes:
+        namespace = Namespace.from_json(_read_json(request), name)
+        exists = HTTPError(409, f"namespace {namespace.name!r} already exists: use PUT to update it")
+        if namespace.name in self._builtin:
+            raise exists
+        try:
+            await self._store.create_namespace(namespace)
+        except AlreadyExists:
+            raise exists from None
+        self.log.info("created namespace {namespace}", namespace=namespace.name)
+        return _text(request, 201, f"namespace {namespace.name!r} created")
+
+    @app.route("/system/namespace/<name>", methods=["GET"])
+    async def get_namespace(self, request: IRequest, name: str) -> bytes:
+        check_namespace(name, "name")
+        namespace = await self._store.get_namespace(name)
+        if namespace is None:
+            if name not in self._builtin:
+                raise HTTPError(404, f"namespace {name!r} not found")
+            namespace = Namespace(name, {"openfaas": "1"})
+        return _json(request, 200, namespace.to_json())
+
+    @app.route("/system/namespace/<name>", methods=["PUT"])
+    async def update_namespace(self, request: IRequest, name: str) -> bytes:
+        """Replace its labels and annotations."""
+        check_namespace(name, "name")
+        namespace = Namespace.from_json(_read_json(request), name)
+        if not await self._namespace_exists(name):
+            raise HTTPError(404, f"namespace {name!r} not found")
+        await self._store.put_namespace(namespace)
+        self.log.info("updated namespace {namespace}", namespace=name)
+        return _text(request, 202, f"namespace {name!r} updated")
+
+    @app.route("/system/namespace/<name>", methods=["DELETE"])
+    async def delete_namespace(self, request: IRequest, name: str) -> bytes:
+        check_namespace(name, "name")
+        if name in self._builtin:
+            raise HTTPError(400, f"namespace {name!r} is built in: it cannot be deleted")
+        try:
+            await self._store.delete_namespace(name)
+        except NotFound:
+            raise HTTPError(404, f"namespace {name!r} not found") from None
+        except NamespaceNotEmpty:
+            raise HTTPError(409, f"namespace {name!r} still holds functions: remove them first") from None
+        self.log.info("deleted namespace {namespace}", namespace=name)
+        return _text(request, 202, f"namespace {name!r} deleted")
 
     @app.route("/system/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
@@ -324,7 +440,7 @@ class GatewayApp:
                 self.log.warn(
                     "queue {queue} of {function} not declared yet (it will be on reconnection): {error}",
                     queue=spec.queue,
-                    function=spec.service,
+                    function=spec.ref,
                     error=e,
                 )
                 return
@@ -337,16 +453,17 @@ class GatewayApp:
         asynchronous path: Klein's routing would be most of its cost)."""
         return AsyncCalls(self)
 
-    def _label(self, name: str) -> str:
+    def _label(self, ref: str) -> str:
         """A metric label for a function that exists; "-" for any other name (unknown names
         from clients must not create a new time series each)."""
-        return name if self._functions.cached(name) is not None else "-"
+        return ref if self._functions.cached(ref) is not None else "-"
 
-    async def _accept(self, request: IRequest, name: str) -> bytes:
+    async def _accept(self, request: IRequest, ref: str) -> bytes:
+        """``ref`` is ``name.namespace`` (:class:`AsyncCalls` adds the default namespace)."""
         if self._queue is None or not self._settings.async_enabled:
             raise HTTPError(404, "asynchronous calls are not enabled on this gateway")
         try:
-            check_name(name, "function name")
+            name, namespace = split_ref(ref, self._settings.default_namespace)
         except ValidationError as e:
             raise HTTPError(400, str(e)) from None
         # As the client sent it (Klein's postpath is percent-decoded: not for forwarding).
@@ -374,12 +491,12 @@ class GatewayApp:
                 ) from None
             except CallbackRefused as e:
                 raise HTTPError(400, f"X-Callback-Url refused: {e}") from None
-        spec = await self._functions.get(name)
+        spec = await self._functions.get(ref)
         if spec is None:
-            raise HTTPError(404, f"function {name!r} not found")
+            raise HTTPError(404, _no_function(name, namespace))
         if self.refused_queues and spec.queue in self.refused_queues:
             raise QueueUnavailable(
-                f"function {name!r}'s queue cannot be used ({self.refused_queues[spec.queue]}); "
+                f"function {spec.ref!r}'s queue cannot be used ({self.refused_queues[spec.queue]}); "
                 f"redeploy it with another {QUEUE_ANNOTATION} annotation"
             )
 
@@ -399,6 +516,7 @@ class GatewayApp:
             callback_url=callback_url,
             accepted_at=time.time(),
             queue=spec.queue,
+            namespace=namespace,
         )
         record = CallRecord.for_call(call)
         if request.getHeader(hdr.CALL_ID) is not None:
@@ -600,10 +718,12 @@ class GatewayApp:
 
     @app.route("/system/dead-letters", methods=["GET"])
     async def dead_letters(self, request: IRequest) -> bytes:
-        """The dead letters, oldest first: ``?function=`` filters, ``?limit=`` and ``?offset=`` page."""
+        """The dead letters, oldest first: ``?function=`` (``name`` or ``name.namespace``, or
+        ``name`` and ``?namespace=``) filters, ``?limit=`` and ``?offset=`` page."""
         function = _query_arg(request, b"function")
         if function is not None:
-            check_name(function, "function")
+            name, namespace = split_ref(function, self._namespace_arg(request), "function")
+            function = store_key(name, namespace)
         limit = _int_arg(request, b"limit", DEAD_LETTER_PAGE, 1, DEAD_LETTER_PAGE_MAX)
         offset = _int_arg(request, b"offset", 0, 0, DEAD_LETTER_OFFSET_MAX)
         letters = await self._calls.list_dead_letters(function, offset, limit)
@@ -649,6 +769,14 @@ class GatewayApp:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _no_function(name: str, namespace: str) -> str:
+    return f"function {name!r} not found in namespace {namespace!r}"
+
+
+def _no_namespace(name: str) -> str:
+    return f"namespace {name!r} does not exist: create it first (POST /system/namespace/)"
 
 
 def _text(request: IRequest, code: int, message: str) -> bytes:
@@ -764,7 +892,7 @@ def _arch() -> str:
 
 
 class AsyncCalls(resource.Resource):
-    """``/async-function/{name}[/{path}]``: POST queues the call (:meth:`GatewayApp._accept`).
+    """``/async-function/{name}[.{namespace}][/{path}]``: POST queues the call (:meth:`GatewayApp._accept`).
 
     A client that goes away does not cancel the work: once a call is being published, its
     publish and its record are completed (the call will run); only the answer is dropped.
@@ -775,6 +903,7 @@ class AsyncCalls(resource.Resource):
     def __init__(self, app: GatewayApp) -> None:
         super().__init__()
         self._app = app
+        self._suffix = "." + app._settings.default_namespace
 
     def render(self, request: server.Request) -> Any:
         if request.method != b"POST":
@@ -784,6 +913,8 @@ class AsyncCalls(resource.Resource):
         if not postpath or not postpath[0]:
             return _text(request, 404, "no function named in the path: use /async-function/{name}")
         name = postpath[0].decode("utf-8", "replace")
+        if "." not in name:
+            name += self._suffix  # name.namespace from here on: labels, the cache
         d = defer.Deferred.fromCoroutine(self._app._accept(request, name))
         d.addCallbacks(self._accepted, self._refused, (request, name), None, (request, name))
         d.addErrback(self._unexpected, request)

@@ -1,4 +1,4 @@
-"""The synchronous hot path: ``/function/{name}[/{path}]`` proxied to the function with treq.
+"""The synchronous hot path: ``/function/{name}[.{namespace}][/{path}]`` proxied to the function with treq.
 
 A plain twisted.web resource (Klein's routing is not on this path), driven by
 callbacks rather than a coroutine per request.  The client is treq's
@@ -48,7 +48,7 @@ from zope.interface import implementer
 from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.http11 import NO_BODY_CODES, BytesProducer
-from txfaas.model import MAX_NAME, FunctionSpec
+from txfaas.model import DEFAULT_NAMESPACE, MAX_NAME, FunctionSpec
 from txfaas.runtime import QueuedTimer, TimerQueue
 from txfaas.store import StoreUnavailable
 from txfaas.store.cache import FunctionCache
@@ -65,6 +65,8 @@ _NAME_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 #: TRACE would echo the caller's headers (credentials too) back; CONNECT asks for a tunnel.
 REFUSED_METHODS = frozenset({b"TRACE", b"CONNECT"})
 PROXIED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# name.namespace: two DNS-1123 labels (their lengths are checked apart).
+_REF_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
 
 
@@ -121,10 +123,12 @@ class _ProducerProxy:
 class ProxySettings:
     function_url_template: str = "http://{name}:8080"
     upstream_timeout: float = 60.0
+    #: What a bare ``/function/{name}`` means.
+    default_namespace: str = DEFAULT_NAMESPACE
 
 
 class FunctionProxy(resource.Resource):
-    """``/function/{name}[/{path}]``: every method is proxied to the function."""
+    """``/function/{name}[.{namespace}][/{path}]``: every method is proxied to the function."""
 
     isLeaf = True
     log = Logger()
@@ -148,6 +152,7 @@ class FunctionProxy(resource.Resource):
         self._cooperator = cooperator or Cooperator(scheduler=lambda f: clock.callLater(0, f))
         # Calls' deadlines, one queue (and one reactor timer) per distinct timeout.
         self._deadlines: dict[float, TimerQueue] = {}
+        self._suffix = "." + settings.default_namespace
 
     def deadline(self, timeout: float, expire: Any) -> QueuedTimer:
         queue = self._deadlines.get(timeout)
@@ -164,9 +169,18 @@ class FunctionProxy(resource.Resource):
         postpath = request.postpath
         if not postpath or not postpath[0]:
             return _error(request, 404, "no function named in the path: use /function/{name}")
-        name_b = postpath[0]
-        if len(name_b) > MAX_NAME or not _NAME_BYTES.fullmatch(name_b):
-            return _error(request, 400, f"invalid function name {name_b.decode('latin-1')!r}")
+        # name or name.namespace, one regular expression either way; the cache is keyed by
+        # name.namespace (what faas-cli sends: no work for it).
+        ref_b = postpath[0]
+        dot = ref_b.find(b".")
+        if dot < 0:
+            if len(ref_b) > MAX_NAME or not _NAME_BYTES.fullmatch(ref_b):
+                return _error(request, 400, f"invalid function name {ref_b.decode('latin-1')!r}")
+            ref = ref_b.decode("ascii") + self._suffix
+        else:
+            if dot > MAX_NAME or len(ref_b) - dot - 1 > MAX_NAME or not _REF_BYTES.fullmatch(ref_b):
+                return _error(request, 400, f"invalid function name or namespace {ref_b.decode('latin-1')!r}")
+            ref = ref_b.decode("ascii")
         # The sub-path as the client sent it (postpath is percent-decoded: not for forwarding).
         rest = hdr.raw_subpath(request.path, 3)
         if rest:
@@ -183,20 +197,19 @@ class FunctionProxy(resource.Resource):
             call_id = hdr.new_call_id().encode("ascii")
         request.responseHeaders._rawHeaders[hdr.CALL_ID] = [call_id]
         request.defaultContentType = None  # the function's Content-Type, or none
-        name = name_b.decode("ascii")
-        spec = self._functions.cached(name)
+        spec = self._functions.cached(ref)
         if spec is not None:
             _Exchange(self, request, spec, rest, call_id).start()
         else:
-            lookup = defer.Deferred.fromCoroutine(self._functions.get(name))
+            lookup = defer.Deferred.fromCoroutine(self._functions.get(ref))
             # A client that goes away while we look the function up: stop waiting.
             request.notifyFinish().addErrback(lambda _: lookup.cancel())
             lookup.addCallbacks(
                 self._found,
                 self._lookup_failed,
-                (request, name, rest, call_id),
+                (request, ref, rest, call_id),
                 None,
-                (request, name, call_id),
+                (request, ref, call_id),
             )
             lookup.addErrback(self._unexpected, request, call_id)
         return server.NOT_DONE_YET
@@ -205,7 +218,8 @@ class FunctionProxy(resource.Resource):
         self, spec: FunctionSpec | None, request: server.Request, name: str, rest: list[bytes], call_id: bytes
     ) -> None:
         if spec is None:
-            _error(request, 404, f"function {name!r} not found", finish=True)
+            name, _, namespace = name.partition(".")
+            _error(request, 404, f"function {name!r} not found in namespace {namespace!r}", finish=True)
         elif not request._disconnected:
             _Exchange(self, request, spec, rest, call_id).start()
 
@@ -243,7 +257,7 @@ class _Exchange:
     ) -> None:
         self.proxy = proxy
         self.request = request
-        self.name = spec.service
+        self.name = spec.ref
         self.call_id = call_id
         settings = proxy._settings
         self.timeout = min(spec.timeout or settings.upstream_timeout, settings.upstream_timeout)

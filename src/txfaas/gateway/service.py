@@ -17,14 +17,23 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from txfaas.model import DEFAULT_QUEUE, FunctionSpec, ReservedQueues, ValidationError
+from txfaas.model import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_QUEUE,
+    FunctionSpec,
+    Namespace,
+    ReservedQueues,
+    ValidationError,
+)
 from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
 from txfaas.runtime import StartupError, listen, run_startup
 from txfaas.store import AlreadyExists, StoreUnavailable
 from txfaas.store.cache import FunctionCache
 
 
-def load_functions_file(path: str, reserved: ReservedQueues | None = None) -> list[FunctionSpec]:
+def load_functions_file(
+    path: str, reserved: ReservedQueues | None = None, default_namespace: str = DEFAULT_NAMESPACE
+) -> list[FunctionSpec]:
     """A JSON list of FunctionDeployment objects (or ``{"functions": [...]}``)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -40,7 +49,7 @@ def load_functions_file(path: str, reserved: ReservedQueues | None = None) -> li
     specs = []
     for i, item in enumerate(data):
         try:
-            spec = FunctionSpec.from_json(item)
+            spec = FunctionSpec.from_json(item, default_namespace=default_namespace)
             (reserved or ReservedQueues()).check(spec.queue)
             specs.append(spec)
         except ValidationError as e:
@@ -65,11 +74,13 @@ class GatewayService(service.Service):
         listen: Callable[..., Any] = listen,
         reserved_queues: ReservedQueues | None = None,
         refused_queues: dict[str, str] | None = None,
+        default_namespace: str = DEFAULT_NAMESPACE,
     ) -> None:
         self.reserved_queues = reserved_queues or ReservedQueues()
         #: Filled at start (the app's ``refused_queues``: it answers 503 for them).
         self.refused_queues = refused_queues if refused_queues is not None else {}
         self.reactor = reactor
+        self.default_namespace = default_namespace
         self.site = site
         self.listen_on = listen_on
         self.functions = functions
@@ -96,13 +107,20 @@ class GatewayService(service.Service):
         except StoreUnavailable as e:
             raise StartupError(f"--redis {self.redis_description}: {e}") from None
         if self.functions_file:
-            for spec in load_functions_file(self.functions_file, self.reserved_queues):
+            for spec in load_functions_file(
+                self.functions_file, self.reserved_queues, self.default_namespace
+            ):
+                if spec.namespace not in {DEFAULT_NAMESPACE, self.default_namespace}:
+                    try:  # the file's namespaces are created as needed
+                        await self.functions.store.create_namespace(Namespace(spec.namespace))
+                    except AlreadyExists:
+                        pass
                 try:
                     await self.functions.store.create_function(spec)
                 except AlreadyExists:
                     await self.functions.store.update_function(spec)
                 self.log.info(
-                    "loaded function {function} from {path}", function=spec.service, path=self.functions_file
+                    "loaded function {function} from {path}", function=spec.ref, path=self.functions_file
                 )
         if self.queue is not None:
             specs = await self.functions.store.list_functions()

@@ -32,7 +32,7 @@ from txfaas.config import (
     parse_url_template,
     read_secret,
 )
-from txfaas.model import ReservedQueues, check_queue_name
+from txfaas.model import DEFAULT_NAMESPACE, ReservedQueues, ValidationError, check_namespace, check_queue_name
 from txfaas.runtime import DEFAULT_BACKLOG, parse_tcp_listen, prepare_multiprocess_metrics
 from txfaas.ssrf import AddressPolicy, CachingResolver, literal_first
 
@@ -101,6 +101,14 @@ FLAGS = Flags(
         "Base URL of a function without its own url",
     ),
     Flag("functions", ("TXFAAS_FUNCTIONS",), None, "JSON file of functions to deploy at start"),
+    Flag(
+        "default-namespace",
+        ("TXFAAS_DEFAULT_NAMESPACE",),
+        DEFAULT_NAMESPACE,
+        "Namespace of /function/{name} and of requests that name none; it always exists. Every "
+        "gateway sharing a Redis prefix must use the same (functions of openfaas-fn keep their "
+        "keys whatever it is, and workers need no such flag: each call carries its namespace)",
+    ),
     Flag(
         "max-body",
         ("TXFAAS_MAX_BODY",),
@@ -196,6 +204,7 @@ class GatewayConfig:
     auth_generated: bool = False
     backlog: int = DEFAULT_BACKLOG
     reserved_queues: ReservedQueues = attrs.field(factory=ReservedQueues)
+    default_namespace: str = DEFAULT_NAMESPACE
 
 
 class Options(CommandOptions):
@@ -214,6 +223,13 @@ class Options(CommandOptions):
             raise usage.UsageError(str(e)) from None
         # Before prometheus_client is imported (by makeService).
         prepare_multiprocess_metrics(self["config"].workers)
+
+
+def _namespace(value: str) -> str:
+    try:
+        return check_namespace(value)
+    except ValidationError as e:
+        raise ValueError(e.problem) from None
 
 
 def build_config(opts: Any, environ: Any) -> GatewayConfig:
@@ -255,6 +271,7 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
         auth_generated=auth_generated,
         function_url_template=get("function-url-template", parse_url_template),
         functions_file=get("functions", str),
+        default_namespace=get("default-namespace", _namespace),
         max_body=max_body,
         max_async_body=get("max-async-body", parse_size),
         callback_policy=AddressPolicy(tuple(nets), tuple(hosts)),
@@ -411,7 +428,7 @@ def build_gateway(
         reactor,
         client,
         functions,
-        ProxySettings(config.function_url_template, config.upstream_timeout),
+        ProxySettings(config.function_url_template, config.upstream_timeout, config.default_namespace),
         metrics,
     )
     app = GatewayApp(
@@ -426,6 +443,7 @@ def build_gateway(
             # A publish takes at most the confirm timeout; the margin covers the claim's own writes.
             claim_window=config.confirm_timeout + 5.0,
             reserved_queues=config.reserved_queues,
+            default_namespace=config.default_namespace,
         ),
         clock=reactor,
     )
@@ -466,5 +484,6 @@ def build_gateway(
         listen=partial(listen_reuseport if config.workers > 1 else listen, backlog=config.backlog),
         reserved_queues=config.reserved_queues,
         refused_queues=app.refused_queues,
+        default_namespace=config.default_namespace,
     ).setServiceParent(top)
     return top

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Protocol
 
-from txfaas.model import CallRecord, CallResult, DeadLetter, FunctionSpec
+from txfaas.model import DEFAULT_NAMESPACE, CallRecord, CallResult, DeadLetter, FunctionSpec, Namespace
 
 
 class StoreError(Exception):
@@ -27,29 +27,58 @@ class AlreadyExists(StoreError):
     pass
 
 
+class UnknownNamespace(StoreError):
+    """A function was to be created in a namespace that does not exist."""
+
+
+class NamespaceNotEmpty(StoreError):
+    """A namespace to delete still holds functions."""
+
+
 class FunctionStore(Protocol):
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the store answers now."""
 
-    async def list_functions(self) -> list[FunctionSpec]: ...
+    async def list_functions(self, namespace: str | None = None) -> list[FunctionSpec]:
+        """Every namespace's functions, or only ``namespace``'s."""
 
-    async def get_function(self, name: str) -> FunctionSpec | None: ...
+    async def get_function(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> FunctionSpec | None: ...
 
-    async def create_function(self, spec: FunctionSpec) -> None:
-        """Raise :class:`AlreadyExists` if a function of that name exists."""
+    async def create_function(self, spec: FunctionSpec, *, check_namespace: bool = False) -> None:
+        """Raise :class:`AlreadyExists` if a function of that name exists in its namespace; with
+        ``check_namespace``, :class:`UnknownNamespace` unless its namespace was created (in the
+        same atomic step: a namespace deleted meanwhile gets no function)."""
 
     async def update_function(self, spec: FunctionSpec) -> None:
         """Replace the function (keeping ``created_at`` and ``replicas``); :class:`NotFound` if missing."""
 
-    async def delete_function(self, name: str) -> None:
+    async def delete_function(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> None:
         """Raise :class:`NotFound` if missing."""
 
-    async def scale_function(self, name: str, replicas: int) -> None: ...
+    async def scale_function(self, name: str, replicas: int, namespace: str = DEFAULT_NAMESPACE) -> None: ...
 
     async def add_invocations(self, counts: dict[str, int]) -> None:
-        """Add to the functions' invocation counters."""
+        """Add to the functions' invocation counters, keyed by ``name.namespace``."""
 
-    async def invocation_counts(self, names: list[str]) -> dict[str, int]: ...
+    async def invocation_counts(self, refs: list[str]) -> dict[str, int]:
+        """The counters of these ``name.namespace`` refs."""
+
+
+class NamespaceStore(Protocol):
+    """The namespaces created through the API (the built-in ones are the gateway's to add)."""
+
+    async def list_namespaces(self) -> list[Namespace]: ...
+
+    async def get_namespace(self, name: str) -> Namespace | None: ...
+
+    async def create_namespace(self, namespace: Namespace) -> None:
+        """Raise :class:`AlreadyExists` if it exists."""
+
+    async def put_namespace(self, namespace: Namespace) -> None:
+        """Create or replace it."""
+
+    async def delete_namespace(self, name: str) -> None:
+        """Raise :class:`NotFound` if missing, :class:`NamespaceNotEmpty` if it holds functions."""
 
 
 class CallStore(Protocol):
@@ -118,7 +147,7 @@ class DeadLetterStore(Protocol):
     async def list_dead_letters(
         self, function: str | None = None, offset: int = 0, limit: int = 100
     ) -> list[DeadLetter]:
-        """Oldest first; only ``function``'s when given."""
+        """Oldest first; only ``function``'s when given (its :func:`~txfaas.model.store_key`)."""
 
     async def count_dead_letters(self, function: str | None = None) -> int: ...
 

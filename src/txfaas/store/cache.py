@@ -6,7 +6,8 @@ function's record; reading Redis for each one would add a round trip per call.  
 at once (the cache entry is dropped), through another gateway within ``ttl``.
 Unknown names are never cached, so a new function is callable as soon as it is
 deployed.  Invocation counts are summed in memory and written every ``flush``
-seconds.
+seconds.  Everything here is keyed by the function's ``name.namespace``
+(:func:`~txfaas.model.function_ref`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txfaas.model import FunctionSpec
+from txfaas.model import DEFAULT_NAMESPACE, FunctionSpec, function_ref
 from txfaas.store import FunctionStore
 
 
@@ -36,33 +37,35 @@ class FunctionCache:
         self._counts: dict[str, int] = {}
         self._loop: task.LoopingCall | None = None
 
-    def cached(self, name: str) -> FunctionSpec | None:
-        """The function's record if it is cached and fresh (no I/O), else None."""
-        entry = self._entries.get(name)
+    def cached(self, ref: str) -> FunctionSpec | None:
+        """The function ``name.namespace``'s record if it is cached and fresh (no I/O), else None."""
+        entry = self._entries.get(ref)
         if entry is not None and entry[0] > self._clock.seconds():
             return entry[1]
         return None
 
-    async def get(self, name: str) -> FunctionSpec | None:
-        entry = self._entries.get(name)
+    async def get(self, ref: str) -> FunctionSpec | None:
+        """The function ``name.namespace``'s record (from the store if not cached)."""
+        entry = self._entries.get(ref)
         if entry is not None and entry[0] > self._clock.seconds():
             return entry[1]
         # One store read per name at a time, however many requests wait for it.
         waiter: defer.Deferred[FunctionSpec | None] = defer.Deferred()
-        waiters = self._waiting.get(name)
+        waiters = self._waiting.get(ref)
         if waiters is not None:
             waiters.append(waiter)
         else:
-            self._waiting[name] = [waiter]
-            defer.Deferred.fromCoroutine(self._load(name)).addBoth(self._loaded, name)
+            self._waiting[ref] = [waiter]
+            defer.Deferred.fromCoroutine(self._load(ref)).addBoth(self._loaded, ref)
         return await waiter
 
-    async def _load(self, name: str) -> FunctionSpec | None:
-        spec = await self.store.get_function(name)
+    async def _load(self, ref: str) -> FunctionSpec | None:
+        name, _, namespace = ref.partition(".")
+        spec = await self.store.get_function(name, namespace or DEFAULT_NAMESPACE)
         if spec is not None:
-            self._entries[name] = (self._clock.seconds() + self._ttl, spec)
+            self._entries[ref] = (self._clock.seconds() + self._ttl, spec)
         else:
-            self._entries.pop(name, None)
+            self._entries.pop(ref, None)
         return spec
 
     def _loaded(self, result: Any, name: str) -> None:
@@ -74,19 +77,19 @@ class FunctionCache:
             else:
                 waiter.callback(result)
 
-    async def get_function(self, name: str) -> FunctionSpec | None:
+    async def get_function(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> FunctionSpec | None:
         """The store's ``get_function``, cached (so a FunctionCache can stand in for the store)."""
-        return await self.get(name)
+        return await self.get(function_ref(name, namespace))
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (call records, listing, writes) goes to the store itself.
         return getattr(self.store, name)
 
-    def forget(self, name: str) -> None:
-        self._entries.pop(name, None)
+    def forget(self, ref: str) -> None:
+        self._entries.pop(ref, None)
 
-    def count_invocation(self, name: str) -> None:
-        self._counts[name] = self._counts.get(name, 0) + 1
+    def count_invocation(self, ref: str) -> None:
+        self._counts[ref] = self._counts.get(ref, 0) + 1
 
     def start(self) -> None:
         self._loop = task.LoopingCall(self._flush)

@@ -8,12 +8,22 @@ from typing import Any
 
 import attrs
 
-from txfaas.model import CallRecord, CallResult, CallStatus, DeadLetter, FunctionSpec
-from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
+from txfaas.model import (
+    DEFAULT_NAMESPACE,
+    CallRecord,
+    CallResult,
+    CallStatus,
+    DeadLetter,
+    FunctionSpec,
+    Namespace,
+    ref_key,
+    store_key,
+)
+from txfaas.store import AlreadyExists, NamespaceNotEmpty, NotFound, StoreUnavailable, UnknownNamespace
 
 
 class MemoryStore:
-    """Implements ``FunctionStore``, ``CallStore`` and ``DeadLetterStore``.
+    """Implements ``FunctionStore``, ``NamespaceStore``, ``CallStore`` and ``DeadLetterStore``.
 
     Set ``available = False`` to make every call raise :class:`StoreUnavailable`,
     as an unreachable Redis would.  TTLs are not enforced.  Claims lapse on ``clock``
@@ -22,8 +32,9 @@ class MemoryStore:
 
     def __init__(self, clock: Any = None) -> None:
         self.clock = clock
-        self.functions: dict[str, FunctionSpec] = {}
-        self.invocations: dict[str, int] = {}
+        self.functions: dict[str, FunctionSpec] = {}  # by store_key
+        self.namespaces: dict[str, Namespace] = {}
+        self.invocations: dict[str, int] = {}  # by store_key
         self.calls: dict[str, CallRecord] = {}
         self.results: dict[str, CallResult] = {}
         self.dead_letters: dict[str, DeadLetter] = {}
@@ -36,48 +47,79 @@ class MemoryStore:
     async def ping(self) -> None:
         self._check()
 
-    async def list_functions(self) -> list[FunctionSpec]:
+    async def list_functions(self, namespace: str | None = None) -> list[FunctionSpec]:
         self._check()
-        return [self.functions[name] for name in sorted(self.functions)]
+        specs = [self.functions[key] for key in sorted(self.functions)]
+        return specs if namespace is None else [s for s in specs if s.namespace == namespace]
 
-    async def get_function(self, name: str) -> FunctionSpec | None:
+    async def get_function(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> FunctionSpec | None:
         self._check()
-        return self.functions.get(name)
+        return self.functions.get(store_key(name, namespace))
 
-    async def create_function(self, spec: FunctionSpec) -> None:
+    async def create_function(self, spec: FunctionSpec, *, check_namespace: bool = False) -> None:
         self._check()
-        if spec.service in self.functions:
+        if check_namespace and spec.namespace not in self.namespaces:
+            raise UnknownNamespace(spec.namespace)
+        if spec.key in self.functions:
             raise AlreadyExists(spec.service)
-        self.functions[spec.service] = spec
+        self.functions[spec.key] = spec
 
     async def update_function(self, spec: FunctionSpec) -> None:
         self._check()
-        old = self.functions.get(spec.service)
+        old = self.functions.get(spec.key)
         if old is None:
             raise NotFound(spec.service)
-        self.functions[spec.service] = attrs.evolve(spec, created_at=old.created_at, replicas=old.replicas)
+        self.functions[spec.key] = attrs.evolve(spec, created_at=old.created_at, replicas=old.replicas)
 
-    async def delete_function(self, name: str) -> None:
+    async def delete_function(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> None:
         self._check()
-        if self.functions.pop(name, None) is None:
+        if self.functions.pop(store_key(name, namespace), None) is None:
             raise NotFound(name)
-        self.invocations.pop(name, None)
+        self.invocations.pop(store_key(name, namespace), None)
 
-    async def scale_function(self, name: str, replicas: int) -> None:
+    async def scale_function(self, name: str, replicas: int, namespace: str = DEFAULT_NAMESPACE) -> None:
         self._check()
-        spec = self.functions.get(name)
+        key = store_key(name, namespace)
+        spec = self.functions.get(key)
         if spec is None:
             raise NotFound(name)
-        self.functions[name] = attrs.evolve(spec, replicas=replicas)
+        self.functions[key] = attrs.evolve(spec, replicas=replicas)
 
     async def add_invocations(self, counts: dict[str, int]) -> None:
         self._check()
-        for name, n in counts.items():
-            self.invocations[name] = self.invocations.get(name, 0) + n
+        for ref, n in counts.items():
+            key = ref_key(ref)
+            self.invocations[key] = self.invocations.get(key, 0) + n
 
-    async def invocation_counts(self, names: list[str]) -> dict[str, int]:
+    async def invocation_counts(self, refs: list[str]) -> dict[str, int]:
         self._check()
-        return {name: self.invocations.get(name, 0) for name in names}
+        return {ref: self.invocations.get(ref_key(ref), 0) for ref in refs}
+
+    async def list_namespaces(self) -> list[Namespace]:
+        self._check()
+        return [self.namespaces[name] for name in sorted(self.namespaces)]
+
+    async def get_namespace(self, name: str) -> Namespace | None:
+        self._check()
+        return self.namespaces.get(name)
+
+    async def create_namespace(self, namespace: Namespace) -> None:
+        self._check()
+        if namespace.name in self.namespaces:
+            raise AlreadyExists(namespace.name)
+        self.namespaces[namespace.name] = namespace
+
+    async def put_namespace(self, namespace: Namespace) -> None:
+        self._check()
+        self.namespaces[namespace.name] = namespace
+
+    async def delete_namespace(self, name: str) -> None:
+        self._check()
+        if name not in self.namespaces:
+            raise NotFound(name)
+        if any(spec.namespace == name for spec in self.functions.values()):
+            raise NamespaceNotEmpty(name)
+        del self.namespaces[name]
 
     async def create_call(self, record: CallRecord) -> CallRecord | None:
         self._check()
@@ -170,7 +212,7 @@ class MemoryStore:
         return self.dead_letters.get(call_id)
 
     def _dead(self, function: str | None) -> list[DeadLetter]:
-        letters = [d for d in self.dead_letters.values() if function is None or d.function == function]
+        letters = [d for d in self.dead_letters.values() if function is None or d.key == function]
         return sorted(letters, key=lambda d: (d.mark.at, d.call_id))
 
     async def list_dead_letters(

@@ -6,13 +6,15 @@ reach Redis becomes :class:`StoreUnavailable`, so callers answer 503.
 
 Keys (``prefix`` defaults to ``txfaas:``):
 
-- ``{prefix}functions``: hash, function name -> JSON record
-- ``{prefix}invocations``: hash, function name -> invocation count
+- ``{prefix}functions``: hash, :func:`~txfaas.model.store_key` -> JSON record (the default
+  namespace's functions under their bare name, as before namespaces; others' ``name.namespace``)
+- ``{prefix}invocations``: hash, the same keys -> invocation count
+- ``{prefix}namespaces``: hash, namespace created through the API -> JSON ``{name, labels, annotations}``
 - ``{prefix}call:{id}``: JSON call record, with the status TTL
 - ``{prefix}result:{id}``: JSON function response, with the status TTL
 - ``{prefix}dead:{id}``: JSON dead letter (the whole message, body in base64), no TTL
 - ``{prefix}dead-letters``: sorted set of dead-lettered call ids, scored by the time
-- ``{prefix}dead-letters:fn:{function}``: the same, per function
+- ``{prefix}dead-letters:fn:{key}``: the same, per function (its store key)
 
 Status transitions (``transition_call``), claims (``claim_call``, ``settle_claim``) and
 dead-letter writes are Lua scripts, so each is atomic: a cancel and a worker starting the
@@ -32,9 +34,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txfaas.config import RedisURL
-from txfaas.model import CallRecord, CallResult, CallStatus, DeadLetter, FunctionSpec
+from txfaas.model import (
+    DEFAULT_NAMESPACE,
+    CallRecord,
+    CallResult,
+    CallStatus,
+    DeadLetter,
+    FunctionSpec,
+    Namespace,
+    ref_key,
+    store_key,
+)
 from txfaas.runtime import Deadlines
-from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
+from txfaas.store import AlreadyExists, NamespaceNotEmpty, NotFound, StoreUnavailable, UnknownNamespace
 
 
 def _dumps(data: Any) -> bytes:
@@ -139,16 +151,47 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
 """
 
-# KEYS: letter key, all index; ARGV: call id, function index prefix.
+# KEYS: letter key, all index; ARGV: call id, function index prefix, the default namespace.
+# (A letter kept before namespaces has none: the default namespace's, indexed by bare name.)
 _REMOVE_DEAD = b"""
 local raw = redis.call('GET', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if not raw then
   return 0
 end
-local fn = cjson.decode(raw)['function']
+local letter = cjson.decode(raw)
+local fn = letter['function']
+local ns = letter['namespace']
+if type(ns) == 'string' and ns ~= '' and ns ~= ARGV[3] then
+  fn = fn .. '.' .. ns
+end
 redis.call('ZREM', ARGV[2] .. fn, ARGV[1])
 redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+# KEYS: functions, namespaces; ARGV: store key, JSON, namespace that must exist ('' = none).
+# -> 1 created, 0 exists already, -1 no such namespace.
+_CREATE_FUNCTION = b"""
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[2], ARGV[3]) == 0 then
+  return -1
+end
+return redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# KEYS: namespaces, functions; ARGV: namespace.  -> 1 deleted, 0 missing, -1 holds functions.
+_DELETE_NAMESPACE = b"""
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+local suffix = '.' .. ARGV[1]
+for _, key in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if string.sub(key, -#suffix) == suffix then
+    return -1
+  end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
 
@@ -231,6 +274,7 @@ class RedisStore:
         self._set_ttl = (b"EX", b"%d" % self._call_ttl)
         self._functions = f"{prefix}functions"
         self._invocations = f"{prefix}invocations"
+        self._namespaces = f"{prefix}namespaces"
         # One timer for every pending command's deadline instead of one each.
         self._deadlines = Deadlines(clock)
 
@@ -314,40 +358,50 @@ class RedisStore:
 
     # --- functions ---------------------------------------------------------------------------
 
-    async def list_functions(self) -> list[FunctionSpec]:
+    async def list_functions(self, namespace: str | None = None) -> list[FunctionSpec]:
         raw = await self._run("HGETALL", self._redis.hgetall(self._functions))
-        return [FunctionSpec.from_record(orjson.loads(raw[name])) for name in sorted(raw)]
+        specs = [FunctionSpec.from_record(orjson.loads(raw[key]), key) for key in sorted(raw)]
+        return specs if namespace is None else [s for s in specs if s.namespace == namespace]
 
-    async def get_function(self, name: str) -> FunctionSpec | None:
-        raw = await self._run("HGET", self._redis.hget(self._functions, name))
-        return None if raw is None else FunctionSpec.from_record(orjson.loads(raw))
+    async def get_function(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> FunctionSpec | None:
+        key = store_key(name, namespace)
+        raw = await self._run("HGET", self._redis.hget(self._functions, key))
+        return None if raw is None else FunctionSpec.from_record(orjson.loads(raw), key)
 
-    async def create_function(self, spec: FunctionSpec) -> None:
+    async def create_function(self, spec: FunctionSpec, *, check_namespace: bool = False) -> None:
         added = await self._run(
-            "HSETNX", self._redis.hsetnx(self._functions, spec.service, _dumps(spec.to_record()))
+            "EVAL create function",
+            self._redis.eval(
+                _CREATE_FUNCTION,
+                [self._functions, self._namespaces],
+                [spec.key, _dumps(spec.to_record()), spec.namespace if check_namespace else ""],
+            ),
         )
-        if not added:
+        if int(added) == -1:
+            raise UnknownNamespace(spec.namespace)
+        if not int(added):
             raise AlreadyExists(spec.service)
 
     async def update_function(self, spec: FunctionSpec) -> None:
-        old = await self.get_function(spec.service)
+        old = await self.get_function(spec.service, spec.namespace)
         if old is None:
             raise NotFound(spec.service)
         new = attrs.evolve(spec, created_at=old.created_at, replicas=old.replicas)
-        await self._run("HSET", self._redis.hset(self._functions, spec.service, _dumps(new.to_record())))
+        await self._run("HSET", self._redis.hset(self._functions, spec.key, _dumps(new.to_record())))
 
-    async def delete_function(self, name: str) -> None:
-        removed = await self._run("HDEL", self._redis.hdel(self._functions, name))
+    async def delete_function(self, name: str, namespace: str = DEFAULT_NAMESPACE) -> None:
+        key = store_key(name, namespace)
+        removed = await self._run("HDEL", self._redis.hdel(self._functions, key))
         if not removed:
             raise NotFound(name)
-        await self._run("HDEL", self._redis.hdel(self._invocations, name))
+        await self._run("HDEL", self._redis.hdel(self._invocations, key))
 
-    async def scale_function(self, name: str, replicas: int) -> None:
-        old = await self.get_function(name)
+    async def scale_function(self, name: str, replicas: int, namespace: str = DEFAULT_NAMESPACE) -> None:
+        old = await self.get_function(name, namespace)
         if old is None:
             raise NotFound(name)
         new = attrs.evolve(old, replicas=replicas)
-        await self._run("HSET", self._redis.hset(self._functions, name, _dumps(new.to_record())))
+        await self._run("HSET", self._redis.hset(self._functions, old.key, _dumps(new.to_record())))
 
     async def add_invocations(self, counts: dict[str, int]) -> None:
         if not counts:
@@ -355,16 +409,56 @@ class RedisStore:
         await self._run(
             "HINCRBY",
             defer.gatherResults(
-                [self._redis.hincrby(self._invocations, name, n) for name, n in counts.items()],
+                [self._redis.hincrby(self._invocations, ref_key(ref), n) for ref, n in counts.items()],
                 consumeErrors=True,
             ).addErrback(lambda f: f.value.subFailure),
         )
 
-    async def invocation_counts(self, names: list[str]) -> dict[str, int]:
-        if not names:
+    async def invocation_counts(self, refs: list[str]) -> dict[str, int]:
+        if not refs:
             return {}
-        values = await self._run("HMGET", self._redis.hmget(self._invocations, names))
-        return {name: int(v or 0) for name, v in zip(names, values, strict=True)}
+        keys = [ref_key(ref) for ref in refs]
+        values = await self._run("HMGET", self._redis.hmget(self._invocations, keys))
+        return {ref: int(v or 0) for ref, v in zip(refs, values, strict=True)}
+
+    # --- namespaces ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _namespace(name: str, raw: bytes | str) -> Namespace:
+        data = orjson.loads(raw)
+        return Namespace(name, dict(data.get("labels") or {}), dict(data.get("annotations") or {}))
+
+    async def list_namespaces(self) -> list[Namespace]:
+        raw = await self._run("HGETALL", self._redis.hgetall(self._namespaces))
+        return [self._namespace(name, raw[name]) for name in sorted(raw)]
+
+    async def get_namespace(self, name: str) -> Namespace | None:
+        raw = await self._run("HGET", self._redis.hget(self._namespaces, name))
+        return None if raw is None else self._namespace(name, raw)
+
+    async def create_namespace(self, namespace: Namespace) -> None:
+        added = await self._run(
+            "HSETNX", self._redis.hsetnx(self._namespaces, namespace.name, _dumps(namespace.to_json()))
+        )
+        if not int(added):
+            raise AlreadyExists(namespace.name)
+
+    async def put_namespace(self, namespace: Namespace) -> None:
+        await self._run(
+            "HSET", self._redis.hset(self._namespaces, namespace.name, _dumps(namespace.to_json()))
+        )
+
+    async def delete_namespace(self, name: str) -> None:
+        result = int(
+            await self._run(
+                "EVAL delete namespace",
+                self._redis.eval(_DELETE_NAMESPACE, [self._namespaces, self._functions], [name]),
+            )
+        )
+        if result == 0:
+            raise NotFound(name)
+        if result == -1:
+            raise NamespaceNotEmpty(name)
 
     # --- calls -------------------------------------------------------------------------------
 
@@ -500,7 +594,7 @@ class RedisStore:
             "EVAL put dead letter",
             self._redis.eval(
                 _PUT_DEAD,
-                [self._dead_key(letter.call_id), self._dead_index(), self._dead_index(letter.function)],
+                [self._dead_key(letter.call_id), self._dead_index(), self._dead_index(letter.key)],
                 [_dumps(letter.to_json()), repr(float(letter.mark.at)), letter.call_id],
             ),
         )
@@ -531,7 +625,7 @@ class RedisStore:
             self._redis.eval(
                 _REMOVE_DEAD,
                 [self._dead_key(call_id), self._dead_index()],
-                [call_id, self._dead_index("")],
+                [call_id, self._dead_index(""), DEFAULT_NAMESPACE],
             ),
         )
         return bool(int(removed))

@@ -7,7 +7,7 @@ the function sent: nothing is decoded), the function's response headers
 (hop-by-hop ones removed) and:
 
 - ``X-Call-Id``: the call id (the handle the gateway answered with);
-- ``X-Function-Name``: the function;
+- ``X-Function-Name``: the function, as ``name.namespace`` (what OpenFaaS sends for faas-cli's calls);
 - ``X-Function-Status``: the function's HTTP status; ``504`` when it did not
   answer within its exec_timeout, ``502`` when it could not be reached, ``404``
   when the function was deleted after the call was queued;

@@ -792,7 +792,7 @@ class WorkerService(Service):
                 n=call.attempt,
                 i=interruptions,
             )
-        spec = await self._store.get_function(call.function)
+        spec = await self._store.get_function(call.function, call.namespace)
         policy = self.retry_policy_for(spec)
         started = self._clock.seconds()
         running = attrs.evolve(
@@ -833,7 +833,7 @@ class WorkerService(Service):
             body=response.body[:limit],
             truncated=len(response.body) > limit,
         )
-        self.metrics.duration.labels(call.function).observe(duration)
+        self.metrics.duration.labels(call.ref).observe(duration)
         code = response.status_code
         if spec is not None and policy.should_retry(code, call.attempt):
             await self._retry(call, running, response, result, policy, finished, duration)
@@ -867,17 +867,17 @@ class WorkerService(Service):
             return
         # (found == this run's record: a write whose reply was lost, e.g. to a paused Redis,
         # landed all the same; the outcome is ours and its callback still to be delivered.)
-        self.metrics.calls.labels(call.function, record.status).inc()
+        self.metrics.calls.labels(call.ref, record.status).inc()
         # One line per call: the text is made here with an f-string, and the event's format
         # has a single field -- twisted.logger formats with string.Formatter, in Python, which
         # took 3.4 % of the worker's CPU per call with seven fields.  The fields stay in the
         # event for structured (JSON) observers.
         self.log.info(
             "{outcome}",
-            outcome=f"call {call.call_id}: {call.function} -> {record.status} ({code}) in {duration:.3f}s, "
+            outcome=f"call {call.call_id}: {call.ref} -> {record.status} ({code}) in {duration:.3f}s, "
             f"attempt {call.attempt} of {policy.max_attempts}",
             call_id=call.call_id,
-            function=call.function,
+            function=call.ref,
             status=record.status,
             code=code,
             duration=duration,
@@ -926,11 +926,11 @@ class WorkerService(Service):
                 record, {CallStatus.RUNNING}, create=True, attempts_at_most=call.attempt
             ),
         )
-        self.metrics.retries.labels(call.function).inc()
+        self.metrics.retries.labels(call.ref).inc()
         self.log.info(
             "call {call_id}: {function} answered {code}; attempt {n} of {m} in {wait:.3f}s",
             call_id=call.call_id,
-            function=call.function,
+            function=call.ref,
             code=response.status_code,
             n=call.attempt + 1,
             m=policy.max_attempts,
@@ -1005,7 +1005,7 @@ class WorkerService(Service):
             # run's record: the write landed, only its reply was lost; the rest is still to do.)
             self._stale(CALL, call, f"the record moved on ({found.status})")
             return
-        self.metrics.calls.labels(call.function, record.status).inc()
+        self.metrics.calls.labels(call.ref, record.status).inc()
         self.log.warn(
             "call {call_id}: dead-lettered ({reason}): {error}",
             call_id=call.call_id,
@@ -1052,6 +1052,7 @@ class WorkerService(Service):
         message = Call(
             call_id=call.call_id,
             function=call.function,
+            namespace=call.namespace,
             body=response.body,
             callback_url=url,
             accepted_at=call.accepted_at,
@@ -1186,7 +1187,7 @@ class WorkerService(Service):
             Callback(
                 url=message.callback_url,
                 call_id=message.call_id,
-                function=message.function,
+                function=message.ref,
                 status_code=job.status_code,
                 headers=to_bytes_pairs(job.headers),
                 body=message.body,
@@ -1342,7 +1343,7 @@ class WorkerService(Service):
         if not path.startswith("/"):
             path = "/" + path
         if self.config.gateway_url:
-            base = f"{self.config.gateway_url}/function/{call.function}"
+            base = f"{self.config.gateway_url}/function/{call.ref}"
             url = base if path == "/" else base + path
         else:
             url = spec.base_url(self.config.function_url_template) + path
@@ -1352,7 +1353,7 @@ class WorkerService(Service):
 
     async def _invoke(self, call: Call, spec: FunctionSpec | None) -> FunctionResponse:
         if spec is None:
-            text = f"function {call.function!r} not found (deleted after the call was queued?)"
+            text = f"function {call.ref!r} not found (deleted after the call was queued?)"
             return FunctionResponse(404, list(_TEXT), text.encode() + b"\n", text)
         timeout = self.timeout_for(spec)
         try:
@@ -1364,7 +1365,7 @@ class WorkerService(Service):
             if not method.isalpha():
                 raise ValueError(f"invalid method {call.method!r}")
         except (UnicodeEncodeError, ValueError) as e:
-            text = f"cannot build the request to function {call.function!r}: {e}"
+            text = f"cannot build the request to function {call.ref!r}: {e}"
             return FunctionResponse(400, list(_TEXT), text.encode() + b"\n", text)
         body: bytes | None = call.body
         if not call.body and method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE"):
@@ -1372,7 +1373,7 @@ class WorkerService(Service):
         try:
             url = self.url_for(call, spec)
         except (UnicodeEncodeError, KeyError, IndexError, ValueError) as e:
-            text = f"cannot build the URL of function {call.function!r}: {e}"
+            text = f"cannot build the URL of function {call.ref!r}: {e}"
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
         limit = min(MAX_FUNCTION_RESPONSE, self._answers.capacity)
         d = fetch(self._agent, method, url, headers, body, limit=limit, budget=self._answers)
@@ -1380,18 +1381,18 @@ class WorkerService(Service):
         try:
             raw = await d
         except defer.TimeoutError:
-            text = f"function {call.function!r} did not answer within its exec_timeout ({timeout:g}s)"
+            text = f"function {call.ref!r} did not answer within its exec_timeout ({timeout:g}s)"
             return FunctionResponse(504, list(_TEXT), text.encode() + b"\n", text)
         except defer.CancelledError:
             raise
         except BodyTooLarge:
             text = (
-                f"function {call.function!r} answered more than {limit} bytes, the most a worker "
+                f"function {call.ref!r} answered more than {limit} bytes, the most a worker "
                 f"holds of one answer (--max-answer-memory, at most {MAX_FUNCTION_RESPONSE})"
             )
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
         except Exception as e:
-            text = f"function {call.function!r} unreachable: {describe(e)}"
+            text = f"function {call.ref!r} unreachable: {describe(e)}"
             return FunctionResponse(502, list(_TEXT), text.encode() + b"\n", text)
         holding = _holding.get()
         if holding is not None:
