@@ -15,11 +15,6 @@ from txfaas.gateway.app import GatewayApp
 #: Described in the document but built in parallel (faas-cli's namespace, secret and logs
 #: commands): leave this set as each of them lands.
 PLANNED = {
-    ("GET", "/system/namespaces"),
-    ("GET", "/system/namespace/{}"),
-    ("POST", "/system/namespace/{}"),
-    ("PUT", "/system/namespace/{}"),
-    ("DELETE", "/system/namespace/{}"),
     ("GET", "/system/secrets"),
     ("POST", "/system/secrets"),
     ("PUT", "/system/secrets"),
