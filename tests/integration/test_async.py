@@ -130,7 +130,7 @@ async def test_post_runs_the_function_once_and_the_callback_carries_its_answer(a
         assert callback["body"] == b"done"
         headers = callback["headers"]
         assert headers["x-call-id"] == [call_id]
-        assert headers["x-function-name"] == ["echo"]
+        assert headers["x-function-name"] == ["echo.openfaas-fn"]
         assert headers["x-function-status"] == ["201"]
         assert headers["x-fn"] == ["1"]
         assert float(headers["x-duration-seconds"][0]) >= 0

@@ -259,7 +259,7 @@ async def test_enqueued_call_reaches_the_function_intact_and_the_signed_callback
     assert cb["body"] == b"answer:" + body
     headers = {k: v[0] for k, v in cb["headers"].items()}
     assert headers["x-call-id"] == call.call_id
-    assert headers["x-function-name"] == name
+    assert headers["x-function-name"] == f"{name}.openfaas-fn"
     assert headers["x-function-status"] == "201"
     assert headers["x-fn"] == "yes"
     assert float(headers["x-duration-seconds"]) >= 0
