@@ -120,7 +120,10 @@ async def test_sync_call_end_to_end(redis_url, upstream):
         assert seen["headers"]["x-forwarded-for"] == ["127.0.0.1"]
 
         response = await treq.get(base + "/function/nope")
-        assert (response.code, await response.text()) == (404, "function 'nope' not found in namespace 'openfaas-fn'\n")
+        assert (response.code, await response.text()) == (
+            404,
+            "function 'nope' not found in namespace 'openfaas-fn'\n",
+        )
 
         # The record lives in Redis: a second gateway on the same prefix sees it.
         response = await treq.get(base + "/system/functions", auth=GATEWAY_AUTH)
@@ -141,11 +144,11 @@ async def test_unreachable_function_is_502_and_slow_one_504_with_upstream_aborte
         await deploy(base, "slow", f"http://127.0.0.1:{port.getHost().port}")
         response = await treq.get(base + "/function/dead")
         assert response.code == 502
-        assert "'dead' unreachable" in await response.text()
+        assert "'dead.openfaas-fn' unreachable" in await response.text()
 
         response = await treq.get(base + "/function/slow")
         assert response.code == 504
-        assert await response.text() == "function 'slow' did not answer within 1s\n"
+        assert await response.text() == "function 'slow.openfaas-fn' did not answer within 1s\n"
         # The gateway really closed its connection to the function.
         await wait_for(lambda: hanging.disconnected, timeout=5, what="upstream disconnect")
     finally:
@@ -331,7 +334,9 @@ async def test_workers_share_the_port_and_metrics_add_up(redis_url, upstream):
         async def all_counted() -> bool:
             response = await treq.get(base + "/metrics", persistent=False, auth=GATEWAY_AUTH)
             text = await response.text()
-            return 'gateway_function_invocation_total{code="200",function_name="echo.openfaas-fn"} 40.0' in text
+            return (
+                'gateway_function_invocation_total{code="200",function_name="echo.openfaas-fn"} 40.0' in text
+            )
 
         await wait_for(all_counted, timeout=3, interval=0.2, what="40 calls in /metrics")
     finally:

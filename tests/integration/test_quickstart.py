@@ -94,7 +94,7 @@ def check_quickstart(qs: Quickstart) -> None:
 
     # The worker records the outcome before it calls back: once the callback is printed,
     # the status and the result are there.
-    qs.read_until(f"[callback] call {call_id} of wordcount: status 200", timeout=30)
+    qs.read_until(f"[callback] call {call_id} of wordcount.openfaas-fn: status 200", timeout=30)
     record = json.loads(run(status))
     assert record["status"] == "succeeded", record
     assert json.loads(run(result))["words"] == 2

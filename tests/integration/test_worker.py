@@ -278,7 +278,7 @@ async def test_enqueued_call_reaches_the_function_intact_and_the_signed_callback
 
     response = await treq.get(base + "/metrics")
     metrics = (await response.content()).decode()
-    assert f'txfaas_worker_calls_total{{function="{name}",status="succeeded"}} 1.0' in metrics
+    assert f'txfaas_worker_calls_total{{function="{name}.openfaas-fn",status="succeeded"}} 1.0' in metrics
     assert 'txfaas_worker_callbacks_total{outcome="delivered"} 1.0' in metrics
 
 

@@ -51,7 +51,9 @@ async def test_processes_share_the_work_are_restarted_and_metrics_add_up(amqp_ur
 
         response = await treq.get(base + "/metrics")
         text = await response.text()
-        assert f'txfaas_worker_calls_total{{function="{name}",status="succeeded"}} 8.0' in text, text
+        assert f'txfaas_worker_calls_total{{function="{name}.openfaas-fn",status="succeeded"}} 8.0' in text, (
+            text
+        )
 
         # A worker process that dies is restarted, and /healthz says so meanwhile.
         os.kill(int(sorted(seen_pids)[0]), signal.SIGKILL)
