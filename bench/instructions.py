@@ -13,6 +13,7 @@ and then every answer read (so with more than one connection the gateway sees se
 requests per pass of its loop, as under load)::
 
     python bench/instructions.py                       # GET /function/bench
+    python bench/instructions.py --route sync-ns        # GET /function/bench.openfaas-fn
     python bench/instructions.py --route async          # POST /async-function/bench (202)
     python bench/instructions.py --connections 10 --calls 3000
 
@@ -54,12 +55,16 @@ from harness import (
 
 REQUESTS = {
     "sync": b"GET /function/bench HTTP/1.1\r\nHost: gw\r\nUser-Agent: instructions\r\nAccept: */*\r\n\r\n",
+    # What faas-cli invoke sends: the name with its namespace.
+    "sync-ns": (
+        b"GET /function/bench.openfaas-fn HTTP/1.1\r\nHost: gw\r\nUser-Agent: instructions\r\nAccept: */*\r\n\r\n"
+    ),
     "async": (
         b"POST /async-function/bench HTTP/1.1\r\nHost: gw\r\nUser-Agent: instructions\r\n"
         b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"hello": 1}\n'
     ),
 }
-EXPECTED = {"sync": 200, "async": 202}
+EXPECTED = {"sync": 200, "sync-ns": 200, "async": 202}
 
 
 def read_response(sock: socket.socket, buffer: bytearray) -> int:

@@ -126,7 +126,7 @@ class WalkTests(GatewayTestCase):
             self.assertIn(b"OpenFaaS web UI", body)
 
     def test_an_unexpected_error_in_a_route_is_a_plain_500(self) -> None:
-        async def broken() -> list:
+        async def broken(*args: object) -> list:
             raise RuntimeError("boom")
 
         self.store.list_functions = broken
