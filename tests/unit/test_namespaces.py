@@ -198,6 +198,17 @@ class NamespaceGatewayTests(GatewayTestCase):
         _, body = self.call("GET", f"/system/calls/{call_id}")
         self.assertEqual((js(body)["function"], js(body)["namespace"]), ("echo", "dev"))
 
+    def test_a_call_id_taken_by_the_same_name_in_another_namespace_is_409(self) -> None:
+        self.deploy_in("dev")
+        self.deploy_in(None)
+        response, _ = self.call("POST", "/async-function/echo.dev", {"X-Call-Id": ["id-1"]}, b"x")
+        self.assertEqual(response.code, 202)
+        response, body = self.call("POST", "/async-function/echo", {"X-Call-Id": ["id-1"]}, b"x")
+        self.assertEqual(response.code, 409)
+        self.assertIn(b"taken by another call", body)
+        response, body = self.call("POST", "/async-function/echo.dev", {"X-Call-Id": ["id-1"]}, b"x")
+        self.assertEqual((response.code, js(body)["duplicate"]), (202, True))
+
     def test_metrics_are_labelled_name_dot_namespace(self) -> None:
         self.deploy_in("dev")
         self.deploy_in(None)

@@ -545,7 +545,7 @@ class GatewayApp:
         claim, found = await self._calls.claim_call(record, self._settings.claim_window)
         if claim is None:
             assert found is not None
-            return self._duplicate(request, found, call.function)
+            return self._duplicate(request, found, call)
         try:
             await self._queue.publish(call)
         except QueueUnavailable:
@@ -572,8 +572,8 @@ class GatewayApp:
             )
             return None
 
-    def _duplicate(self, request: IRequest, found: CallRecord, function: str) -> bytes:
-        if found.function != function:
+    def _duplicate(self, request: IRequest, found: CallRecord, call: Call) -> bytes:
+        if (found.function, found.namespace) != (call.function, call.namespace):
             # Someone else's call: its status is none of this caller's business.
             raise HTTPError(409, f"call id {found.call_id!r} is taken by another call: choose another id")
         if found.status == CallStatus.ACCEPTING:
