@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ROOT / "docker" / "functions"
@@ -124,6 +125,139 @@ def login_line(procs: Processes, name: str, timeout: float = 10) -> tuple[str, s
         time.sleep(0.1)
 
 
+class RunNames:
+    """This run's own names on the shared RabbitMQ and Redis (never production's ``txfaas:``,
+    ``faas-request`` and ``txfaas.*``), and their removal when it stops."""
+
+    def __init__(self, base: str | None = None) -> None:
+        from txfaas.queue.amqp import Topology
+        from txfaas.retry import DEFAULT_TIERS
+
+        self.base = base or f"txfaas-run-{os.urandom(3).hex()}"
+        self.redis_prefix = self.base + ":"
+        self.topology = Topology(
+            prefix=self.base,
+            dead_letter_queue=self.base + ".dead-letter",
+            callback_queue=self.base + ".callbacks",
+        )
+        self.queues = [
+            self.base,
+            self.topology.dead_letter_queue,
+            self.topology.callback_queue,
+            *(self.topology.tier_name(t) for t in DEFAULT_TIERS),
+        ]
+
+    def gateway_args(self) -> list[str]:
+        t = self.topology
+        return [
+            "--redis-prefix", self.redis_prefix,
+            "--default-queue", self.base,
+            # the worker's names below, which no function may take as its queue
+            "--retry-prefix", t.prefix,
+            "--dead-letter-queue", t.dead_letter_queue,
+            "--callback-queue", t.callback_queue,
+        ]  # fmt: skip
+
+    def worker_args(self) -> list[str]:
+        t = self.topology
+        return [
+            "--redis-prefix", self.redis_prefix,
+            "--queue", self.base,
+            "--retry-prefix", t.prefix,
+            "--dead-letter-queue", t.dead_letter_queue,
+            "--callback-queue", t.callback_queue,
+        ]  # fmt: skip
+
+    def function_queues(self, gateway: str, password_file: str) -> list[str]:
+        """Queues named by the functions deployed now (``com.openfaas.queue``), asked of the gateway."""
+        import base64
+
+        token = base64.b64encode(f"admin:{Path(password_file).read_text().strip()}".encode()).decode()
+        request = urllib.request.Request(
+            f"{gateway}/system/functions", headers={"Authorization": f"Basic {token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                functions = json.loads(response.read())
+        except (OSError, ValueError):
+            return []
+        return [q for f in functions if (q := (f.get("annotations") or {}).get("com.openfaas.queue"))]
+
+    def remove(self, extra_queues: list[str]) -> str:
+        """Delete this run's queues, exchange and Redis keys; say what went."""
+        import pika
+
+        queues = list(dict.fromkeys([*self.queues, *extra_queues]))
+        params = pika.ConnectionParameters("127.0.0.1", 5672, socket_timeout=5, blocked_connection_timeout=5)
+        connection = pika.BlockingConnection(params)
+        try:
+            channel = connection.channel()
+            for name in queues:
+                channel.queue_delete(name)
+            channel.exchange_delete(self.topology.retry_exchange)
+        finally:
+            connection.close()
+        keys = redis_delete_prefix(self.redis_prefix)
+        return f"removed {keys} Redis keys ({self.redis_prefix}*), {len(queues)} queues and an exchange ({self.base}*)"
+
+
+class Redis:
+    """A few lines of RESP over a socket: enough to find and delete this run's keys."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 6379) -> None:
+        self._sock = socket.create_connection((host, port), timeout=5)
+        self._reader = self._sock.makefile("rb")
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
+
+    def command(self, *args: str) -> Any:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._sock.sendall(b"".join(parts))
+        return self._read()
+
+    def _read(self) -> Any:
+        line = self._reader.readline().rstrip(b"\r\n")
+        kind, rest = line[:1], line[1:]
+        if kind == b"-":
+            raise OSError(f"redis: {rest.decode()}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            return None if rest == b"-1" else self._reader.read(int(rest) + 2)[:-2].decode()
+        if kind == b"*":
+            return [self._read() for _ in range(int(rest))]
+        return rest.decode()
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (SCAN, not KEYS: the server is shared)."""
+        pattern = prefix.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?").replace("[", "\\[")
+        found, cursor = [], "0"
+        while True:
+            cursor, keys = self.command("SCAN", cursor, "MATCH", pattern + "*", "COUNT", "500")
+            found.extend(keys)
+            if cursor == "0":
+                return found
+
+
+def redis_delete_prefix(prefix: str) -> int:
+    """Delete every key under ``prefix``; the count."""
+    redis = Redis()
+    try:
+        keys = redis.keys(prefix)
+        return sum(redis.command("DEL", *keys[i : i + 500]) for i in range(0, len(keys), 500))
+    finally:
+        redis.close()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops and cleans up as Ctrl-C does
+
+
 class CallbackHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -150,6 +284,9 @@ def main() -> int:
     args = parser.parse_args()
 
     durable = not args.local and answers(5672) and answers(6379)
+    signal.signal(signal.SIGTERM, _terminate)
+    names = RunNames() if durable else None
+    extra_queues: list[str] = []
     logdir = Path(tempfile.mkdtemp(prefix="txfaas-quickstart-"))
     procs = Processes(logdir)
     gateway_port = free_port(args.port)
@@ -163,6 +300,7 @@ def main() -> int:
         "slow": ("sleep.py", {"exec_timeout": "3s"}),
     }
     deployments = []
+    gateway = password_file = ""
     try:
         for name, (script, env) in functions.items():
             port = free_port()
@@ -183,8 +321,12 @@ def main() -> int:
         functions_file.write_text(json.dumps(deployments, indent=2))
 
         common = ["--callback-allow", "127.0.0.0/8"]
-        if durable:
-            print("quickstart: RabbitMQ and Redis answer on 127.0.0.1: calls are durable.")
+        if names is not None:
+            print(
+                "quickstart: RabbitMQ and Redis answer on 127.0.0.1: calls are durable.\n"
+                f"            Names of this run only: Redis keys {names.redis_prefix}*, queues and exchange "
+                f"{names.base}*;\n            removed when it stops."
+            )
             procs.start(
                 "gateway",
                 [
@@ -193,13 +335,20 @@ def main() -> int:
                     f"tcp:{gateway_port}:interface=127.0.0.1",
                     "--functions",
                     str(functions_file),
+                    *names.gateway_args(),
                     *common,
                 ],
             )
             worker_port = free_port()
             procs.start(
                 "worker",
-                ["faas-worker", "--listen", f"tcp:{worker_port}:interface=127.0.0.1", *common],
+                [
+                    "faas-worker",
+                    "--listen",
+                    f"tcp:{worker_port}:interface=127.0.0.1",
+                    *names.worker_args(),
+                    *common,
+                ],
             )
             wait_http(f"http://127.0.0.1:{worker_port}/healthz", procs)
         else:
@@ -256,10 +405,19 @@ Ctrl-C stops everything.""",
             if args.exit_after and time.monotonic() - started > args.exit_after:
                 break
     except KeyboardInterrupt:
-        print("\nquickstart: stopping")
+        print("\nquickstart: stopping", flush=True)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if names is not None and password_file:
+            extra_queues = names.function_queues(gateway, password_file)
         procs.stop()
         callback_server.shutdown()
+        if names is not None:
+            try:
+                print(f"quickstart: {names.remove(extra_queues)}", flush=True)
+            except Exception as e:  # say what was left, whatever went wrong
+                print(f"quickstart: could not remove this run's names ({names.base}*): {e}", flush=True)
     return 0
 
 

@@ -6,7 +6,9 @@ so servers running inside the test process keep answering while a test waits.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,12 +36,24 @@ def gateway_env(auth: tuple[str, str] = GATEWAY_AUTH) -> dict[str, str]:
     return {"TXFAAS_BASIC_AUTH_USER": auth[0], "TXFAAS_BASIC_AUTH_PASSWORD": auth[1]}
 
 
+_STATE_ROOT: list[str] = []
+
+
+def _fresh_state_dir() -> str:
+    """A new folder under one per test session, removed when the session ends."""
+    if not _STATE_ROOT:
+        _STATE_ROOT.append(tempfile.mkdtemp(prefix="txfaas-state-"))
+        atexit.register(shutil.rmtree, _STATE_ROOT[0], True)
+    return tempfile.mkdtemp(dir=_STATE_ROOT[0])
+
+
 def _twistd_env(env: dict[str, str] | None) -> dict[str, str]:
     """The test's environment plus ``env``; a fresh state dir, so nothing lands in the user's."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    full_env.setdefault("TXFAAS_STATE_DIR", tempfile.mkdtemp(prefix="txfaas-state-"))
+    if "TXFAAS_STATE_DIR" not in full_env:
+        full_env["TXFAAS_STATE_DIR"] = _fresh_state_dir()
     return full_env
 
 

@@ -14,19 +14,18 @@ import select
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 
 import pytest
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, _fresh_state_dir, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 
 
 class Quickstart:
     def __init__(self, *args: str) -> None:
-        self.state_dir = tempfile.mkdtemp(prefix="txfaas-state-")  # not the user's
+        self.state_dir = _fresh_state_dir()  # not the user's
         self.proc = subprocess.Popen(
             [str(ROOT / "scripts" / "run"), "--port", str(free_port()), *args],
             stdout=subprocess.PIPE,
@@ -134,3 +133,109 @@ def test_readme_run_command_works_as_printed(mode, request):
     assert qs.proc.returncode == 0, qs.output
     # scripts/run waits for what it started before it exits.
     assert not group_alive(qs.proc.pid), "processes of scripts/run survived Ctrl-C"
+
+
+def _quickstart_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _queue_exists(name: str, exchange: bool = False) -> bool:
+    import pika
+
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    try:
+        channel = connection.channel()
+        try:
+            if exchange:
+                channel.exchange_declare(name, passive=True)
+            else:
+                channel.queue_declare(name, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            assert e.reply_code == 404, e
+            return False
+        return True
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def _commands_of_group(pgid: int) -> list[str]:
+    commands = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) != pgid:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    commands.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                continue
+    return commands
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_run_uses_names_of_its_own_and_removes_them_when_it_stops(stop, redis_url, amqp_url):
+    """On a shared broker and Redis, scripts/run takes no production call and leaves nothing behind."""
+    quickstart = _quickstart_module()
+    qs = Quickstart()
+    try:
+        check_quickstart(qs)  # functions deployed, an async call queued, run, recorded, called back
+        base = re.search(r"Redis keys (txfaas-run-[0-9a-f]{6}):\*", qs.output).group(1)
+        names = quickstart.RunNames(base)
+        # Its own names while it runs, never production's.
+        commands = _commands_of_group(qs.proc.pid)
+        [worker] = [c for c in commands if "faas-worker" in c]
+        assert f"--queue {base} " in worker and f"--redis-prefix {base}: " in worker
+        assert f"--dead-letter-queue {base}.dead-letter" in worker
+        [gateway] = [c for c in commands if "faas-gateway" in c]
+        assert f"--default-queue {base} " in gateway and f"--redis-prefix {base}: " in gateway
+        redis = quickstart.Redis()
+        try:
+            assert any(k.startswith(f"{base}:") for k in redis.keys(f"{base}:"))
+        finally:
+            redis.close()
+        assert _queue_exists(base) and _queue_exists(f"{base}.callbacks")
+    finally:
+        if stop == "sigterm" and qs.proc.poll() is None:
+            os.kill(qs.proc.pid, signal.SIGTERM)
+            qs.proc.wait(60)
+        qs.stop()
+    assert qs.proc.returncode == 0
+    output = qs.output + qs.proc.stdout.read().decode(errors="replace")
+    assert "removed " in output and f"({base}*)" in output, output[-2000:]
+    redis = quickstart.Redis()
+    try:
+        assert redis.keys(f"{base}:") == []
+    finally:
+        redis.close()
+    assert [q for q in names.queues if _queue_exists(q)] == []
+    assert not _queue_exists(names.topology.retry_exchange, exchange=True)
+    assert not group_alive(qs.proc.pid)
+
+
+def test_setup_env_shows_its_progress():
+    """The first run's install (a minute or more) says what pip is doing, one line a step."""
+    marker = ROOT / ".venv" / ".txfaas-installed"
+    if not marker.exists() or marker.read_text().strip() == "editable":
+        pytest.skip("no wheel install of setup-env to redo here")
+    saved = marker.read_text()
+    marker.write_text("stale\n")  # as after a change of the source: setup-env installs again
+    try:
+        result = subprocess.run(
+            [str(ROOT / "scripts" / "setup-env")], capture_output=True, text=True, timeout=900, cwd=ROOT
+        )
+    finally:
+        if marker.read_text() == "stale\n":
+            marker.write_text(saved)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("setup: installing txfaas and its dependencies"), lines
+    steps = [line for line in lines if line.startswith("setup:   ")]
+    assert any("Successfully installed" in line and "txfaas" in line for line in steps), lines
+    assert all(len(line) <= 120 for line in steps)
+    assert lines[-1] == "setup: done"

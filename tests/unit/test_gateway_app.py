@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import deque
 from ipaddress import ip_network
 from typing import Any
 
@@ -618,3 +619,26 @@ class LateResolver:
             receiver.addressResolved(IPv4Address("TCP", address, port))
             receiver.resolutionComplete()
         self.pending = []
+
+
+class DefaultQueueTests(GatewayTestCase):
+    """--default-queue: where the calls of a function without com.openfaas.queue go."""
+
+    def app_settings(self) -> AppSettings:
+        return AppSettings(default_queue="run-q")
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.queue.messages.setdefault("run-q", deque())  # the gateway declares it at start
+
+    def test_unannotated_functions_use_the_default_queue_annotated_ones_theirs(self) -> None:
+        self.call("POST", "/system/functions", data=b'{"service": "plain", "url": "http://p.fn"}')
+        self.call(
+            "POST",
+            "/system/functions",
+            data=b'{"service": "own", "url": "http://o.fn", "annotations": {"com.openfaas.queue": "mine"}}',
+        )
+        self.assertEqual(set(self.queue.messages) - {"faas-request", "run-q"}, {"mine"})
+        for name in ("plain", "own"):
+            self.assertEqual(self.call("POST", f"/async-function/{name}", data=b"x")[0].code, 202)
+        self.assertEqual([c.queue for c in self.queue.published], ["run-q", "mine"])

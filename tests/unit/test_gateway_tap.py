@@ -255,3 +255,10 @@ def test_backlog_defaults_to_1024_and_is_a_flag(monkeypatch):
     assert parse([]).backlog == 200
     with pytest.raises(usage.UsageError, match="--backlog"):
         parse(["--backlog", "0"])
+
+
+def test_default_queue_flag():
+    assert parse([]).default_queue == "faas-request"
+    assert parse(["--default-queue", "txfaas-run-1"]).default_queue == "txfaas-run-1"
+    with pytest.raises(usage.UsageError, match=r"^--default-queue: .*invalid queue name 'a b'"):
+        parse(["--default-queue", "a b"])

@@ -99,6 +99,8 @@ class AppSettings:
     reserved_queues: ReservedQueues = attrs.field(factory=ReservedQueues)
     #: The namespace of requests that name none (``--default-namespace``).
     default_namespace: str = DEFAULT_NAMESPACE
+    #: Where the async calls of a function without a ``com.openfaas.queue`` annotation go.
+    default_queue: str = DEFAULT_QUEUE
 
 
 class GatewayApp:
@@ -429,9 +431,10 @@ class GatewayApp:
         refuses, is a 400; a broker that is down does not block the deploy (the queue is
         remembered and declared as soon as the broker is back)."""
         self._settings.reserved_queues.check(spec.queue)
-        if self._queue is not None and spec.queue != DEFAULT_QUEUE:
+        queue = self._queue_of(spec)
+        if self._queue is not None and queue != self._settings.default_queue:
             try:
-                await self._queue.declare(spec.queue)
+                await self._queue.declare(queue)
             except QueueRefused as e:
                 raise ValidationError(
                     f"annotations.{QUEUE_ANNOTATION}", f"the broker refused it: {e}"
@@ -439,12 +442,16 @@ class GatewayApp:
             except QueueUnavailable as e:
                 self.log.warn(
                     "queue {queue} of {function} not declared yet (it will be on reconnection): {error}",
-                    queue=spec.queue,
+                    queue=queue,
                     function=spec.ref,
                     error=e,
                 )
                 return
             self.refused_queues.pop(spec.queue, None)
+
+    def _queue_of(self, spec: FunctionSpec) -> str:
+        """The queue of a function's async calls: its annotation's, else the gateway's default."""
+        return spec.queue if QUEUE_ANNOTATION in spec.annotations else self._settings.default_queue
 
     # --- asynchronous calls -----------------------------------------------------------------
 
@@ -515,7 +522,7 @@ class GatewayApp:
             body=request.content.read(),
             callback_url=callback_url,
             accepted_at=time.time(),
-            queue=spec.queue,
+            queue=self._queue_of(spec),
             namespace=namespace,
         )
         record = CallRecord.for_call(call)

@@ -131,6 +131,12 @@ FLAGS = Flags(
         "Longest wait for the broker to confirm a queued call",
     ),
     Flag("redis-prefix", ("TXFAAS_REDIS_PREFIX",), "txfaas:", "Prefix of every Redis key"),
+    Flag(
+        "default-queue",
+        ("TXFAAS_DEFAULT_QUEUE",),
+        "faas-request",
+        "Queue of the asynchronous calls of functions without a com.openfaas.queue annotation",
+    ),
     Flag("pool-size", ("TXFAAS_POOL_SIZE",), "256", "Persistent connections kept per function host"),
     # The worker's internal queue names (the same flags and variables as faas-worker's): no
     # function may take them.
@@ -197,6 +203,7 @@ class GatewayConfig:
     confirm_timeout: float
     redis_prefix: str
     pool_size: int
+    default_queue: str = "faas-request"
     workers: int = 1
     #: Where the credentials came from: "environment", or the folder of their files.
     auth_source: str | None = None
@@ -278,6 +285,7 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
         call_ttl=get("call-ttl", parse_duration),
         confirm_timeout=get("confirm-timeout", parse_duration),
         redis_prefix=get("redis-prefix", str),
+        default_queue=get("default-queue", _queue_name),
         pool_size=get("pool-size", parse_positive_int),
         workers=workers,
         backlog=get("backlog", parse_positive_int),
@@ -410,11 +418,13 @@ def build_gateway(
     elif config.amqp.memory:
         from txfaas.queue.memory import MemoryQueue
 
-        queue = MemoryQueue(["faas-request"])
+        queue = MemoryQueue([config.default_queue])
     else:
         from txfaas.queue.amqp import AMQPQueue
 
-        queue = AMQPQueue(reactor, config.amqp, confirm_timeout=config.confirm_timeout)
+        queue = AMQPQueue(
+            reactor, config.amqp, declare=(config.default_queue,), confirm_timeout=config.confirm_timeout
+        )
 
     pool = quiet_pool(reactor, per_host=config.pool_size)
     # IP-address function URLs need no resolver thread for each new connection.
@@ -444,6 +454,7 @@ def build_gateway(
             claim_window=config.confirm_timeout + 5.0,
             reserved_queues=config.reserved_queues,
             default_namespace=config.default_namespace,
+            default_queue=config.default_queue,
         ),
         clock=reactor,
     )

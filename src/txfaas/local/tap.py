@@ -22,7 +22,7 @@ log = Logger()
 
 # The gateway's flags, less those that pick the store and queue (always in memory here).
 _GATEWAY_FLAGS = gateway_tap.FLAGS.opt_parameters(
-    leave_out=("redis", "amqp", "redis-prefix", "confirm-timeout")
+    leave_out=("redis", "amqp", "redis-prefix", "confirm-timeout", "default-queue")
 )
 _WORKER_FLAGS = ["max-inflight", "exec-timeout", "callback-secret", "callback-timeout", "max-result-size"]
 
