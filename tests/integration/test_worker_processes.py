@@ -9,7 +9,7 @@ import pytest_twisted
 import treq
 
 from tests.integration.test_worker import Env
-from tests.support import Recorder, sleep, wait_for
+from tests.support import Recorder, wait_for
 
 
 @pytest_twisted.ensureDeferred
@@ -61,7 +61,13 @@ async def test_processes_share_the_work_are_restarted_and_metrics_add_up(amqp_ur
         await wait_for(
             lambda: supervisor.output().count("started process") == 3, timeout=10, what="a restart"
         )
-        await sleep(0)
+        # The new process serves before it is stopped: one SIGTERM'd while still starting
+        # dies before its reactor runs and never logs its shutdown.
+        await wait_for(
+            lambda: supervisor.output().count("connected to the AMQP broker") >= 3,
+            timeout=30,
+            what="the restarted process connected",
+        )
     finally:
         await env.close()
     # The supervisor stopped its processes when it stopped.
