@@ -68,6 +68,18 @@ class FunctionsAPITests(GatewayTestCase):
         self.assertEqual(response.code, 400)
         self.assertIn(b"functionName", body)
 
+    def test_delete_with_a_namespace_that_is_not_a_string_is_400_and_removes_nothing(self) -> None:
+        """Found by the schemathesis run: ``{}``, ``0`` or ``false`` read as "no namespace" removed
+        the default namespace's function."""
+        self.deploy_json()
+        for bad in (b"{}", b"[]", b"0", b"false"):
+            body = b'{"functionName": "echo", "namespace": %s}' % bad
+            response, text = self.call("DELETE", "/system/functions", data=body)
+            self.assertEqual(response.code, 400, bad)
+            self.assertIn(b"namespace", text)
+        response, _ = self.call("GET", "/system/function/echo")
+        self.assertEqual(response.code, 200)
+
     def test_a_deleted_function_is_no_longer_callable_through_this_gateway(self) -> None:
         self.deploy_json()
         self.assertEqual(self.call("GET", "/function/echo")[0].code, 200)

@@ -296,7 +296,9 @@ class GatewayApp:
         if not isinstance(data, dict) or "functionName" not in data:
             raise ValidationError("functionName", "missing")
         name = check_name(data["functionName"], "functionName")
-        namespace = data.get("namespace") or self._settings.default_namespace
+        namespace = data.get("namespace")
+        if namespace is None or namespace == "":  # not any false value: {} or 0 is a mistake
+            namespace = self._settings.default_namespace
         if not isinstance(namespace, str):
             raise ValidationError("namespace", "must be a string")
         check_namespace(namespace)
