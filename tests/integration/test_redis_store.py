@@ -484,3 +484,38 @@ async def test_a_dead_letter_of_another_namespace_is_indexed_and_removed_by_name
     assert await store.list_dead_letters("echo") == []
     assert await store.remove_dead_letter("c-ns")
     assert int(await raw.zcard(f"{prefix}dead-letters:fn:echo.dev")) == 0
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_by_namespace_create_update_delete(store, raw, prefix):
+    await store.create_secret("openfaas-fn", "db", b"token-1")
+    await store.create_secret("openfaas-fn", "api", b"token-2")
+    await store.create_secret("dev", "db", b"token-3")
+    with pytest.raises(AlreadyExists):
+        await store.create_secret("openfaas-fn", "db", b"other")
+    assert await store.list_secrets("openfaas-fn") == ["api", "db"]
+    assert await store.list_secrets("dev") == ["db"]
+    assert await store.list_secrets("none") == []
+    assert await store.get_secret("openfaas-fn", "db") == b"token-1"
+    await store.update_secret("openfaas-fn", "db", b"token-4")
+    assert await store.get_secret("openfaas-fn", "db") == b"token-4"
+    with pytest.raises(NotFound):
+        await store.update_secret("openfaas-fn", "absent", b"x")
+    assert await store.get_secret("openfaas-fn", "absent") is None  # an update never creates
+    assert await store.missing_secrets("openfaas-fn", ["db", "absent", "api", "gone"]) == ["absent", "gone"]
+    assert await store.missing_secrets("openfaas-fn", []) == []
+    await store.delete_secret("dev", "db")
+    with pytest.raises(NotFound):
+        await store.delete_secret("dev", "db")
+    assert await raw.hgetall(f"{prefix}secrets:openfaas-fn") == {"api": "token-2", "db": "token-4"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_secrets_key_check_is_kept_once(store):
+    assert await store.secrets_key_check(None) is None
+    assert await store.secrets_key_check(b"first") == b"first"
+    assert await store.secrets_key_check(b"second") == b"first"
+    assert await store.secrets_key_check(None) == b"first"

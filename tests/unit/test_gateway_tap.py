@@ -121,7 +121,7 @@ def test_the_defaults_shown_in_help_are_the_defaults_used():
     """One table makes --help and the lookups: giving every shown default explicitly changes nothing."""
     explicit = [f"--{flag.name}={flag.default}" for flag in tap.FLAGS if flag.default is not None]
     assert len(explicit) > 10
-    parse([])  # the first start generates credentials; both below find them
+    parse([])  # the first start generates credentials and the secrets key; both below find them
     assert parse(explicit) == parse([])
     help_text = " ".join(str(tap.Options()).split())
     assert "[$read_timeout; default 65s]" in help_text
@@ -150,7 +150,11 @@ def test_basic_auth_is_on_by_default_with_generated_credentials(tmp_path):
     assert (state / "basic-auth-user").stat().st_mode & 0o777 == 0o600
     assert state.stat().st_mode & 0o777 == 0o700
     assert (config.auth_source, config.auth_generated) == (str(state), True)
-    assert sorted(p.name for p in state.iterdir()) == ["basic-auth-password", "basic-auth-user"]
+    assert sorted(p.name for p in state.iterdir()) == [
+        "basic-auth-password",
+        "basic-auth-user",
+        "secrets.key",
+    ]
 
 
 def test_generated_credentials_are_reused_on_the_next_start():
@@ -198,13 +202,13 @@ def test_secret_files_win_over_generated_ones(tmp_path):
     config = parse(["--secret-mount-path", str(mount)])
     assert config.basic_auth == ("ops", "s3cret")
     assert config.auth_source == str(mount)
-    assert not (tmp_path / "state").exists()
+    assert not (tmp_path / "state" / "basic-auth-password").exists()  # (the secrets key is there)
 
 
 def test_basic_auth_false_must_be_said_and_turns_it_off(tmp_path):
     config = parse(["--basic-auth", "false"])
     assert config.basic_auth is None
-    assert not (tmp_path / "state").exists()
+    assert not (tmp_path / "state" / "basic-auth-password").exists()  # (the secrets key is there)
 
 
 def _logged(monkeypatch, config) -> str:
@@ -262,3 +266,32 @@ def test_default_queue_flag():
     assert parse(["--default-queue", "txfaas-run-1"]).default_queue == "txfaas-run-1"
     with pytest.raises(usage.UsageError, match=r"^--default-queue: .*invalid queue name 'a b'"):
         parse(["--default-queue", "a b"])
+
+
+def test_secrets_key_is_generated_in_the_state_folder_and_kept(tmp_path):
+    first = parse([])
+    path = tmp_path / "state" / "secrets.key"
+    assert first.secrets_key_path == str(path)
+    assert first.secrets_key_created is True
+    assert path.read_bytes().strip() == first.secrets_key
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = parse([])
+    assert (again.secrets_key, again.secrets_key_created) == (first.secrets_key, False)
+    assert first.secrets_key.decode() not in repr(first)  # never in a log line
+
+
+def test_secrets_key_flag_names_the_file_and_a_corrupt_one_is_one_line(tmp_path):
+    path = tmp_path / "mine.key"
+    assert parse(["--secrets-key", str(path)]).secrets_key_path == str(path)
+    path.write_text("garbage")
+    with pytest.raises(
+        usage.UsageError, match=r"^--secrets-key: the secrets key .*mine.key is not a Fernet key"
+    ):
+        parse(["--secrets-key", str(path)])
+
+
+def test_memory_store_needs_no_key_file(tmp_path):
+    config = parse(["--redis", "memory:"])
+    assert config.secrets_key is not None
+    assert config.secrets_key_path is None
+    assert not (tmp_path / "state" / "secrets.key").exists()

@@ -54,6 +54,7 @@ from txfaas.model import (
 )
 from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
 from txfaas.runtime import LimitedSite, Route
+from txfaas.secrets import SecretBox, SecretRequest
 from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
 from txfaas.store import (
     AlreadyExists,
@@ -118,8 +119,10 @@ class GatewayApp:
         metrics: GatewayMetrics,
         settings: AppSettings = AppSettings(),
         clock: Any = None,
+        secret_box: SecretBox | None = None,
     ) -> None:
         self._clock = clock
+        self._secret_box = secret_box
         self._functions = functions
         self._store = functions.store
         self._calls = calls
@@ -262,6 +265,7 @@ class GatewayApp:
     async def deploy(self, request: IRequest) -> bytes:
         spec = self._spec(request)
         await self._known_namespace(spec.namespace)
+        await self._check_secrets(spec)
         await self._declare_queue(spec)
         try:
             await self._store.create_function(spec, check_namespace=spec.namespace not in self._builtin)
@@ -280,6 +284,7 @@ class GatewayApp:
     async def update(self, request: IRequest) -> bytes:
         spec = self._spec(request)
         await self._known_namespace(spec.namespace)
+        await self._check_secrets(spec)
         await self._declare_queue(spec)
         try:
             await self._store.update_function(spec)
@@ -427,6 +432,96 @@ class GatewayApp:
                 "arch": _arch(),
             },
         )
+
+    async def _check_secrets(self, spec: FunctionSpec) -> None:
+        """A function may only name secrets that exist in its namespace (400 otherwise, as OpenFaaS)."""
+        if not spec.secrets:
+            return
+        namespace = spec.namespace
+        missing = await self._store.missing_secrets(namespace, spec.secrets)
+        if missing:
+            names = ", ".join(repr(name) for name in missing)
+            raise HTTPError(
+                400,
+                f"secrets: {names} not found in namespace {namespace!r} "
+                "(create with: faas-cli secret create NAME)",
+            )
+
+    # --- secrets ----------------------------------------------------------------------------
+
+    def _box(self) -> SecretBox:
+        if self._secret_box is None:
+            raise HTTPError(501, "secrets are not enabled on this gateway")
+        return self._secret_box
+
+    async def _secret_request(self, request: IRequest, *, value_required: bool) -> SecretRequest:
+        secret = SecretRequest.from_json(
+            _read_json(request),
+            value_required=value_required,
+            default_namespace=self._settings.default_namespace,
+        )
+        await self._known_namespace(secret.namespace)
+        return secret
+
+    @app.route("/system/secrets", methods=["GET"])
+    async def list_secrets(self, request: IRequest) -> bytes:
+        """Names only, never values (faas-provider's ``Secret`` with ``value`` left out)."""
+        self._box()
+        namespace = await self._known_namespace(self._namespace_arg(request))
+        names = await self._store.list_secrets(namespace)
+        return _json(request, 200, [{"name": name, "namespace": namespace} for name in names])
+
+    @app.route("/system/secrets", methods=["POST"])
+    async def create_secret(self, request: IRequest) -> bytes:
+        box = self._box()
+        secret = await self._secret_request(request, value_required=True)
+        sealed = box.seal(secret.namespace, secret.name, secret.value or b"")
+        # The first secret marks the store with this key: a later start with another is refused.
+        kept = await self._store.secrets_key_check(box.check_token())
+        if kept is not None and not box.opens(kept):
+            raise HTTPError(503, "secrets unavailable: the store's secrets were sealed with another key")
+        try:
+            await self._store.create_secret(secret.namespace, secret.name, sealed)
+        except AlreadyExists:
+            raise HTTPError(
+                409,
+                f"secret {secret.name!r} already exists in namespace {secret.namespace!r}: "
+                "use PUT to update it",
+            ) from None
+        self.log.info("created secret {namespace}/{name}", namespace=secret.namespace, name=secret.name)
+        return _text(request, 201, f"secret {secret.name!r} created")
+
+    @app.route("/system/secrets", methods=["PUT"])
+    async def update_secret(self, request: IRequest) -> bytes:
+        box = self._box()
+        secret = await self._secret_request(request, value_required=True)
+        sealed = box.seal(secret.namespace, secret.name, secret.value or b"")
+        try:
+            await self._store.update_secret(secret.namespace, secret.name, sealed)
+        except NotFound:
+            raise HTTPError(
+                404, f"secret {secret.name!r} not found in namespace {secret.namespace!r}"
+            ) from None
+        self.log.info("updated secret {namespace}/{name}", namespace=secret.namespace, name=secret.name)
+        return _text(request, 200, f"secret {secret.name!r} updated")
+
+    @app.route("/system/secrets", methods=["DELETE"])
+    async def remove_secret(self, request: IRequest) -> bytes:
+        self._box()
+        secret = await self._secret_request(request, value_required=False)
+        try:
+            await self._store.delete_secret(secret.namespace, secret.name)
+        except NotFound:
+            raise HTTPError(
+                404, f"secret {secret.name!r} not found in namespace {secret.namespace!r}"
+            ) from None
+        self.log.info("removed secret {namespace}/{name}", namespace=secret.namespace, name=secret.name)
+        return _text(request, 200, f"secret {secret.name!r} removed")
+
+    @app.route("/system/secrets", methods=["PATCH", "OPTIONS", "HEAD"])
+    def secrets_other(self, request: IRequest) -> bytes:
+        request.setHeader(b"Allow", b"GET, POST, PUT, DELETE")
+        return _text(request, 405, "method not allowed on /system/secrets: use GET, POST, PUT or DELETE")
 
     async def _declare_queue(self, spec: FunctionSpec) -> None:
         """Check a function's named queue and declare it: a reserved name, or one the broker

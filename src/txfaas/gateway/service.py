@@ -2,7 +2,7 @@
 
 Start-up: the queue starts connecting (in the background: a broker that is down
 means 503 on async posts, not a gateway that refuses to start); Redis must answer
-(else one line and exit 1); functions from ``--functions`` are loaded; named
+(else one line and exit 1), and hold secrets sealed with this key, if any; functions from ``--functions`` are loaded; named
 queues are declared; only then does the HTTP listener open.  Shutdown closes the
 listener first, then flushes counters and closes the clients.
 """
@@ -27,6 +27,7 @@ from txfaas.model import (
 )
 from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
 from txfaas.runtime import StartupError, listen, run_startup
+from txfaas.secrets import SecretBox
 from txfaas.store import AlreadyExists, StoreUnavailable
 from txfaas.store.cache import FunctionCache
 
@@ -70,6 +71,8 @@ class GatewayService(service.Service):
         *,
         functions_file: str | None = None,
         redis_description: str = "redis",
+        secret_box: SecretBox | None = None,
+        secrets_key_path: str | None = None,
         close: Callable[[], Any] | None = None,
         listen: Callable[..., Any] = listen,
         reserved_queues: ReservedQueues | None = None,
@@ -87,6 +90,8 @@ class GatewayService(service.Service):
         self.queue = queue
         self.functions_file = functions_file
         self.redis_description = redis_description
+        self.secret_box = secret_box
+        self.secrets_key_path = secrets_key_path
         self._close = close
         self._listen = listen
         #: fires once the gateway listens (or never, if start-up failed)
@@ -106,6 +111,13 @@ class GatewayService(service.Service):
             await self.functions.store.ping()
         except StoreUnavailable as e:
             raise StartupError(f"--redis {self.redis_description}: {e}") from None
+        if self.secret_box is not None:
+            kept = await self.functions.store.secrets_key_check(None)
+            if kept is not None and not self.secret_box.opens(kept):
+                raise StartupError(
+                    f"--secrets-key {self.secrets_key_path}: not the key that sealed the secrets in "
+                    f"{self.redis_description}; start with that key file"
+                )
         if self.functions_file:
             for spec in load_functions_file(
                 self.functions_file, self.reserved_queues, self.default_namespace

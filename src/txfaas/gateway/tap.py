@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import attrs
+from cryptography.fernet import Fernet
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
@@ -34,6 +35,7 @@ from txfaas.config import (
 )
 from txfaas.model import DEFAULT_NAMESPACE, ReservedQueues, ValidationError, check_namespace, check_queue_name
 from txfaas.runtime import DEFAULT_BACKLOG, parse_tcp_listen, prepare_multiprocess_metrics
+from txfaas.secrets import KeyFileError, load_or_create_key
 from txfaas.ssrf import AddressPolicy, CachingResolver, literal_first
 
 FLAGS = Flags(
@@ -91,7 +93,7 @@ FLAGS = Flags(
         ("TXFAAS_STATE_DIR",),
         None,
         "Folder for what the gateway generates: basic-auth-user and basic-auth-password (mode 0600) "
-        "when no credentials are configured",
+        "when no credentials are configured, and secrets.key",
         shown="$XDG_STATE_HOME/txfaas, else ~/.local/state/txfaas",
     ),
     Flag(
@@ -136,6 +138,14 @@ FLAGS = Flags(
         ("TXFAAS_DEFAULT_QUEUE",),
         "faas-request",
         "Queue of the asynchronous calls of functions without a com.openfaas.queue annotation",
+    ),
+    Flag(
+        "secrets-key",
+        ("TXFAAS_SECRETS_KEY",),
+        None,
+        "File holding the Fernet key that seals secrets in Redis; generated (mode 0600) if absent. "
+        "Every gateway sharing the Redis needs the same file",
+        shown="secrets.key in the state folder",
     ),
     Flag("pool-size", ("TXFAAS_POOL_SIZE",), "256", "Persistent connections kept per function host"),
     # The worker's internal queue names (the same flags and variables as faas-worker's): no
@@ -212,6 +222,9 @@ class GatewayConfig:
     backlog: int = DEFAULT_BACKLOG
     reserved_queues: ReservedQueues = attrs.field(factory=ReservedQueues)
     default_namespace: str = DEFAULT_NAMESPACE
+    secrets_key_path: str | None = None
+    secrets_key: bytes | None = attrs.field(default=None, repr=False)  # never in a log line
+    secrets_key_created: bool = False
 
 
 class Options(CommandOptions):
@@ -265,7 +278,22 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
             parse_tcp_listen(get("listen", str))
         except ValueError as e:
             raise ConfigError("--listen", str(e)) from None
+    key_path = get("secrets-key", str)
+    if key_path is None and redis.memory:
+        # Nothing outlives the process: neither need the key.
+        key, key_created = Fernet.generate_key(), False
+    else:
+        key_path = key_path or os.path.join(
+            get("state-dir", str) or default_state_dir(environ), "secrets.key"
+        )
+        try:
+            key, key_created = load_or_create_key(key_path)
+        except KeyFileError as e:
+            raise ConfigError("--secrets-key", str(e)) from None
     return GatewayConfig(
+        secrets_key_path=key_path,
+        secrets_key=key,
+        secrets_key_created=key_created,
         listen=get("listen", str),
         redis=redis,
         redis_text=redis_text,
@@ -403,6 +431,7 @@ def build_gateway(
         open_store,
         quiet_pool,
     )
+    from txfaas.secrets import SecretBox, key_too_open
     from txfaas.store.cache import FunctionCache
 
     disable_created_metrics()
@@ -432,6 +461,18 @@ def build_gateway(
     client = ProxyClient(PoolAgent(pool, endpoints))
     closers.append(pool.closeCachedConnections)
 
+    secret_box = SecretBox(config.secrets_key) if config.secrets_key else None
+    if config.secrets_key_created and not is_child():
+        log.info(
+            "generated the secrets key {path} (mode 0600): back it up, and give every gateway "
+            "sharing this Redis the same file",
+            path=config.secrets_key_path,
+        )
+    elif config.secrets_key_path and key_too_open(config.secrets_key_path) and not is_child():
+        log.warn(
+            "the secrets key {path} can be read by others than its owner: chmod 600 it",
+            path=config.secrets_key_path,
+        )
     metrics = GatewayMetrics()
     functions = FunctionCache(store, reactor)
     proxy = FunctionProxy(
@@ -457,6 +498,7 @@ def build_gateway(
             default_queue=config.default_queue,
         ),
         clock=reactor,
+        secret_box=secret_box,
     )
     auth = BasicAuth(*config.basic_auth) if config.basic_auth else None
     root = GatewayRoot(
@@ -491,6 +533,8 @@ def build_gateway(
         queue,
         functions_file=config.functions_file,
         redis_description=config.redis_text,
+        secret_box=secret_box,
+        secrets_key_path=config.secrets_key_path,
         close=close,
         listen=partial(listen_reuseport if config.workers > 1 else listen, backlog=config.backlog),
         reserved_queues=config.reserved_queues,

@@ -155,5 +155,31 @@ class DeadLetterStore(Protocol):
         """Forget it; False if there was none."""
 
 
+class SecretStore(Protocol):
+    """Secrets by namespace and name.  Values are opaque sealed tokens: the store never sees
+    a plaintext (sealing is :class:`txfaas.secrets.SecretBox`'s)."""
+
+    async def list_secrets(self, namespace: str) -> list[str]:
+        """The names in ``namespace``, sorted."""
+
+    async def get_secret(self, namespace: str, name: str) -> bytes | None: ...
+
+    async def create_secret(self, namespace: str, name: str, sealed: bytes) -> None:
+        """Raise :class:`AlreadyExists` if it exists."""
+
+    async def update_secret(self, namespace: str, name: str, sealed: bytes) -> None:
+        """Raise :class:`NotFound` if it does not exist (atomically: never creates one)."""
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        """Raise :class:`NotFound` if missing."""
+
+    async def missing_secrets(self, namespace: str, names: Collection[str]) -> list[str]:
+        """Those of ``names`` that do not exist in ``namespace``, in the order given."""
+
+    async def secrets_key_check(self, token: bytes | None) -> bytes | None:
+        """The key check token kept beside the secrets; ``token`` is kept first if there is none
+        (``None``: only read it)."""
+
+
 class AsyncCallStore(CallStore, DeadLetterStore, Protocol):
     """Call records and dead letters: what the gateway's asynchronous routes use."""

@@ -23,7 +23,8 @@ from txfaas.store import AlreadyExists, NamespaceNotEmpty, NotFound, StoreUnavai
 
 
 class MemoryStore:
-    """Implements ``FunctionStore``, ``NamespaceStore``, ``CallStore`` and ``DeadLetterStore``.
+    """Implements ``FunctionStore``, ``NamespaceStore``, ``CallStore``, ``DeadLetterStore`` and
+    ``SecretStore``.
 
     Set ``available = False`` to make every call raise :class:`StoreUnavailable`,
     as an unreachable Redis would.  TTLs are not enforced.  Claims lapse on ``clock``
@@ -38,6 +39,8 @@ class MemoryStore:
         self.calls: dict[str, CallRecord] = {}
         self.results: dict[str, CallResult] = {}
         self.dead_letters: dict[str, DeadLetter] = {}
+        self.secrets: dict[tuple[str, str], bytes] = {}  # (namespace, name) -> sealed token
+        self.secrets_check: bytes | None = None
         self.available = True
 
     def _check(self) -> None:
@@ -228,3 +231,38 @@ class MemoryStore:
     async def remove_dead_letter(self, call_id: str) -> bool:
         self._check()
         return self.dead_letters.pop(call_id, None) is not None
+
+    async def list_secrets(self, namespace: str) -> list[str]:
+        self._check()
+        return sorted(name for ns, name in self.secrets if ns == namespace)
+
+    async def get_secret(self, namespace: str, name: str) -> bytes | None:
+        self._check()
+        return self.secrets.get((namespace, name))
+
+    async def create_secret(self, namespace: str, name: str, sealed: bytes) -> None:
+        self._check()
+        if (namespace, name) in self.secrets:
+            raise AlreadyExists(name)
+        self.secrets[namespace, name] = sealed
+
+    async def update_secret(self, namespace: str, name: str, sealed: bytes) -> None:
+        self._check()
+        if (namespace, name) not in self.secrets:
+            raise NotFound(name)
+        self.secrets[namespace, name] = sealed
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        self._check()
+        if self.secrets.pop((namespace, name), None) is None:
+            raise NotFound(name)
+
+    async def missing_secrets(self, namespace: str, names: Collection[str]) -> list[str]:
+        self._check()
+        return [name for name in names if (namespace, name) not in self.secrets]
+
+    async def secrets_key_check(self, token: bytes | None) -> bytes | None:
+        self._check()
+        if self.secrets_check is None and token is not None:
+            self.secrets_check = token
+        return self.secrets_check
