@@ -684,6 +684,12 @@ class LimitedChannel(HTTPChannel):
             self._deadline.clear()
         super().allContentReceived()
 
+    def unbounded(self) -> None:
+        """No response deadline for the response being sent: a stream that lasts as long as
+        its client stays (``/system/logs?follow=true``)."""
+        if self._deadlineKind == _RESPONSE:
+            self._cancelDeadline()
+
     def refuseBody(self, limit: int, length: int | None = None) -> None:
         """413: the body (declared, or counted so far) is over ``limit``."""
         size = f"of {length} bytes " if length is not None else ""

@@ -519,3 +519,30 @@ async def test_secrets_key_check_is_kept_once(store):
     assert await store.secrets_key_check(b"first") == b"first"
     assert await store.secrets_key_check(b"second") == b"first"
     assert await store.secrets_key_check(None) == b"first"
+
+
+# --- function logs ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_logs_append_in_batches_read_by_range_and_capped(store, raw, prefix):
+    now = time.time()
+    lines = [("fn", "openfaas-fn", now + i / 1000, "gw-1", f"line {i} é") for i in range(1200)]
+    lines.append(("other", "dev", now, "w-1", "elsewhere"))
+    await store.append_logs(lines, 300)  # three scripts (LOG_BATCH 500), one round trip
+    length = await raw.execute_command("XLEN", f"{prefix}logs:openfaas-fn:fn")
+    assert 300 <= int(length) < 500  # MAXLEN ~: trimmed by whole nodes
+    last = await store.last_logs("fn", "openfaas-fn", 3)
+    assert [e.text for e in last] == ["line 1197 é", "line 1198 é", "line 1199 é"]
+    assert last[0].instance == "gw-1"
+    assert abs(last[-1].timestamp - (now + 1.199)) < 1e-6
+    first = await store.read_logs("fn", "openfaas-fn", count=2)
+    after = await store.read_logs("fn", "openfaas-fn", after=first[0].id, count=1)
+    assert after == first[1:]
+    assert await store.read_logs("fn", "openfaas-fn", after=last[-1].id, count=10) == []
+    assert await store.read_logs("fn", "openfaas-fn", since=time.time() + 60, count=10) == []
+    assert len(await store.read_logs("fn", "openfaas-fn", since=now - 60, count=5000)) == int(length)
+    assert [e.text for e in await store.read_logs("other", "dev", count=10)] == ["elsewhere"]
+    assert await store.last_logs("none", "openfaas-fn", 5) == []
+    await store.delete_logs("fn", "openfaas-fn")
+    assert await store.read_logs("fn", "openfaas-fn", count=10) == []

@@ -14,16 +14,10 @@ from txfaas.gateway.app import GatewayApp
 
 #: Described in the document but built in parallel (faas-cli's namespace, secret and logs
 #: commands): leave this set as each of them lands.
-PLANNED = {
-    ("GET", "/system/secrets"),
-    ("POST", "/system/secrets"),
-    ("PUT", "/system/secrets"),
-    ("DELETE", "/system/secrets"),
-    ("GET", "/system/logs"),
-}
+PLANNED: set[tuple[str, str]] = set()
 #: Klein routes that only refuse (405 with Allow; 501 for OpenFaaS's alert route and UI):
 #: not operations of the API.
-REFUSALS = {"functions_other", "alert", "ui", "ui_branch"}
+REFUSALS = {"functions_other", "alert", "ui", "ui_branch", "secrets_other", "logs_other"}
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 

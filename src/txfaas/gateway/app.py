@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import math
 import time
+from collections import deque
 from importlib import resources as package_files
 from typing import Any
 
@@ -22,6 +23,7 @@ import werkzeug.exceptions
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -31,6 +33,7 @@ from txfaas import __version__
 from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.proxy import PROXIED_METHODS, REFUSED_METHODS
+from txfaas.logs import LogEntry, LogQuery
 from txfaas.model import (
     DEFAULT_NAMESPACE,
     DEFAULT_QUEUE,
@@ -69,6 +72,8 @@ from txfaas.store.cache import FunctionCache
 SYSTEM_BODY_LIMIT = 1024 * 1024
 #: This gateway's OpenAPI document (packaged beside this module), served as it is.
 OPENAPI_DOCUMENT = package_files.files(__package__).joinpath("openapi.json").read_bytes()
+#: Log lines read from the store at a time.
+LOG_PAGE = 1000
 DEAD_LETTER_PAGE = 100
 DEAD_LETTER_PAGE_MAX = 1000
 DEAD_LETTER_OFFSET_MAX = 2**31 - 1  # Redis's LRANGE takes 64-bit indexes: far below them
@@ -102,6 +107,10 @@ class AppSettings:
     default_namespace: str = DEFAULT_NAMESPACE
     #: Where the async calls of a function without a ``com.openfaas.queue`` annotation go.
     default_queue: str = DEFAULT_QUEUE
+    #: Most ``/system/logs?follow=true`` streams open at once (503 past it).
+    log_followers: int = 64
+    #: How often a follower looks for new lines.
+    log_poll: float = 0.5
 
 
 class GatewayApp:
@@ -123,6 +132,7 @@ class GatewayApp:
     ) -> None:
         self._clock = clock
         self._secret_box = secret_box
+        self.followers = 0
         self._functions = functions
         self._store = functions.store
         self._calls = calls
@@ -313,6 +323,10 @@ class GatewayApp:
             raise HTTPError(404, _no_function(name, namespace)) from None
         ref = function_ref(name, namespace)
         self._functions.forget(ref)
+        try:
+            await self._store.delete_logs(name, namespace)
+        except StoreUnavailable as e:
+            self.log.warn("function {function} removed, but not its log: {error}", function=ref, error=e)
         self.log.info("removed function {function}", function=ref)
         return _text(request, 202, f"function {name!r} removed from namespace {namespace!r}")
 
@@ -414,6 +428,96 @@ class GatewayApp:
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", b"application/json")
         return OPENAPI_DOCUMENT
+
+    # --- logs -------------------------------------------------------------------------------
+
+    @app.route("/system/logs", methods=["GET"])
+    async def logs(self, request: IRequest) -> bytes:
+        """faas-provider's log stream: ``application/x-ndjson``, one ``logs.Message`` a line.
+
+        With ``follow=true`` new lines are sent as they come (the store is polled on the
+        clock) until the client leaves: Klein then cancels this coroutine, which ends the
+        poll where it waits, and the follower's place is given back.
+        """
+        query = LogQuery.from_args(request.args, self._settings.default_namespace)
+        await self._known_namespace(query.namespace)
+        spec = await self._store.get_function(query.name, query.namespace)
+        if spec is None:
+            raise HTTPError(404, _no_function(query.name, query.namespace))
+        if query.follow and self.followers >= self._settings.log_followers:
+            raise HTTPError(
+                503,
+                f"too many log streams open ({self._settings.log_followers}): try again later",
+                {b"Retry-After": str(self._settings.retry_after).encode()},
+            )
+        entries, cursor = await self._log_history(query)
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/x-ndjson")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        name, namespace = query.name, query.namespace
+        request.write(b"".join(entry.message(name, namespace) for entry in entries))
+        if not query.follow:
+            return b""
+        # As long as the client stays: no response deadline (--write-timeout) for this one.
+        unbounded = getattr(getattr(request, "channel", None), "unbounded", None)
+        if unbounded is not None:
+            unbounded()
+        self.followers += 1
+        try:
+            await self._follow(request, query, cursor)
+        finally:
+            self.followers -= 1
+        return b""
+
+    async def _log_history(self, query: LogQuery) -> tuple[list[LogEntry], str | None]:
+        """The lines asked for, and the id of the last line read (where following goes on)."""
+        store, name, namespace = self._store, query.name, query.namespace
+        if query.tail is not None and query.instance is None and query.since is None:
+            entries = await store.last_logs(name, namespace, query.tail)
+            return entries, entries[-1].id if entries else None
+        kept: deque[LogEntry] = deque(maxlen=query.tail)
+        cursor = None
+        while True:
+            page = await store.read_logs(
+                name, namespace, after=cursor, since=query.since if cursor is None else None, count=LOG_PAGE
+            )
+            if page:
+                cursor = page[-1].id
+            kept.extend(e for e in page if query.instance is None or e.instance == query.instance)
+            if len(page) < LOG_PAGE:
+                return list(kept), cursor
+
+    async def _follow(self, request: IRequest, query: LogQuery, cursor: str | None) -> None:
+        name, namespace, instance = query.name, query.namespace, query.instance
+        failing = False
+        while not request._disconnected:
+            await deferLater(self._clock, self._settings.log_poll)
+            try:
+                page = await self._store.read_logs(
+                    name,
+                    namespace,
+                    after=cursor,
+                    since=query.since if cursor is None else None,
+                    count=LOG_PAGE,
+                )
+            except StoreUnavailable as e:
+                if not failing:
+                    self.log.warn("log stream of {function}: {error}", function=name, error=e)
+                failing = True
+                continue
+            failing = False
+            if page:
+                cursor = page[-1].id
+                lines = [
+                    e.message(name, namespace) for e in page if instance is None or e.instance == instance
+                ]
+                if lines:
+                    request.write(b"".join(lines))
+
+    @app.route("/system/logs", methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    def logs_other(self, request: IRequest) -> bytes:
+        request.setHeader(b"Allow", b"GET")
+        return _text(request, 405, "method not allowed on /system/logs: use GET")
 
     @app.route("/system/info", methods=["GET"])
     def info(self, request: IRequest) -> bytes:

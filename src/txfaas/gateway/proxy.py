@@ -48,6 +48,7 @@ from zope.interface import implementer
 from txfaas import headers as hdr
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.http11 import NO_BODY_CODES, BytesProducer
+from txfaas.invocation_log import InvocationLog
 from txfaas.model import DEFAULT_NAMESPACE, MAX_NAME, FunctionSpec
 from txfaas.runtime import QueuedTimer, TimerQueue
 from txfaas.store import StoreUnavailable
@@ -141,9 +142,11 @@ class FunctionProxy(resource.Resource):
         settings: ProxySettings,
         metrics: GatewayMetrics,
         cooperator: Any = None,
+        invocations: InvocationLog | None = None,
     ) -> None:
         super().__init__()
         self._clock = clock
+        self._invocations = invocations
         self._client = client
         self._functions = functions
         self._settings = settings
@@ -258,7 +261,11 @@ class _Exchange:
         self.proxy = proxy
         self.request = request
         self.name = spec.ref
+        self.service = spec.service
+        self.namespace = spec.namespace
+        self.rest = rest
         self.call_id = call_id
+        self.error: str | None = None
         settings = proxy._settings
         self.timeout = min(spec.timeout or settings.upstream_timeout, settings.upstream_timeout)
         url = spec.base_url(settings.function_url_template).encode() + b"/" + b"/".join(rest)
@@ -336,11 +343,12 @@ class _Exchange:
             # Headers are out: all we can do is cut the connection so the client sees a short body.
             if self.expired:
                 self.code = 504
+            self.error = "mid-response: " + ("deadline passed" if self.expired else _describe(reason.value))
             self.proxy.log.warn(
-                "[{call_id}] function {function} failed mid-response: {error}",
+                "[{call_id}] function {function} failed {error}",
                 call_id=self.call_id.decode(),
                 function=self.name,
-                error="deadline passed" if self.expired else _describe(reason.value),
+                error=self.error,
             )
             if self.request.channel is not None and self.request.channel.transport is not None:
                 self.request.channel.transport.abortConnection()
@@ -351,6 +359,7 @@ class _Exchange:
         log = self.proxy.log
         if self.expired:
             self.code = 504
+            self.error = f"no answer within {self.timeout:g}s"
             log.info(
                 "[{call_id}] function {function} timed out after {timeout}s",
                 call_id=self.call_id.decode(),
@@ -362,7 +371,7 @@ class _Exchange:
             self.code = _CLIENT_GONE
         else:
             self.code = 502
-            reason = _describe(failure.value)
+            reason = self.error = _describe(failure.value)
             log.info(
                 "[{call_id}] function {function} unreachable: {error}",
                 call_id=self.call_id.decode(),
@@ -398,8 +407,23 @@ class _Exchange:
         # No reference cycle left behind (the relay holds this exchange): the call's objects are
         # freed by reference counting now, not by a run of the cyclic GC later.
         self.deadline = self.relay = None
-        self.proxy._metrics.finished(self.name, self.code, time.monotonic() - self.started)
-        self.proxy._functions.count_invocation(self.name)
+        proxy = self.proxy
+        duration = time.monotonic() - self.started
+        proxy._metrics.finished(self.name, self.code, duration)
+        proxy._functions.count_invocation(self.name)
+        if proxy._invocations is not None:
+            proxy._invocations.call(
+                self.service,
+                self.namespace,
+                self.call_id,
+                "sync",
+                self.request.method,
+                self.rest,  # joined only when the line is written
+                self.code,
+                duration,
+                1,
+                self.error,
+            )
 
 
 def when_gone(request: server.Request, gone: Any) -> None:

@@ -4,7 +4,7 @@ Start-up: the queue starts connecting (in the background: a broker that is down
 means 503 on async posts, not a gateway that refuses to start); Redis must answer
 (else one line and exit 1), and hold secrets sealed with this key, if any; functions from ``--functions`` are loaded; named
 queues are declared; only then does the HTTP listener open.  Shutdown closes the
-listener first, then flushes counters and closes the clients.
+listener first, then flushes counters and the invocation log, and closes the clients.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from txfaas.invocation_log import InvocationLog
 from txfaas.model import (
     DEFAULT_NAMESPACE,
     DEFAULT_QUEUE,
@@ -73,6 +74,7 @@ class GatewayService(service.Service):
         redis_description: str = "redis",
         secret_box: SecretBox | None = None,
         secrets_key_path: str | None = None,
+        invocations: InvocationLog | None = None,
         close: Callable[[], Any] | None = None,
         listen: Callable[..., Any] = listen,
         reserved_queues: ReservedQueues | None = None,
@@ -92,6 +94,7 @@ class GatewayService(service.Service):
         self.redis_description = redis_description
         self.secret_box = secret_box
         self.secrets_key_path = secrets_key_path
+        self.invocations = invocations
         self._close = close
         self._listen = listen
         #: fires once the gateway listens (or never, if start-up failed)
@@ -171,6 +174,8 @@ class GatewayService(service.Service):
         if self._port is not None:
             await self._port.stopListening()
         await self.functions.stop()
+        if self.invocations is not None:
+            await self.invocations.stop()
         if self.queue is not None and self._queue_started:
             await self.queue.close()
         if self._close is not None:

@@ -140,6 +140,18 @@ FLAGS = Flags(
         "Queue of the asynchronous calls of functions without a com.openfaas.queue annotation",
     ),
     Flag(
+        "log-lines",
+        ("TXFAAS_LOG_LINES",),
+        "1000",
+        "Lines kept of each function's log (its invocation log: one line per finished call)",
+    ),
+    Flag(
+        "log-followers",
+        ("TXFAAS_LOG_FOLLOWERS",),
+        "64",
+        "Most /system/logs?follow=true streams open at once (503 past it)",
+    ),
+    Flag(
         "secrets-key",
         ("TXFAAS_SECRETS_KEY",),
         None,
@@ -222,6 +234,8 @@ class GatewayConfig:
     backlog: int = DEFAULT_BACKLOG
     reserved_queues: ReservedQueues = attrs.field(factory=ReservedQueues)
     default_namespace: str = DEFAULT_NAMESPACE
+    log_lines: int = 1000
+    log_followers: int = 64
     secrets_key_path: str | None = None
     secrets_key: bytes | None = attrs.field(default=None, repr=False)  # never in a log line
     secrets_key_created: bool = False
@@ -294,6 +308,8 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
         secrets_key_path=key_path,
         secrets_key=key,
         secrets_key_created=key_created,
+        log_lines=get("log-lines", parse_positive_int),
+        log_followers=get("log-followers", parse_positive_int),
         listen=get("listen", str),
         redis=redis,
         redis_text=redis_text,
@@ -422,6 +438,7 @@ def build_gateway(
     from txfaas.gateway.metrics import FlushMetrics, GatewayMetrics
     from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
+    from txfaas.invocation_log import InvocationLog, instance_name
     from txfaas.runtime import (
         ChildProcesses,
         die_with_parent,
@@ -475,12 +492,14 @@ def build_gateway(
         )
     metrics = GatewayMetrics()
     functions = FunctionCache(store, reactor)
+    invocations = InvocationLog(store, reactor, instance_name("gateway"), max_lines=config.log_lines)
     proxy = FunctionProxy(
         reactor,
         client,
         functions,
         ProxySettings(config.function_url_template, config.upstream_timeout, config.default_namespace),
         metrics,
+        invocations=invocations,
     )
     app = GatewayApp(
         functions,
@@ -496,6 +515,7 @@ def build_gateway(
             reserved_queues=config.reserved_queues,
             default_namespace=config.default_namespace,
             default_queue=config.default_queue,
+            log_followers=config.log_followers,
         ),
         clock=reactor,
         secret_box=secret_box,
@@ -535,6 +555,7 @@ def build_gateway(
         redis_description=config.redis_text,
         secret_box=secret_box,
         secrets_key_path=config.secrets_key_path,
+        invocations=invocations,
         close=close,
         listen=partial(listen_reuseport if config.workers > 1 else listen, backlog=config.backlog),
         reserved_queues=config.reserved_queues,

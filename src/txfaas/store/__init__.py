@@ -5,10 +5,14 @@ The store knows nothing of HTTP or of the processes that use it.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
+from txfaas.logs import LogEntry
 from txfaas.model import DEFAULT_NAMESPACE, CallRecord, CallResult, DeadLetter, FunctionSpec, Namespace
+
+#: A line to append to a function's log: (name, namespace, timestamp, instance, text).
+LogLine = tuple[str, str, float, str, str]
 
 
 class StoreError(Exception):
@@ -179,6 +183,24 @@ class SecretStore(Protocol):
     async def secrets_key_check(self, token: bytes | None) -> bytes | None:
         """The key check token kept beside the secrets; ``token`` is kept first if there is none
         (``None``: only read it)."""
+
+
+class LogStore(Protocol):
+    """Each function's log: a capped sequence of lines, oldest first, each with an ordering id."""
+
+    async def append_logs(self, lines: Sequence[LogLine], max_lines: int) -> None:
+        """Append every line to its function's log, each log kept to about ``max_lines``."""
+
+    async def read_logs(
+        self, name: str, namespace: str, *, after: str | None = None, since: float | None = None, count: int
+    ) -> list[LogEntry]:
+        """Up to ``count`` lines, oldest first: those after the id ``after``; else from the time
+        ``since``; else from the first."""
+
+    async def last_logs(self, name: str, namespace: str, count: int) -> list[LogEntry]:
+        """The newest ``count`` lines, oldest first."""
+
+    async def delete_logs(self, name: str, namespace: str) -> None: ...
 
 
 class AsyncCallStore(CallStore, DeadLetterStore, Protocol):

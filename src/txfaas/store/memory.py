@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
 
+from txfaas.logs import LogEntry, stream_id
 from txfaas.model import (
     DEFAULT_NAMESPACE,
     CallRecord,
@@ -19,12 +20,19 @@ from txfaas.model import (
     ref_key,
     store_key,
 )
-from txfaas.store import AlreadyExists, NamespaceNotEmpty, NotFound, StoreUnavailable, UnknownNamespace
+from txfaas.store import (
+    AlreadyExists,
+    LogLine,
+    NamespaceNotEmpty,
+    NotFound,
+    StoreUnavailable,
+    UnknownNamespace,
+)
 
 
 class MemoryStore:
-    """Implements ``FunctionStore``, ``NamespaceStore``, ``CallStore``, ``DeadLetterStore`` and
-    ``SecretStore``.
+    """Implements ``FunctionStore``, ``NamespaceStore``, ``CallStore``, ``DeadLetterStore``,
+    ``SecretStore`` and ``LogStore``.
 
     Set ``available = False`` to make every call raise :class:`StoreUnavailable`,
     as an unreachable Redis would.  TTLs are not enforced.  Claims lapse on ``clock``
@@ -41,6 +49,8 @@ class MemoryStore:
         self.dead_letters: dict[str, DeadLetter] = {}
         self.secrets: dict[tuple[str, str], bytes] = {}  # (namespace, name) -> sealed token
         self.secrets_check: bytes | None = None
+        self.logs: dict[tuple[str, str], list[LogEntry]] = {}  # (namespace, name) -> lines
+        self._last_log_id = (0, 0)
         self.available = True
 
     def _check(self) -> None:
@@ -266,3 +276,37 @@ class MemoryStore:
         if self.secrets_check is None and token is not None:
             self.secrets_check = token
         return self.secrets_check
+
+    async def append_logs(self, lines: Sequence[LogLine], max_lines: int) -> None:
+        self._check()
+        for name, namespace, timestamp, instance, text in lines:
+            # Ids as Redis makes them: <ms>-<seq>, increasing.
+            ms = int(timestamp * 1000)
+            last_ms, last_seq = self._last_log_id
+            self._last_log_id = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+            entry = LogEntry("{}-{}".format(*self._last_log_id), timestamp, instance, text)
+            log = self.logs.setdefault((namespace, name), [])
+            log.append(entry)
+            del log[: max(0, len(log) - max_lines)]
+
+    async def read_logs(
+        self, name: str, namespace: str, *, after: str | None = None, since: float | None = None, count: int
+    ) -> list[LogEntry]:
+        self._check()
+        log = self.logs.get((namespace, name), [])
+        if after is not None:
+            start = stream_id(after)
+            found = [e for e in log if stream_id(e.id) > start]
+        elif since is not None:
+            found = [e for e in log if stream_id(e.id) >= (int(since * 1000), 0)]
+        else:
+            found = list(log)
+        return found[:count]
+
+    async def last_logs(self, name: str, namespace: str, count: int) -> list[LogEntry]:
+        self._check()
+        return self.logs.get((namespace, name), [])[-count:] if count > 0 else []
+
+    async def delete_logs(self, name: str, namespace: str) -> None:
+        self._check()
+        self.logs.pop((namespace, name), None)

@@ -17,6 +17,8 @@ Keys (``prefix`` defaults to ``txfaas:``):
 - ``{prefix}dead-letters:fn:{key}``: the same, per function (its store key)
 - ``{prefix}secrets:{namespace}``: hash, secret name -> sealed token (Fernet; never a plaintext)
 - ``{prefix}secrets-key-check``: a token sealed with the key the secrets were sealed with
+- ``{prefix}logs:{namespace}:{name}``: stream, a function's log (``ts``, ``instance``, ``text``),
+  capped with ``MAXLEN ~``
 
 Status transitions (``transition_call``), claims (``claim_call``, ``settle_claim``) and
 dead-letter writes are Lua scripts, so each is atomic: a cancel and a worker starting the
@@ -26,7 +28,7 @@ call cannot both win, nor two gateways taking one lapsed claim.
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
@@ -36,6 +38,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txfaas.config import RedisURL
+from txfaas.logs import LogEntry, parse_entry
 from txfaas.model import (
     DEFAULT_NAMESPACE,
     CallRecord,
@@ -48,7 +51,14 @@ from txfaas.model import (
     store_key,
 )
 from txfaas.runtime import Deadlines
-from txfaas.store import AlreadyExists, NamespaceNotEmpty, NotFound, StoreUnavailable, UnknownNamespace
+from txfaas.store import (
+    AlreadyExists,
+    LogLine,
+    NamespaceNotEmpty,
+    NotFound,
+    StoreUnavailable,
+    UnknownNamespace,
+)
 
 
 def _dumps(data: Any) -> bytes:
@@ -205,6 +215,19 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 """
+
+
+# ARGV[1] the cap; then four a line: its stream's index in KEYS, ts, instance, text.
+_APPEND_LOGS = b"""
+local cap = ARGV[1]
+for i = 2, #ARGV, 4 do
+  redis.call('XADD', KEYS[tonumber(ARGV[i])], 'MAXLEN', '~', cap, '*',
+             'ts', ARGV[i + 1], 'instance', ARGV[i + 2], 'text', ARGV[i + 3])
+end
+return 1
+"""
+#: Lines per script run: Redis runs a script alone, so a big batch is split.
+LOG_BATCH = 500
 
 
 @functools.cache
@@ -685,3 +708,58 @@ class RedisStore:
             await self._run("SET NX", self._redis.execute_command(b"SET", key.encode(), token, b"NX"))
         raw = await self._run("GET", self._redis.get(key))
         return raw.encode() if isinstance(raw, str) else raw
+
+    # --- function logs -----------------------------------------------------------------------
+
+    def _log_key(self, name: str, namespace: str) -> bytes:
+        return f"{self._prefix}logs:{namespace}:{name}".encode()
+
+    async def append_logs(self, lines: Sequence[LogLine], max_lines: int) -> None:
+        """One script per ``LOG_BATCH`` lines, all sent at once (one round trip)."""
+        sent = []
+        cap = b"%d" % max_lines
+        for start in range(0, len(lines), LOG_BATCH):
+            keys: dict[bytes, bytes] = {}
+            args = [cap]
+            for name, namespace, timestamp, instance, text in lines[start : start + LOG_BATCH]:
+                key = self._log_key(name, namespace)
+                index = keys.get(key)
+                if index is None:
+                    index = keys[key] = b"%d" % (len(keys) + 1)
+                args += (index, repr(timestamp).encode(), instance.encode(), text.encode())
+            sent.append(self._redis.execute_command(b"EVAL", _APPEND_LOGS, b"%d" % len(keys), *keys, *args))
+        await self._run(
+            "EVAL append logs",
+            defer.gatherResults(sent, consumeErrors=True).addErrback(lambda f: f.value.subFailure),
+        )
+
+    async def read_logs(
+        self, name: str, namespace: str, *, after: str | None = None, since: float | None = None, count: int
+    ) -> list[LogEntry]:
+        if after is not None:
+            start = b"(" + after.encode()
+        elif since is not None:
+            start = b"%d" % max(0, int(since * 1000))
+        else:
+            start = b"-"
+        reply = await self._run(
+            "XRANGE",
+            self._redis.execute_command(
+                b"XRANGE", self._log_key(name, namespace), start, b"+", b"COUNT", b"%d" % count
+            ),
+        )
+        return [parse_entry(entry_id, fields) for entry_id, fields in reply or []]
+
+    async def last_logs(self, name: str, namespace: str, count: int) -> list[LogEntry]:
+        if count <= 0:
+            return []
+        reply = await self._run(
+            "XREVRANGE",
+            self._redis.execute_command(
+                b"XREVRANGE", self._log_key(name, namespace), b"+", b"-", b"COUNT", b"%d" % count
+            ),
+        )
+        return [parse_entry(entry_id, fields) for entry_id, fields in reversed(reply or [])]
+
+    async def delete_logs(self, name: str, namespace: str) -> None:
+        await self._run("DEL", self._redis.delete(self._log_key(name, namespace).decode()))

@@ -67,6 +67,7 @@ from twisted.web.iweb import IAgent
 
 from txfaas.config import ConfigError, format_duration
 from txfaas.headers import CALL_ID, end_to_end, to_bytes_pairs, to_str_pairs
+from txfaas.invocation_log import InvocationLog
 from txfaas.model import (
     Call,
     CallbackJob,
@@ -348,8 +349,10 @@ class WorkerService(Service):
         metrics: WorkerMetrics,
         *,
         random: Callable[[], float] = _random.random,
+        invocations: InvocationLog | None = None,
     ) -> None:
         self._clock = reactor
+        self._invocations = invocations
         self.config = config
         self._queue = queue
         self._store = store
@@ -444,6 +447,8 @@ class WorkerService(Service):
             limit.cancel()
         if self._returning is not None:
             await self._returning
+        if self._invocations is not None:
+            await self._invocations.stop()
         for what, close in (("queue", self._queue.close), ("store", getattr(self._store, "close", None))):
             if close is None:
                 continue
@@ -826,6 +831,19 @@ class WorkerService(Service):
         response = await self._invoke(call, spec)
         finished = self._clock.seconds()
         duration = max(0.0, finished - started)
+        if self._invocations is not None and spec is not None:
+            self._invocations.call(
+                spec.service,
+                spec.namespace,
+                call.call_id,
+                "async",
+                call.method,
+                call.path,
+                response.status_code,
+                duration,
+                call.attempt,
+                response.error,
+            )
         limit = self.config.max_result_size
         result = CallResult(
             status_code=response.status_code,

@@ -217,6 +217,12 @@ FLAGS = Flags(
     ),
     Flag("dead-letter-queue", ("TXFAAS_DEAD_LETTER_QUEUE",), "txfaas.dead-letter", "The dead-letter queue."),
     Flag(
+        "log-lines",
+        ("TXFAAS_LOG_LINES",),
+        "1000",
+        "Lines kept of each function's log (its invocation log: one line per finished call).",
+    ),
+    Flag(
         "callback-queue",
         ("TXFAAS_CALLBACK_QUEUE",),
         "txfaas.callbacks",
@@ -256,6 +262,7 @@ class Settings:
     listen: str
     processes: int = 1
     retry_prefix: str = "txfaas"
+    log_lines: int = 1000
 
 
 def _queues(value: Any) -> tuple[str, ...]:
@@ -344,6 +351,7 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         listen=get("listen", str),
         processes=get("processes", parse_positive_int),
         retry_prefix=get("retry-prefix", _prefix),
+        log_lines=get("log-lines", parse_positive_int),
     )
 
 
@@ -402,6 +410,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from prometheus_client import CollectorRegistry
 
     from txfaas.client import CachingEndpointFactory, PoolAgent
+    from txfaas.invocation_log import InvocationLog, instance_name
     from txfaas.runtime import PlainErrorsSite, RecentFirstPool, is_child
     from txfaas.ssrf import CallbackEndpointFactory, literal_first
     from txfaas.store.cache import FunctionCache
@@ -461,6 +470,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
         PoolAgent(function_pool, CachingEndpointFactory(literal_first(reactor))),
         callbacks,
         WorkerMetrics(registry),
+        invocations=InvocationLog(store, reactor, instance_name("worker"), max_lines=settings.log_lines),
     )
     site = PlainErrorsSite(worker_resource(worker.health, registry))
 

@@ -1,0 +1,413 @@
+"""Function logs: the invocation log written by the gateway, /system/logs as faas-cli reads it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.gateway_fixtures import GatewayTestCase
+from txfaas.invocation_log import InvocationLog
+from txfaas.logs import LogQuery, invocation_text, parse_rfc3339
+from txfaas.model import ValidationError
+from txfaas.store import StoreUnavailable
+from txfaas.store.memory import MemoryStore
+
+
+def args(query: str) -> dict[bytes, list[bytes]]:
+    out: dict[bytes, list[bytes]] = {}
+    for part in query.split("&"):
+        k, _, v = part.partition("=")
+        out.setdefault(k.encode(), []).append(v.encode())
+    return out
+
+
+class LogQueryTests(SynchronousTestCase):
+    def test_what_faas_cli_sends_by_default(self) -> None:
+        """``faas-cli logs echo``: follow=true, tail=-1 (no limit), no namespace, no since."""
+        q = LogQuery.from_args(args("follow=true&name=echo&tail=-1"))
+        self.assertEqual(q, LogQuery("echo", "openfaas-fn", None, None, None, True))
+
+    def test_every_parameter(self) -> None:
+        q = LogQuery.from_args(
+            args("follow=false&instance=gw-1&name=echo&namespace=dev&since=2024-05-01T10:00:00Z&tail=5")
+        )
+        self.assertEqual(
+            (q.name, q.namespace, q.instance, q.tail, q.follow), ("echo", "dev", "gw-1", 5, False)
+        )
+        self.assertEqual(q.since, datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp())
+
+    def test_name_dot_namespace(self) -> None:
+        self.assertEqual(LogQuery.from_args(args("name=echo.dev")).namespace, "dev")
+        with self.assertRaises(ValidationError):
+            LogQuery.from_args(args("name=echo.dev&namespace=prod"))
+
+    def test_rfc3339_forms(self) -> None:
+        base = datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()
+        self.assertEqual(parse_rfc3339("2024-05-01T12:00:00+02:00", "since"), base)
+        self.assertAlmostEqual(parse_rfc3339("2024-05-01T10:00:00.123456789Z", "since"), base + 0.123456)
+
+    def test_bad_values_name_the_parameter(self) -> None:
+        for query, field in [
+            ("", "name"),
+            ("name=Bad_Name", "name"),
+            ("name=echo&tail=many", "tail"),
+            ("name=echo&since=yesterday", "since"),
+            ("name=echo&since=2024-05-01T10:00:00", "since"),  # no zone
+            ("name=echo&since=2024-13-01T10:00:00Z", "since"),
+            ("name=echo&follow=yes", "follow"),
+            ("name=echo&namespace=NOPE", "namespace"),
+        ]:
+            with self.assertRaises(ValidationError, msg=query) as caught:
+                LogQuery.from_args(args(query))
+            self.assertEqual(caught.exception.field, field, query)
+
+
+class InvocationTextTests(SynchronousTestCase):
+    def test_logfmt_with_error_quoted(self) -> None:
+        self.assertEqual(
+            invocation_text("abc", "sync", "GET", "/a/b", 200, 0.0012346, 1, None),
+            "call=abc kind=sync method=GET path=/a/b status=200 duration=0.001235s attempt=1",
+        )
+        self.assertEqual(
+            invocation_text("abc", "async", "POST", "/", 502, 1.5, 3, 'refused "x"'),
+            'call=abc kind=async method=POST path=/ status=502 duration=1.500000s attempt=3 error="refused \\"x\\""',
+        )
+
+
+class InvocationLogTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        self.appends: list[int] = []
+        append = self.store.append_logs
+
+        async def counting(lines: Any, max_lines: int) -> None:
+            self.appends.append(len(lines))
+            await append(lines, max_lines)
+
+        self.store.append_logs = counting  # type: ignore[method-assign]
+        self.log = InvocationLog(self.store, self.clock, "gw-1", max_lines=3, interval=0.25, buffer=5)
+
+    def call(self, n: int = 1, name: str = "echo") -> None:
+        for i in range(n):
+            self.log.call(name, "", f"id{i}", "sync", b"GET", [b"x"], 200, 0.5)
+
+    def test_one_write_per_interval_and_no_timer_when_idle(self) -> None:
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.call(3)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # one timer for the batch
+        self.assertEqual(self.appends, [])
+        self.clock.advance(0.25)
+        self.assertEqual(self.appends, [3])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        texts = [e.text for e in self.store.logs["openfaas-fn", "echo"]]
+        self.assertEqual(
+            texts[0], "call=id0 kind=sync method=GET path=/x status=200 duration=0.500000s attempt=1"
+        )
+        self.assertEqual({e.instance for e in self.store.logs["openfaas-fn", "echo"]}, {"gw-1"})
+
+    def test_each_log_is_capped(self) -> None:
+        self.call(5)
+        self.clock.advance(0.25)
+        self.assertEqual([e.text[:7] for e in self.store.logs["openfaas-fn", "echo"]], ["call=id"] * 3)
+        self.assertTrue(self.store.logs["openfaas-fn", "echo"][-1].text.startswith("call=id4"))
+
+    def test_a_full_buffer_drops_and_says_so(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.call(8)
+        self.clock.advance(0.25)
+        self.assertEqual(self.appends, [5])
+        warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual([e["dropped"] for e in warnings], [3])
+
+    def test_a_store_down_loses_the_batch_with_a_warning_and_the_next_one_is_written(self) -> None:
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.store.available = False
+        self.call(2)
+        self.clock.advance(0.25)
+        self.assertEqual([e["count"] for e in events if e.get("log_level") == LogLevel.warn], [2])
+        self.store.available = True
+        self.call(1)
+        self.clock.advance(0.25)
+        self.assertEqual(len(self.store.logs["openfaas-fn", "echo"]), 1)
+
+    def test_lines_made_while_writing_go_in_the_next_batch(self) -> None:
+        gate: defer.Deferred[None] = defer.Deferred()
+
+        async def slow(lines: Any, max_lines: int) -> None:
+            self.appends.append(len(lines))
+            await gate
+
+        self.store.append_logs = slow  # type: ignore[method-assign]
+        self.call(2)
+        self.clock.advance(0.25)
+        self.call(1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # one write at a time
+        gate.callback(None)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0.25)
+        self.assertEqual(self.appends, [2, 1])
+
+    def test_stop_writes_what_waits(self) -> None:
+        self.call(2)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.log.stop()))
+        self.assertEqual(len(self.store.logs["openfaas-fn", "echo"]), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.ended: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.ended = reason
+
+    def messages(self) -> list[dict]:
+        return [json.loads(line) for line in self.data.splitlines()]
+
+
+class LogsTestCase(GatewayTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.invocations = InvocationLog(self.store, self.clock, "gw-1")
+        self.proxy._invocations = self.invocations
+
+    def add(
+        self, text: str, name: str = "echo", namespace: str = "openfaas-fn", instance: str = "gw-1"
+    ) -> None:
+        line = (name, namespace, self.clock.seconds(), instance, text)
+        self.successResultOf(defer.Deferred.fromCoroutine(self.store.append_logs([line], 1000)))
+        self.clock.advance(1)
+
+    def open(self, query: str) -> tuple[Any, Collect]:
+        response = self.successResultOf(self.start("GET", "/system/logs?" + query))
+        body = Collect()
+        response.deliverBody(body)
+        self.flush()
+        return response, body
+
+
+class SyncCallsAreLoggedTests(LogsTestCase):
+    def test_a_call_becomes_one_line_with_its_id_method_path_status_and_duration(self) -> None:
+        self.deploy("echo")
+        response, _ = self.call("POST", "/function/echo/a/b?secret=x", headers={b"X-Call-Id": [b"call-1"]})
+        self.assertEqual(self.store.logs, {})  # written in a batch, not during the call
+        self.clock.advance(0.25)
+        [entry] = self.store.logs["openfaas-fn", "echo"]
+        self.assertRegex(
+            entry.text,
+            r"^call=call-1 kind=sync method=POST path=/a/b status=200 duration=\d\.\d{6}s attempt=1$",
+        )
+        self.assertEqual(entry.instance, "gw-1")
+
+    def test_an_unreachable_function_is_logged_with_its_error(self) -> None:
+        from tests.unit.test_gateway_proxy import RefusingAgent
+        from txfaas.gateway.proxy import ProxyClient
+
+        self.proxy._client = ProxyClient(RefusingAgent())
+        self.deploy("echo")
+        self.call("GET", "/function/echo")
+        self.clock.advance(0.25)
+        [entry] = self.store.logs["openfaas-fn", "echo"]
+        self.assertIn("status=502", entry.text)
+        self.assertTrue(entry.text.endswith(' error="connection refused"'), entry.text)
+
+    def test_a_timeout_is_logged_as_504(self) -> None:
+        self.deploy("echo", annotations={"txfaas.timeout": "2s"})
+        self.function.hang = True
+        self.start("GET", "/function/echo")
+        self.clock.advance(2.1)
+        self.flush()
+        self.clock.advance(0.25)
+        [entry] = self.store.logs["openfaas-fn", "echo"]
+        self.assertIn("status=504", entry.text)
+        self.assertIn('error="no answer within 2s"', entry.text)
+
+
+class LogsRouteTests(LogsTestCase):
+    def test_ndjson_lines_in_faas_providers_message_shape(self) -> None:
+        self.deploy("echo")
+        self.add("one")
+        self.add("two", instance="worker-1")
+        response, body = self.call("GET", "/system/logs?follow=false&name=echo&tail=-1")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-ndjson"])
+        lines = [json.loads(line) for line in body.splitlines()]
+        self.assertEqual([m["text"] for m in lines], ["one", "two"])
+        self.assertEqual(set(lines[0]), {"name", "namespace", "instance", "timestamp", "text"})
+        self.assertEqual((lines[0]["name"], lines[0]["namespace"]), ("echo", "openfaas-fn"))
+        self.assertEqual([m["instance"] for m in lines], ["gw-1", "worker-1"])
+        self.assertRegex(lines[0]["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+    def test_tail_since_and_instance(self) -> None:
+        self.deploy("echo")
+        for i in range(5):
+            self.add(f"l{i}", instance="a" if i % 2 else "b")
+        since = datetime.fromtimestamp(self.clock.seconds() - 2.5, UTC).isoformat().replace("+00:00", "Z")
+
+        def texts(query: str) -> list[str]:
+            response, body = self.call("GET", "/system/logs?name=echo&" + query)
+            self.assertEqual(response.code, 200, body)
+            return [json.loads(line)["text"] for line in body.splitlines()]
+
+        self.assertEqual(texts("tail=2"), ["l3", "l4"])
+        self.assertEqual(texts("tail=0"), ["l0", "l1", "l2", "l3", "l4"])
+        self.assertEqual(texts("instance=a"), ["l1", "l3"])
+        self.assertEqual(texts("instance=b&tail=2"), ["l2", "l4"])
+        self.assertEqual(texts(f"since={since}"), ["l3", "l4"])
+        self.assertEqual(texts("namespace=dev"), [])  # (a namespace of its own, once namespaces exist)
+
+    def test_unknown_function_is_404_and_bad_values_400(self) -> None:
+        response, body = self.call("GET", "/system/logs?name=nope")
+        self.assertEqual((response.code, body), (404, b"function 'nope' not found\n"))
+        self.deploy("echo")
+        for query in ["name=echo&tail=x", "name=echo&since=now", "name=echo&follow=maybe", "tail=1"]:
+            response, body = self.call("GET", "/system/logs?" + query)
+            self.assertEqual(response.code, 400, query)
+            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
+        response, _ = self.call("POST", "/system/logs?name=echo")
+        self.assertEqual(response.code, 405)
+
+    def test_removing_the_function_removes_its_log(self) -> None:
+        self.deploy("echo")
+        self.add("one")
+        self.call("DELETE", "/system/functions", data=b'{"functionName": "echo"}')
+        self.assertEqual(self.store.logs, {})
+
+
+class FollowTests(LogsTestCase):
+    def test_follow_sends_history_then_new_lines_until_the_client_leaves(self) -> None:
+        self.deploy("echo")
+        self.add("old")
+        before = set(self.clock.getDelayedCalls())
+        response, body = self.open("follow=true&name=echo&tail=-1")
+        self.assertEqual(response.code, 200)
+        self.assertEqual([m["text"] for m in body.messages()], ["old"])
+        self.assertEqual(self.app.followers, 1)
+        self.add("new 1")
+        self.add("new 2", instance="other")
+        self.clock.advance(0.5)
+        self.flush()
+        self.assertEqual([m["text"] for m in body.messages()], ["old", "new 1", "new 2"])
+        self.clock.advance(0.5)
+        self.flush()
+        self.assertEqual(len(body.messages()), 3)  # nothing sent twice
+        # The client leaves: the poll stops where it waits, its place is given back.
+        body.transport.stopProducing()
+        self.flush()
+        self.assertEqual(self.app.followers, 0)
+        self.assertEqual(set(self.clock.getDelayedCalls()) - before, set())
+        self.add("after")
+        self.clock.advance(5)
+        self.flush()
+        self.assertEqual(len(body.messages()), 3)
+
+    def test_a_follow_stream_outlives_the_write_timeout(self) -> None:
+        self.site.response_timeout = 10.0  # --write-timeout
+        self.deploy("echo")
+        _, body = self.open("follow=true&name=echo")
+        for _ in range(40):
+            self.clock.advance(0.5)
+            self.flush()
+        self.add("still here")
+        self.clock.advance(0.5)
+        self.flush()
+        self.assertIsNone(body.ended)
+        self.assertEqual([m["text"] for m in body.messages()], ["still here"])
+        body.transport.stopProducing()
+        self.flush()
+
+    def test_follow_of_an_instance_with_an_empty_log(self) -> None:
+        self.deploy("echo")
+        response, body = self.open("follow=true&instance=b&name=echo")
+        self.assertEqual((response.code, body.data), (200, b""))
+        self.add("from a", instance="a")
+        self.add("from b", instance="b")
+        self.clock.advance(0.5)
+        self.flush()
+        self.assertEqual([m["text"] for m in body.messages()], ["from b"])
+        body.transport.stopProducing()
+        self.flush()
+
+    def test_a_store_outage_while_following_is_waited_out(self) -> None:
+        self.deploy("echo")
+        _, body = self.open("follow=true&name=echo")
+        self.store.available = False
+        self.clock.advance(0.5)
+        self.flush()
+        self.store.available = True
+        self.add("back")
+        self.clock.advance(0.5)
+        self.flush()
+        self.assertEqual([m["text"] for m in body.messages()], ["back"])
+        self.assertIsNone(body.ended)
+        body.transport.stopProducing()
+        self.flush()
+        self.flushLoggedErrors(StoreUnavailable)
+
+    def test_too_many_followers_is_503(self) -> None:
+        self.deploy("echo")
+        self.app._settings = type(self.app._settings)(log_followers=1)
+        _, first = self.open("follow=true&name=echo")
+        response, body = self.call("GET", "/system/logs?follow=true&name=echo")
+        self.assertEqual(response.code, 503)
+        self.assertIn(b"too many log streams", body)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"5"])
+        response, _ = self.call("GET", "/system/logs?follow=false&name=echo")
+        self.assertEqual(response.code, 200)  # a plain read is not a follower
+        first.transport.stopProducing()
+        self.flush()
+        _, again = self.open("follow=true&name=echo")
+        self.assertEqual(self.app.followers, 1)
+        again.transport.stopProducing()
+        self.flush()
+
+
+def test_the_worker_logs_every_attempt_of_a_queued_call():
+    """One line per finished attempt: kind async, the queued method and path, status, attempt n."""
+    from tests.unit.test_worker_retries import answers, retrying, run_until_quiet
+    from tests.unit.test_worker_service import Harness
+
+    h = Harness(respond=answers(503, 200), **retrying())
+    h.worker._invocations = InvocationLog(h.store, h.clock, "worker-1", interval=0.25)
+    h.deploy()
+    h.enqueue(method="POST", path="/hook")
+    h.start()
+    run_until_quiet(h, 5)
+    texts = [e.text for e in h.store.logs["openfaas-fn", "echo"]]
+    assert len(texts) == 2, texts
+    assert texts[0].startswith("call=call-1 kind=async method=POST path=/hook status=503 duration=")
+    assert texts[0].endswith(" attempt=1")
+    assert " status=200 " in texts[1] and texts[1].endswith(" attempt=2")
+    assert {e.instance for e in h.store.logs["openfaas-fn", "echo"]} == {"worker-1"}
+
+
+def test_the_worker_writes_its_last_lines_when_it_stops():
+    from tests.unit.test_worker_service import Harness
+
+    h = Harness(respond=lambda req: (200, {}, b"ok"))
+    h.worker._invocations = InvocationLog(h.store, h.clock, "worker-1", interval=60)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert h.store.logs == {}
+    h.worker.stopService()
+    h.flush()
+    assert len(h.store.logs["openfaas-fn", "echo"]) == 1
