@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txfaas.logs import invocation_text
+from txfaas.logs import invocation_line
 from txfaas.secrets import DEFAULT_NAMESPACE
 from txfaas.store import LogLine, LogStore
 
@@ -44,6 +44,7 @@ class InvocationLog:
         self._store = store
         self._clock = clock
         self.instance = instance
+        self._instance = instance.encode()
         self.max_lines = max_lines
         self._interval = interval
         self._buffer = buffer
@@ -58,7 +59,7 @@ class InvocationLog:
         name: str,
         namespace: str,
         call_id: str | bytes,
-        kind: str,
+        kind: bytes,
         method: str | bytes,
         path: str | bytes | list[bytes],
         status: int,
@@ -79,20 +80,14 @@ class InvocationLog:
             self._timer = self._clock.callLater(self._interval, self._flush)
 
     def _lines(self, batch: list[tuple[Any, ...]]) -> list[LogLine]:
-        instance = self.instance
+        instance = self._instance
         lines = []
+        append = lines.append
         for name, namespace, ts, call_id, kind, method, path, status, duration, attempt, error in batch:
-            text = invocation_text(
-                _text(call_id),
-                kind,
-                _text(method),
-                _text(b"/" + b"/".join(path) if isinstance(path, list) else path),
-                status,
-                duration,
-                attempt,
-                error,
-            )
-            lines.append((name, namespace or DEFAULT_NAMESPACE, ts, instance, text))
+            if path.__class__ is list:
+                path = b"/" + b"/".join(path)
+            text = invocation_line(call_id, kind, method, path, status, duration, attempt, error)
+            append((name, namespace or DEFAULT_NAMESPACE, ts, instance, text))
         return lines
 
     def _flush(self) -> defer.Deferred[None]:
@@ -140,7 +135,3 @@ class InvocationLog:
         if self._writing is not None:
             await self._writing
         await self._flush()
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode("latin-1") if isinstance(value, bytes) else value

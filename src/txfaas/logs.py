@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import orjson
@@ -22,11 +22,9 @@ from txfaas.secrets import DEFAULT_NAMESPACE, check_namespace
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z", re.ASCII)
-_BARE = re.compile(r"[^\s\"=\\]+\Z")
 
 
-@attrs.frozen
-class LogEntry:
+class LogEntry(NamedTuple):
     """One stored line: ``id`` orders them (a Redis stream id, ``<ms>-<seq>``)."""
 
     id: str
@@ -59,32 +57,39 @@ def stream_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def invocation_text(
-    call_id: str,
-    kind: str,
-    method: str,
-    path: str,
+def invocation_line(
+    call_id: str | bytes,
+    kind: bytes,
+    method: str | bytes,
+    path: str | bytes,
     status: int,
     duration: float,
     attempt: int,
     error: str | None,
-) -> str:
-    """A call as one logfmt line: ``call=ID kind=sync method=GET path=/ status=200 duration=0.0012s attempt=1``."""
-    text = (
-        f"call={call_id} kind={kind} method={method} path={_value(path)} status={status} "
-        f"duration={duration:.6f}s attempt={attempt}"
+) -> bytes:
+    """A call as one logfmt line: ``call=ID kind=sync method=GET path=/ status=200 duration=0.001200s attempt=1``.
+
+    Bytes in, bytes out, in one ``%``: a busy gateway writes thousands a second."""
+    if call_id.__class__ is not bytes:
+        call_id = call_id.encode()  # type: ignore[union-attr]
+    if method.__class__ is not bytes:
+        method = method.encode()  # type: ignore[union-attr]
+    if path.__class__ is not bytes:
+        path = path.encode()  # type: ignore[union-attr]
+    if b" " in path or b'"' in path or b"\\" in path or b"=" in path:  # type: ignore[operator]
+        path = orjson.dumps(path.decode("latin-1"))  # type: ignore[union-attr]
+    line = b"call=%s kind=%s method=%s path=%s status=%d duration=%.6fs attempt=%d" % (
+        call_id,
+        kind,
+        method,
+        path,
+        status,
+        duration,
+        attempt,
     )
     if error:
-        text += f" error={_quoted(error)}"
-    return text
-
-
-def _value(text: str) -> str:
-    return text if _BARE.match(text) else _quoted(text)
-
-
-def _quoted(text: str) -> str:
-    return orjson.dumps(text).decode()
+        line += b" error=" + orjson.dumps(error)
+    return line
 
 
 @attrs.frozen
@@ -154,11 +159,12 @@ def parse_rfc3339(text: str, field: str) -> float:
 
 
 def parse_entry(entry_id: str, fields: Any) -> LogEntry:
-    """A stream entry's fields (a flat ``[k, v, ...]`` list, as XRANGE gives them) as a :class:`LogEntry`."""
+    """A stream entry's fields (a flat ``[k, v, ...]`` list, as XRANGE gives them) as a :class:`LogEntry`
+    (``ts`` in Unix microseconds; the entry id's milliseconds without it)."""
     values = dict(zip(fields[::2], fields[1::2], strict=True))
     ts = values.get("ts")
     try:
-        timestamp = float(ts) if ts is not None else stream_id(entry_id)[0] / 1000
+        timestamp = int(ts) / 1_000_000 if ts is not None else stream_id(entry_id)[0] / 1000
     except ValueError:
         timestamp = stream_id(entry_id)[0] / 1000
     return LogEntry(entry_id, timestamp, str(values.get("instance", "")), str(values.get("text", "")))

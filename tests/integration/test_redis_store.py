@@ -527,8 +527,8 @@ async def test_secrets_key_check_is_kept_once(store):
 @pytest_twisted.ensureDeferred
 async def test_logs_append_in_batches_read_by_range_and_capped(store, raw, prefix):
     now = time.time()
-    lines = [("fn", "openfaas-fn", now + i / 1000, "gw-1", f"line {i} é") for i in range(1200)]
-    lines.append(("other", "dev", now, "w-1", "elsewhere"))
+    lines = [("fn", "openfaas-fn", now + i / 1000, b"gw-1", f"line {i} \u00e9".encode()) for i in range(1200)]
+    lines.append(("other", "dev", now, b"w-1", b"elsewhere"))
     await store.append_logs(lines, 300)  # three scripts (LOG_BATCH 500), one round trip
     length = await raw.execute_command("XLEN", f"{prefix}logs:openfaas-fn:fn")
     assert 300 <= int(length) < 500  # MAXLEN ~: trimmed by whole nodes

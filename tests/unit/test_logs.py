@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.gateway_fixtures import GatewayTestCase
 from txfaas.invocation_log import InvocationLog
-from txfaas.logs import LogQuery, invocation_text, parse_rfc3339
+from txfaas.logs import LogQuery, invocation_line, parse_rfc3339
 from txfaas.model import ValidationError
 from txfaas.store import StoreUnavailable
 from txfaas.store.memory import MemoryStore
@@ -72,13 +72,23 @@ class LogQueryTests(SynchronousTestCase):
 class InvocationTextTests(SynchronousTestCase):
     def test_logfmt_with_error_quoted(self) -> None:
         self.assertEqual(
-            invocation_text("abc", "sync", "GET", "/a/b", 200, 0.0012346, 1, None),
-            "call=abc kind=sync method=GET path=/a/b status=200 duration=0.001235s attempt=1",
+            invocation_line(b"abc", b"sync", b"GET", b"/a/b", 200, 0.0012346, 1, None),
+            b"call=abc kind=sync method=GET path=/a/b status=200 duration=0.001235s attempt=1",
         )
         self.assertEqual(
-            invocation_text("abc", "async", "POST", "/", 502, 1.5, 3, 'refused "x"'),
-            'call=abc kind=async method=POST path=/ status=502 duration=1.500000s attempt=3 error="refused \\"x\\""',
+            invocation_line("abc", b"async", "POST", "/", 502, 1.5, 3, 'refused "x"'),
+            b'call=abc kind=async method=POST path=/ status=502 duration=1.500000s attempt=3 error="refused \\"x\\""',
         )
+
+    def test_a_path_with_spaces_quotes_or_equals_is_quoted(self) -> None:
+        for path, shown in [
+            (b"/a b", b'"/a b"'),
+            (b'/q"', b'"/q\\""'),
+            (b"/k=v", b'"/k=v"'),
+            (b"/\\", b'"/\\\\"'),
+        ]:
+            line = invocation_line(b"c", b"sync", b"GET", path, 200, 0.0, 1, None)
+            self.assertIn(b" path=" + shown + b" status=", line)
 
 
 class InvocationLogTests(SynchronousTestCase):
@@ -98,7 +108,7 @@ class InvocationLogTests(SynchronousTestCase):
 
     def call(self, n: int = 1, name: str = "echo") -> None:
         for i in range(n):
-            self.log.call(name, "", f"id{i}", "sync", b"GET", [b"x"], 200, 0.5)
+            self.log.call(name, "", f"id{i}", b"sync", b"GET", [b"x"], 200, 0.5)
 
     def test_one_write_per_interval_and_no_timer_when_idle(self) -> None:
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -191,7 +201,7 @@ class LogsTestCase(GatewayTestCase):
     def add(
         self, text: str, name: str = "echo", namespace: str = "openfaas-fn", instance: str = "gw-1"
     ) -> None:
-        line = (name, namespace, self.clock.seconds(), instance, text)
+        line = (name, namespace, self.clock.seconds(), instance.encode(), text.encode())
         self.successResultOf(defer.Deferred.fromCoroutine(self.store.append_logs([line], 1000)))
         self.clock.advance(1)
 

@@ -416,7 +416,7 @@ class _Exchange:
                 self.service,
                 self.namespace,
                 self.call_id,
-                "sync",
+                b"sync",
                 self.request.method,
                 self.rest,  # joined only when the line is written
                 self.code,

@@ -11,8 +11,9 @@ from typing import Protocol
 from txfaas.logs import LogEntry
 from txfaas.model import DEFAULT_NAMESPACE, CallRecord, CallResult, DeadLetter, FunctionSpec, Namespace
 
-#: A line to append to a function's log: (name, namespace, timestamp, instance, text).
-LogLine = tuple[str, str, float, str, str]
+#: A line to append to a function's log: (name, namespace, timestamp, instance, text), the
+#: last two UTF-8 bytes.
+LogLine = tuple[str, str, float, bytes, bytes]
 
 
 class StoreError(Exception):

@@ -284,10 +284,11 @@ class MemoryStore:
             ms = int(timestamp * 1000)
             last_ms, last_seq = self._last_log_id
             self._last_log_id = (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
-            entry = LogEntry("{}-{}".format(*self._last_log_id), timestamp, instance, text)
+            entry = LogEntry("{}-{}".format(*self._last_log_id), timestamp, instance.decode(), text.decode())
             log = self.logs.setdefault((namespace, name), [])
             log.append(entry)
-            del log[: max(0, len(log) - max_lines)]
+            if len(log) > max_lines + max_lines // 8:  # trimmed by the eighth, as MAXLEN ~ does by node
+                del log[: len(log) - max_lines]
 
     async def read_logs(
         self, name: str, namespace: str, *, after: str | None = None, since: float | None = None, count: int

@@ -836,7 +836,7 @@ class WorkerService(Service):
                 spec.service,
                 spec.namespace,
                 call.call_id,
-                "async",
+                b"async",
                 call.method,
                 call.path,
                 response.status_code,
