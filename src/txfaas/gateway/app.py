@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import orjson
 import werkzeug.exceptions
+from cryptography.fernet import Fernet
 from klein import Klein
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer
@@ -131,7 +132,8 @@ class GatewayApp:
         secret_box: SecretBox | None = None,
     ) -> None:
         self._clock = clock
-        self._secret_box = secret_box
+        # Without a key of its own (tests, an embedded app) a key that lives as long as the process.
+        self._secret_box = secret_box if secret_box is not None else SecretBox(Fernet.generate_key())
         self.followers = 0
         self._functions = functions
         self._store = functions.store
@@ -554,8 +556,6 @@ class GatewayApp:
     # --- secrets ----------------------------------------------------------------------------
 
     def _box(self) -> SecretBox:
-        if self._secret_box is None:
-            raise HTTPError(501, "secrets are not enabled on this gateway")
         return self._secret_box
 
     async def _secret_request(self, request: IRequest, *, value_required: bool) -> SecretRequest:
