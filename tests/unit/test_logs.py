@@ -281,11 +281,15 @@ class LogsRouteTests(LogsTestCase):
         self.assertEqual(texts("instance=a"), ["l1", "l3"])
         self.assertEqual(texts("instance=b&tail=2"), ["l2", "l4"])
         self.assertEqual(texts(f"since={since}"), ["l3", "l4"])
-        self.assertEqual(texts("namespace=dev"), [])  # (a namespace of its own, once namespaces exist)
+        response, body = self.call("GET", "/system/logs?name=echo&namespace=dev")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"namespace 'dev' does not exist", body)
 
     def test_unknown_function_is_404_and_bad_values_400(self) -> None:
         response, body = self.call("GET", "/system/logs?name=nope")
-        self.assertEqual((response.code, body), (404, b"function 'nope' not found\n"))
+        self.assertEqual(
+            (response.code, body), (404, b"function 'nope' not found in namespace 'openfaas-fn'\n")
+        )
         self.deploy("echo")
         for query in ["name=echo&tail=x", "name=echo&since=now", "name=echo&follow=maybe", "tail=1"]:
             response, body = self.call("GET", "/system/logs?" + query)

@@ -118,7 +118,17 @@ class SecretsAPITests(SecretsTestCase):
         self.assertEqual(response.code, 404)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
 
+    def test_a_namespace_must_exist(self) -> None:
+        response, body = self.send("POST", {"name": "k", "namespace": "dev", "value": "1"})
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"namespace 'dev' does not exist", body)
+        response, _ = self.call("GET", "/system/secrets?namespace=dev")
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.store.secrets, {})
+
     def test_namespaces_keep_apart(self) -> None:
+        response, body = self.send("POST", {"name": "dev"}, "/system/namespace/dev")
+        self.assertEqual(response.code // 100, 2, body)
         self.send("POST", {"name": "k", "namespace": "dev", "value": "1"})
         _, body = self.call("GET", "/system/secrets")
         self.assertEqual(js(body), [])
@@ -199,6 +209,7 @@ class DeployNeedsItsSecretsTests(SecretsTestCase):
         self.assertEqual(self.store.functions["echo"].secrets, [])
 
     def test_the_secret_must_be_in_the_functions_namespace(self) -> None:
+        self.send("POST", {"name": "dev"}, "/system/namespace/dev")
         self.send("POST", {"name": "k", "namespace": "dev", "value": "1"})
         response, _ = self.deploy_json(secrets=["k"])
         self.assertEqual(response.code, 400)
