@@ -390,7 +390,7 @@ async def test_logs_as_faas_cli_reads_them(redis_url, amqp_url):
 
         # faas-cli logs nope / a bad --since: plain-text errors, never HTML.
         code, headers, body = await exchange(port, "GET", "/system/logs?follow=false&name=nope&tail=-1")
-        assert (code, body) == (404, b"function 'nope' not found\n")
+        assert (code, body) == (404, b"function 'nope' not found in namespace 'openfaas-fn'\n")
         code, headers, body = await exchange(
             port, "GET", "/system/logs?follow=false&name=echo&since=yesterday"
         )
