@@ -29,7 +29,7 @@ def test_defaults():
     assert w.consumer_timeout == 1800.0
     assert w.drain_timeout == 30.0
     assert w.max_result_size == 1024 * 1024
-    assert (w.callback_concurrency, w.callback_host_concurrency) == (100, 20)
+    assert (w.callback_concurrency, w.callback_host_concurrency) == (200, 100)
     assert w.max_answer_memory == 64 * 1024 * 1024
     assert w.gateway_url is None
     assert w.function_url_template == "http://{name}:8080"

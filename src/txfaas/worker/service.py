@@ -141,9 +141,9 @@ class WorkerConfig:
     #: The broker's delay tiers: a retry arriving less than half the smallest early runs now.
     delay_tiers: tuple[float, ...] = DEFAULT_TIERS
     #: Callback deliveries at once (the callback queue's prefetch), apart from --max-inflight.
-    callback_concurrency: int = 100
+    callback_concurrency: int = 200
     #: Of those, at most this many to one destination host.
-    callback_host_concurrency: int = 20
+    callback_host_concurrency: int = 100
     #: Bytes of functions' answers held at once, all jobs together (--max-answer-memory).
     max_answer_memory: int = 64 * 1024 * 1024
 

@@ -112,13 +112,13 @@ FLAGS = Flags(
     Flag(
         "callback-concurrency",
         ("TXFAAS_CALLBACK_CONCURRENCY",),
-        "100",
+        "200",
         "Callback deliveries at once (the callback queue's prefetch), apart from --max-inflight calls.",
     ),
     Flag(
         "callback-host-concurrency",
         ("TXFAAS_CALLBACK_HOST_CONCURRENCY",),
-        "20",
+        "100",
         "Of those, at most this many to one host; more wait a second, then go back to the broker for a while.",
     ),
     Flag(
