@@ -43,6 +43,16 @@ class FunctionsAPITests(GatewayTestCase):
         for key in ["replicas", "availableReplicas", "invocationCount", "createdAt", "labels", "annotations"]:
             self.assertIn(key, fn)
 
+    def test_a_process_without_an_address_is_refused_plainly(self) -> None:
+        """faas-cli deploy --fprocess with no txfaas.url: 400 saying it would have no endpoint."""
+        for method in ("POST", "PUT"):
+            response, body = self.deploy_json(method, envProcess="wc -c")
+            self.assertEqual(response.code, 400)
+            self.assertIn(b"no endpoint", body)
+            self.assertIn(b"txfaas.url", body)
+        response, _ = self.deploy_json(envProcess="wc -c", annotations={"txfaas.url": "http://127.0.0.1:9000"})
+        self.assertEqual(response.code, 202)
+
     def test_deploy_twice_is_409(self) -> None:
         self.deploy_json()
         response, body = self.deploy_json()

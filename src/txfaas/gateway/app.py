@@ -271,7 +271,15 @@ class GatewayApp:
         return _json(request, 200, [s.status_json(counts.get(s.ref, 0)) for s in specs])
 
     def _spec(self, request: IRequest) -> FunctionSpec:
-        return FunctionSpec.from_json(_read_json(request), default_namespace=self._settings.default_namespace)
+        spec = FunctionSpec.from_json(_read_json(request), default_namespace=self._settings.default_namespace)
+        if spec.env_process and spec.url is None:
+            # faas-cli deploy --fprocess: nothing here runs processes yet, so the call would 502.
+            raise HTTPError(
+                400,
+                f"envProcess {spec.env_process!r}: txfaas does not run function processes yet, so "
+                f"{spec.service!r} would have no endpoint; give its address as annotation txfaas.url",
+            )
+        return spec
 
     @app.route("/system/functions", methods=["POST"])
     async def deploy(self, request: IRequest) -> bytes:
