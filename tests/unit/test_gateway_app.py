@@ -50,7 +50,9 @@ class FunctionsAPITests(GatewayTestCase):
             self.assertEqual(response.code, 400)
             self.assertIn(b"no endpoint", body)
             self.assertIn(b"txfaas.url", body)
-        response, _ = self.deploy_json(envProcess="wc -c", annotations={"txfaas.url": "http://127.0.0.1:9000"})
+        response, _ = self.deploy_json(
+            envProcess="wc -c", annotations={"txfaas.url": "http://127.0.0.1:9000"}
+        )
         self.assertEqual(response.code, 202)
 
     def test_deploy_twice_is_409(self) -> None:
