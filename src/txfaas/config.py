@@ -290,6 +290,36 @@ def parse_amqp_url(value: str) -> AMQPURL:
     )
 
 
+def amqp_url_text(options: Mapping[str, Any], environ: Mapping[str, str], get: Callable[..., Any]) -> str:
+    """--amqp, else the URL held in --amqp-url-file (a Docker secret); never both.
+
+    The file's content is never shown: a bad one is named by its path only.
+    """
+    path = get("amqp-url-file", str)
+    if not path:
+        return get("amqp", _checked_amqp_url)
+    setting = "--amqp-url-file"
+    if options.get("amqp") is not None or environ.get("TXFAAS_AMQP"):
+        raise ConfigError(setting, "give --amqp ($TXFAAS_AMQP) or its file, not both")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise ConfigError(setting, f"cannot read {path}: {e.strerror}") from None
+    if not text:
+        raise ConfigError(setting, f"{path} is empty")
+    try:
+        parse_amqp_url(text)
+    except ValueError:
+        raise ConfigError(setting, f"{path} does not hold an amqp:// or amqps:// URL") from None
+    return text
+
+
+def _checked_amqp_url(value: str) -> str:
+    parse_amqp_url(value)
+    return value
+
+
 def parse_http_url(value: str) -> str:
     """An absolute http(s) URL, returned unchanged (without a trailing slash)."""
     parts = urlsplit(value)

@@ -26,6 +26,7 @@ def clean_env(monkeypatch, tmp_path):
         "TXFAAS_LISTEN",
         "TXFAAS_REDIS",
         "TXFAAS_AMQP",
+        "TXFAAS_AMQP_URL_FILE",
         "TXFAAS_MAX_BODY",
         "TXFAAS_BASIC_AUTH_USER",
         "TXFAAS_BASIC_AUTH_PASSWORD",
@@ -77,6 +78,32 @@ def test_write_timeout_must_exceed_upstream_timeout():
 def test_memory_store_and_queue_selectable():
     config = parse(["--redis", "memory:", "--amqp", "memory:"])
     assert config.redis.memory and config.amqp.memory
+
+
+def test_amqp_url_file(tmp_path, monkeypatch):
+    """The broker's URL from a file (a Docker secret), flag or $TXFAAS_AMQP_URL_FILE; errors never show it."""
+    path = tmp_path / "amqp-url"
+    path.write_text("amqp://txfaas:s3cret-pass@rabbitmq:5672/%2F\n")
+    config = parse([f"--amqp-url-file={path}"])
+    assert (config.amqp.host, config.amqp.username, config.amqp.password) == (
+        "rabbitmq",
+        "txfaas",
+        "s3cret-pass",
+    )
+    monkeypatch.setenv("TXFAAS_AMQP_URL_FILE", str(path))
+    assert parse([]).amqp.password == "s3cret-pass"
+    with pytest.raises(usage.UsageError, match="not both"):
+        parse(["--amqp=amqp://guest:guest@x/"])
+    monkeypatch.delenv("TXFAAS_AMQP_URL_FILE")
+    with pytest.raises(usage.UsageError, match=r"^--amqp-url-file: cannot read .*missing: No such file"):
+        parse([f"--amqp-url-file={tmp_path / 'missing'}"])
+    path.write_text(" \n")
+    with pytest.raises(usage.UsageError, match=r"^--amqp-url-file: .*amqp-url is empty$"):
+        parse([f"--amqp-url-file={path}"])
+    path.write_text("redis://:s3cret-pass@x/")
+    with pytest.raises(usage.UsageError, match="does not hold an amqp") as e:
+        parse([f"--amqp-url-file={path}"])
+    assert "s3cret" not in str(e.value)
 
 
 def test_bad_urls_are_refused():

@@ -99,6 +99,26 @@ def test_environment_fallbacks_and_flags_win():
     assert (s.worker.queues, s.worker.max_inflight, s.worker.exec_timeout) == (("flag",), 9, 5.0)
 
 
+def test_amqp_url_file(tmp_path):
+    """``--amqp-url-file`` / $TXFAAS_AMQP_URL_FILE: the broker's URL from a Docker secret, never shown."""
+    path = tmp_path / "amqp-url"
+    path.write_text("amqp://txfaas:s3cret-pass@rabbitmq:5672/%2F\n")
+    s = parse(f"--amqp-url-file={path}")
+    assert (s.amqp.host, s.amqp.username, s.amqp.password) == ("rabbitmq", "txfaas", "s3cret-pass")
+    assert parse(environ={"TXFAAS_AMQP_URL_FILE": str(path)}).amqp.password == "s3cret-pass"
+    with pytest.raises(ConfigError, match="not both"):
+        parse(f"--amqp-url-file={path}", environ={"TXFAAS_AMQP": "amqp://guest:guest@x/"})
+    with pytest.raises(ConfigError, match=r"^--amqp-url-file: cannot read .*missing"):
+        parse(f"--amqp-url-file={tmp_path / 'missing'}")
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        parse(f"--amqp-url-file={path}")
+    path.write_text("http://u:s3cret-pass@x/")
+    with pytest.raises(ConfigError, match="does not hold an amqp") as e:
+        parse(f"--amqp-url-file={path}")
+    assert "s3cret" not in str(e.value)
+
+
 def test_callback_secret_file(tmp_path):
     """``--callback-secret-file`` reads the key from a file (trimmed); both at once is refused."""
     path = tmp_path / "cb-secret"

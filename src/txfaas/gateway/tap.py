@@ -20,6 +20,7 @@ from txfaas.config import (
     Flag,
     Flags,
     RedisURL,
+    amqp_url_text,
     default_state_dir,
     format_duration,
     load_or_create_credentials,
@@ -58,6 +59,12 @@ FLAGS = Flags(
         ("TXFAAS_AMQP",),
         "amqp://guest:guest@127.0.0.1:5672/%2F",
         "RabbitMQ URL, or memory: for an in-process queue",
+    ),
+    Flag(
+        "amqp-url-file",
+        ("TXFAAS_AMQP_URL_FILE",),
+        None,
+        "File holding the RabbitMQ URL, e.g. a Docker secret (instead of --amqp, which shows it in the environment)",
     ),
     Flag("upstream-timeout", ("upstream_timeout",), "60s", "Longest wait for a function's answer, e.g. 60s"),
     Flag(
@@ -270,6 +277,7 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
     get = FLAGS.reader(opts, environ)
 
     redis_text = get("redis", _checked(parse_redis_url))
+    amqp_text = amqp_url_text(opts, environ, get)
     redis = parse_redis_url(redis_text)
     upstream = get("upstream-timeout", parse_duration)
     write = get("write-timeout", parse_duration)
@@ -286,7 +294,7 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
     max_body = get("max-body", parse_size)
     workers = get("workers", parse_positive_int)
     if workers > 1:
-        if redis.memory or get("amqp", str).startswith("memory"):
+        if redis.memory or amqp_text.startswith("memory"):
             raise ConfigError("--workers", "several processes need --redis and --amqp (not memory:)")
         try:
             parse_tcp_listen(get("listen", str))
@@ -313,7 +321,7 @@ def build_config(opts: Any, environ: Any) -> GatewayConfig:
         listen=get("listen", str),
         redis=redis,
         redis_text=redis_text,
-        amqp=parse_amqp_url(get("amqp", _checked(parse_amqp_url))),
+        amqp=parse_amqp_url(amqp_text),
         upstream_timeout=upstream,
         read_timeout=get("read-timeout", parse_duration),
         write_timeout=write,

@@ -17,6 +17,7 @@ from txfaas.config import (
     Flag,
     Flags,
     RedisURL,
+    amqp_url_text,
     option_or_env,
     parse_amqp_url,
     parse_count,
@@ -58,6 +59,12 @@ FLAGS = Flags(
         ("TXFAAS_AMQP",),
         "amqp://guest:guest@127.0.0.1:5672/%2F",
         "RabbitMQ URL (amqp://user:pass@host:port/vhost), or memory: for an in-process queue.",
+    ),
+    Flag(
+        "amqp-url-file",
+        ("TXFAAS_AMQP_URL_FILE",),
+        None,
+        "File holding the RabbitMQ URL, e.g. a Docker secret (instead of --amqp, which shows it in the environment)",
     ),
     Flag(
         "redis",
@@ -342,7 +349,7 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
     ).check()
     return Settings(
         worker=worker,
-        amqp=get("amqp", parse_amqp_url),
+        amqp=parse_amqp_url(amqp_url_text(options, environ, get)),
         redis=get("redis", parse_redis_url),
         redis_prefix=get("redis-prefix", str),
         call_ttl=get("call-ttl", parse_positive_duration),
