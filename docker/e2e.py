@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -35,6 +36,10 @@ class Stack:
         with open(args.password_file) as f:
             password = f.read().strip()
         self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        with open(args.amqp_url_file) as f:
+            amqp = urllib.parse.urlsplit(f.read().strip())
+        self.amqp_user = urllib.parse.unquote(amqp.username)
+        self.amqp_password = urllib.parse.unquote(amqp.password)
 
     def request(self, method, url, body=None, headers=(), auth=False, timeout=10):
         """(status, headers, body) of one request; a refused connection is status 0."""
@@ -207,6 +212,19 @@ def check(name):
     return wrap
 
 
+@check("broker credentials come from secrets, not the environment")
+def broker_secrets(stack):
+    for service in ("rabbitmq", "gateway", "worker"):
+        env = stack.docker("docker", "inspect", "--format", "{{json .Config.Env}}", stack.container(service))
+        if stack.amqp_password in env or "guest:guest" in env:
+            raise Failed(f"{service}'s environment holds a broker password")
+    users = stack.compose_cmd("exec", "-T", "rabbitmq", "rabbitmqctl", "list_users", "-q", "-s")
+    names = {line.split()[0] for line in users.splitlines() if line.strip()}
+    if names != {stack.amqp_user}:
+        raise Failed(f"RabbitMQ's users are {sorted(names)}, not only {stack.amqp_user!r} (no guest)")
+    return f"RabbitMQ has only the user {stack.amqp_user!r}, from its secret"
+
+
 @check("basic auth guards /system/*")
 def auth(stack):
     status = stack.api("GET", "/system/functions", auth=False)[0]
@@ -308,7 +326,17 @@ def down_up(stack):
     return f"{len(ids)} calls queued with no worker survived down/up and succeeded"
 
 
-STEPS = (auth, deploy, sync_invoke, async_invoke, callback_refused, worker_kill, broker_restart, down_up)
+STEPS = (
+    broker_secrets,
+    auth,
+    deploy,
+    sync_invoke,
+    async_invoke,
+    callback_refused,
+    worker_kill,
+    broker_restart,
+    down_up,
+)
 
 
 def main():
@@ -318,6 +346,7 @@ def main():
     parser.add_argument("--compose", required=True, help="the docker compose command, as one string")
     parser.add_argument("--user-file", required=True)
     parser.add_argument("--password-file", required=True)
+    parser.add_argument("--amqp-url-file", required=True, help="the secret holding the broker's URL")
     stack = Stack(parser.parse_args())
     try:
         stack.wait_healthy()

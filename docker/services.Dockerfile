@@ -7,8 +7,10 @@ FROM ${BASE} AS rabbitmq
 RUN apt-get -o Acquire::Check-Valid-Until=false update -q \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends rabbitmq-server \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
-    # As the official image: guest may log in from other hosts (the compose network only here).
+    # As the official image: users may log in from other hosts (the compose network only here);
+    # the user itself comes from a secret mounted in conf.d (see compose.yaml).
     && printf 'loopback_users = none\nlisteners.tcp.default = 5672\n' > /etc/rabbitmq/rabbitmq.conf \
+    && install -d /etc/rabbitmq/conf.d \
     && install -d -o rabbitmq -g rabbitmq /var/lib/rabbitmq /var/log/rabbitmq
 USER rabbitmq
 ENV HOME=/var/lib/rabbitmq \
