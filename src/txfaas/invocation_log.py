@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txfaas.logs import invocation_line
-from txfaas.secrets import DEFAULT_NAMESPACE
+from txfaas.model import DEFAULT_NAMESPACE
 from txfaas.store import LogLine, LogStore
 
 

@@ -15,8 +15,7 @@ from typing import Any, NamedTuple
 import attrs
 import orjson
 
-from txfaas.model import ValidationError, check_name
-from txfaas.secrets import DEFAULT_NAMESPACE, check_namespace
+from txfaas.model import DEFAULT_NAMESPACE, ValidationError, check_name, check_namespace
 
 #: Go's strconv.ParseBool, which faas-provider reads ``follow`` with.
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})

@@ -19,12 +19,10 @@ from typing import Any
 import attrs
 from cryptography.fernet import Fernet, InvalidToken
 
-from txfaas.model import ValidationError
+from txfaas.model import DEFAULT_NAMESPACE, ValidationError, check_namespace
 
-DEFAULT_NAMESPACE = "openfaas-fn"
 #: Kubernetes' DNS-1123 subdomain, as ``faas-cli secret create`` checks it.
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
-_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 MAX_SECRET_NAME = 253
 #: What a key check token holds (see :meth:`SecretBox.check_token`).
 _CHECK = b"txfaas secrets key check"
@@ -50,15 +48,6 @@ def check_secret_name(name: Any, field: str = "name") -> str:
             "starting and ending with a letter or digit",
         )
     return name
-
-
-def check_namespace(namespace: Any, field: str = "namespace") -> str:
-    """A namespace name (a DNS-1123 label); empty or absent means the default one."""
-    if namespace is None or namespace == "":
-        return DEFAULT_NAMESPACE
-    if not isinstance(namespace, str) or len(namespace) > 63 or not _NAMESPACE.match(namespace):
-        raise ValidationError(field, f"invalid namespace {namespace!r}")
-    return namespace
 
 
 @attrs.frozen

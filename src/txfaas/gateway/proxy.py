@@ -167,7 +167,7 @@ class FunctionProxy(resource.Resource):
 
     def render(self, request: server.Request) -> Any:
         if request.method in REFUSED_METHODS:
-            request.responseHeaders._rawHeaders[b"Allow"] = [PROXIED_METHODS]
+            request.setHeader(b"Allow", PROXIED_METHODS)
             return _error(request, 405, f"{request.method.decode('latin-1')} is not passed to functions")
         postpath = request.postpath
         if not postpath or not postpath[0]:
