@@ -1,4 +1,5 @@
-"""What the options of every txfaas twistd plugin share: ``--version`` and one-line errors."""
+"""What the options of every txfaas twistd plugin share: ``--version``, ``--no-accel`` and
+one-line errors."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import sys
 
 from twisted.python import usage
 
-from txfaas import __version__
+from txfaas import __version__, _accel
 
 
 def version_line() -> str:
@@ -25,6 +26,10 @@ class CommandOptions(usage.Options):
         """Print txfaas's version and exit."""
         print(version_line())
         sys.exit(0)
+
+    def opt_no_accel(self) -> None:
+        """Run the stock Twisted, pika and txredisapi paths only (also TXFAAS_ACCEL=0)."""
+        _accel.disable()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:

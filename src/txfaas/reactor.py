@@ -221,7 +221,9 @@ def prefer() -> bool:
     ``twistd --reactor``, or imported by something) or epoll is missing; True if it did."""
     import sys
 
-    if "twisted.internet.reactor" in sys.modules or _Stock is object:
+    from txfaas import _accel
+
+    if not _accel.enabled() or "twisted.internet.reactor" in sys.modules or _Stock is object:
         return False
     install()
     return True
