@@ -341,7 +341,7 @@ _AREAS = (
     ("EPollReactor.doPoll", "epoll (reactor loop)"),
     ("txfaas/gateway/proxy.py", "txfaas proxy.py"),
     ("txfaas/headers.py", "txfaas headers.py"),
-    ("txfaas/runtime.py", "txfaas runtime.py (LimitedSite/Request)"),
+    ("txfaas/web/server.py", "txfaas web/server.py (LimitedSite/Request)"),
     ("txfaas/", "txfaas (other)"),
     ("treq/", "treq"),
     ("hyperlink/", "hyperlink (URL parsing)"),

@@ -82,7 +82,7 @@ class PoolAgent:
     fresh ``Headers`` for each call.  Method and target are still checked when the request is
     written (``_ensureValidMethod`` / ``_ensureValidURI``).
 
-    An idle connection is taken from a :class:`txfaas.runtime.RecentFirstPool` directly
+    An idle connection is taken from a :class:`txfaas.http.pool.RecentFirstPool` directly
     (``cached``), without the Deferred and the retrying wrapper of ``getConnection``; the
     retry those give (an idempotent request failed on a connection the function had closed)
     is :meth:`_again`.

@@ -19,8 +19,8 @@ from twisted.web.client import BrowserLikePolicyForHTTPS
 
 from txfaas.client import CachingEndpointFactory, PoolAgent
 from txfaas.gateway.proxy import ProxyClient
+from txfaas.http.pool import quiet_pool
 from txfaas.http11 import BytesProducer
-from txfaas.runtime import quiet_pool
 
 
 def certificate_for_localhost() -> tuple[bytes, bytes]:

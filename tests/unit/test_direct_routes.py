@@ -15,8 +15,8 @@ from twisted.web import resource, server
 from twisted.web.http import datetimeToString
 from twisted.web.test.requesthelper import DummyRequest
 
-from txfaas import runtime
-from txfaas.runtime import LimitedSite, Route, http_date
+from txfaas.web import server as web_server
+from txfaas.web.server import LimitedSite, Route, http_date
 
 
 class Leaf(resource.Resource):
@@ -156,7 +156,7 @@ def test_server_and_date_headers_are_set() -> None:
 
 def test_http_date_is_formatted_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1_800_000_000.25]
-    monkeypatch.setattr(runtime.time, "time", lambda: now[0])
+    monkeypatch.setattr(web_server.time, "time", lambda: now[0])
     first = http_date()
     assert first == datetimeToString(1_800_000_000)
     now[0] = 1_800_000_000.99

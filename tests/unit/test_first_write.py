@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
 
-from txfaas.runtime import LimitedRequest, LimitedSite
+from txfaas.web.server import LimitedRequest, LimitedSite
 
 
 class TwistedWrites(LimitedRequest):

@@ -445,7 +445,7 @@ class KeptConnectionTests(GatewayTestCase):
         from twisted.internet.task import Clock
 
         from txfaas.client import PoolAgent
-        from txfaas.runtime import RecentFirstPool
+        from txfaas.http.pool import RecentFirstPool
 
         self.endpoint = _Endpoint()
         endpoints = _Endpoints()

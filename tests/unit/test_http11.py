@@ -29,8 +29,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from txfaas.http.pool import RecentFirstPool, quiet_pool
 from txfaas.http11 import MAX_HEAD, BytesProducer, HTTP11Connection, HTTP11ConnectionFactory
-from txfaas.runtime import RecentFirstPool, quiet_pool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
 

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 
 from tests.unit.gateway_fixtures import GatewayTestCase
-from txfaas.runtime import PlainErrorsSite
+from txfaas.web.server import PlainErrorsSite
 from txfaas.worker.web import worker_resource
 
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "BREW"]

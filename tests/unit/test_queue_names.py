@@ -14,7 +14,7 @@ from tests.unit.gateway_fixtures import GatewayTestCase
 from txfaas.gateway.app import AppSettings
 from txfaas.gateway.service import GatewayService, load_functions_file
 from txfaas.model import FunctionSpec, ReservedQueues
-from txfaas.runtime import StartupError
+from txfaas.service import StartupError
 
 
 @pytest.mark.parametrize(

@@ -15,16 +15,9 @@ from twisted.web.http_headers import Headers
 
 from txfaas.config import ConfigError
 from txfaas.http11 import BytesProducer
-from txfaas.runtime import (
-    LazyTimer,
-    LimitedSite,
-    Listener,
-    Route,
-    StartupError,
-    TimerQueue,
-    exit_on_startup_error,
-    run_startup,
-)
+from txfaas.service import Listener, StartupError, exit_on_startup_error, run_startup
+from txfaas.timers import LazyTimer, TimerQueue
+from txfaas.web.server import LimitedSite, Route
 
 
 class Echo(resource.Resource):
@@ -301,7 +294,7 @@ def test_without_send_timeout_a_backed_up_client_is_left_to_the_other_timers():
 
 
 def test_parse_tcp_listen_for_shared_ports():
-    from txfaas.runtime import parse_tcp_listen
+    from txfaas.service import parse_tcp_listen
 
     assert parse_tcp_listen("tcp:8080") == ("0.0.0.0", 8080, 1024)
     assert parse_tcp_listen("tcp:8080", 77) == ("0.0.0.0", 8080, 77)
@@ -428,7 +421,7 @@ def test_bytes_producer_writes_the_body_at_once_and_declares_its_length():
 
 def test_open_store_memory_url_is_the_in_process_store_and_a_redis_url_a_redis_store(monkeypatch):
     from txfaas.config import parse_redis_url
-    from txfaas.runtime import open_store
+    from txfaas.store import open_store
     from txfaas.store.memory import MemoryStore
     from txfaas.store.redis import RedisStore
 
@@ -447,7 +440,7 @@ def test_ordered_multiservice_stops_children_in_turn_last_added_first():
     from twisted.application import service
     from twisted.internet import defer
 
-    from txfaas.runtime import OrderedMultiService
+    from txfaas.service import OrderedMultiService
 
     events: list[str] = []
     pending: dict[str, defer.Deferred] = {}
@@ -517,7 +510,7 @@ class _Idle:
 def test_the_pool_hands_out_the_connection_used_last_and_closes_the_one_idle_longest_when_full():
     from twisted.internet.task import Clock
 
-    from txfaas.runtime import RecentFirstPool
+    from txfaas.http.pool import RecentFirstPool
 
     clock = Clock()
     pool = RecentFirstPool(clock, persistent=True)
@@ -538,7 +531,7 @@ def test_the_pool_hands_out_the_connection_used_last_and_closes_the_one_idle_lon
 def test_pooled_connections_open_and_close_without_a_log_line_each():
     from twisted.internet.task import Clock
 
-    from txfaas.runtime import RecentFirstPool, quiet_pool
+    from txfaas.http.pool import RecentFirstPool, quiet_pool
 
     for pool in (RecentFirstPool(Clock()), quiet_pool(Clock(), per_host=4)):
         assert pool._factory(lambda protocol: None, "endpoint").noisy is False
@@ -689,7 +682,7 @@ def test_a_closed_connection_leaves_no_reference_cycle():
 def test_settle_gc_freezes_start_up_objects_once_the_reactor_runs_and_never_in_a_running_one():
     import gc
 
-    from txfaas.runtime import settle_gc
+    from txfaas.service import settle_gc
 
     class Reactor:
         def __init__(self, running: bool) -> None:
@@ -773,7 +766,7 @@ def test_a_head_just_within_the_limits_is_served():
 def test_endpoints_get_the_production_backlog_unless_they_set_their_own():
     from twisted.internet.testing import MemoryReactor
 
-    from txfaas.runtime import DEFAULT_BACKLOG, server_endpoint, with_backlog
+    from txfaas.service import DEFAULT_BACKLOG, server_endpoint, with_backlog
 
     assert DEFAULT_BACKLOG == 1024
     assert with_backlog("tcp:8080", 1024) == "tcp:8080:backlog=1024"

@@ -19,7 +19,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.unit.gateway_fixtures import GatewayTestCase
 from txfaas.gateway.service import GatewayService
 from txfaas.model import ValidationError
-from txfaas.runtime import StartupError
 from txfaas.secrets import (
     KeyFileError,
     SecretBox,
@@ -28,6 +27,7 @@ from txfaas.secrets import (
     check_secret_name,
     load_or_create_key,
 )
+from txfaas.service import StartupError
 from txfaas.store.cache import FunctionCache
 from txfaas.store.memory import MemoryStore
 

@@ -18,7 +18,7 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from txfaas.http11 import BytesProducer, HTTP11Connection
-from txfaas.runtime import LimitedRequest, LimitedSite
+from txfaas.web.server import LimitedRequest, LimitedSite
 
 
 class Recorder:

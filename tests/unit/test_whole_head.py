@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
 
-from txfaas.runtime import LimitedSite, Route
+from txfaas.web.server import LimitedSite, Route
 
 
 class Record(resource.Resource):
@@ -155,10 +155,10 @@ def test_the_simple_cases_answer_as_expected():
 def test_off_when_twisted_lacks_what_it_relies_on(monkeypatch):
     """On a Twisted without its request-line parser or the channel's private first-line flag,
     every head goes line by line -- with the same result."""
-    from txfaas import runtime
+    from txfaas.web import server as web_server
 
-    assert runtime.WHOLE_HEAD  # the Twisted these tests run on has both
-    monkeypatch.setattr(runtime, "WHOLE_HEAD", False)
+    assert web_server.WHOLE_HEAD  # the Twisted these tests run on has both
+    monkeypatch.setattr(web_server, "WHOLE_HEAD", False)
     whole = read(GET + POST, piecewise=False)
     assert whole[2] > 0  # read by lineReceived
     assert whole[:2] == read(GET + POST, piecewise=True)[:2]

@@ -57,7 +57,6 @@ from txfaas.model import (
     store_key,
 )
 from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
-from txfaas.runtime import LimitedSite, Route
 from txfaas.secrets import SecretBox, SecretRequest
 from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
 from txfaas.store import (
@@ -69,6 +68,7 @@ from txfaas.store import (
     UnknownNamespace,
 )
 from txfaas.store.cache import FunctionCache
+from txfaas.web.server import LimitedSite, Route
 
 SYSTEM_BODY_LIMIT = 1024 * 1024
 #: This gateway's OpenAPI document (packaged beside this module), served as it is.

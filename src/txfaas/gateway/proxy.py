@@ -50,9 +50,9 @@ from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.http11 import NO_BODY_CODES, BytesProducer
 from txfaas.invocation_log import InvocationLog
 from txfaas.model import DEFAULT_NAMESPACE, MAX_NAME, FunctionSpec
-from txfaas.runtime import QueuedTimer, TimerQueue
 from txfaas.store import StoreUnavailable
 from txfaas.store.cache import FunctionCache
+from txfaas.timers import QueuedTimer, TimerQueue
 
 # Set by the gateway itself (or by the Agent, for Host and Content-Length).
 _REQUEST_DROP = hdr.canonical_names(

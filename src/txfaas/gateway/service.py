@@ -27,8 +27,8 @@ from txfaas.model import (
     ValidationError,
 )
 from txfaas.queue import CallQueue, QueueRefused, QueueUnavailable
-from txfaas.runtime import StartupError, listen, run_startup
 from txfaas.secrets import SecretBox
+from txfaas.service import StartupError, listen, run_startup
 from txfaas.store import AlreadyExists, StoreUnavailable
 from txfaas.store.cache import FunctionCache
 

@@ -35,8 +35,9 @@ from txfaas.config import (
     read_secret,
 )
 from txfaas.model import DEFAULT_NAMESPACE, ReservedQueues, ValidationError, check_namespace, check_queue_name
-from txfaas.runtime import DEFAULT_BACKLOG, parse_tcp_listen, prepare_multiprocess_metrics
+from txfaas.multiprocess import prepare_multiprocess_metrics
 from txfaas.secrets import KeyFileError, load_or_create_key
+from txfaas.service import DEFAULT_BACKLOG, parse_tcp_listen
 from txfaas.ssrf import AddressPolicy, CachingResolver, literal_first
 
 FLAGS = Flags(
@@ -425,7 +426,7 @@ IDLE_TIMEOUT = 300.0
 
 def makeService(options: Options) -> service.IService:
     from txfaas.reactor import global_reactor
-    from txfaas.runtime import settle_gc
+    from txfaas.service import settle_gc
 
     reactor = global_reactor()
     settle_gc(reactor)
@@ -446,17 +447,12 @@ def build_gateway(
     from txfaas.gateway.metrics import FlushMetrics, GatewayMetrics
     from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
     from txfaas.gateway.service import GatewayService
+    from txfaas.http.pool import quiet_pool
     from txfaas.invocation_log import InvocationLog, instance_name
-    from txfaas.runtime import (
-        ChildProcesses,
-        die_with_parent,
-        is_child,
-        listen,
-        listen_reuseport,
-        open_store,
-        quiet_pool,
-    )
+    from txfaas.multiprocess import ChildProcesses, die_with_parent, is_child
     from txfaas.secrets import SecretBox, key_too_open
+    from txfaas.service import listen, listen_reuseport
+    from txfaas.store import open_store
     from txfaas.store.cache import FunctionCache
 
     disable_created_metrics()

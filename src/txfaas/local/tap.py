@@ -65,7 +65,7 @@ class Options(CommandOptions):
 def makeService(options: Options) -> service.IService:
     from txfaas.queue.memory import MemoryQueue
     from txfaas.reactor import global_reactor
-    from txfaas.runtime import settle_gc
+    from txfaas.service import settle_gc
     from txfaas.store.memory import MemoryStore
 
     reactor = global_reactor()

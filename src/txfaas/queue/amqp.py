@@ -68,7 +68,7 @@ from txfaas.model import Call, DeadMark, DeadReason
 from txfaas.queue import DeliveryHandler, QueueRefused, QueueUnavailable
 from txfaas.queue.frames import FramePublisher
 from txfaas.retry import DEFAULT_TIERS, pick_tier
-from txfaas.runtime import Deadlines
+from txfaas.timers import Deadlines
 
 #: The message header carrying the call's metadata (JSON); the body is the raw request body.
 CALL_HEADER = "txfaas-call"

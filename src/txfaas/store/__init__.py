@@ -6,8 +6,9 @@ The store knows nothing of HTTP or of the processes that use it.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+from txfaas.config import RedisURL
 from txfaas.logs import LogEntry
 from txfaas.model import DEFAULT_NAMESPACE, CallRecord, CallResult, DeadLetter, FunctionSpec, Namespace
 
@@ -206,3 +207,15 @@ class LogStore(Protocol):
 
 class AsyncCallStore(CallStore, DeadLetterStore, Protocol):
     """Call records and dead letters: what the gateway's asynchronous routes use."""
+
+
+def open_store(reactor: Any, url: RedisURL, *, prefix: str, call_ttl: float) -> Any:
+    """The store a ``--redis`` URL names: an in-process ``MemoryStore`` for ``memory:``, else a
+    ``RedisStore`` that connects in the background (its ``close()`` belongs in shutdown)."""
+    if url.memory:
+        from txfaas.store.memory import MemoryStore
+
+        return MemoryStore()
+    from txfaas.store.redis import RedisStore
+
+    return RedisStore.connect(url, reactor, prefix=prefix, call_ttl=call_ttl)

@@ -50,7 +50,6 @@ from txfaas.model import (
     ref_key,
     store_key,
 )
-from txfaas.runtime import Deadlines
 from txfaas.store import (
     AlreadyExists,
     LogLine,
@@ -59,6 +58,7 @@ from txfaas.store import (
     StoreUnavailable,
     UnknownNamespace,
 )
+from txfaas.timers import Deadlines
 
 
 def _dumps(data: Any) -> bytes:

@@ -4,7 +4,7 @@
   first byte (or from the connection's opening, for the first request) until
   its body is complete: ``408`` and the connection is closed.  ``max_request``
   caps the body (``413``), counted for chunked bodies too.  Both, and
-  ``write_timeout`` and ``idle_timeout``, are :class:`txfaas.runtime.LimitedSite`'s,
+  ``write_timeout`` and ``idle_timeout``, are :class:`txfaas.web.server.LimitedSite`'s,
   which the gateway uses too.
 - ``exec_timeout`` (shortened, never lengthened, per call by ``X-Timeout``):
   the runner's Deferred is cancelled, which kills the process group (fork) or
@@ -32,8 +32,9 @@ from twisted.web.http import datetimeToString
 
 from txfaas.config import format_duration, parse_duration
 from txfaas.headers import CALL_ID, DURATION, valid_call_id
-from txfaas.runtime import LimitedChannel, LimitedRequest, LimitedSite, Listener
+from txfaas.service import Listener
 from txfaas.watchdog.common import TEXT_PLAIN, FunctionResult, Invocation, Runner, WatchdogConfig
+from txfaas.web.server import LimitedChannel, LimitedRequest, LimitedSite
 
 STARTING, RUNNING, DRAINING, STOPPED = "starting", "running", "draining", "stopped"
 X_TIMEOUT = b"X-Timeout"
@@ -55,7 +56,7 @@ class _Request(LimitedRequest):
 
 class WatchdogSite(LimitedSite):
     """read_timeout, max_request (413), write_timeout (a client that does not read is cut off) and
-    idle_timeout, as :class:`~txfaas.runtime.LimitedSite` implements them for every process."""
+    idle_timeout, as :class:`~txfaas.web.server.LimitedSite` implements them for every process."""
 
     requestFactory = _Request
 
@@ -133,7 +134,7 @@ class Watchdog(Service):
         return self._listener.port if self._listener is not None else None
 
     def privilegedStartService(self) -> None:
-        """Listen before anything starts: a port in use ends twistd with one line (runtime.Listener)."""
+        """Listen before anything starts: a port in use ends twistd with one line (service.Listener)."""
         super().privilegedStartService()
         if self._listener is not None:
             self._listener.privilegedStartService()

@@ -221,7 +221,7 @@ def makeService(options: Options) -> service.IService:
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from txfaas.reactor import global_reactor
-    from txfaas.runtime import exit_on_startup_error, server_endpoint, settle_gc
+    from txfaas.service import exit_on_startup_error, server_endpoint, settle_gc
     from txfaas.watchdog.fork import ForkRunner
     from txfaas.watchdog.http import HTTPRunner, UpstreamEndpoint
     from txfaas.watchdog.process import OrphanReaper, become_subreaper, native_group_spawn

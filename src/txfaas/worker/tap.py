@@ -32,15 +32,11 @@ from txfaas.config import (
     read_secret,
 )
 from txfaas.model import check_queue_name
+from txfaas.multiprocess import prepare_multiprocess_metrics
 from txfaas.retry import CallbackPolicy, RetryPolicy, parse_codes, parse_tiers
-from txfaas.runtime import (
-    Listener,
-    OrderedMultiService,
-    exit_on_startup_error,
-    open_store,
-    prepare_multiprocess_metrics,
-)
+from txfaas.service import Listener, OrderedMultiService, exit_on_startup_error
 from txfaas.ssrf import AddressPolicy
+from txfaas.store import open_store
 from txfaas.worker.callback import parse_signing_secret
 from txfaas.worker.service import WorkerConfig
 
@@ -378,8 +374,9 @@ class _Closer(service.Service):
 def makeService(options: Mapping[str, Any]) -> service.IService:
     with exit_on_startup_error():
         settings = settings_from(options)
+    from txfaas.multiprocess import die_with_parent, is_child
     from txfaas.reactor import global_reactor
-    from txfaas.runtime import die_with_parent, is_child, settle_gc
+    from txfaas.service import settle_gc
 
     reactor = global_reactor()
     settle_gc(reactor)
@@ -393,7 +390,8 @@ def makeService(options: Mapping[str, Any]) -> service.IService:
 def build_supervisor(reactor: Any, settings: Settings) -> service.MultiService:
     """``--processes N``: run N worker processes (the kernel and the broker spread the work), restart
     one that dies, and serve /healthz (all alive) and /metrics (the sum over all of them)."""
-    from txfaas.runtime import ChildProcesses, PlainErrorsSite
+    from txfaas.multiprocess import ChildProcesses
+    from txfaas.web.server import PlainErrorsSite
     from txfaas.worker.web import supervisor_resource
 
     # Before the children import prometheus_client: their values go to files this process adds up
@@ -417,10 +415,12 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from prometheus_client import CollectorRegistry
 
     from txfaas.client import CachingEndpointFactory, PoolAgent
+    from txfaas.http.pool import RecentFirstPool
     from txfaas.invocation_log import InvocationLog, instance_name
-    from txfaas.runtime import PlainErrorsSite, RecentFirstPool, is_child
+    from txfaas.multiprocess import is_child
     from txfaas.ssrf import CallbackEndpointFactory, literal_first
     from txfaas.store.cache import FunctionCache
+    from txfaas.web.server import PlainErrorsSite
     from txfaas.worker.callback import CallbackDelivery
     from txfaas.worker.service import WorkerMetrics, WorkerService
     from txfaas.worker.web import worker_resource

@@ -1,0 +1,1 @@
+"""txfaas's outgoing HTTP: the connection pool (and, later, the client)."""

@@ -1,0 +1,1 @@
+"""txfaas's HTTP server side: the limited ``Site`` every process serves with."""
