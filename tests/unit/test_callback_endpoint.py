@@ -12,7 +12,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -21,59 +21,15 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.fakes import FakeResolver
 from txfaas.client import CONNECT_TIMEOUT, PoolAgent
 from txfaas.ssrf import AddressPolicy, CallbackEndpointFactory
 
 PUBLIC = "93.184.216.34"
 PUBLIC6 = "2606:4700::1111"
 PRIVATE = "10.0.0.5"
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """Answers each name with ``answers[name]``; with ``hold``, only when the test calls :meth:`finish`."""
-
-    def __init__(self, answers: dict[str, list[str]], hold: bool = False) -> None:
-        self.answers = answers
-        self.hold = hold
-        self.asked: list[tuple[str, int]] = []
-        self.pending: list[tuple[Any, str, int]] = []
-        self.resolutions: list[_Resolution] = []
-
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
-        self.asked.append((hostName, portNumber))
-        resolution = _Resolution(hostName)
-        self.resolutions.append(resolution)
-        receiver.resolutionBegan(resolution)
-        if self.hold:
-            self.pending.append((receiver, hostName, portNumber))
-        else:
-            self._answer(receiver, hostName, portNumber)
-        return resolution
-
-    def finish(self) -> None:
-        pending, self.pending = self.pending, []
-        for receiver, host, port in pending:
-            self._answer(receiver, host, port)
-
-    def _answer(self, receiver: Any, host: str, port: int) -> None:
-        for address in self.answers.get(host, []):
-            kind = IPv6Address if ":" in address else IPv4Address
-            receiver.addressResolved(kind("TCP", address, port))
-        receiver.resolutionComplete()
 
 
 def endpoint_for(

@@ -13,8 +13,8 @@ import treq
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IResolutionReceiver
 
+from tests.fakes import FakeResolver
 from tests.unit.gateway_fixtures import GatewayTestCase
 from txfaas.gateway.app import AppSettings, GatewayApp, GatewayRoot
 from txfaas.model import CallRecord, CallResult, CallStatus
@@ -222,19 +222,6 @@ class AuthTests(GatewayTestCase):
         self.assertEqual(self.call("GET", "/function/echo")[0].code, 200)
         self.assertEqual(self.call("GET", "/healthz")[0].code, 200)
         self.assertEqual(self.call("POST", "/async-function/echo", data=b"x")[0].code, 202)
-
-
-class FakeResolver:
-    """Answers from a table, synchronously."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-
-    def resolveHostName(self, receiver: IResolutionReceiver, host: str, port: int = 0, *a, **k) -> None:
-        receiver.resolutionBegan(None)
-        for address in self.table.get(host, []):
-            receiver.addressResolved(IPv4Address("TCP", address, port))
-        receiver.resolutionComplete()
 
 
 class AsyncAcceptTests(GatewayTestCase):

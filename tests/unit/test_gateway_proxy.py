@@ -6,10 +6,10 @@ import gzip
 
 import treq
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import StringTransport
 from twisted.web.http_headers import Headers
 
+from tests.fakes import RefusingAgent
 from tests.unit.gateway_fixtures import GatewayTestCase
 from txfaas.gateway.proxy import ProxyClient
 
@@ -248,11 +248,6 @@ class ErrorTests(GatewayTestCase):
         self.flush()
         self.failureResultOf(d)
         self.assertEqual(self.function.lost, 1)
-
-
-class RefusingAgent:
-    def request(self, *args, **kwargs):
-        return defer.fail(ConnectionRefusedError("refused"))
 
 
 class UnreachableTests(GatewayTestCase):

@@ -227,7 +227,7 @@ class SyncCallsAreLoggedTests(LogsTestCase):
         self.assertEqual(entry.instance, "gw-1")
 
     def test_an_unreachable_function_is_logged_with_its_error(self) -> None:
-        from tests.unit.test_gateway_proxy import RefusingAgent
+        from tests.fakes import RefusingAgent
         from txfaas.gateway.proxy import ProxyClient
 
         self.proxy._client = ProxyClient(RefusingAgent())

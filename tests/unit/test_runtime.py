@@ -4,7 +4,6 @@ and send deadlines) and start-up failures (one line, exit 1, no traceback)."""
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -13,6 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.http_headers import Headers
 
+from tests.fakes import FakeEndpoint
 from txfaas.config import ConfigError
 from txfaas.http11 import BytesProducer
 from txfaas.service import Listener, StartupError, exit_on_startup_error, run_startup
@@ -306,27 +306,6 @@ def test_parse_tcp_listen_for_shared_ports():
 
 
 # --- start-up failures ----------------------------------------------------------------------
-
-
-class FakePort:
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def stopListening(self):
-        self.stopped = True
-        return succeed(None)
-
-
-class FakeEndpoint:
-    def __init__(self, error: Exception | None = None, later: bool = False) -> None:
-        self.error = error
-        self.port = FakePort()
-        self.pending: Deferred | None = Deferred() if later else None
-
-    def listen(self, factory):
-        if self.pending is not None:
-            return self.pending
-        return fail(self.error) if self.error else succeed(self.port)
 
 
 class FakeReactor:

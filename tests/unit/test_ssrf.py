@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.fakes import FakeResolver
 from txfaas.config import parse_networks
 from txfaas.ssrf import (
     AddressPolicy,
@@ -201,41 +202,6 @@ def test_parse_callback_url_allows_exactly_2048_characters():
 
 
 # --- resolution ---------------------------------------------------------------------------------
-
-
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class FakeResolver:
-    """Answers from a table, synchronously: calls the receiver's methods inline."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.asked: list[tuple[str, int]] = []
-
-    def resolveHostName(
-        self,
-        resolutionReceiver: IResolutionReceiver,
-        hostName: str,
-        portNumber: int = 0,
-        addressTypes: Any = None,
-        transportSemantics: str = "TCP",
-    ) -> IHostResolution:
-        self.asked.append((hostName, portNumber))
-        resolution = _Resolution(hostName)
-        resolutionReceiver.resolutionBegan(resolution)
-        for address in self.table.get(hostName, []):
-            cls = IPv6Address if ":" in address else IPv4Address
-            resolutionReceiver.addressResolved(cls("TCP", address, portNumber))
-        resolutionReceiver.resolutionComplete()
-        return resolution
 
 
 @implementer(IResolutionReceiver)

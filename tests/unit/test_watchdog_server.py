@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.fakes import FakeEndpoint
 from txfaas.watchdog.common import FunctionResult, Invocation, WatchdogConfig
 from txfaas.watchdog.server import DRAINING, RUNNING, STOPPED, Watchdog
 
@@ -406,26 +407,6 @@ class QuickAnswerTests(FrontTestCase):
         client = self.request()
         self.assertEqual(client.responses()[0][0], 503)
         self.assertEqual(self.watchdog.inflight, 0)
-
-
-class FakePort:
-    def __init__(self) -> None:
-        self.stopped = False
-
-    def stopListening(self) -> Deferred[None]:
-        self.stopped = True
-        return succeed(None)
-
-
-class FakeEndpoint:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error
-        self.port = FakePort()
-        self.factories: list[Any] = []
-
-    def listen(self, factory: Any) -> Deferred[Any]:
-        self.factories.append(factory)
-        return fail(self.error) if self.error else succeed(self.port)
 
 
 class ListenTests(SynchronousTestCase):

@@ -8,13 +8,11 @@ from typing import Any
 import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.client import HTTPConnectionPool
-from zope.interface import implementer
 
+from tests.fakes import FakeResolver
 from tests.support import Recorder, never_answer
 from txfaas.client import PoolAgent
 from txfaas.config import parse_networks
@@ -189,34 +187,9 @@ def test_cancelling_a_delivery_is_a_cancellation_not_a_failure():
     assert failure.check(defer.CancelledError)
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def cancel(self) -> None:
-        pass
-
-
-@implementer(IHostnameResolver)
-class FixedResolver:
-    """Resolves every name to the given addresses (what DNS says at delivery time)."""
-
-    def __init__(self, addresses: list[str]) -> None:
-        self.addresses = addresses
-
-    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"):
-        resolution = _Resolution(hostName)
-        receiver.resolutionBegan(resolution)
-        for address in self.addresses:
-            receiver.addressResolved(IPv4Address("TCP", address, portNumber))
-        receiver.resolutionComplete()
-        return resolution
-
-
 def filtered_delivery(addresses: list[str], allow: str = "") -> tuple[CallbackDelivery, MemoryReactorClock]:
     reactor = MemoryReactorClock()
-    reactor.nameResolver = FixedResolver(addresses)
+    reactor.nameResolver = FakeResolver(default=addresses)
     nets, hosts = parse_networks(allow)
     endpoints = CallbackEndpointFactory(reactor, AddressPolicy(nets, hosts))
     agent = PoolAgent(HTTPConnectionPool(reactor, persistent=False), endpoints)  # as tap.py builds it

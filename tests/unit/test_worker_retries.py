@@ -10,7 +10,8 @@ from __future__ import annotations
 import attrs
 from twisted.internet import defer
 
-from tests.unit.test_worker_service import CALLBACK, Harness, Q, RefusingAgent, never_answer
+from tests.fakes import RefusingAgent
+from tests.unit.test_worker_service import CALLBACK, Harness, Q, never_answer
 from txfaas.model import Call, CallbackJob, CallRecord, CallStatus, DeadMark, DeadReason
 from txfaas.retry import CallbackPolicy, RetryPolicy
 from txfaas.worker.callback import verify

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
-from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.web import resource, server
 
+from tests.fakes import RefusingAgent
 from tests.support import Recorder, never_answer
 from txfaas.model import Call, CallRecord, CallResult, CallStatus, FunctionSpec
 from txfaas.queue import QueueUnavailable
@@ -59,17 +59,6 @@ class FlakyStore(MemoryStore):
             self.lose_final_reply = False
             raise StoreUnavailable("no reply in time")  # the write landed; its reply did not
         return found
-
-
-class RefusingAgent:
-    """A function host that refuses connections."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-
-    def request(self, *args: Any, **kwargs: Any) -> defer.Deferred:
-        self.requests += 1
-        return defer.fail(ConnectionRefusedError("nobody listens"))
 
 
 class Harness:
