@@ -7,9 +7,11 @@ prefix and loopback servers, and removes them afterwards.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest_twisted
 import treq
+from twisted.internet import reactor, task
 
 from tests.support import (
     GATEWAY_AUTH,
@@ -94,7 +96,8 @@ class System:
 async def test_post_runs_the_function_once_and_the_callback_carries_its_answer(amqp_url, redis_url):
     system = System(amqp_url, redis_url)
     try:
-        function = Recorder(lambda request: (201, {b"X-Fn": b"1", b"Content-Type": b"text/x-out"}, b"done"))
+        answer = (201, {b"X-Fn": b"1", b"Content-Type": b"text/x-out"}, b"done")
+        function = Recorder(lambda request: task.deferLater(reactor, 0.2, lambda: answer))
         callbacks = Recorder(lambda request: (204, {}, b""))
         gateway = await system.gateway("--callback-allow", "127.0.0.0/8")
         await system.deploy(gateway, "echo", system.serve(function))
@@ -102,6 +105,7 @@ async def test_post_runs_the_function_once_and_the_callback_carries_its_answer(a
         callback_url = system.serve(callbacks) + "/hook"
 
         body = bytes(range(256))
+        posted = time.monotonic()
         response = await treq.post(
             gateway + "/async-function/echo/sub/path?x=1&y=%2F",
             data=body,
@@ -133,7 +137,8 @@ async def test_post_runs_the_function_once_and_the_callback_carries_its_answer(a
         assert headers["x-function-name"] == ["echo.openfaas-fn"]
         assert headers["x-function-status"] == ["201"]
         assert headers["x-fn"] == ["1"]
-        assert float(headers["x-duration-seconds"][0]) >= 0
+        # the function answers after 0.2 s; the whole round trip bounds it from above
+        assert 0.2 <= float(headers["x-duration-seconds"][0]) < callback["time"] - posted
 
         async def final():
             response = await treq.get(gateway + f"/system/calls/{call_id}", auth=GATEWAY_AUTH)

@@ -21,7 +21,7 @@ from tests.faults.ledger import FINAL, Ledger
 from tests.faults.runner import FUNCTION, RunOptions, StatusPoller, run
 from tests.faults.servers import CallbackReceiver, FunctionServer
 from tests.faults.stack import Stack
-from tests.support import listen_http, wait_for
+from tests.support import listen_http, missing, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 def services(redis_url, amqp_url):
     """The shared services must answer (the private ones are started by the suite itself)."""
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        missing("redis-server is not installed")
 
 
 @pytest_twisted.ensureDeferred

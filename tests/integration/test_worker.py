@@ -232,11 +232,16 @@ def test_a_port_in_use_is_one_line_and_a_non_zero_exit():
 async def test_enqueued_call_reaches_the_function_intact_and_the_signed_callback_arrives(env):
     """Method, path, query, headers and binary body arrive intact; the callback carries the answer,
     the call's headers and a valid Standard Webhooks signature; the record and result are in Redis."""
-    function = Recorder(lambda request: (201, {b"X-Fn": b"yes"}, b"answer:" + request.content.getvalue()))
+    function = Recorder(
+        lambda request: task.deferLater(
+            reactor, 0.2, lambda: (201, {b"X-Fn": b"yes"}, b"answer:" + request.content.getvalue())
+        )
+    )
     receiver = Recorder()
     name = await env.deploy(function)
     _proc, base = await env.start_worker("--callback-secret", SECRET)
     body = bytes(range(256)) + b"\r\n\x00end"
+    enqueued = time.monotonic()
     call = await env.enqueue(
         name,
         env.serve(receiver) + "/cb?token=1",
@@ -262,7 +267,8 @@ async def test_enqueued_call_reaches_the_function_intact_and_the_signed_callback
     assert headers["x-function-name"] == f"{name}.openfaas-fn"
     assert headers["x-function-status"] == "201"
     assert headers["x-fn"] == "yes"
-    assert float(headers["x-duration-seconds"]) >= 0
+    # the function answers after 0.2 s; the whole round trip bounds it from above
+    assert 0.2 <= float(headers["x-duration-seconds"]) < cb["time"] - enqueued
     assert verify(parse_signing_secret(SECRET), headers, cb["body"], now=time.time()) == call.call_id
 
     async def final():
