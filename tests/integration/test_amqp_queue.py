@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from tests.support import free_port, sleep, unique, wait_for
+from tests.support import free_port, missing, sleep, unique, wait_for
 from tests.tcpproxy import TCPProxy
 from txfaas.config import parse_amqp_url
 from txfaas.model import Call
@@ -540,7 +540,7 @@ async def _rabbitmqctl(*args: str) -> str:
 
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
-        pytest.skip("rabbitmqctl is not installed here")
+        missing("rabbitmqctl is not installed here")
     out, err, code = await getProcessOutputAndValue(ctl, ["-q", *args], env=dict(os.environ))
     assert code == 0, err
     return out.decode()

@@ -18,9 +18,14 @@ import time
 
 import pytest
 
-from tests.support import ROOT, _fresh_state_dir, free_port
+from tests.support import ROOT, _fresh_state_dir, free_port, missing
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+@pytest.fixture(autouse=True)
+def curl() -> None:
+    """The printed commands are curl commands (under CI=true, a missing curl fails the test)."""
+    if shutil.which("curl") is None:
+        missing("curl is not installed")
 
 
 class Quickstart:
