@@ -1,4 +1,5 @@
-"""Helpers for integration tests: real twistd processes, loopback HTTP servers, polling.
+"""Helpers for tests: Deferred results for pytest functions; for integration tests, real twistd
+processes, loopback HTTP servers, polling.
 
 Everything here waits on the reactor (``deferLater``), never with ``time.sleep``,
 so servers running inside the test process keep answering while a test waits.
@@ -23,9 +24,16 @@ from typing import Any, NoReturn
 import pytest
 import treq
 from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
 
 ROOT = Path(__file__).resolve().parent.parent
+
+_case = SynchronousTestCase()
+#: Twisted's synchronous checks of a Deferred's result, for pytest functions.
+successResultOf = _case.successResultOf
+failureResultOf = _case.failureResultOf
+assertNoResult = _case.assertNoResult
 
 
 #: The credentials every test gateway is started with (see :func:`gateway_env`); send them to /system/*.
