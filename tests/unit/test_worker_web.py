@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter
 from treq.testing import StubTreq
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 
 from txfaas.worker.web import worker_resource
 
@@ -62,3 +63,27 @@ def test_metrics_serves_the_injected_registry_only():
     assert "txfaas_worker_example_total 3.0" in body
     assert "python_gc" not in body
     assert headers.getRawHeaders("content-type")[0].startswith("text/plain")
+
+
+def test_healthz_stops_probing_and_writes_nothing_once_the_client_is_gone():
+    """A client that disconnects cancels the probes; an answer they still give is not written."""
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from txfaas.worker.web import HealthResource
+
+    gate: defer.Deferred = defer.Deferred()
+    cancelled: list = []
+
+    async def health():
+        try:
+            return await gate
+        except defer.CancelledError:  # as the worker's probes do: any failure names what failed
+            cancelled.append(True)
+            return ["redis"]
+
+    request = DummyRequest([b""])
+    HealthResource(health).render_GET(request)
+    request.processingFailed(Failure(ConnectionDone("client gone")))
+    assert cancelled == [True]
+    assert request.written == [] and request.finished == 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.internet import defer
@@ -17,31 +18,37 @@ class HealthResource(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, health: Callable[[], Awaitable[list[str]]]) -> None:
+    def __init__(self, health: Callable[[], Coroutine[Any, Any, list[str]]]) -> None:
         super().__init__()
         self._health = health
 
     def render_GET(self, request: server.Request) -> object:
-        d = defer.ensureDeferred(self._health())
-        d.addCallbacks(self._answer, self._failed, callbackArgs=(request,), errbackArgs=(request,))
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d: defer.Deferred[list[str]] = defer.Deferred.fromCoroutine(self._health())
+        gone: list[Failure] = []  # the client went away: nothing more is written
+
+        def disconnected(reason: Failure) -> None:
+            gone.append(reason)
+            d.cancel()
+
+        d.addCallbacks(self._answer, self._failed, callbackArgs=(request, gone), errbackArgs=(request, gone))
+        request.notifyFinish().addErrback(disconnected)
         return server.NOT_DONE_YET
 
-    def _answer(self, problems: list[str], request: server.Request) -> None:
+    def _answer(self, problems: list[str], request: server.Request, gone: list[Failure]) -> None:
         if problems:
-            self._write(request, 503, f"unavailable: {', '.join(problems)}\n")
+            self._write(request, gone, 503, f"unavailable: {', '.join(problems)}\n")
         else:
-            self._write(request, 200, "ok\n")
+            self._write(request, gone, 200, "ok\n")
 
-    def _failed(self, failure: Failure, request: server.Request) -> None:
+    def _failed(self, failure: Failure, request: server.Request, gone: list[Failure]) -> None:
         if failure.check(defer.CancelledError):
             return
         self.log.failure("health check failed", failure)
-        self._write(request, 503, "unavailable: health check failed\n")
+        self._write(request, gone, 503, "unavailable: health check failed\n")
 
     @staticmethod
-    def _write(request: server.Request, code: int, text: str) -> None:
-        if request._disconnected or request.finished:
+    def _write(request: server.Request, gone: list[Failure], code: int, text: str) -> None:
+        if gone or request.finished:
             return
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
@@ -65,7 +72,7 @@ class MetricsResource(resource.Resource):
 
 
 def worker_resource(
-    health: Callable[[], Awaitable[list[str]]], registry: CollectorRegistry
+    health: Callable[[], Coroutine[Any, Any, list[str]]], registry: CollectorRegistry
 ) -> resource.Resource:
     root = resource.Resource()
     root.putChild(b"healthz", HealthResource(health))
