@@ -399,7 +399,7 @@ def test_the_worker_logs_every_attempt_of_a_queued_call():
     from tests.unit.test_worker_service import Harness
 
     h = Harness(respond=answers(503, 200), **retrying())
-    h.worker._invocations = InvocationLog(h.store, h.clock, "worker-1", interval=0.25)
+    h.worker.calls.invocations = InvocationLog(h.store, h.clock, "worker-1", interval=0.25)
     h.deploy()
     h.enqueue(method="POST", path="/hook")
     h.start()
@@ -416,7 +416,7 @@ def test_the_worker_writes_its_last_lines_when_it_stops():
     from tests.unit.test_worker_service import Harness
 
     h = Harness(respond=lambda req: (200, {}, b"ok"))
-    h.worker._invocations = InvocationLog(h.store, h.clock, "worker-1", interval=60)
+    h.worker.calls.invocations = InvocationLog(h.store, h.clock, "worker-1", interval=60)
     h.deploy()
     h.enqueue()
     h.start()

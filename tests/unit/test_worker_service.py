@@ -325,7 +325,7 @@ def test_a_function_timeout_above_the_consumer_timeout_budget_is_clamped():
     """A function timeout that would outlast the broker's consumer timeout is cut to what fits."""
     h = Harness(consumer_timeout=300.0, callback_timeout=10.0)
     spec = h.deploy(env_vars={"exec_timeout": "1h"})
-    assert h.worker.timeout_for(spec) == 300.0 - 10.0 - 60.0 - 30.0
+    assert h.worker.invoker.timeout_for(spec) == 300.0 - 10.0 - 60.0 - 30.0
 
 
 def test_unreachable_function_is_502_failed_and_called_back():
@@ -775,14 +775,14 @@ def test_function_url(base, path, query, gateway, expected):
     h = Harness(gateway_url=gateway)
     spec = FunctionSpec(service="echo", url=base)
     call = Call(call_id="c", function="echo", path=path, query=query)
-    assert h.worker.url_for(call, spec) == expected
+    assert h.worker.invoker.url_for(call, spec) == expected
 
 
 def test_function_url_template_is_used_without_a_function_url():
     """A function with no URL of its own is reached through --function-url-template."""
     h = Harness(function_url_template="http://{name}.fns.svc:8080")
     spec = FunctionSpec(service="echo")
-    assert h.worker.url_for(Call(call_id="c", function="echo"), spec) == b"http://echo.fns.svc:8080/"
+    assert h.worker.invoker.url_for(Call(call_id="c", function="echo"), spec) == b"http://echo.fns.svc:8080/"
 
 
 def test_a_lost_reply_to_the_running_write_is_retried_not_counted_as_an_interruption():
@@ -973,7 +973,7 @@ def test_callbacks_of_big_answers_wait_in_the_broker_not_in_memory():
         h.enqueue(call_id=f"big-{n}")
     h.start()
     h.flush()
-    budget = h.worker._answers
+    budget = h.worker._table.answers
     assert len(h.receiver.requests) == 1
     assert (budget.held, h.queue.pending("txfaas.callbacks")) == (40 * KIB, 3)
     while gates:
@@ -1002,7 +1002,7 @@ def test_an_answer_larger_than_max_answer_memory_fails_the_call_with_a_clear_err
     assert "--max-answer-memory" in record.error
     [cb] = h.receiver.requests
     assert cb["headers"]["x-function-status"] == ["502"] and b"--max-answer-memory" in cb["body"]
-    assert h.worker._answers.held == 0
+    assert h.worker._table.answers.held == 0
 
 
 class Chunked(resource.Resource):
@@ -1039,7 +1039,7 @@ def test_answers_of_unknown_length_reserve_as_they_arrive_and_reading_waits_for_
         h.enqueue(call_id=f"c-{n}")
     h.start()
     h.flush()
-    budget = h.worker._answers
+    budget = h.worker._table.answers
     assert (budget.held, budget.waiting) == (120 * KIB, 1)  # c-0's callback body + 30 KiB of c-1
     assert function.requests == 2  # c-2 is not started while the budget is full
     gate.callback((200, {}, b""))
@@ -1068,7 +1068,7 @@ def test_a_call_cut_off_while_waiting_for_answer_memory_gives_back_what_it_held(
     h.enqueue(call_id="c-1")
     h.start()
     h.flush()
-    budget = h.worker._answers
+    budget = h.worker._table.answers
     assert (budget.held, budget.waiting) == (120 * KIB, 1)
     h.clock.advance(5.0)
     h.flush()
