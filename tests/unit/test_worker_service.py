@@ -18,7 +18,7 @@ from twisted.web import resource, server
 
 from tests.fakes import RefusingAgent
 from tests.support import Recorder, never_answer
-from txfaas.model import Call, CallRecord, CallResult, CallStatus, FunctionSpec
+from txfaas.model import Call, CallbackJob, CallRecord, CallResult, CallStatus, FunctionSpec
 from txfaas.queue import QueueUnavailable
 from txfaas.retry import RetryPolicy
 from txfaas.store import StoreUnavailable
@@ -249,6 +249,46 @@ def test_the_call_is_acked_once_its_callback_is_queued_which_is_acked_once_answe
     h.flush()
     assert h.record().callback_state == "delivered"
     assert h.unacked == 0
+
+
+def test_a_callback_outcome_never_overwrites_a_record_that_moved_on():
+    """The callback's outcome is written over the record as it was read: a call re-queued (or
+    cancelled) while its callback was on the wire keeps its newer record."""
+    answer: defer.Deferred = defer.Deferred()
+    h = Harness(callback_respond=lambda req: answer)
+    h.deploy()
+    h.enqueue()
+    h.start()
+    h.flush()
+    assert len(h.receiver.requests) == 1
+    newer = attrs.evolve(h.record(), status=CallStatus.QUEUED, replays=1, status_code=None)
+    h.store.calls["call-1"] = newer  # an operator re-queued the call meanwhile
+    answer.callback((204, {}, b""))
+    h.flush()
+    assert h.record() == newer
+    assert h.unacked == 0
+
+
+def test_a_callback_outcome_is_recorded_over_a_record_the_store_lost():
+    """No record when the callback job arrives (its TTL ran out): the outcome creates one."""
+    h = Harness()
+    h.deploy()
+    h.start()
+    job = CallbackJob(200, [], 0.5, attempt=1, first_at=0.0)
+    message = Call(
+        call_id="call-1",
+        function="echo",
+        callback_url=CALLBACK,
+        queue="txfaas.callbacks",
+        body=b"answer",
+        callback_job=job,
+    )
+    d = defer.Deferred.fromCoroutine(h.queue.publish(message))
+    assert d.called
+    h.flush()
+    assert h.receiver.requests[0]["body"] == b"answer"
+    record = h.record()
+    assert (record.status, record.callback_state, record.callback_attempts) == ("succeeded", "delivered", 1)
 
 
 def test_exec_timeout_aborts_the_function_connection_and_records_504():

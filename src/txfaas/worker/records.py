@@ -84,9 +84,12 @@ class RecordWriter:
         return await self._patiently(record.call_id, STARTABLE, record, create=True)
 
     async def callback_outcome(self, record: CallRecord, read: CallRecord | None) -> CallRecord | None:
-        """Record a callback attempt's outcome."""
-        await self._retrying(record.call_id, lambda: self._store.put_call(record))
-        return None
+        """Record a callback attempt's outcome over the record as it was read (``None``: missing).
+
+        A record that moved on meanwhile (the call was replayed or cancelled, say) is kept."""
+        if read is None:
+            return await self._patiently(record.call_id, (), record, create=True)
+        return await self._patiently(record.call_id, {read.status}, record, attempts_at_most=read.attempts)
 
     async def kept(self, record: CallRecord, read: CallRecord | None) -> CallRecord | None:
         """Mark a call whose dead letter was kept, over the record as read, without patience.
