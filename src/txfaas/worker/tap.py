@@ -38,7 +38,7 @@ from txfaas.service import Listener, OrderedMultiService, exit_on_startup_error
 from txfaas.ssrf import AddressPolicy
 from txfaas.store import open_store
 from txfaas.worker.callback import parse_signing_secret
-from txfaas.worker.service import WorkerConfig
+from txfaas.worker.config import WorkerConfig
 
 PLUGIN = "faas-worker"
 log = Logger()
@@ -422,7 +422,8 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from txfaas.store.cache import FunctionCache
     from txfaas.web.server import PlainErrorsSite
     from txfaas.worker.callback import CallbackDelivery
-    from txfaas.worker.service import WorkerMetrics, WorkerService
+    from txfaas.worker.metrics import WorkerMetrics
+    from txfaas.worker.service import WorkerService
     from txfaas.worker.web import worker_resource
 
     config = settings.worker
