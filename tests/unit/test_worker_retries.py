@@ -491,6 +491,65 @@ def test_a_requeued_callback_whose_gateway_did_not_record_the_confirm_ends_with_
     assert (record.status, record.callback_state) == (CallStatus.SUCCEEDED, "delivered")
 
 
+def test_a_requeued_callback_is_recorded_over_the_claim_its_gateway_settled_meanwhile():
+    """The gateway records the confirm of a re-queued callback (its claim becomes the call's
+    outcome, ``retrying`` its callback) while the worker delivers it: the delivery is still
+    recorded, over the settled record."""
+    h = Harness(**retrying())
+    h.deploy()
+    answer: defer.Deferred = defer.Deferred()
+    h.receiver.respond = lambda request: answer
+    claim = CallRecord(
+        "call-1",
+        "echo",
+        status=CallStatus.ACCEPTING,
+        accepting_until=5.0,
+        callback_url=CALLBACK,
+        callback_state="retrying",
+        replays=1,
+    )
+    h.store.calls["call-1"] = claim
+    job = Call(
+        call_id="call-1",
+        function="echo",
+        callback_url=CALLBACK,
+        queue="txfaas.callbacks",
+        replay=1,
+        callback_job=CallbackJob(201, attempt=1),
+    )
+    h.start()
+    defer.Deferred.fromCoroutine(h.queue.publish(job))
+    h.flush()
+    assert len(h.receiver.requests) == 1
+    h.store.calls["call-1"] = attrs.evolve(claim, status=CallStatus.SUCCEEDED, accepting_until=None)
+    answer.callback((204, {}, b""))
+    h.flush()
+    record = h.record()
+    assert (record.status, record.callback_state, record.callback_attempts) == ("succeeded", "delivered", 1)
+
+
+def test_a_dead_callback_is_recorded_over_the_keepers_mark():
+    """The keeper may mark the record of a callback's dead letter before the attempt that published
+    it records its end: that fuller record still lands."""
+    h = Harness(callback_respond=lambda req: (503, {}, b""), callback_retry=CallbackPolicy(max_attempts=1))
+    h.deploy()
+    h.enqueue()
+    publish = h.queue.dead_letter
+
+    async def kept_at_once(call):
+        await publish(call)
+        h.store.calls["call-1"] = attrs.evolve(
+            h.store.calls["call-1"], status=CallStatus.DEAD_LETTERED, dead_reason=DeadReason.CALLBACK
+        )
+
+    h.queue.dead_letter = kept_at_once
+    h.start()
+    h.flush()
+    record = h.record()
+    assert (record.status, record.dead_reason) == ("dead_lettered", DeadReason.CALLBACK)
+    assert (record.callback_state, record.callback_attempts, record.callback_status) == ("failed", 1, 503)
+
+
 # --- the dead-letter keeper --------------------------------------------------------------------------
 
 

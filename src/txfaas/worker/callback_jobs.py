@@ -294,11 +294,16 @@ class CallbackJobs:
         )
         self._ctx.metrics.callbacks.labels(outcome.state).inc()
         changes = await self._after(message, job, outcome)
+        # Besides the record read, this outcome may land over what another writer recorded
+        # meanwhile and it completes: the gateway settling its claim of a re-queued callback,
+        # or the dead-letter keeper marking the dead letter this attempt published.
+        also = {CallStatus.DEAD_LETTERED} if changes.get("status") == CallStatus.DEAD_LETTERED else set()
         if record.status == CallStatus.ACCEPTING:
             # A re-queued callback whose gateway did not record the confirm: the call's outcome.
             changes.setdefault("status", outcome_status(job.status_code))
+            also.add(outcome_status(job.status_code))
         updated = attrs.evolve(record, **changes)
-        found = await self._ctx.records.callback_outcome(updated, read)
+        found = await self._ctx.records.callback_outcome(updated, read, also)
         if found is not None and found != updated:
             self.log.info(
                 "call {call_id}: callback attempt {n} made, but the record moved on ({status}); "

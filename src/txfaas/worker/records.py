@@ -83,13 +83,17 @@ class RecordWriter:
         """Record a call dead-lettered before it ran (too old, or interrupted too often)."""
         return await self._patiently(record.call_id, STARTABLE, record, create=True)
 
-    async def callback_outcome(self, record: CallRecord, read: CallRecord | None) -> CallRecord | None:
-        """Record a callback attempt's outcome over the record as it was read (``None``: missing).
+    async def callback_outcome(
+        self, record: CallRecord, read: CallRecord | None, also: Collection[str] = ()
+    ) -> CallRecord | None:
+        """Record a callback attempt's outcome over the record as it was read (``None``: missing),
+        or over one in a status of ``also`` (what another writer may have recorded meanwhile).
 
-        A record that moved on meanwhile (the call was replayed or cancelled, say) is kept."""
+        A record that moved on otherwise (the call was re-queued or cancelled, say) is kept."""
         if read is None:
             return await self._patiently(record.call_id, (), record, create=True)
-        return await self._patiently(record.call_id, {read.status}, record, attempts_at_most=read.attempts)
+        statuses = {read.status, *also}
+        return await self._patiently(record.call_id, statuses, record, attempts_at_most=read.attempts)
 
     async def kept(self, record: CallRecord, read: CallRecord | None) -> CallRecord | None:
         """Mark a call whose dead letter was kept, over the record as read, without patience.
