@@ -35,16 +35,14 @@ class Job:
     kind: str
     call: Call
     deliveries: list[Delivery]
+    #: which deliveries join this job (see :func:`job_key`)
+    key: tuple[str, str, bytes]
     deferred: defer.Deferred[None] | None = None
     settled: bool = False
     #: deliveries of other messages of the same call, waiting for this job to be settled
     followers: list[Delivery] = attrs.field(factory=list)
     #: given back at the drain limit: settled by the give-back, not when its work ends
     returning: bool = False
-
-    @property
-    def key(self) -> tuple[str, str, bytes]:
-        return job_key(self.kind, self.call)
 
 
 def job_key(kind: str, call: Call) -> tuple[str, str, bytes]:
@@ -113,11 +111,13 @@ class JobTable:
         return len(self._jobs)
 
     def jobs(self) -> list[Job]:
+        """Every job in flight."""
         return list(self._jobs.values())
 
-    def join(self, kind: str, delivery: Delivery) -> bool:
-        """Add a redelivery of a message running here to its job (settled with it); say if it was one."""
-        running = self._jobs.get(job_key(kind, delivery.call))
+    def join(self, key: tuple[str, str, bytes], delivery: Delivery) -> bool:
+        """Add a redelivery of a message running here (``key``: :func:`job_key`) to its job, to be
+        settled with it; say if it was one."""
+        running = self._jobs.get(key)
         if running is None:
             return False
         log.info(
@@ -127,7 +127,7 @@ class JobTable:
         running.deliveries.append(delivery)
         return True
 
-    def open(self, kind: str, delivery: Delivery) -> Job | None:
+    def open(self, key: tuple[str, str, bytes], kind: str, delivery: Delivery) -> Job | None:
         """A new job for ``delivery``; None when it waits behind the job of the call's message before."""
         call = delivery.call
         earlier = self._by_call.get((kind, call.call_id))
@@ -137,8 +137,8 @@ class JobTable:
             # what that one wrote and neither overwrites the other's record.
             earlier.followers.append(delivery)
             return None
-        job = Job(kind, call, [delivery])
-        self._jobs[job.key] = job
+        job = Job(kind, call, [delivery], key)
+        self._jobs[key] = job
         self._by_call[(kind, call.call_id)] = job
         if kind == CALLBACK:
             self.callback_jobs += 1

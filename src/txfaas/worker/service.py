@@ -35,7 +35,7 @@ from txfaas.worker.config import KEEPER_PREFETCH, WorkerConfig
 from txfaas.worker.context import Context
 from txfaas.worker.dead_letters import DeadLetters
 from txfaas.worker.invoke import Invoker
-from txfaas.worker.jobs import CALL, CALLBACK, DEAD, Job, JobTable, settle
+from txfaas.worker.jobs import CALL, CALLBACK, DEAD, Job, JobTable, job_key, settle
 from txfaas.worker.metrics import WorkerMetrics
 from txfaas.worker.records import RecordWriter, new_patience
 
@@ -233,6 +233,7 @@ class WorkerService(Service):
 
     @property
     def in_flight(self) -> int:
+        """Messages being handled now."""
         return len(self._table)
 
     async def health(self) -> list[str]:
@@ -271,7 +272,8 @@ class WorkerService(Service):
 
     def _begin(self, kind: str, delivery: Delivery) -> None:
         table = self._table
-        if table.join(kind, delivery):
+        key = job_key(kind, delivery.call)
+        if table.join(key, delivery):
             return
         if self._stopping and (kind != CALLBACK or self._callbacks.stopping):
             settle(delivery, ack=False)
@@ -282,7 +284,7 @@ class WorkerService(Service):
             # used up the broker sends no more.
             table.held_back.append(delivery)
             return
-        job = table.open(kind, delivery)
+        job = table.open(key, kind, delivery)
         if job is None:
             return
         job.deferred = defer.Deferred.fromCoroutine(self._process(job))
