@@ -28,6 +28,7 @@ class ByteBudget:
 
     @property
     def waiting(self) -> int:
+        """Reservations waiting in line."""
         return len(self._line)
 
     @property
@@ -43,6 +44,7 @@ class ByteBudget:
         return True
 
     def reserve(self, n: int) -> defer.Deferred[None]:
+        """Take ``n`` bytes once they fit, after those already waiting."""
         if n > self.capacity:
             raise ValueError(f"{n} bytes is more than the whole budget ({self.capacity})")
         if self.try_reserve(n):
@@ -60,6 +62,7 @@ class ByteBudget:
         return d
 
     def release(self, n: int) -> None:
+        """Give back ``n`` bytes: grant the reservations that now fit, in line."""
         if n <= 0:
             return
         self.held = max(0, self.held - n)

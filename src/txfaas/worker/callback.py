@@ -1,70 +1,15 @@
 """Callback delivery: POST the function's answer to the caller's ``X-Callback-Url``.
 
-What the receiver gets
-----------------------
-``POST <X-Callback-Url>`` with the function's response body (the exact bytes
-the function sent: nothing is decoded), the function's response headers
-(hop-by-hop ones removed) and:
+The receiver gets the function's body and headers (exact bytes, hop-by-hop headers
+dropped) with ``X-Call-Id``, ``X-Function-Name``, ``X-Function-Status``,
+``X-Duration-Seconds``, ``X-Retry`` and ``X-Retry-Max``; with ``--callback-secret``, also the
+`Standard Webhooks <https://www.standardwebhooks.com/>`_ headers (``webhook-id`` is the call id,
+so a receiver can drop duplicates).  The README shows a receiver's check.
 
-- ``X-Call-Id``: the call id (the handle the gateway answered with);
-- ``X-Function-Name``: the function, as ``name.namespace`` (what OpenFaaS sends for faas-cli's calls);
-- ``X-Function-Status``: the function's HTTP status; ``504`` when it did not
-  answer within its exec_timeout, ``502`` when it could not be reached, ``404``
-  when the function was deleted after the call was queued;
-- ``X-Duration-Seconds``: how long the call took, in seconds;
-- ``X-Retry``: how many times the function was retried before this answer
-  (0: the first attempt answered), and ``X-Retry-Max``: how many retries it
-  was allowed (``--max-attempts`` or ``com.openfaas.retry.attempts``, minus one).
-
-Redirects are never followed (a 3xx counts as a failed delivery), and every
-connection is made through :class:`txfaas.ssrf.CallbackEndpointFactory`, so the
-callback host's addresses are checked again at delivery time: a name that
-now resolves to a private address is refused.  Connections are kept and reused
-per receiver; each new connection resolves the name afresh and is checked again.
-A fragment (``#...``) in the URL is not sent.
-
-Signing (Standard Webhooks)
----------------------------
-With ``--callback-secret`` set, each callback also carries the
-`Standard Webhooks <https://www.standardwebhooks.com/>`_ headers:
-
-- ``webhook-id``: the call id (the same on every delivery of one call: use it
-  to drop duplicates);
-- ``webhook-timestamp``: Unix time of the delivery, in seconds;
-- ``webhook-signature``: ``v1,`` + base64(HMAC-SHA256(key, ``"{id}.{timestamp}."`` + body)).
-
-The key: a secret written ``whsec_<base64>`` (the Standard Webhooks form) is the
-base64-decoded bytes; any other secret is its UTF-8 text, used as is.
-
-A receiver checks a callback like this (standard library only)::
-
-    import base64, hashlib, hmac, time
-
-    def verify(secret: str, headers, body: bytes, tolerance: int = 300) -> str:
-        '''Return the call id of an authentic callback; raise ValueError otherwise.'''
-        key = base64.b64decode(secret[6:]) if secret.startswith("whsec_") else secret.encode()
-        call_id = headers["webhook-id"]
-        timestamp = headers["webhook-timestamp"]
-        if abs(time.time() - int(timestamp)) > tolerance:
-            raise ValueError("timestamp too old or too new: a replay?")
-        signed = f"{call_id}.{timestamp}.".encode() + body
-        expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-        for candidate in headers["webhook-signature"].split():
-            version, _, signature = candidate.partition(",")
-            if version == "v1" and hmac.compare_digest(signature, expected):
-                return call_id
-        raise ValueError("bad signature")
-
-(:func:`verify` below is the same check, used by txfaas's own tests.)
-
-Failures
---------
-:class:`CallbackDelivery` makes one attempt and says whether a failure is worth
-another (:attr:`CallbackOutcome.retryable`): connection errors (a host that
-now resolves only to refused addresses among them), timeouts, 408, 429, 3xx and
-5xx are; 410, other 4xx and a malformed URL are not.  The worker
-retries durably, through the callback queue, never running the function again
-(see :mod:`txfaas.worker.service`).
+Redirects are never followed, a fragment is never sent, and every new connection goes through
+:class:`txfaas.ssrf.CallbackEndpointFactory`, which resolves and checks the host again.
+:class:`CallbackDelivery` makes one attempt and says whether a failure is worth another; the
+worker retries through the callback queue (:mod:`txfaas.worker.callback_jobs`).
 """
 
 from __future__ import annotations
@@ -171,6 +116,8 @@ class Callback:
 
 @attrs.frozen
 class CallbackOutcome:
+    """How one delivery attempt ended."""
+
     state: str  # DELIVERED or FAILED
     status: int | None = None  # the receiver's HTTP status, when it answered
     error: str | None = None
@@ -207,6 +154,7 @@ class CallbackDelivery:
         self._key = signing_key
 
     def headers_for(self, callback: Callback) -> Pairs:
+        """The request's headers: the function's end-to-end ones, ours, and the signature."""
         headers = end_to_end(callback.headers, drop=_OURS)
         headers += [
             (CALL_ID, callback.call_id.encode("latin-1")),

@@ -23,12 +23,15 @@ class KeyedSlots:
         self._waiting: dict[str, deque[defer.Deferred[None]]] = {}
 
     def busy(self, key: str) -> int:
+        """Slots of ``key`` held now."""
         return self._busy.get(key, 0)
 
     def waiting(self, key: str) -> int:
+        """Callers waiting for a slot of ``key``."""
         return len(self._waiting.get(key, ()))
 
     def acquire(self, key: str) -> defer.Deferred[None]:
+        """A slot of ``key``: at once if one is free, else in turn."""
         if self.busy(key) < self.per_key and not self.waiting(key):
             self._busy[key] = self.busy(key) + 1
             return defer.succeed(None)
@@ -45,6 +48,7 @@ class KeyedSlots:
         return d
 
     def release(self, key: str) -> None:
+        """Give a slot back: it passes straight to the next in line, if any."""
         line = self._waiting.get(key)
         if line:
             d = line.popleft()

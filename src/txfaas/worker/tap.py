@@ -235,6 +235,8 @@ FLAGS = Flags(
 
 
 class Options(CommandOptions):
+    """``twistd faas-worker``'s flags; each falls back to its environment variable."""
+
     synopsis = "[options]"
     longdesc = (
         "Consume queued calls, invoke the functions, record each outcome in Redis, deliver callbacks, "
@@ -372,6 +374,7 @@ class _Closer(service.Service):
 
 
 def makeService(options: Mapping[str, Any]) -> service.IService:
+    """The worker's service tree (or, with ``--processes`` above 1, its supervisor's)."""
     with exit_on_startup_error():
         settings = settings_from(options)
     from txfaas.multiprocess import die_with_parent, is_child
@@ -453,9 +456,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     function_pool.maxPersistentPerHost = config.max_inflight
     # Callbacks: connections are kept and reused per receiver (as OpenFaaS's Go client does); a
     # new connection is only made after its address was resolved and checked against the policy
-    # (CallbackEndpointFactory), so a kept one always goes where the policy allowed.  A receiver
-    # usually gets many callbacks: a connection each was a tenth of a worker's CPU per call in a
-    # burst of 1,000 calls.
+    # (CallbackEndpointFactory), so a kept one always goes where the policy allowed.
     callback_pool = RecentFirstPool(reactor, persistent=True)
     callback_pool.maxPersistentPerHost = CALLBACK_CONNECTIONS_PER_HOST
     callback_pool.cachedConnectionTimeout = CALLBACK_IDLE_TIMEOUT

@@ -74,6 +74,7 @@ class MetricsResource(resource.Resource):
 def worker_resource(
     health: Callable[[], Coroutine[Any, Any, list[str]]], registry: CollectorRegistry
 ) -> resource.Resource:
+    """A worker's ``/healthz`` and ``/metrics``."""
     root = resource.Resource()
     root.putChild(b"healthz", HealthResource(health))
     root.putChild(b"metrics", MetricsResource(registry))
@@ -115,6 +116,7 @@ class MultiProcessMetrics(resource.Resource):
 
 
 def supervisor_resource(alive: Callable[[], list[int]], count: int) -> resource.Resource:
+    """The supervisor's ``/healthz`` (all processes alive) and ``/metrics`` (their sum)."""
     root = resource.Resource()
     root.putChild(b"healthz", SupervisorHealth(alive, count))
     root.putChild(b"metrics", MultiProcessMetrics())
