@@ -5,11 +5,13 @@ function's async calls are 503 with the reason, every other function works."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet import defer
 
+from tests.support import successResultOf
 from tests.unit.gateway_fixtures import GatewayTestCase
 from txfaas.gateway.app import AppSettings
 from txfaas.gateway.service import GatewayService, load_functions_file
@@ -41,40 +43,59 @@ def test_the_reserved_names_follow_the_workers_flags() -> None:
         assert reserved.refusal(name) is None, name
 
 
-class DeployTests(GatewayTestCase):
-    def app_settings(self) -> AppSettings:
-        return AppSettings(reserved_queues=ReservedQueues(prefix="acme", callback_queue="acme-callbacks"))
+def gateway(settings: AppSettings | None = None) -> GatewayTestCase:
+    case = GatewayTestCase()
+    if settings is not None:
+        case.app_settings = lambda: settings  # type: ignore[method-assign]
+    case.setUp()
+    return case
 
-    def _deploy(self, method: str, queue: str) -> tuple[int, bytes]:
-        body = {"service": "fn", "image": "x", "annotations": {"com.openfaas.queue": queue}}
-        response, answer = self.call(method, "/system/functions", data=json.dumps(body).encode())
-        return response.code, answer
 
-    def test_a_reserved_queue_is_a_400_naming_the_rule_and_nothing_is_stored(self) -> None:
-        for queue, words in [
-            ("amq.evil", b"reserved by RabbitMQ"),
-            ("acme-callbacks", b"callback queue"),
-            ("txfaas.dead-letter", b"dead-letter queue"),
-            ("acme.delay.1000", b"--retry-prefix"),
-        ]:
-            code, answer = self._deploy("POST", queue)
-            self.assertEqual(code, 400, answer)
-            self.assertIn(b"com.openfaas.queue", answer)
-            self.assertIn(words, answer)
-        self.assertIsNone(self.successResultOf(defer.Deferred.fromCoroutine(self.store.get_function("fn"))))
-        self.assertNotIn("amq.evil", self.queue.messages)
+@pytest.fixture
+def acme() -> GatewayTestCase:
+    """A gateway whose workers use --retry-prefix acme and --callback-queue acme-callbacks."""
+    return gateway(
+        AppSettings(reserved_queues=ReservedQueues(prefix="acme", callback_queue="acme-callbacks"))
+    )
 
-    def test_an_update_to_a_reserved_queue_is_a_400_too(self) -> None:
-        self.assertEqual(self._deploy("POST", "orders")[0], 202)
-        code, answer = self._deploy("PUT", "amq.orders")
-        self.assertEqual(code, 400, answer)
-        spec = self.successResultOf(defer.Deferred.fromCoroutine(self.store.get_function("fn")))
-        self.assertEqual(spec.queue, "orders")
 
-    def test_names_the_broker_would_refuse_are_400(self) -> None:
-        for queue in ("", "q" * 256, "a b", "é"):
-            code, answer = self._deploy("POST", queue)
-            self.assertEqual(code, 400, (queue, answer))
+def deploy(case: GatewayTestCase, method: str, queue: str) -> tuple[int, bytes]:
+    body = {"service": "fn", "image": "x", "annotations": {"com.openfaas.queue": queue}}
+    response, answer = case.call(method, "/system/functions", data=json.dumps(body).encode())
+    return response.code, answer
+
+
+def stored(case: GatewayTestCase, name: str) -> FunctionSpec | None:
+    return successResultOf(defer.Deferred.fromCoroutine(case.store.get_function(name)))
+
+
+def test_a_reserved_queue_is_a_400_naming_the_rule_and_nothing_is_stored(acme: GatewayTestCase) -> None:
+    for queue, words in [
+        ("amq.evil", b"reserved by RabbitMQ"),
+        ("acme-callbacks", b"callback queue"),
+        ("txfaas.dead-letter", b"dead-letter queue"),
+        ("acme.delay.1000", b"--retry-prefix"),
+    ]:
+        code, answer = deploy(acme, "POST", queue)
+        assert code == 400, answer
+        assert b"com.openfaas.queue" in answer
+        assert words in answer
+    assert stored(acme, "fn") is None
+    assert "amq.evil" not in acme.queue.messages
+
+
+def test_an_update_to_a_reserved_queue_is_a_400_too(acme: GatewayTestCase) -> None:
+    assert deploy(acme, "POST", "orders")[0] == 202
+    code, answer = deploy(acme, "PUT", "amq.orders")
+    assert code == 400, answer
+    spec = stored(acme, "fn")
+    assert spec is not None and spec.queue == "orders"
+
+
+def test_names_the_broker_would_refuse_are_400(acme: GatewayTestCase) -> None:
+    for queue in ("", "q" * 256, "a b", "é"):
+        code, answer = deploy(acme, "POST", queue)
+        assert code == 400, (queue, answer)
 
 
 class _Port:
@@ -85,54 +106,54 @@ class _Port:
         return defer.succeed(None)
 
 
-class StartWithOldRecordsTests(GatewayTestCase):
-    """Records written before the rule: the gateway starts, their calls are 503."""
+@pytest.fixture
+def started() -> Iterator[GatewayTestCase]:
+    """Records written before the rule (two on reserved queues), then the gateway started."""
+    case = gateway()
+    for name, queue in [("evil", "amq.evil"), ("eater", "txfaas.callbacks"), ("good", "orders")]:
+        spec = FunctionSpec.from_json({"service": name, "annotations": {"com.openfaas.queue": queue}})
+        successResultOf(defer.Deferred.fromCoroutine(case.store.create_function(spec)))
+    case.deploy("plain")
 
-    def _start(self) -> GatewayService:
-        for name, queue in [("evil", "amq.evil"), ("eater", "txfaas.callbacks"), ("good", "orders")]:
-            spec = FunctionSpec.from_json({"service": name, "annotations": {"com.openfaas.queue": queue}})
-            self.successResultOf(defer.Deferred.fromCoroutine(self.store.create_function(spec)))
-        self.deploy("plain")
+    async def listen(*_args: Any) -> _Port:
+        return _Port()
 
-        async def listen(*_args: Any) -> _Port:
-            return _Port()
+    service = GatewayService(
+        case.clock,
+        case.site,
+        "tcp:0",
+        case.functions,
+        case.queue,
+        listen=listen,
+        refused_queues=case.app.refused_queues,
+    )
+    service.startService()
+    successResultOf(service.started)
+    yield case
+    service.stopService()
 
-        service = GatewayService(
-            self.clock,
-            self.site,
-            "tcp:0",
-            self.functions,
-            self.queue,
-            listen=listen,
-            refused_queues=self.app.refused_queues,
-        )
-        service.startService()
-        self.successResultOf(service.started)
-        self.addCleanup(service.stopService)
-        return service
 
-    def test_the_gateway_starts_and_only_those_functions_async_calls_are_503(self) -> None:
-        self._start()
-        for name, queue in [("evil", "amq.evil"), ("eater", "txfaas.callbacks")]:
-            response, answer = self.call("POST", f"/async-function/{name}", data=b"x")
-            self.assertEqual(response.code, 503, answer)
-            self.assertIn(repr(queue).encode(), answer)
-            self.assertIn(b"redeploy", answer)
-        for name, queue in [("good", "orders"), ("plain", "faas-request")]:
-            response, answer = self.call("POST", f"/async-function/{name}", data=b"x")
-            self.assertEqual(response.code, 202, answer)
-            self.assertEqual(self.queue.pending(queue), 1)
-        self.assertNotIn("amq.evil", self.queue.messages)  # never declared
-        self.assertEqual(self.queue.pending("txfaas.callbacks"), 0)
+def test_the_gateway_starts_and_only_those_functions_async_calls_are_503(started: GatewayTestCase) -> None:
+    for name, queue in [("evil", "amq.evil"), ("eater", "txfaas.callbacks")]:
+        response, answer = started.call("POST", f"/async-function/{name}", data=b"x")
+        assert response.code == 503, answer
+        assert repr(queue).encode() in answer
+        assert b"redeploy" in answer
+    for name, queue in [("good", "orders"), ("plain", "faas-request")]:
+        response, answer = started.call("POST", f"/async-function/{name}", data=b"x")
+        assert response.code == 202, answer
+        assert started.queue.pending(queue) == 1
+    assert "amq.evil" not in started.queue.messages  # never declared
+    assert started.queue.pending("txfaas.callbacks") == 0
 
-    def test_redeploying_with_another_queue_makes_it_work(self) -> None:
-        self._start()
-        body = {"service": "evil", "annotations": {"com.openfaas.queue": "evil-orders"}}
-        response, _ = self.call("PUT", "/system/functions", data=json.dumps(body).encode())
-        self.assertEqual(response.code, 202)
-        response, answer = self.call("POST", "/async-function/evil", data=b"x")
-        self.assertEqual(response.code, 202, answer)
-        self.assertEqual(self.queue.pending("evil-orders"), 1)
+
+def test_redeploying_with_another_queue_makes_it_work(started: GatewayTestCase) -> None:
+    body = {"service": "evil", "annotations": {"com.openfaas.queue": "evil-orders"}}
+    response, _ = started.call("PUT", "/system/functions", data=json.dumps(body).encode())
+    assert response.code == 202
+    response, answer = started.call("POST", "/async-function/evil", data=b"x")
+    assert response.code == 202, answer
+    assert started.queue.pending("evil-orders") == 1
 
 
 def test_a_functions_file_naming_a_reserved_queue_is_a_startup_error(tmp_path) -> None:
