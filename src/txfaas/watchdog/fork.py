@@ -161,6 +161,7 @@ class _FunctionProcess(GroupLeader):
         self._aborted = False
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         if self._call.body:
             self.transport.write(self._call.body)
         self.transport.closeStdin()

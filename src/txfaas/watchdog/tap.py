@@ -245,7 +245,7 @@ def makeService(options: Options) -> service.IService:
         # Close idle connections before the function's server does (Node: 5s, gunicorn: 2s): a POST
         # sent on a connection the server is closing cannot be retried safely. Reconnecting on
         # loopback is cheap, and under load connections never sit idle that long.
-        pool.cachedConnectionTimeout = 1.0
+        pool.cachedConnectionTimeout = 1
         parts = urlsplit(config.upstream_url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         agent = Agent.usingEndpointFactory(
