@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
-from twisted.web.http_headers import _nameEncoder
+from twisted.web.http_headers import Headers
 
 # RFC 9110 §7.6.1 plus the fixed list OpenFaaS strips; any header named in
 # ``Connection:`` is hop-by-hop too (see :func:`end_to_end`).
@@ -117,33 +117,41 @@ def end_to_end(
     return [(name, value) for name, value in pairs if name.lower() not in skip]
 
 
+@lru_cache(maxsize=512)
+def canonical_name(name: bytes) -> bytes | None:
+    """``name`` as ``Headers.getAllRawHeaders`` spells it (Twisted's Header-Case); None for a
+    token that is not a header name (it names no header)."""
+    headers = Headers()
+    try:
+        headers.setRawHeaders(name, [b""])
+    except ValueError:
+        return None
+    for canonical, _ in headers.getAllRawHeaders():
+        return canonical
+    return None
+
+
 def canonical_names(names: Iterable[bytes]) -> frozenset[bytes]:
-    """Names as ``Headers._rawHeaders`` keys them (Twisted's Header-Case); a token that is not a
-    header name names no header and is left out."""
-    canonical = set()
-    for name in names:
-        try:
-            canonical.add(_nameEncoder.encode(name))
-        except ValueError:
-            pass
-    return frozenset(canonical)
+    """:func:`canonical_name` of each of ``names``, those that are header names."""
+    return frozenset(c for c in map(canonical_name, names) if c is not None)
 
 
-def end_to_end_raw(incoming: Any, drop: frozenset[bytes]) -> list[tuple[bytes, list[bytes]]]:
+def end_to_end_raw(incoming: Headers, drop: frozenset[bytes]) -> list[tuple[bytes, Sequence[bytes]]]:
     """:func:`end_to_end` over a ``Headers`` in one pass: ``drop`` (canonical names, see
     :func:`canonical_names`) and every header named in ``Connection`` removed.
 
-    Read from ``Headers._rawHeaders``: its names are in Twisted's canonical case (the same
-    encoder puts them there, whoever sets them) and Twisted's parsers took line breaks out of
-    the values, so going through ``getAllRawHeaders`` and lower-casing every name would only do
-    that work again.
+    ``getAllRawHeaders`` gives the names in canonical case, and Twisted took line breaks out
+    of the values, so no name is lower-cased here and no value looked at.
     """
-    raw = incoming._rawHeaders
-    connection = raw.get(b"Connection")
+    connection = incoming.getRawHeaders(b"Connection")
     if connection:
         named = canonical_names(connection_tokens((b"connection", v) for v in connection))
-        return [(name, values) for name, values in raw.items() if name not in drop and name not in named]
-    return [(name, values) for name, values in raw.items() if name not in drop]
+        return [
+            (name, values)
+            for name, values in incoming.getAllRawHeaders()
+            if name not in drop and name not in named
+        ]
+    return [(name, values) for name, values in incoming.getAllRawHeaders() if name not in drop]
 
 
 def append_forwarded_for(existing: list[bytes], client_ip: bytes) -> bytes:

@@ -92,15 +92,24 @@ class GatewayTestCase(SynchronousTestCase):
         self.function_agent = RequestTraversalAgent(self.function)
         self.metrics = GatewayMetrics()
         self.functions = FunctionCache(self.store, self.clock)
-        fn_client = ProxyClient(self.function_agent)
+        self.resolver = self.make_resolver()
+        self.build()
+
+    def build(
+        self,
+        proxy_settings: ProxySettings | None = None,
+        function_client: ProxyClient | None = None,
+        invocations: Any = None,
+    ) -> None:
+        """(Re)build the proxy, the app and the root around the same store, queue and clock."""
         self.proxy = FunctionProxy(
             self.clock,
-            fn_client,
+            function_client or ProxyClient(self.function_agent),
             self.functions,
-            ProxySettings("http://{name}.fn:8080", self.upstream_timeout),
+            proxy_settings or ProxySettings("http://{name}.fn:8080", self.upstream_timeout),
             self.metrics,
+            invocations=invocations,
         )
-        self.resolver = self.make_resolver()
         self.app = GatewayApp(
             self.functions,
             self.store,

@@ -252,7 +252,7 @@ class ErrorTests(GatewayTestCase):
 
 class UnreachableTests(GatewayTestCase):
     def test_connection_refused_is_502_naming_the_function(self) -> None:
-        self.proxy._client = ProxyClient(RefusingAgent())
+        self.build(function_client=ProxyClient(RefusingAgent()))
         self.deploy("echo")
         response, body = self.call("GET", "/function/echo")
         self.assertEqual(response.code, 502)

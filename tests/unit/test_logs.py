@@ -196,7 +196,7 @@ class LogsTestCase(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.invocations = InvocationLog(self.store, self.clock, "gw-1")
-        self.proxy._invocations = self.invocations
+        self.build(invocations=self.invocations)
 
     def add(
         self, text: str, name: str = "echo", namespace: str = "openfaas-fn", instance: str = "gw-1"
@@ -230,7 +230,7 @@ class SyncCallsAreLoggedTests(LogsTestCase):
         from tests.fakes import RefusingAgent
         from txfaas.gateway.proxy import ProxyClient
 
-        self.proxy._client = ProxyClient(RefusingAgent())
+        self.build(function_client=ProxyClient(RefusingAgent()), invocations=self.invocations)
         self.deploy("echo")
         self.call("GET", "/function/echo")
         self.clock.advance(0.25)

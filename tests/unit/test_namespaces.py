@@ -14,6 +14,7 @@ from tests.store_contract import CONTRACT
 from tests.unit.gateway_fixtures import GatewayTestCase
 from tests.unit.test_worker_service import CALLBACK, Harness
 from txfaas.gateway.app import AppSettings
+from txfaas.gateway.proxy import ProxySettings
 from txfaas.model import (
     Call,
     CallRecord,
@@ -162,7 +163,7 @@ class NamespaceGatewayTests(GatewayTestCase):
             self.assertEqual(self.function.seen[-1]["uri"], b"/x")
 
     def test_the_url_template_gets_the_namespace(self) -> None:
-        self.proxy._settings = type(self.proxy._settings)("http://{name}.{namespace}:8080", 10.0)
+        self.build(proxy_settings=ProxySettings("http://{name}.{namespace}:8080", 10.0))
         self.deploy_in("dev")
         self.call("GET", "/function/echo.dev")
         self.assertEqual(self.function.header(b"host"), [b"echo.dev:8080"])
@@ -361,7 +362,7 @@ class OtherDefaultNamespaceTests(GatewayTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.proxy._suffix = ".dev"  # as ProxySettings(default_namespace="dev") makes it
+        self.build(proxy_settings=ProxySettings("http://{name}.fn:8080", 10.0, default_namespace="dev"))
 
     def test_bare_names_and_bodies_without_namespace_mean_the_configured_default(self) -> None:
         response, _ = self.call("POST", "/system/functions", data=b'{"service": "echo"}')

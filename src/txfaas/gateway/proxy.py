@@ -38,8 +38,7 @@ from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
-from twisted.web._newclient import ResponseDone, ResponseFailed
-from twisted.web.client import FileBodyProducer
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
@@ -69,6 +68,7 @@ PROXIED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 # name.namespace: two DNS-1123 labels (their lengths are checked apart).
 _REF_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
+log = Logger()
 
 
 def refusing_cookie_jar() -> CookieJar:
@@ -91,8 +91,8 @@ class ProxyClient(HTTPClient):
 
 def body_producer(request: server.Request, cooperator: Any) -> IBodyProducer | None:
     """The request's body as a producer: ``None`` when the client sent no body at all."""
-    raw = request.requestHeaders._rawHeaders
-    if b"Content-Length" not in raw and b"Transfer-Encoding" not in raw:
+    headers = request.requestHeaders
+    if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(b"Transfer-Encoding"):
         return None
     content = request.content
     if isinstance(content, BytesIO):
@@ -128,11 +128,34 @@ class ProxySettings:
     default_namespace: str = DEFAULT_NAMESPACE
 
 
+@attrs.frozen
+class Upstream:
+    """What every proxied call uses, built once by :class:`FunctionProxy`."""
+
+    clock: Any
+    client: ProxyClient
+    functions: FunctionCache
+    settings: ProxySettings
+    metrics: GatewayMetrics
+    #: Streams file-spooled request bodies on our own clock.
+    cooperator: Any
+    invocations: InvocationLog | None
+    #: Calls' deadlines, one queue (and one reactor timer) per distinct timeout.
+    deadlines: dict[float, TimerQueue] = attrs.field(factory=dict)
+
+    def deadline(self, timeout: float, expire: Any) -> QueuedTimer:
+        queue = self.deadlines.get(timeout)
+        if queue is None:
+            if len(self.deadlines) >= 256:
+                self.deadlines.clear()  # the queues dropped still fire what they hold
+            queue = self.deadlines[timeout] = TimerQueue(self.clock, timeout)
+        return queue.add(expire)
+
+
 class FunctionProxy(resource.Resource):
     """``/function/{name}[.{namespace}][/{path}]``: every method is proxied to the function."""
 
     isLeaf = True
-    log = Logger()
 
     def __init__(
         self,
@@ -145,45 +168,17 @@ class FunctionProxy(resource.Resource):
         invocations: InvocationLog | None = None,
     ) -> None:
         super().__init__()
-        self._clock = clock
-        self._invocations = invocations
-        self._client = client
-        self._functions = functions
-        self._settings = settings
-        self._metrics = metrics
-        # File-spooled bodies are streamed by a Cooperator on our own clock.
-        self._cooperator = cooperator or Cooperator(scheduler=lambda f: clock.callLater(0, f))
-        # Calls' deadlines, one queue (and one reactor timer) per distinct timeout.
-        self._deadlines: dict[float, TimerQueue] = {}
+        cooperator = cooperator or Cooperator(scheduler=lambda f: clock.callLater(0, f))
+        self._upstream = Upstream(clock, client, functions, settings, metrics, cooperator, invocations)
         self._suffix = "." + settings.default_namespace
-
-    def deadline(self, timeout: float, expire: Any) -> QueuedTimer:
-        queue = self._deadlines.get(timeout)
-        if queue is None:
-            if len(self._deadlines) >= 256:
-                self._deadlines.clear()  # the queues dropped still fire what they hold
-            queue = self._deadlines[timeout] = TimerQueue(self._clock, timeout)
-        return queue.add(expire)
 
     def render(self, request: server.Request) -> Any:
         if request.method in REFUSED_METHODS:
             request.setHeader(b"Allow", PROXIED_METHODS)
             return _error(request, 405, f"{request.method.decode('latin-1')} is not passed to functions")
-        postpath = request.postpath
-        if not postpath or not postpath[0]:
-            return _error(request, 404, "no function named in the path: use /function/{name}")
-        # name or name.namespace, one regular expression either way; the cache is keyed by
-        # name.namespace (what faas-cli sends: no work for it).
-        ref_b = postpath[0]
-        dot = ref_b.find(b".")
-        if dot < 0:
-            if len(ref_b) > MAX_NAME or not _NAME_BYTES.fullmatch(ref_b):
-                return _error(request, 400, f"invalid function name {ref_b.decode('latin-1')!r}")
-            ref = ref_b.decode("ascii") + self._suffix
-        else:
-            if dot > MAX_NAME or len(ref_b) - dot - 1 > MAX_NAME or not _REF_BYTES.fullmatch(ref_b):
-                return _error(request, 400, f"invalid function name or namespace {ref_b.decode('latin-1')!r}")
-            ref = ref_b.decode("ascii")
+        ref = self._ref(request)
+        if isinstance(ref, bytes):
+            return ref  # an error's body
         # The sub-path as the client sent it (postpath is percent-decoded: not for forwarding).
         rest = hdr.raw_subpath(request.path, 3)
         if rest:
@@ -191,60 +186,94 @@ class FunctionProxy(resource.Resource):
                 hdr.check_subpath(rest)
             except hdr.BadPath as e:
                 return _error(request, 400, str(e))
-        given = request.requestHeaders._rawHeaders.get(hdr.CALL_ID)
+        given = request.requestHeaders.getRawHeaders(hdr.CALL_ID)
         if given:
             if not hdr.valid_call_id(given[0]):
                 return _error(request, 400, hdr.BAD_CALL_ID)
             call_id = given[0]
         else:
             call_id = hdr.new_call_id().encode("ascii")
-        request.responseHeaders._rawHeaders[hdr.CALL_ID] = [call_id]
+        request.responseHeaders.setRawHeaders(hdr.CALL_ID, [call_id])
         request.defaultContentType = None  # the function's Content-Type, or none
-        spec = self._functions.cached(ref)
+        spec = self._upstream.functions.cached(ref)
         if spec is not None:
-            _Exchange(self, request, spec, rest, call_id).start()
+            _Exchange(self._upstream, request, spec, rest, call_id).start()
         else:
-            lookup = defer.Deferred.fromCoroutine(self._functions.get(ref))
-            # A client that goes away while we look the function up: stop waiting.
-            request.notifyFinish().addErrback(lambda _: lookup.cancel())
-            lookup.addCallbacks(
-                self._found,
-                self._lookup_failed,
-                (request, ref, rest, call_id),
-                None,
-                (request, ref, call_id),
-            )
-            lookup.addErrback(self._unexpected, request, call_id)
+            _Lookup(self._upstream, request, ref, rest, call_id).start()
         return server.NOT_DONE_YET
 
-    def _found(
-        self, spec: FunctionSpec | None, request: server.Request, name: str, rest: list[bytes], call_id: bytes
-    ) -> None:
-        if spec is None:
-            name, _, namespace = name.partition(".")
-            _error(request, 404, f"function {name!r} not found in namespace {namespace!r}", finish=True)
-        elif not request._disconnected:
-            _Exchange(self, request, spec, rest, call_id).start()
+    def _ref(self, request: server.Request) -> str | bytes:
+        """The function's ``name.namespace`` from the path; an error's body if there is none.
 
-    def _lookup_failed(self, failure: Failure, request: server.Request, name: str, call_id: bytes) -> None:
+        One regular expression either way; the cache is keyed by ``name.namespace`` (what
+        faas-cli sends: no work for it)."""
+        postpath = request.postpath
+        if not postpath or not postpath[0]:
+            return _error(request, 404, "no function named in the path: use /function/{name}")
+        ref_b = postpath[0]
+        dot = ref_b.find(b".")
+        if dot < 0:
+            if len(ref_b) > MAX_NAME or not _NAME_BYTES.fullmatch(ref_b):
+                return _error(request, 400, f"invalid function name {ref_b.decode('latin-1')!r}")
+            return ref_b.decode("ascii") + self._suffix
+        if dot > MAX_NAME or len(ref_b) - dot - 1 > MAX_NAME or not _REF_BYTES.fullmatch(ref_b):
+            return _error(request, 400, f"invalid function name or namespace {ref_b.decode('latin-1')!r}")
+        return ref_b.decode("ascii")
+
+
+class _Lookup:
+    """A function not in the cache, looked up in the store; a client that leaves stops the wait."""
+
+    def __init__(
+        self, upstream: Upstream, request: server.Request, ref: str, rest: list[bytes], call_id: bytes
+    ) -> None:
+        self.upstream = upstream
+        self.request = request
+        self.ref = ref
+        self.rest = rest
+        self.call_id = call_id
+        self.gone = False
+
+    def start(self) -> None:
+        lookup = defer.Deferred.fromCoroutine(self.upstream.functions.get(self.ref))
+        self.request.notifyFinish().addErrback(self._left, lookup)
+        lookup.addCallbacks(self._found, self._failed)
+        lookup.addErrback(_unexpected, self.request, self.call_id, self)
+
+    def _left(self, _reason: Failure, lookup: defer.Deferred) -> None:
+        self.gone = True
+        lookup.cancel()
+
+    def _found(self, spec: FunctionSpec | None) -> None:
+        if self.gone:
+            return
+        if spec is None:
+            name, _, namespace = self.ref.partition(".")
+            _send_error(self.request, 404, f"function {name!r} not found in namespace {namespace!r}")
+        else:
+            _Exchange(self.upstream, self.request, spec, self.rest, self.call_id).start()
+
+    def _failed(self, failure: Failure) -> None:
         if failure.check(StoreUnavailable):
-            self.log.warn(
+            log.warn(
                 "[{call_id}] function registry unavailable for {function}: {error}",
-                call_id=call_id.decode(),
-                function=name,
+                call_id=self.call_id.decode(),
+                function=self.ref,
                 error=failure.value,
             )
-            _error(request, 503, f"function registry unavailable: {failure.value}", finish=True)
+            if not self.gone:
+                _send_error(self.request, 503, f"function registry unavailable: {failure.value}")
         elif not failure.check(defer.CancelledError):
             failure.raiseException()
 
-    def _unexpected(self, failure: Failure, request: server.Request, call_id: bytes) -> None:
-        self.log.failure("[{call_id}] proxy failed", failure, call_id=call_id.decode())
-        if not request.finished and not request._disconnected:
-            if request.startedWriting:
-                request.channel.transport.abortConnection()
-            else:
-                _error(request, 500, "internal error", finish=True)
+
+def _unexpected(failure: Failure, request: server.Request, call_id: bytes, call: _Lookup | _Exchange) -> None:
+    log.failure("[{call_id}] proxy failed", failure, call_id=call_id.decode())
+    if not request.finished and not call.gone:
+        if request.startedWriting:
+            request.channel.transport.abortConnection()
+        else:
+            _send_error(request, 500, "internal error")
 
 
 class _Exchange:
@@ -252,13 +281,13 @@ class _Exchange:
 
     def __init__(
         self,
-        proxy: FunctionProxy,
+        upstream: Upstream,
         request: server.Request,
         spec: FunctionSpec,
         rest: list[bytes],
         call_id: bytes,
     ) -> None:
-        self.proxy = proxy
+        self.upstream = upstream
         self.request = request
         self.name = spec.ref
         self.service = spec.service
@@ -266,7 +295,7 @@ class _Exchange:
         self.rest = rest
         self.call_id = call_id
         self.error: str | None = None
-        settings = proxy._settings
+        settings = upstream.settings
         self.timeout = min(spec.timeout or settings.upstream_timeout, settings.upstream_timeout)
         url = spec.base_url(settings.function_url_template).encode() + b"/" + b"/".join(rest)
         uri = request.uri
@@ -282,36 +311,30 @@ class _Exchange:
         self.deadline: QueuedTimer | None = None
 
     def start(self) -> None:
-        proxy = self.proxy
+        upstream = self.upstream
         request = self.request
-        proxy._metrics.started(self.name)
+        upstream.metrics.started(self.name)
         start_ns = b"%d" % time.time_ns()
         self.start_ns = start_ns
-        out = Headers()
-        raw = out._rawHeaders
         incoming = request.requestHeaders
-        for name, values in hdr.end_to_end_raw(incoming, _REQUEST_DROP):
-            raw[name] = list(values)
+        out = Headers(dict(hdr.end_to_end_raw(incoming, _REQUEST_DROP)))
         client = request.getClientAddress()
-        given = incoming._rawHeaders
-        raw[hdr.FORWARDED_FOR] = [
-            hdr.append_forwarded_for(
-                given.get(hdr.FORWARDED_FOR, []),
-                (getattr(client, "host", "") or "").encode(),
-            )
-        ]
-        host = given.get(b"Host")
+        forwarded_for = hdr.append_forwarded_for(
+            incoming.getRawHeaders(hdr.FORWARDED_FOR, []), (getattr(client, "host", "") or "").encode()
+        )
+        out.setRawHeaders(hdr.FORWARDED_FOR, [forwarded_for])
+        host = incoming.getRawHeaders(b"Host")
         if host:
-            raw[hdr.FORWARDED_HOST] = host[:1]
-        raw[hdr.CALL_ID] = [self.call_id]
-        raw[hdr.START_TIME] = [start_ns]
-        self.deadline = proxy.deadline(self.timeout, self._expire)
+            out.setRawHeaders(hdr.FORWARDED_HOST, host[:1])
+        out.setRawHeaders(hdr.CALL_ID, [self.call_id])
+        out.setRawHeaders(hdr.START_TIME, [start_ns])
+        self.deadline = upstream.deadline(self.timeout, self._expire)
         when_gone(request, self._client_gone)
-        d = self.step = proxy._client.proxy(
-            request.method, self.url, out, body_producer(request, proxy._cooperator)
+        d = self.step = upstream.client.proxy(
+            request.method, self.url, out, body_producer(request, upstream.cooperator)
         )
         d.addCallbacks(self._response, self._failed)
-        d.addErrback(proxy._unexpected, request, self.call_id)
+        d.addErrback(_unexpected, request, self.call_id, self)
 
     def _response(self, response: IResponse) -> None:
         self.step = None
@@ -321,30 +344,30 @@ class _Exchange:
             response.deliverBody(_Discard())
             return
         request.setResponseCode(response.code, response.phrase)
-        raw = request.responseHeaders._rawHeaders
+        headers = request.responseHeaders
         # The function's end-to-end headers replace ours (its Date, Server, Content-Type...).
         for name, values in hdr.end_to_end_raw(response.headers, _RESPONSE_DROP):
-            raw[name] = list(values)
-        raw[hdr.START_TIME] = [self.start_ns]
-        raw[hdr.DURATION] = [b"%.6f" % (time.monotonic() - self.started)]
+            headers.setRawHeaders(name, values)
+        headers.setRawHeaders(hdr.START_TIME, [self.start_ns])
+        headers.setRawHeaders(hdr.DURATION, [b"%.6f" % (time.monotonic() - self.started)])
         length = response.length
         if length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES and request.method != b"HEAD":
             # The function's length, as it gave it (else twisted.web would chunk the body).
-            raw[b"Content-Length"] = [b"%d" % length]
+            headers.setRawHeaders(b"Content-Length", [b"%d" % length])
         self.relay = _Relay(self)
         response.deliverBody(self.relay)
 
     def body_done(self, reason: Failure | None) -> None:
         """The relay saw the end of the function's body (``reason`` None when complete)."""
         if reason is None:
-            if not self.request._disconnected:
+            if not self.gone:
                 self.request.finish()
         elif not self.gone:
             # Headers are out: all we can do is cut the connection so the client sees a short body.
             if self.expired:
                 self.code = 504
             self.error = "mid-response: " + ("deadline passed" if self.expired else _describe(reason.value))
-            self.proxy.log.warn(
+            log.warn(
                 "[{call_id}] function {function} failed {error}",
                 call_id=self.call_id.decode(),
                 function=self.name,
@@ -356,7 +379,6 @@ class _Exchange:
 
     def _failed(self, failure: Failure) -> None:
         self.step = None
-        log = self.proxy.log
         if self.expired:
             self.code = 504
             self.error = f"no answer within {self.timeout:g}s"
@@ -366,7 +388,10 @@ class _Exchange:
                 function=self.name,
                 timeout=self.timeout,
             )
-            _error(self.request, 504, f"function {self.name!r} did not answer within {self.timeout:g}s", True)
+            if not self.gone:
+                _send_error(
+                    self.request, 504, f"function {self.name!r} did not answer within {self.timeout:g}s"
+                )
         elif self.gone or failure.check(defer.CancelledError):
             self.code = _CLIENT_GONE
         else:
@@ -378,7 +403,7 @@ class _Exchange:
                 function=self.name,
                 error=reason,
             )
-            _error(self.request, 502, f"function {self.name!r} unreachable: {reason}", True)
+            _send_error(self.request, 502, f"function {self.name!r} unreachable: {reason}")
         self._done()
 
     def _expire(self) -> None:
@@ -407,12 +432,12 @@ class _Exchange:
         # No reference cycle left behind (the relay holds this exchange): the call's objects are
         # freed by reference counting now, not by a run of the cyclic GC later.
         self.deadline = self.relay = None
-        proxy = self.proxy
+        upstream = self.upstream
         duration = time.monotonic() - self.started
-        proxy._metrics.finished(self.name, self.code, duration)
-        proxy._functions.count_invocation(self.name)
-        if proxy._invocations is not None:
-            proxy._invocations.call(
+        upstream.metrics.finished(self.name, self.code, duration)
+        upstream.functions.count_invocation(self.name)
+        if upstream.invocations is not None:
+            upstream.invocations.call(
                 self.service,
                 self.namespace,
                 self.call_id,
@@ -448,7 +473,7 @@ class _Relay(Protocol):
         self._request.registerProducer(_ProducerProxy(self.transport), True)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._request._disconnected:
+        if not self._exchange.gone:
             self._request.write(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -476,16 +501,17 @@ def _describe(error: BaseException) -> str:
     return str(error) or error.__class__.__name__
 
 
-def _error(request: server.Request, code: int, message: str, finish: bool = False) -> bytes:
-    """A one-line text error; ``finish`` for asynchronous callers (else return the body)."""
+def _error(request: server.Request, code: int, message: str) -> bytes:
+    """Set ``code`` and a one-line text ``message`` as the response; return the body."""
     body = message.encode("utf-8", "replace") + b"\n"
-    if request.finished or request._disconnected:
-        return b""
     request.setResponseCode(code)
     request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    if finish:
-        request.write(body)
-        request.finish()
-        return b""
     return body
+
+
+def _send_error(request: server.Request, code: int, message: str) -> None:
+    """:func:`_error`, written and finished (for a request whose client is still there)."""
+    if not request.finished:
+        request.write(_error(request, code, message))
+        request.finish()
