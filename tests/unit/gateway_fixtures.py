@@ -20,9 +20,10 @@ from twisted.web import resource, server
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
-from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
+from txfaas.gateway.app import AppSettings, GatewayApp
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
+from txfaas.gateway.root import BasicAuth, GatewayRoot
 from txfaas.model import FunctionSpec
 from txfaas.store.cache import FunctionCache
 from txfaas.testing import MemoryQueue, MemoryStore
@@ -100,6 +101,11 @@ class GatewayTestCase(SynchronousTestCase):
         proxy_settings: ProxySettings | None = None,
         function_client: ProxyClient | None = None,
         invocations: Any = None,
+        *,
+        queue: Any = None,
+        resolver: Any = None,
+        settings: AppSettings | None = None,
+        secret_box: Any = None,
     ) -> None:
         """(Re)build the proxy, the app and the root around the same store, queue and clock."""
         self.proxy = FunctionProxy(
@@ -113,11 +119,12 @@ class GatewayTestCase(SynchronousTestCase):
         self.app = GatewayApp(
             self.functions,
             self.store,
-            self.queue,
-            self.resolver,
+            queue or self.queue,
+            resolver or self.resolver,
             self.metrics,
-            self.app_settings(),
+            settings or self.app_settings(),
             clock=self.clock,
+            secret_box=secret_box,
         )
         self.root = GatewayRoot(
             self.proxy,

@@ -16,7 +16,8 @@ from twisted.internet.address import IPv4Address
 
 from tests.fakes import FakeResolver
 from tests.unit.gateway_fixtures import GatewayTestCase
-from txfaas.gateway.app import AppSettings, GatewayApp, GatewayRoot
+from txfaas.gateway.app import AppSettings, GatewayApp
+from txfaas.gateway.root import GatewayRoot
 from txfaas.model import CallRecord, CallResult, CallStatus
 from txfaas.ssrf import AddressPolicy
 
@@ -500,7 +501,7 @@ class IdempotencyRaceTests(GatewayTestCase):
     def test_two_posts_with_one_call_id_at_the_same_moment_queue_one_run(self) -> None:
         self.deploy("echo")
         slow = SlowQueue(self.queue)
-        self.app._queue = slow
+        self.build(queue=slow)
         first = self.start("POST", "/async-function/echo", headers={"X-Call-Id": ["same"]}, data=b"x")
         self.assertNoResult(first)  # waiting for the broker's confirm
         second, body = self.call("POST", "/async-function/echo", headers={"X-Call-Id": ["same"]}, data=b"x")
@@ -520,7 +521,7 @@ class IdempotencyRaceTests(GatewayTestCase):
         """The false 202 of issue 16: the claim of a gateway that died between the claim and the
         broker's confirm lapses at its deadline, and the client's retry queues the call."""
         self.deploy("echo")
-        self.app._queue = SlowQueue(self.queue)  # never confirms: this gateway "dies" waiting
+        self.build(queue=SlowQueue(self.queue))  # never confirms: this gateway "dies" waiting
         headers = {"X-Call-Id": ["orphan"]}
         self.assertNoResult(self.start("POST", "/async-function/echo", headers=headers, data=b"x"))
         self.assertEqual(self.store.calls["orphan"].status, "accepting")
@@ -586,7 +587,7 @@ class ClientGoneTests(GatewayTestCase):
         super().setUp()
         self.deploy("echo")
         self.slow = SlowQueue(self.queue)
-        self.app._queue = self.slow
+        self.build(queue=self.slow)
 
     def test_a_client_that_leaves_during_the_publish_still_gets_its_call_queued_and_recorded(self) -> None:
         d = self.start("POST", "/async-function/echo", data=b"x")
@@ -601,7 +602,7 @@ class ClientGoneTests(GatewayTestCase):
 
     def test_a_client_that_left_before_anything_was_queued_gets_nothing_queued(self) -> None:
         resolver = LateResolver()
-        self.app._resolver = resolver
+        self.build(queue=self.slow, resolver=resolver)
         d = self.start(
             "POST", "/async-function/echo", headers={"X-Callback-Url": ["http://slow.example/"]}, data=b"x"
         )

@@ -13,6 +13,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.gateway_fixtures import GatewayTestCase
+from txfaas.gateway.app import AppSettings
 from txfaas.invocation_log import InvocationLog
 from txfaas.logs import LogQuery, invocation_line, parse_rfc3339
 from txfaas.model import ValidationError
@@ -313,7 +314,7 @@ class FollowTests(LogsTestCase):
         response, body = self.open("follow=true&name=echo&tail=-1")
         self.assertEqual(response.code, 200)
         self.assertEqual([m["text"] for m in body.messages()], ["old"])
-        self.assertEqual(self.app.followers, 1)
+        self.assertEqual(self.app.logs.followers, 1)
         self.add("new 1")
         self.add("new 2", instance="other")
         self.clock.advance(0.5)
@@ -325,7 +326,7 @@ class FollowTests(LogsTestCase):
         # The client leaves: the poll stops where it waits, its place is given back.
         body.transport.stopProducing()
         self.flush()
-        self.assertEqual(self.app.followers, 0)
+        self.assertEqual(self.app.logs.followers, 0)
         self.assertEqual(set(self.clock.getDelayedCalls()) - before, set())
         self.add("after")
         self.clock.advance(5)
@@ -377,7 +378,7 @@ class FollowTests(LogsTestCase):
 
     def test_too_many_followers_is_503(self) -> None:
         self.deploy("echo")
-        self.app._settings = type(self.app._settings)(log_followers=1)
+        self.build(invocations=self.invocations, settings=AppSettings(log_followers=1))
         _, first = self.open("follow=true&name=echo")
         response, body = self.call("GET", "/system/logs?follow=true&name=echo")
         self.assertEqual(response.code, 503)
@@ -388,7 +389,7 @@ class FollowTests(LogsTestCase):
         first.transport.stopProducing()
         self.flush()
         _, again = self.open("follow=true&name=echo")
-        self.assertEqual(self.app.followers, 1)
+        self.assertEqual(self.app.logs.followers, 1)
         again.transport.stopProducing()
         self.flush()
 

@@ -42,7 +42,7 @@ class SecretsTestCase(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.box = SecretBox(KEY)
-        self.app._secret_box = self.box
+        self.build(secret_box=self.box)
 
     def send(self, method: str, body: Any, path: str = "/system/secrets") -> tuple[Any, bytes]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -81,7 +81,7 @@ class SecretsAPITests(SecretsTestCase):
         self.assertIsNone(self.store.secrets_check)
         self.send("POST", {"name": "k", "value": "1"})
         self.assertTrue(self.box.opens(self.store.secrets_check))
-        self.app._secret_box = SecretBox(Fernet.generate_key())
+        self.build(secret_box=SecretBox(Fernet.generate_key()))
         response, body = self.send("POST", {"name": "j", "value": "1"})
         self.assertEqual(response.code, 503)
         self.assertIn(b"sealed with another key", body)
@@ -173,9 +173,9 @@ class SecretsAPITests(SecretsTestCase):
         from txfaas.gateway.app import GatewayApp
 
         app = GatewayApp(self.functions, self.store, self.queue, self.resolver, self.metrics)
-        self.assertIsInstance(app._secret_box, SecretBox)
-        token = app._secret_box.seal("openfaas-fn", "k", b"v")
-        self.assertEqual(app._secret_box.open("openfaas-fn", "k", token), b"v")
+        self.assertIsInstance(app.secrets.box, SecretBox)
+        token = app.secrets.box.seal("openfaas-fn", "k", b"v")
+        self.assertEqual(app.secrets.box.open("openfaas-fn", "k", token), b"v")
 
 
 class SecretsBehindAuthTests(SecretsTestCase):

@@ -443,9 +443,10 @@ def build_gateway(
     from prometheus_client import disable_created_metrics
 
     from txfaas.client import CachingEndpointFactory, PoolAgent
-    from txfaas.gateway.app import AppSettings, BasicAuth, GatewayApp, GatewayRoot
+    from txfaas.gateway.app import AppSettings, GatewayApp
     from txfaas.gateway.metrics import FlushMetrics, GatewayMetrics
     from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
+    from txfaas.gateway.root import BasicAuth, GatewayRoot
     from txfaas.gateway.service import GatewayService
     from txfaas.http.pool import quiet_pool
     from txfaas.invocation_log import InvocationLog, instance_name
