@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.web.http_headers import Headers
@@ -152,6 +153,28 @@ def end_to_end_raw(incoming: Headers, drop: frozenset[bytes]) -> list[tuple[byte
             if name not in drop and name not in named
         ]
     return [(name, values) for name, values in incoming.getAllRawHeaders() if name not in drop]
+
+
+def set_raw(headers: Headers, name: bytes, values: Sequence[bytes]) -> None:
+    """``setRawHeaders`` for a canonical ``name`` and values without line breaks."""
+    headers.setRawHeaders(name, values)
+
+
+def update_raw(headers: Headers, pairs: Iterable[tuple[bytes, Sequence[bytes]]]) -> None:
+    """:func:`set_raw` for each pair (as :func:`end_to_end_raw` gives them)."""
+    for name, values in pairs:
+        headers.setRawHeaders(name, values)
+
+
+def writers() -> tuple[Any, Any]:
+    """``(set_raw, update_raw)``: :mod:`txfaas._accel.raw_headers`'s when accelerations are on
+    and its probe passes, else the stock ones above."""
+    from txfaas import _accel
+    from txfaas._accel import raw_headers
+
+    if _accel.enabled() and raw_headers.probe():
+        return raw_headers.set_raw, raw_headers.update_raw
+    return set_raw, update_raw
 
 
 def append_forwarded_for(existing: list[bytes], client_ip: bytes) -> bytes:

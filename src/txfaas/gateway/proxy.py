@@ -140,6 +140,10 @@ class Upstream:
     #: Streams file-spooled request bodies on our own clock.
     cooperator: Any
     invocations: InvocationLog | None
+    #: ``(headers, name, values)``: a canonical name's clean values set (:func:`headers.writers`).
+    set_raw: Any = hdr.set_raw
+    #: ``(headers, pairs)``: :attr:`set_raw` for each pair.
+    update_raw: Any = hdr.update_raw
     #: Calls' deadlines, one queue (and one reactor timer) per distinct timeout.
     deadlines: dict[float, TimerQueue] = attrs.field(factory=dict)
 
@@ -169,7 +173,10 @@ class FunctionProxy(resource.Resource):
     ) -> None:
         super().__init__()
         cooperator = cooperator or Cooperator(scheduler=lambda f: clock.callLater(0, f))
-        self._upstream = Upstream(clock, client, functions, settings, metrics, cooperator, invocations)
+        set_raw, update_raw = hdr.writers()
+        self._upstream = Upstream(
+            clock, client, functions, settings, metrics, cooperator, invocations, set_raw, update_raw
+        )
         self._suffix = "." + settings.default_namespace
 
     def render(self, request: server.Request) -> Any:
@@ -193,7 +200,7 @@ class FunctionProxy(resource.Resource):
             call_id = given[0]
         else:
             call_id = hdr.new_call_id().encode("ascii")
-        request.responseHeaders.setRawHeaders(hdr.CALL_ID, [call_id])
+        self._upstream.set_raw(request.responseHeaders, hdr.CALL_ID, [call_id])
         request.defaultContentType = None  # the function's Content-Type, or none
         spec = self._upstream.functions.cached(ref)
         if spec is not None:
@@ -317,17 +324,19 @@ class _Exchange:
         start_ns = b"%d" % time.time_ns()
         self.start_ns = start_ns
         incoming = request.requestHeaders
-        out = Headers(dict(hdr.end_to_end_raw(incoming, _REQUEST_DROP)))
+        set_raw = upstream.set_raw
+        out = Headers()
+        upstream.update_raw(out, hdr.end_to_end_raw(incoming, _REQUEST_DROP))
         client = request.getClientAddress()
         forwarded_for = hdr.append_forwarded_for(
             incoming.getRawHeaders(hdr.FORWARDED_FOR, []), (getattr(client, "host", "") or "").encode()
         )
-        out.setRawHeaders(hdr.FORWARDED_FOR, [forwarded_for])
+        set_raw(out, hdr.FORWARDED_FOR, [forwarded_for])
         host = incoming.getRawHeaders(b"Host")
         if host:
-            out.setRawHeaders(hdr.FORWARDED_HOST, host[:1])
-        out.setRawHeaders(hdr.CALL_ID, [self.call_id])
-        out.setRawHeaders(hdr.START_TIME, [start_ns])
+            set_raw(out, hdr.FORWARDED_HOST, host[:1])
+        set_raw(out, hdr.CALL_ID, [self.call_id])
+        set_raw(out, hdr.START_TIME, [start_ns])
         self.deadline = upstream.deadline(self.timeout, self._expire)
         when_gone(request, self._client_gone)
         d = self.step = upstream.client.proxy(
@@ -345,15 +354,15 @@ class _Exchange:
             return
         request.setResponseCode(response.code, response.phrase)
         headers = request.responseHeaders
+        set_raw = self.upstream.set_raw
         # The function's end-to-end headers replace ours (its Date, Server, Content-Type...).
-        for name, values in hdr.end_to_end_raw(response.headers, _RESPONSE_DROP):
-            headers.setRawHeaders(name, values)
-        headers.setRawHeaders(hdr.START_TIME, [self.start_ns])
-        headers.setRawHeaders(hdr.DURATION, [b"%.6f" % (time.monotonic() - self.started)])
+        self.upstream.update_raw(headers, hdr.end_to_end_raw(response.headers, _RESPONSE_DROP))
+        set_raw(headers, hdr.START_TIME, [self.start_ns])
+        set_raw(headers, hdr.DURATION, [b"%.6f" % (time.monotonic() - self.started)])
         length = response.length
         if length is not UNKNOWN_LENGTH and response.code not in NO_BODY_CODES and request.method != b"HEAD":
             # The function's length, as it gave it (else twisted.web would chunk the body).
-            headers.setRawHeaders(b"Content-Length", [b"%d" % length])
+            set_raw(headers, b"Content-Length", [b"%d" % length])
         self.relay = _Relay(self)
         response.deliverBody(self.relay)
 
