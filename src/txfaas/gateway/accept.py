@@ -10,6 +10,7 @@ import math
 import time
 from typing import Any
 
+import orjson
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -17,7 +18,7 @@ from twisted.web import resource, server
 from twisted.web.iweb import IRequest
 
 from txfaas import headers as hdr
-from txfaas.gateway.answers import finish, json, text
+from txfaas.gateway.answers import finish, text
 from txfaas.gateway.calls import settle
 from txfaas.gateway.errors import KNOWN, ErrorTable, HTTPError, no_function
 from txfaas.gateway.functions import queue_of
@@ -44,15 +45,18 @@ _ASYNC_DROP = hdr.canonical_names(
 )
 
 
-def accepted(request: IRequest, record: CallRecord, duplicate: bool) -> bytes:
-    """202 naming the call and where its record is."""
+def accepted(request: IRequest, record: CallRecord, duplicate: bool, set_raw: Any = hdr.set_raw) -> bytes:
+    """202 naming the call and where its record is (JSON, as :func:`answers.json` writes it)."""
     location = f"/system/calls/{record.call_id}"
-    request.responseHeaders.setRawHeaders(hdr.CALL_ID, [record.call_id.encode()])
-    request.responseHeaders.setRawHeaders(b"Location", [location.encode()])
+    headers = request.responseHeaders
+    set_raw(headers, hdr.CALL_ID, [record.call_id.encode()])
+    set_raw(headers, b"Location", [location.encode()])
+    set_raw(headers, b"Content-Type", [b"application/json"])
+    request.setResponseCode(202)
     body = {"callId": record.call_id, "status": record.status, "location": location}
     if duplicate:
         body["duplicate"] = True
-    return json(request, 202, body)
+    return orjson.dumps(body)
 
 
 class _ClientGone(Exception):
@@ -96,6 +100,7 @@ class Acceptor:
         self._settings = settings
         self._clock = clock
         self._refused_queues = refused_queues
+        self._set_raw = hdr.writers()[0]
 
     async def accept(self, posting: _Posting) -> bytes:
         """``posting.name`` is ``name.namespace`` (:class:`AsyncCalls` adds the default namespace)."""
@@ -113,7 +118,8 @@ class Acceptor:
         except hdr.BadPath as e:
             raise HTTPError(400, str(e)) from None
         call_id = call_id_of(request)
-        callback_url = await self._callback_url(request)
+        callback = request.getHeader(hdr.CALLBACK_URL)
+        callback_url = None if callback is None else await self._checked_callback(callback)
         spec = await self._functions.get(posting.name)
         if spec is None:
             raise HTTPError(404, no_function(name, namespace))
@@ -141,13 +147,10 @@ class Acceptor:
                 error=e,
             )
             found = None
-        return accepted(request, found or record, duplicate=False)
+        return accepted(request, found or record, False, self._set_raw)
 
-    async def _callback_url(self, request: IRequest) -> str | None:
+    async def _checked_callback(self, callback: bytes) -> str:
         """``X-Callback-Url``, checked against the callback policy (an empty one is refused)."""
-        callback = request.getHeader(hdr.CALLBACK_URL)
-        if callback is None:
-            return None
         url = callback.decode("latin-1")
         check = defer.Deferred.fromCoroutine(
             check_callback_url(url, self._resolver, self._settings.callback_policy)
@@ -210,7 +213,7 @@ class Acceptor:
         found = await settle(self._calls, claim, record)
         if found is None or found.status == CallStatus.ACCEPTING:
             found = record  # (ACCEPTING: our claim lapsed and was taken over, yet ours is confirmed)
-        return accepted(request, found, duplicate=False)
+        return accepted(request, found, False, self._set_raw)
 
     def _duplicate(self, request: IRequest, found: CallRecord, call: Call) -> bytes:
         if (found.function, found.namespace) != (call.function, call.namespace):
@@ -225,7 +228,7 @@ class Acceptor:
                 f"call {found.call_id!r} is being accepted by another request: retry in {wait}s",
                 {b"Retry-After": str(wait).encode()},
             )
-        return accepted(request, found, duplicate=True)
+        return accepted(request, found, True, self._set_raw)
 
 
 class AsyncCalls(resource.Resource):
@@ -252,6 +255,7 @@ class AsyncCalls(resource.Resource):
         self._metrics = metrics
         self._errors = errors
         self._suffix = "." + default_namespace
+        self._set_raw = hdr.writers()[0]
 
     def render(self, request: server.Request) -> Any:
         if request.method != b"POST":
@@ -276,8 +280,11 @@ class AsyncCalls(resource.Resource):
 
     def _accepted(self, body: bytes, posting: _Posting) -> None:
         self._metrics.async_answer(posting.name, 202)
-        if not posting.gone:
-            finish(posting.request, body)
+        request = posting.request
+        if not posting.gone and not request.finished:
+            self._set_raw(request.responseHeaders, b"Content-Length", [b"%d" % len(body)])
+            request.write(body)
+            request.finish()
 
     def _refused(self, failure: Failure, posting: _Posting) -> None:
         """The answer the Klein app gives for the same error: the one table's."""
