@@ -47,10 +47,9 @@ _CALL_ID_RULE = re.compile(rb"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}\Z")  # not "
 
 
 class _Urandom:
-    """``os.urandom``'s bytes, read 4 KiB at a time: a call id costs a slice, not a
-    ``getrandom`` system call (one of seven per proxied call at one connection).  The same
-    source, so the same unpredictability; a forked child drops what its parent had read, so
-    the two never hand out the same bytes."""
+    """``os.urandom``'s bytes, read 4 KiB at a time: a call id costs a slice, not a system
+    call.  The same source, so the same unpredictability; a forked child drops what its parent
+    had read, so the two never hand out the same bytes."""
 
     SIZE = 4096
 
@@ -77,8 +76,7 @@ os.register_at_fork(after_in_child=lambda: _urandom.forget())
 
 
 def new_call_id() -> str:
-    """A random (version 4) UUID as text: ``str(uuid.uuid4())`` without the ``UUID`` object (a
-    fifth of the cost; one per proxied call)."""
+    """A random (version 4) UUID as text: ``str(uuid.uuid4())`` without the ``UUID`` object."""
     h = _urandom.take(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 

@@ -68,7 +68,7 @@ def invocation_line(
 ) -> bytes:
     """A call as one logfmt line: ``call=ID kind=sync method=GET path=/ status=200 duration=0.001200s attempt=1``.
 
-    Bytes in, bytes out, in one ``%``: a busy gateway writes thousands a second."""
+    Bytes in, bytes out, in one ``%``: one line per finished call."""
     if call_id.__class__ is not bytes:
         call_id = call_id.encode()  # type: ignore[union-attr]
     if method.__class__ is not bytes:

@@ -173,3 +173,24 @@ class GatewayTestCase(SynchronousTestCase):
         body_d = treq.content(response)
         self.flush()
         return response, self.successResultOf(body_d)
+
+
+def make_gateway(
+    *,
+    auth: tuple[str, str] | None = None,
+    max_body: int | None = None,
+    max_async_body: int | None = None,
+    upstream_timeout: float = 10.0,
+    settings: AppSettings | None = None,
+) -> GatewayTestCase:
+    """A gateway for a pytest function: :class:`GatewayTestCase`'s, set up, with its helpers
+    (``call``, ``deploy``, ``successResultOf``...)."""
+    gateway = GatewayTestCase()
+    gateway.auth = auth
+    gateway.max_body = max_body
+    gateway.max_async_body = max_async_body
+    gateway.upstream_timeout = upstream_timeout
+    if settings is not None:
+        gateway.app_settings = lambda: settings  # type: ignore[method-assign]
+    gateway.setUp()
+    return gateway

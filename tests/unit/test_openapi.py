@@ -6,9 +6,10 @@ import json
 import re
 from importlib import resources
 
+import pytest
 import schemathesis
 
-from tests.unit.gateway_fixtures import GatewayTestCase
+from tests.unit.gateway_fixtures import GatewayTestCase, make_gateway
 from txfaas import __version__
 from txfaas.gateway.app import GatewayApp
 
@@ -47,51 +48,54 @@ def routed() -> set[tuple[str, str]]:
     return operations
 
 
-class DocumentTests(GatewayTestCase):
-    def test_is_a_valid_openapi_3_document(self) -> None:
-        doc = packaged()
-        self.assertTrue(doc["openapi"].startswith("3."))
-        self.assertEqual(doc["info"]["version"], __version__)
-        schemathesis.openapi.from_dict(doc).validate()  # the OpenAPI 3.0 meta-schema
-
-    def test_every_route_is_described_and_every_description_routed(self) -> None:
-        docs = documented()
-        self.assertEqual(routed() - docs, set(), "routes the document does not describe")
-        hot = {"/function/{}", "/async-function/{}"}
-        self.assertEqual(
-            docs - routed() - PLANNED - {op for op in docs if op[1] in hot},
-            set(),
-            "operations the document describes but nothing routes",
-        )
-        self.assertEqual({p for _, p in docs if p in hot}, hot)
-
-    def test_every_system_route_needs_basic_auth_and_the_open_ones_do_not(self) -> None:
-        doc = packaged()
-        self.assertEqual(doc["security"], [{"basicAuth": []}])
-        for path, item in doc["paths"].items():
-            for method, op in item.items():
-                if method not in HTTP_METHODS:
-                    continue
-                is_open = path.split("/")[1] in ("function", "async-function", "healthz")
-                self.assertEqual(op.get("security") == [], is_open, f"{method} {path}")
-                if not is_open:
-                    self.assertIn("401", op["responses"], f"{method} {path}")
-
-    def test_served_as_packaged(self) -> None:
-        response, body = self.call("GET", "/system/openapi.json")
-        self.assertEqual(response.code, 200)
-        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
-        self.assertEqual(json.loads(body), packaged())
+@pytest.fixture
+def gateway() -> GatewayTestCase:
+    return make_gateway()
 
 
-class ServedBehindAuthTests(GatewayTestCase):
-    auth = ("admin", "s3cret")
+def test_is_a_valid_openapi_3_document() -> None:
+    doc = packaged()
+    assert doc["openapi"].startswith("3.")
+    assert doc["info"]["version"] == __version__
+    schemathesis.openapi.from_dict(doc).validate()  # the OpenAPI 3.0 meta-schema
 
-    def test_needs_basic_auth(self) -> None:
-        response, _ = self.call("GET", "/system/openapi.json")
-        self.assertEqual(response.code, 401)
-        response, body = self.call(
-            "GET", "/system/openapi.json", headers={"Authorization": ["Basic YWRtaW46czNjcmV0"]}
-        )
-        self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(body)["info"]["title"], "txfaas gateway")
+
+def test_every_route_is_described_and_every_description_routed() -> None:
+    docs = documented()
+    assert routed() - docs == set(), "routes the document does not describe"
+    hot = {"/function/{}", "/async-function/{}"}
+    assert docs - routed() - PLANNED - {op for op in docs if op[1] in hot} == set(), (
+        "operations the document describes but nothing routes"
+    )
+    assert {p for _, p in docs if p in hot} == hot
+
+
+def test_every_system_route_needs_basic_auth_and_the_open_ones_do_not() -> None:
+    doc = packaged()
+    assert doc["security"] == [{"basicAuth": []}]
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method not in HTTP_METHODS:
+                continue
+            is_open = path.split("/")[1] in ("function", "async-function", "healthz")
+            assert (op.get("security") == []) == is_open, f"{method} {path}"
+            if not is_open:
+                assert "401" in op["responses"], f"{method} {path}"
+
+
+def test_served_as_packaged(gateway: GatewayTestCase) -> None:
+    response, body = gateway.call("GET", "/system/openapi.json")
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert json.loads(body) == packaged()
+
+
+def test_served_behind_basic_auth() -> None:
+    guarded = make_gateway(auth=("admin", "s3cret"))
+    response, _ = guarded.call("GET", "/system/openapi.json")
+    assert response.code == 401
+    response, body = guarded.call(
+        "GET", "/system/openapi.json", headers={"Authorization": ["Basic YWRtaW46czNjcmV0"]}
+    )
+    assert response.code == 200
+    assert json.loads(body)["info"]["title"] == "txfaas gateway"

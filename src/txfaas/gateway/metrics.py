@@ -31,12 +31,10 @@ class _Flush:
 
 
 class GatewayMetrics:
-    """The counters and gauges of a call are counted in plain dicts and applied to
-    prometheus_client's metrics in one step per label set (:meth:`flush`): when the registry is
-    collected, when ``/metrics`` is rendered, and every second (the gateway's ``TimerService``,
-    so that with ``--workers N`` the other processes' files are at most a second behind).  Each
-    update through prometheus_client's API (its checks, its lock) cost 6.5 % of a proxied call's
-    instructions for five updates a call.  The duration histogram is observed at once.
+    """The gateway's metrics, counted in plain dicts and applied to prometheus_client's in one
+    step per label set (:meth:`flush`): when the registry is collected, when ``/metrics`` is
+    rendered, and every second (so that with ``--workers N`` the other processes' files are at
+    most a second behind).  The duration histogram is observed at once.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:

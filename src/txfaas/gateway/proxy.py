@@ -1,23 +1,9 @@
-"""The synchronous hot path: ``/function/{name}[.{namespace}][/{path}]`` proxied to the function with treq.
+"""The synchronous hot path: ``/function/{name}[.{namespace}][/{path}]`` proxied to the function.
 
-A plain twisted.web resource (Klein's routing is not on this path), driven by
-callbacks rather than a coroutine per request.  The client is treq's
-``HTTPClient`` over our own pooled ``Agent`` (:class:`ProxyClient`), used so
-that it does nothing per request that a proxy does not need: treq's
-``request()`` parses the URL with hyperlink and IDNA-encodes it, builds a cookie
-jar and wraps the agent in cookie, redirect and gzip-decoding layers on every
-call -- work that costs ~15% of a proxied call and that a transparent proxy must
-not do anyway (cookies would leak between callers, gzip would be decoded).
-:meth:`ProxyClient.proxy` hands the pooled agent a ready bytes URL, the
-filtered headers and a streaming body, and returns the function's response
-as it came:
-
-- nothing is decoded or re-encoded, no cookie is kept, no redirect followed;
-- the body is streamed both ways: the request body from Twisted's spool
-  (memory below 100 kB, a temporary file above), the response body chunk by
-  chunk with back-pressure to the function;
-- one deadline per call covers headers and body; when it passes, or the client
-  goes away, the upstream request is cancelled, which aborts its connection.
+A plain twisted.web resource (Klein's routing is not on this path), driven by callbacks.
+It is transparent: nothing is decoded or re-encoded, no cookie kept, no redirect followed;
+bodies stream both ways with back-pressure; one deadline covers a call's headers and body,
+and when it passes, or the client goes away, the upstream request is cancelled.
 """
 
 from __future__ import annotations
@@ -45,7 +31,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from txfaas import headers as hdr
+from txfaas.gateway.answers import finish, text
 from txfaas.gateway.metrics import GatewayMetrics
+from txfaas.gateway.web import when_gone
 from txfaas.http11 import NO_BODY_CODES, BytesProducer
 from txfaas.invocation_log import InvocationLog
 from txfaas.model import DEFAULT_NAMESPACE, MAX_NAME, FunctionSpec
@@ -460,16 +448,6 @@ class _Exchange:
             )
 
 
-def when_gone(request: server.Request, gone: Any) -> None:
-    """``gone(reason)`` once the client went away before the response was finished:
-    ``LimitedRequest.whenGone`` (no Deferred per call), else ``notifyFinish``."""
-    hook = getattr(request, "whenGone", None)
-    if hook is not None:
-        hook(gone)
-    else:
-        request.notifyFinish().addErrback(gone)
-
-
 class _Relay(Protocol):
     """Copies the function's response body to the client, with back-pressure both ways."""
 
@@ -512,15 +490,9 @@ def _describe(error: BaseException) -> str:
 
 def _error(request: server.Request, code: int, message: str) -> bytes:
     """Set ``code`` and a one-line text ``message`` as the response; return the body."""
-    body = message.encode("utf-8", "replace") + b"\n"
-    request.setResponseCode(code)
-    request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    return body
+    return text(request, code, message)
 
 
 def _send_error(request: server.Request, code: int, message: str) -> None:
     """:func:`_error`, written and finished (for a request whose client is still there)."""
-    if not request.finished:
-        request.write(_error(request, code, message))
-        request.finish()
+    finish(request, text(request, code, message))
