@@ -194,3 +194,9 @@ def make_gateway(
         gateway.app_settings = lambda: settings  # type: ignore[method-assign]
     gateway.setUp()
     return gateway
+
+
+def set_up(case: Any) -> Any:
+    """``case`` (a :class:`GatewayTestCase`) set up, for a pytest fixture to return."""
+    case.setUp()
+    return case

@@ -4,289 +4,334 @@ from __future__ import annotations
 
 import gzip
 
+import pytest
 import treq
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.web.http_headers import Headers
 
 from tests.fakes import RefusingAgent
-from tests.unit.gateway_fixtures import GatewayTestCase
+from tests.unit.gateway_fixtures import GatewayTestCase, set_up
 from txfaas.gateway.proxy import ProxyClient
 
 
-class ForwardingTests(GatewayTestCase):
+@pytest.fixture
+def gateway() -> GatewayTestCase:
+    return set_up(GatewayTestCase())
+
+
+class _Forwarding(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.deploy("echo")
 
-    def test_every_method_reaches_the_function_with_subpath_and_query_unchanged(self) -> None:
-        for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]:
-            response, _ = self.call(method, "/function/echo/a/b%20c?x=1&y=%2F")
-            self.assertEqual(response.code, 200, method)
-            seen = self.function.seen[-1]
-            self.assertEqual(seen["method"], method.encode())
-            self.assertEqual(seen["uri"], b"/a/b%20c?x=1&y=%2F")
 
-    def test_trace_and_connect_are_405_and_never_reach_a_function(self) -> None:
-        for method, path in [
-            ("TRACE", "/function/echo"),
-            ("CONNECT", "/function/echo/x"),
-            ("TRACE", "/%66unction/echo"),
-            ("TRACE", "/system/functions"),
-            ("CONNECT", "/healthz"),
-        ]:
-            response, body = self.call(method, path, headers={"Authorization": ["Basic c2VjcmV0"]})
-            self.assertEqual(response.code, 405, (method, path))
-            self.assertEqual(
-                response.headers.getRawHeaders("Allow"), ["GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"]
-            )
-            self.assertIn(method.encode(), body)
-            self.assertNotIn(b"c2VjcmV0", body)
-        self.assertEqual(self.function.seen, [])
-
-    def test_connect_to_an_authority_is_405(self) -> None:
-        channel = self.site.buildProtocol(None)
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        channel.dataReceived(b"CONNECT echo.fn:8080 HTTP/1.1\r\nHost: echo.fn:8080\r\n\r\n")
-        self.flush()
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "), transport.value()[:60])
-        self.assertEqual(self.function.seen, [])
-
-    def test_bare_function_path_is_root_for_the_function(self) -> None:
-        self.call("GET", "/function/echo")
-        self.assertEqual(self.function.seen[-1]["uri"], b"/")
-
-    def test_request_body_is_forwarded_byte_for_byte(self) -> None:
-        body = bytes(range(256)) * 1000  # over 100 kB: spooled to a file by twisted.web
-        self.call("POST", "/function/echo", data=body)
-        self.assertEqual(self.function.seen[-1]["body"], body)
-        self.call("POST", "/function/echo", data=b"small")
-        self.assertEqual(self.function.seen[-1]["body"], b"small")
-
-    def test_hop_by_hop_headers_and_those_named_in_connection_are_dropped(self) -> None:
-        headers = Headers(
-            {
-                "Connection": ["keep-alive, X-Secret-Hop"],
-                "X-Secret-Hop": ["1"],
-                "Keep-Alive": ["timeout=5"],
-                "TE": ["trailers"],
-                "Upgrade": ["websocket"],
-                "Proxy-Authorization": ["Basic eA=="],
-                "X-Keep-Me": ["yes", "twice"],
-            }
-        )
-        self.call("GET", "/function/echo", headers=headers)
-        names = {k for k, _ in self.function.seen[-1]["headers"]}
-        for dropped in [b"x-secret-hop", b"keep-alive", b"te", b"upgrade", b"proxy-authorization"]:
-            self.assertNotIn(dropped, names)
-        self.assertEqual(self.function.header(b"x-keep-me"), [b"yes", b"twice"])
-
-    def test_a_connection_token_that_is_no_header_name_is_ignored_not_an_error(self) -> None:
-        headers = Headers(
-            {"Connection": ["bad token, x-SECRET-hop, ()"], "X-Secret-Hop": ["1"], "X-A": ["a"]}
-        )
-        response, _ = self.call("GET", "/function/echo", headers=headers)
-        self.assertEqual(response.code, 200)
-        names = {k for k, _ in self.function.seen[-1]["headers"]}
-        self.assertNotIn(b"x-secret-hop", names)
-        self.assertEqual(self.function.header(b"x-a"), [b"a"])
-
-    def test_forwarded_for_is_appended_not_replaced_and_forwarded_host_set(self) -> None:
-        self.call(
-            "GET",
-            "/function/echo",
-            headers={"X-Forwarded-For": ["203.0.113.9"], "Host": ["gw.example"]},
-        )
-        xff = self.function.header(b"x-forwarded-for")
-        self.assertEqual(len(xff), 1)
-        self.assertTrue(xff[0].startswith(b"203.0.113.9, "), xff)
-        self.assertEqual(self.function.header(b"x-forwarded-host"), [b"gw.example"])
-
-    def test_call_id_generated_forwarded_and_echoed(self) -> None:
-        response, _ = self.call("GET", "/function/echo")
-        sent = self.function.header(b"x-call-id")
-        self.assertEqual(len(sent), 1)
-        self.assertEqual(response.headers.getRawHeaders(b"x-call-id"), sent)
-        self.assertEqual(len(sent[0]), 36)
-
-    def test_client_call_id_is_forwarded_and_echoed(self) -> None:
-        response, _ = self.call("GET", "/function/echo", headers={"X-Call-Id": ["my-id-1"]})
-        self.assertEqual(self.function.header(b"x-call-id"), [b"my-id-1"])
-        self.assertEqual(response.headers.getRawHeaders(b"x-call-id"), [b"my-id-1"])
-
-    def test_invalid_client_call_id_is_refused(self) -> None:
-        response, body = self.call("GET", "/function/echo", headers={"X-Call-Id": ["bad id"]})
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"X-Call-Id", body)
-        self.assertEqual(self.function.seen, [])
-
-    def test_start_time_sent_to_function_and_returned(self) -> None:
-        response, _ = self.call("GET", "/function/echo")
-        sent = self.function.header(b"x-start-time")
-        self.assertEqual(len(sent), 1)
-        self.assertTrue(sent[0].isdigit())
-        self.assertEqual(response.headers.getRawHeaders(b"x-start-time"), sent)
-        self.assertIsNotNone(response.headers.getRawHeaders(b"x-duration-seconds"))
+@pytest.fixture
+def forwarding_gateway() -> _Forwarding:
+    return set_up(_Forwarding())
 
 
-class ResponseTests(GatewayTestCase):
+def test_every_method_reaches_the_function_with_subpath_and_query_unchanged(
+    forwarding_gateway: _Forwarding,
+) -> None:
+    for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]:
+        response, _ = forwarding_gateway.call(method, "/function/echo/a/b%20c?x=1&y=%2F")
+        assert response.code == 200, method
+        seen = forwarding_gateway.function.seen[-1]
+        assert seen["method"] == method.encode()
+        assert seen["uri"] == b"/a/b%20c?x=1&y=%2F"
+
+
+def test_trace_and_connect_are_405_and_never_reach_a_function(forwarding_gateway: _Forwarding) -> None:
+    for method, path in [
+        ("TRACE", "/function/echo"),
+        ("CONNECT", "/function/echo/x"),
+        ("TRACE", "/%66unction/echo"),
+        ("TRACE", "/system/functions"),
+        ("CONNECT", "/healthz"),
+    ]:
+        response, body = forwarding_gateway.call(method, path, headers={"Authorization": ["Basic c2VjcmV0"]})
+        assert response.code == 405, (method, path)
+        assert response.headers.getRawHeaders("Allow") == ["GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"]
+        assert method.encode() in body
+        assert b"c2VjcmV0" not in body
+    assert forwarding_gateway.function.seen == []
+
+
+def test_connect_to_an_authority_is_405(forwarding_gateway: _Forwarding) -> None:
+    channel = forwarding_gateway.site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"CONNECT echo.fn:8080 HTTP/1.1\r\nHost: echo.fn:8080\r\n\r\n")
+    forwarding_gateway.flush()
+    assert transport.value().startswith(b"HTTP/1.1 405 "), transport.value()[:60]
+    assert forwarding_gateway.function.seen == []
+
+
+def test_bare_function_path_is_root_for_the_function(forwarding_gateway: _Forwarding) -> None:
+    forwarding_gateway.call("GET", "/function/echo")
+    assert forwarding_gateway.function.seen[-1]["uri"] == b"/"
+
+
+def test_request_body_is_forwarded_byte_for_byte(forwarding_gateway: _Forwarding) -> None:
+    body = bytes(range(256)) * 1000  # over 100 kB: spooled to a file by twisted.web
+    forwarding_gateway.call("POST", "/function/echo", data=body)
+    assert forwarding_gateway.function.seen[-1]["body"] == body
+    forwarding_gateway.call("POST", "/function/echo", data=b"small")
+    assert forwarding_gateway.function.seen[-1]["body"] == b"small"
+
+
+def test_hop_by_hop_headers_and_those_named_in_connection_are_dropped(
+    forwarding_gateway: _Forwarding,
+) -> None:
+    headers = Headers(
+        {
+            "Connection": ["keep-alive, X-Secret-Hop"],
+            "X-Secret-Hop": ["1"],
+            "Keep-Alive": ["timeout=5"],
+            "TE": ["trailers"],
+            "Upgrade": ["websocket"],
+            "Proxy-Authorization": ["Basic eA=="],
+            "X-Keep-Me": ["yes", "twice"],
+        }
+    )
+    forwarding_gateway.call("GET", "/function/echo", headers=headers)
+    names = {k for k, _ in forwarding_gateway.function.seen[-1]["headers"]}
+    for dropped in [b"x-secret-hop", b"keep-alive", b"te", b"upgrade", b"proxy-authorization"]:
+        assert dropped not in names
+    assert forwarding_gateway.function.header(b"x-keep-me") == [b"yes", b"twice"]
+
+
+def test_a_connection_token_that_is_no_header_name_is_ignored_not_an_error(
+    forwarding_gateway: _Forwarding,
+) -> None:
+    headers = Headers({"Connection": ["bad token, x-SECRET-hop, ()"], "X-Secret-Hop": ["1"], "X-A": ["a"]})
+    response, _ = forwarding_gateway.call("GET", "/function/echo", headers=headers)
+    assert response.code == 200
+    names = {k for k, _ in forwarding_gateway.function.seen[-1]["headers"]}
+    assert b"x-secret-hop" not in names
+    assert forwarding_gateway.function.header(b"x-a") == [b"a"]
+
+
+def test_forwarded_for_is_appended_not_replaced_and_forwarded_host_set(
+    forwarding_gateway: _Forwarding,
+) -> None:
+    forwarding_gateway.call(
+        "GET",
+        "/function/echo",
+        headers={"X-Forwarded-For": ["203.0.113.9"], "Host": ["gw.example"]},
+    )
+    xff = forwarding_gateway.function.header(b"x-forwarded-for")
+    assert len(xff) == 1
+    assert xff[0].startswith(b"203.0.113.9, "), xff
+    assert forwarding_gateway.function.header(b"x-forwarded-host") == [b"gw.example"]
+
+
+def test_call_id_generated_forwarded_and_echoed(forwarding_gateway: _Forwarding) -> None:
+    response, _ = forwarding_gateway.call("GET", "/function/echo")
+    sent = forwarding_gateway.function.header(b"x-call-id")
+    assert len(sent) == 1
+    assert response.headers.getRawHeaders(b"x-call-id") == sent
+    assert len(sent[0]) == 36
+
+
+def test_client_call_id_is_forwarded_and_echoed(forwarding_gateway: _Forwarding) -> None:
+    response, _ = forwarding_gateway.call("GET", "/function/echo", headers={"X-Call-Id": ["my-id-1"]})
+    assert forwarding_gateway.function.header(b"x-call-id") == [b"my-id-1"]
+    assert response.headers.getRawHeaders(b"x-call-id") == [b"my-id-1"]
+
+
+def test_invalid_client_call_id_is_refused(forwarding_gateway: _Forwarding) -> None:
+    response, body = forwarding_gateway.call("GET", "/function/echo", headers={"X-Call-Id": ["bad id"]})
+    assert response.code == 400
+    assert b"X-Call-Id" in body
+    assert forwarding_gateway.function.seen == []
+
+
+def test_start_time_sent_to_function_and_returned(forwarding_gateway: _Forwarding) -> None:
+    response, _ = forwarding_gateway.call("GET", "/function/echo")
+    sent = forwarding_gateway.function.header(b"x-start-time")
+    assert len(sent) == 1
+    assert sent[0].isdigit()
+    assert response.headers.getRawHeaders(b"x-start-time") == sent
+    assert response.headers.getRawHeaders(b"x-duration-seconds") is not None
+
+
+class _Response(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.deploy("echo")
 
-    def test_status_headers_and_body_come_back_unchanged(self) -> None:
-        self.function.answer = (
-            418,
-            [(b"X-Fn", b"1"), (b"Content-Type", b"application/x-thing"), (b"Set-Cookie", b"a=b")],
-            b"teapot",
+
+@pytest.fixture
+def response_gateway() -> _Response:
+    return set_up(_Response())
+
+
+def test_status_headers_and_body_come_back_unchanged(response_gateway: _Response) -> None:
+    response_gateway.function.answer = (
+        418,
+        [(b"X-Fn", b"1"), (b"Content-Type", b"application/x-thing"), (b"Set-Cookie", b"a=b")],
+        b"teapot",
+    )
+    response, body = response_gateway.call("POST", "/function/echo", data=b"x")
+    assert response.code == 418
+    assert body == b"teapot"
+    assert response.headers.getRawHeaders(b"x-fn") == [b"1"]
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/x-thing"]
+    assert response.headers.getRawHeaders(b"set-cookie") == [b"a=b"]
+
+
+def test_the_functions_content_length_comes_back_and_the_body_is_not_chunked(
+    response_gateway: _Response,
+) -> None:
+    response_gateway.function.answer = (200, [], b"teapot")  # twisted.web gives it a Content-Length
+    response, body = response_gateway.call("GET", "/function/echo")
+    assert (response.length, body) == (6, b"teapot")
+    response, body = response_gateway.call("HEAD", "/function/echo")
+    assert (response.code, body) == (200, b"")
+
+
+def test_redirects_are_not_followed(response_gateway: _Response) -> None:
+    response_gateway.function.answer = (302, [(b"Location", b"http://elsewhere/")], b"")
+    response, _ = response_gateway.call("GET", "/function/echo")
+    assert response.code == 302
+    assert response.headers.getRawHeaders(b"location") == [b"http://elsewhere/"]
+    assert len(response_gateway.function.seen) == 1
+
+
+def test_compressed_body_passes_through_undecoded(response_gateway: _Response) -> None:
+    packed = gzip.compress(b"a" * 1000)
+    response_gateway.function.answer = (200, [(b"Content-Encoding", b"gzip")], packed)
+    response, body = response_gateway.call("GET", "/function/echo", headers={"Accept-Encoding": ["gzip, br"]})
+    assert body == packed
+    assert response.headers.getRawHeaders(b"content-encoding") == [b"gzip"]
+    # The client's Accept-Encoding reached the function, and nothing was added to it.
+    assert response_gateway.function.header(b"accept-encoding") == [b"gzip, br"]
+
+
+def test_no_accept_encoding_is_invented_and_no_empty_content_encoding_returned(
+    response_gateway: _Response,
+) -> None:
+    response, _ = response_gateway.call("GET", "/function/echo")
+    assert response_gateway.function.header(b"accept-encoding") == []
+    assert response.headers.getRawHeaders(b"content-encoding") is None
+
+
+def test_function_cookies_are_not_replayed_to_the_next_caller(response_gateway: _Response) -> None:
+    response_gateway.function.answer = (200, [(b"Set-Cookie", b"session=alice; Path=/")], b"")
+    response_gateway.call("GET", "/function/echo")
+    response_gateway.call("GET", "/function/echo")
+    assert response_gateway.function.header(b"cookie") == []
+
+
+def test_no_default_content_type_is_added(response_gateway: _Response) -> None:
+    response_gateway.function.answer = (204, [], b"")
+    response, _ = response_gateway.call("GET", "/function/echo")
+    assert response.headers.getRawHeaders(b"content-type") is None
+
+
+def test_unknown_function_is_404_naming_it(gateway: GatewayTestCase) -> None:
+    response, body = gateway.call("GET", "/function/nope")
+    assert response.code == 404
+    assert b"'nope'" in body
+
+
+def test_invalid_name_is_400(gateway: GatewayTestCase) -> None:
+    for path in ["/function/Bad", "/function/a_b", "/function/-a", "/function/" + "a" * 64]:
+        response, body = gateway.call("GET", path)
+        assert response.code == 400, path
+        assert b"invalid function name" in body
+
+
+def test_dangerous_subpath_segments_are_400(gateway: GatewayTestCase) -> None:
+    gateway.deploy("echo")
+    for path in [
+        "/function/echo/%2e%2e/x",
+        "/function/echo/a%2Fb",
+        "/function/echo/a%5Cb",
+        "/function/echo/%00",
+    ]:
+        response, _ = gateway.call("GET", path)
+        assert response.code == 400, path
+    assert gateway.function.seen == []
+
+
+def test_registry_unavailable_is_503_not_404(gateway: GatewayTestCase) -> None:
+    gateway.store.available = False
+    response, body = gateway.call("GET", "/function/echo")
+    assert response.code == 503
+    assert b"registry unavailable" in body
+
+
+def test_timeout_is_504_and_aborts_the_upstream_request(gateway: GatewayTestCase) -> None:
+    gateway.deploy("echo")
+    gateway.function.hang = True
+    d = gateway.start("GET", "/function/echo")
+    gateway.assertNoResult(d)
+    gateway.clock.advance(gateway.upstream_timeout + 0.1)
+    gateway.flush()
+    response = gateway.successResultOf(d)
+    assert response.code == 504
+    body = gateway.successResultOf(treq.content(response))
+    assert b"did not answer within 10s" in body
+    assert gateway.function.lost == 1
+
+
+def test_function_timeout_from_its_record_is_used_when_shorter(gateway: GatewayTestCase) -> None:
+    gateway.deploy("echo", annotations={"txfaas.timeout": "2s"})
+    gateway.function.hang = True
+    d = gateway.start("GET", "/function/echo")
+    gateway.clock.advance(2.1)
+    gateway.flush()
+    assert gateway.successResultOf(d).code == 504
+
+
+def test_client_disconnect_cancels_the_upstream_request(gateway: GatewayTestCase) -> None:
+    gateway.deploy("echo")
+    gateway.function.hang = True
+    d = gateway.start("GET", "/function/echo")
+    assert len(gateway.function.seen) == 1
+    d.cancel()
+    gateway.flush()
+    gateway.failureResultOf(d)
+    assert gateway.function.lost == 1
+
+
+def test_connection_refused_is_502_naming_the_function(gateway: GatewayTestCase) -> None:
+    gateway.build(function_client=ProxyClient(RefusingAgent()))
+    gateway.deploy("echo")
+    response, body = gateway.call("GET", "/function/echo")
+    assert response.code == 502
+    assert body == b"function 'echo.openfaas-fn' unreachable: connection refused\n"
+
+
+def test_invocations_counted_by_function_and_code(gateway: GatewayTestCase) -> None:
+    gateway.deploy("echo")
+    gateway.call("GET", "/function/echo")
+    gateway.call("GET", "/function/echo")
+    registry = gateway.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "gateway_function_invocation_total", {"function_name": "echo.openfaas-fn", "code": "200"}
         )
-        response, body = self.call("POST", "/function/echo", data=b"x")
-        self.assertEqual(response.code, 418)
-        self.assertEqual(body, b"teapot")
-        self.assertEqual(response.headers.getRawHeaders(b"x-fn"), [b"1"])
-        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-thing"])
-        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=b"])
-
-    def test_the_functions_content_length_comes_back_and_the_body_is_not_chunked(self) -> None:
-        self.function.answer = (200, [], b"teapot")  # twisted.web gives it a Content-Length
-        response, body = self.call("GET", "/function/echo")
-        self.assertEqual((response.length, body), (6, b"teapot"))
-        response, body = self.call("HEAD", "/function/echo")
-        self.assertEqual((response.code, body), (200, b""))
-
-    def test_redirects_are_not_followed(self) -> None:
-        self.function.answer = (302, [(b"Location", b"http://elsewhere/")], b"")
-        response, _ = self.call("GET", "/function/echo")
-        self.assertEqual(response.code, 302)
-        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"http://elsewhere/"])
-        self.assertEqual(len(self.function.seen), 1)
-
-    def test_compressed_body_passes_through_undecoded(self) -> None:
-        packed = gzip.compress(b"a" * 1000)
-        self.function.answer = (200, [(b"Content-Encoding", b"gzip")], packed)
-        response, body = self.call("GET", "/function/echo", headers={"Accept-Encoding": ["gzip, br"]})
-        self.assertEqual(body, packed)
-        self.assertEqual(response.headers.getRawHeaders(b"content-encoding"), [b"gzip"])
-        # The client's Accept-Encoding reached the function, and nothing was added to it.
-        self.assertEqual(self.function.header(b"accept-encoding"), [b"gzip, br"])
-
-    def test_no_accept_encoding_is_invented_and_no_empty_content_encoding_returned(self) -> None:
-        response, _ = self.call("GET", "/function/echo")
-        self.assertEqual(self.function.header(b"accept-encoding"), [])
-        self.assertIsNone(response.headers.getRawHeaders(b"content-encoding"))
-
-    def test_function_cookies_are_not_replayed_to_the_next_caller(self) -> None:
-        self.function.answer = (200, [(b"Set-Cookie", b"session=alice; Path=/")], b"")
-        self.call("GET", "/function/echo")
-        self.call("GET", "/function/echo")
-        self.assertEqual(self.function.header(b"cookie"), [])
-
-    def test_no_default_content_type_is_added(self) -> None:
-        self.function.answer = (204, [], b"")
-        response, _ = self.call("GET", "/function/echo")
-        self.assertIsNone(response.headers.getRawHeaders(b"content-type"))
-
-
-class ErrorTests(GatewayTestCase):
-    def test_unknown_function_is_404_naming_it(self) -> None:
-        response, body = self.call("GET", "/function/nope")
-        self.assertEqual(response.code, 404)
-        self.assertIn(b"'nope'", body)
-
-    def test_invalid_name_is_400(self) -> None:
-        for path in ["/function/Bad", "/function/a_b", "/function/-a", "/function/" + "a" * 64]:
-            response, body = self.call("GET", path)
-            self.assertEqual(response.code, 400, path)
-            self.assertIn(b"invalid function name", body)
-
-    def test_dangerous_subpath_segments_are_400(self) -> None:
-        self.deploy("echo")
-        for path in [
-            "/function/echo/%2e%2e/x",
-            "/function/echo/a%2Fb",
-            "/function/echo/a%5Cb",
-            "/function/echo/%00",
-        ]:
-            response, _ = self.call("GET", path)
-            self.assertEqual(response.code, 400, path)
-        self.assertEqual(self.function.seen, [])
-
-    def test_registry_unavailable_is_503_not_404(self) -> None:
-        self.store.available = False
-        response, body = self.call("GET", "/function/echo")
-        self.assertEqual(response.code, 503)
-        self.assertIn(b"registry unavailable", body)
-
-    def test_timeout_is_504_and_aborts_the_upstream_request(self) -> None:
-        self.deploy("echo")
-        self.function.hang = True
-        d = self.start("GET", "/function/echo")
-        self.assertNoResult(d)
-        self.clock.advance(self.upstream_timeout + 0.1)
-        self.flush()
-        response = self.successResultOf(d)
-        self.assertEqual(response.code, 504)
-        body = self.successResultOf(treq.content(response))
-        self.assertIn(b"did not answer within 10s", body)
-        self.assertEqual(self.function.lost, 1)
-
-    def test_function_timeout_from_its_record_is_used_when_shorter(self) -> None:
-        self.deploy("echo", annotations={"txfaas.timeout": "2s"})
-        self.function.hang = True
-        d = self.start("GET", "/function/echo")
-        self.clock.advance(2.1)
-        self.flush()
-        self.assertEqual(self.successResultOf(d).code, 504)
-
-    def test_client_disconnect_cancels_the_upstream_request(self) -> None:
-        self.deploy("echo")
-        self.function.hang = True
-        d = self.start("GET", "/function/echo")
-        self.assertEqual(len(self.function.seen), 1)
-        d.cancel()
-        self.flush()
-        self.failureResultOf(d)
-        self.assertEqual(self.function.lost, 1)
-
-
-class UnreachableTests(GatewayTestCase):
-    def test_connection_refused_is_502_naming_the_function(self) -> None:
-        self.build(function_client=ProxyClient(RefusingAgent()))
-        self.deploy("echo")
-        response, body = self.call("GET", "/function/echo")
-        self.assertEqual(response.code, 502)
-        self.assertEqual(body, b"function 'echo.openfaas-fn' unreachable: connection refused\n")
-
-
-class MetricsTests(GatewayTestCase):
-    def test_invocations_counted_by_function_and_code(self) -> None:
-        self.deploy("echo")
-        self.call("GET", "/function/echo")
-        self.call("GET", "/function/echo")
-        registry = self.metrics.registry
-        self.assertEqual(
-            registry.get_sample_value(
-                "gateway_function_invocation_total", {"function_name": "echo.openfaas-fn", "code": "200"}
-            ),
-            2.0,
+    ) == 2.0
+    assert (
+        registry.get_sample_value(
+            "gateway_function_invocation_started", {"function_name": "echo.openfaas-fn"}
         )
-        self.assertEqual(
-            registry.get_sample_value(
-                "gateway_function_invocation_started", {"function_name": "echo.openfaas-fn"}
-            ),
-            2.0,
-        )
+    ) == 2.0
 
-    def test_invocation_counts_reach_the_store_in_batches(self) -> None:
-        self.deploy("echo")
-        self.functions.start()
-        self.call("GET", "/function/echo")
-        self.call("GET", "/function/echo")
-        self.assertEqual(self.store.invocations.get("echo", 0), 0)
-        self.clock.advance(1.0)
-        self.assertEqual(self.store.invocations["echo"], 2)
-        self.successResultOf(defer.Deferred.fromCoroutine(self.functions.stop()))
+
+def test_invocation_counts_reach_the_store_in_batches(gateway: GatewayTestCase) -> None:
+    gateway.deploy("echo")
+    gateway.functions.start()
+    gateway.call("GET", "/function/echo")
+    gateway.call("GET", "/function/echo")
+    assert gateway.store.invocations.get("echo", 0) == 0
+    gateway.clock.advance(1.0)
+    assert gateway.store.invocations["echo"] == 2
+    gateway.successResultOf(defer.Deferred.fromCoroutine(gateway.functions.stop()))
 
 
 class EndpointFactoryTests(GatewayTestCase):
@@ -357,7 +402,7 @@ class _Pool:
         return defer.succeed(protocol)
 
 
-class PoolAgentTests(GatewayTestCase):
+class _PoolAgent(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
         from txfaas.client import PoolAgent
@@ -370,38 +415,57 @@ class PoolAgentTests(GatewayTestCase):
         self.agent.request(method, url, headers if headers is not None else Headers(), None)
         return self.pool.transports[-1].value()
 
-    def test_writes_the_target_and_host_as_agent_would(self) -> None:
-        wire = self.sent(b"http://fn.local:8080/a/b?x=1", Headers({b"X-Custom": [b"v"]}))
-        head = wire.split(b"\r\n")
-        self.assertEqual(head[0], b"GET /a/b?x=1 HTTP/1.1")
-        self.assertIn(b"Host: fn.local:8080", head)
-        self.assertIn(b"X-Custom: v", head)
-        self.assertEqual(self.pool.keys[0][0], (b"http", b"fn.local", 8080))
 
-    def test_default_ports_are_left_out_of_host_and_an_empty_path_is_slash(self) -> None:
-        self.assertIn(b"\r\nHost: fn.local\r\n", self.sent(b"http://fn.local"))
-        self.assertTrue(self.sent(b"http://fn.local:80?q=1").startswith(b"GET /?q=1 HTTP/1.1\r\n"))
-        self.assertIn(b"\r\nHost: tls.local\r\n", self.sent(b"https://tls.local:443/x"))
-        self.assertIn(b"\r\nHost: tls.local:8443\r\n", self.sent(b"https://tls.local:8443/x"))
+@pytest.fixture
+def pool_agent_gateway() -> _PoolAgent:
+    return set_up(_PoolAgent())
 
-    def test_a_host_header_given_is_kept(self) -> None:
-        wire = self.sent(b"http://fn.local:8080/", Headers({b"Host": [b"other.example"]}))
-        self.assertIn(b"\r\nHost: other.example\r\n", wire)
-        self.assertNotIn(b"fn.local", wire)
 
-    def test_the_origin_is_resolved_to_an_endpoint_once(self) -> None:
-        for path in (b"/a", b"/b?c", b"", b"/"):
-            self.sent(b"http://fn.local:8080" + path)
-        self.sent(b"http://fn.local:8081/a")
-        self.assertEqual(self.endpoints.asked, [b"http://fn.local:8080", b"http://fn.local:8081"])
-        self.assertEqual(
-            {key for key, _ in self.pool.keys}, {(b"http", b"fn.local", 8080), (b"http", b"fn.local", 8081)}
-        )
+def test_writes_the_target_and_host_as_agent_would(pool_agent_gateway: _PoolAgent) -> None:
+    wire = pool_agent_gateway.sent(b"http://fn.local:8080/a/b?x=1", Headers({b"X-Custom": [b"v"]}))
+    head = wire.split(b"\r\n")
+    assert head[0] == b"GET /a/b?x=1 HTTP/1.1"
+    assert b"Host: fn.local:8080" in head
+    assert b"X-Custom: v" in head
+    assert pool_agent_gateway.pool.keys[0][0] == (b"http", b"fn.local", 8080)
 
-    def test_an_invalid_method_or_target_fails_the_request_not_the_caller(self) -> None:
-        self.failureResultOf(self.agent.request(b"GET", b"http:///nohost", Headers(), None), ValueError)
-        self.failureResultOf(self.agent.request(b"G ET", b"http://fn.local/", Headers(), None), ValueError)
-        self.failureResultOf(self.agent.request(b"GET", b"http://fn.local/a b", Headers(), None), ValueError)
+
+def test_default_ports_are_left_out_of_host_and_an_empty_path_is_slash(
+    pool_agent_gateway: _PoolAgent,
+) -> None:
+    assert b"\r\nHost: fn.local\r\n" in pool_agent_gateway.sent(b"http://fn.local")
+    assert pool_agent_gateway.sent(b"http://fn.local:80?q=1").startswith(b"GET /?q=1 HTTP/1.1\r\n")
+    assert b"\r\nHost: tls.local\r\n" in pool_agent_gateway.sent(b"https://tls.local:443/x")
+    assert b"\r\nHost: tls.local:8443\r\n" in pool_agent_gateway.sent(b"https://tls.local:8443/x")
+
+
+def test_a_host_header_given_is_kept(pool_agent_gateway: _PoolAgent) -> None:
+    wire = pool_agent_gateway.sent(b"http://fn.local:8080/", Headers({b"Host": [b"other.example"]}))
+    assert b"\r\nHost: other.example\r\n" in wire
+    assert b"fn.local" not in wire
+
+
+def test_the_origin_is_resolved_to_an_endpoint_once(pool_agent_gateway: _PoolAgent) -> None:
+    for path in (b"/a", b"/b?c", b"", b"/"):
+        pool_agent_gateway.sent(b"http://fn.local:8080" + path)
+    pool_agent_gateway.sent(b"http://fn.local:8081/a")
+    assert pool_agent_gateway.endpoints.asked == [b"http://fn.local:8080", b"http://fn.local:8081"]
+    assert {key for key, _ in pool_agent_gateway.pool.keys} == {
+        (b"http", b"fn.local", 8080),
+        (b"http", b"fn.local", 8081),
+    }
+
+
+def test_an_invalid_method_or_target_fails_the_request_not_the_caller(pool_agent_gateway: _PoolAgent) -> None:
+    pool_agent_gateway.failureResultOf(
+        pool_agent_gateway.agent.request(b"GET", b"http:///nohost", Headers(), None), ValueError
+    )
+    pool_agent_gateway.failureResultOf(
+        pool_agent_gateway.agent.request(b"G ET", b"http://fn.local/", Headers(), None), ValueError
+    )
+    pool_agent_gateway.failureResultOf(
+        pool_agent_gateway.agent.request(b"GET", b"http://fn.local/a b", Headers(), None), ValueError
+    )
 
 
 def test_the_headers_the_proxy_sets_directly_have_twisteds_canonical_names() -> None:
@@ -429,7 +493,7 @@ class _Endpoint:
         return defer.succeed(protocol)
 
 
-class KeptConnectionTests(GatewayTestCase):
+class _KeptConnection(GatewayTestCase):
     """PoolAgent over a real RecentFirstPool: an idle connection is used as it is, and a request
     that fails on it before any answer is sent again on a new connection when that is safe."""
 
@@ -459,47 +523,66 @@ class KeptConnectionTests(GatewayTestCase):
         connection.transport.clear()
         return connection
 
-    def test_an_idle_connection_is_used_again_and_its_idle_timer_dropped(self) -> None:
-        connection = self.kept()
-        d = self.agent.request(b"GET", b"http://fn.local:8080/again")
-        self.assertTrue(connection.transport.value().startswith(b"GET /again HTTP/1.1"))
-        self.assertEqual((self.pool._connections[self.key], self.pool._timeouts), ([], {}))
-        connection.dataReceived(self.OK)
-        self.assertEqual(self.successResultOf(d).code, 200)
-        self.assertEqual(len(self.endpoint.connections), 1)
 
-    def test_a_get_on_a_connection_closed_meanwhile_goes_out_again_on_a_new_one(self) -> None:
-        from twisted.internet.error import ConnectionDone
-        from twisted.python.failure import Failure
+@pytest.fixture
+def kept_connection_gateway() -> _KeptConnection:
+    return set_up(_KeptConnection())
 
-        stale = self.kept()
-        d = self.agent.request(b"GET", b"http://fn.local:8080/again")
-        stale.connectionLost(Failure(ConnectionDone()))
-        fresh = self.endpoint.connections[-1]
-        self.assertIsNot(fresh, stale)
-        self.assertTrue(fresh.transport.value().startswith(b"GET /again HTTP/1.1"))
-        fresh.dataReceived(self.OK)
-        self.assertEqual(self.successResultOf(d).code, 200)
 
-    def test_a_request_with_a_body_or_a_cancelled_one_is_not_sent_twice(self) -> None:
-        from twisted.internet.error import ConnectionDone
-        from twisted.python.failure import Failure
-        from twisted.web._newclient import ResponseNeverReceived
+def test_an_idle_connection_is_used_again_and_its_idle_timer_dropped(
+    kept_connection_gateway: _KeptConnection,
+) -> None:
+    connection = kept_connection_gateway.kept()
+    d = kept_connection_gateway.agent.request(b"GET", b"http://fn.local:8080/again")
+    assert connection.transport.value().startswith(b"GET /again HTTP/1.1")
+    assert (
+        kept_connection_gateway.pool._connections[kept_connection_gateway.key],
+        kept_connection_gateway.pool._timeouts,
+    ) == ([], {})
+    connection.dataReceived(kept_connection_gateway.OK)
+    assert kept_connection_gateway.successResultOf(d).code == 200
+    assert len(kept_connection_gateway.endpoint.connections) == 1
 
-        from txfaas.http11 import BytesProducer
 
-        stale = self.kept()
-        d = self.agent.request(b"DELETE", b"http://fn.local:8080/", None, BytesProducer(b"once"))
-        stale.connectionLost(Failure(ConnectionDone()))
-        self.failureResultOf(d, ResponseNeverReceived)
-        self.assertEqual(len(self.endpoint.connections), 1)
+def test_a_get_on_a_connection_closed_meanwhile_goes_out_again_on_a_new_one(
+    kept_connection_gateway: _KeptConnection,
+) -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
 
-        self.endpoint.connections.clear()
-        kept = self.kept()
-        d = self.agent.request(b"GET", b"http://fn.local:8080/")
-        d.cancel()
-        self.failureResultOf(d, ResponseNeverReceived)
-        self.assertEqual(self.endpoint.connections, [kept])
+    stale = kept_connection_gateway.kept()
+    d = kept_connection_gateway.agent.request(b"GET", b"http://fn.local:8080/again")
+    stale.connectionLost(Failure(ConnectionDone()))
+    fresh = kept_connection_gateway.endpoint.connections[-1]
+    assert fresh is not stale
+    assert fresh.transport.value().startswith(b"GET /again HTTP/1.1")
+    fresh.dataReceived(kept_connection_gateway.OK)
+    assert kept_connection_gateway.successResultOf(d).code == 200
+
+
+def test_a_request_with_a_body_or_a_cancelled_one_is_not_sent_twice(
+    kept_connection_gateway: _KeptConnection,
+) -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+
+    from txfaas.http11 import BytesProducer
+
+    stale = kept_connection_gateway.kept()
+    d = kept_connection_gateway.agent.request(
+        b"DELETE", b"http://fn.local:8080/", None, BytesProducer(b"once")
+    )
+    stale.connectionLost(Failure(ConnectionDone()))
+    kept_connection_gateway.failureResultOf(d, ResponseNeverReceived)
+    assert len(kept_connection_gateway.endpoint.connections) == 1
+
+    kept_connection_gateway.endpoint.connections.clear()
+    kept = kept_connection_gateway.kept()
+    d = kept_connection_gateway.agent.request(b"GET", b"http://fn.local:8080/")
+    d.cancel()
+    kept_connection_gateway.failureResultOf(d, ResponseNeverReceived)
+    assert kept_connection_gateway.endpoint.connections == [kept]
 
 
 class NoCycleTests(GatewayTestCase):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.gateway_fixtures import GatewayTestCase
+from tests.unit.gateway_fixtures import GatewayTestCase, set_up
 from txfaas.gateway.app import AppSettings
 from txfaas.invocation_log import InvocationLog
 from txfaas.logs import LogQuery, invocation_line, parse_rfc3339
@@ -70,26 +72,35 @@ class LogQueryTests(SynchronousTestCase):
             self.assertEqual(caught.exception.field, field, query)
 
 
-class InvocationTextTests(SynchronousTestCase):
-    def test_logfmt_with_error_quoted(self) -> None:
-        self.assertEqual(
-            invocation_line(b"abc", b"sync", b"GET", b"/a/b", 200, 0.0012346, 1, None),
-            b"call=abc kind=sync method=GET path=/a/b status=200 duration=0.001235s attempt=1",
-        )
-        self.assertEqual(
-            invocation_line("abc", b"async", "POST", "/", 502, 1.5, 3, 'refused "x"'),
-            b'call=abc kind=async method=POST path=/ status=502 duration=1.500000s attempt=3 error="refused \\"x\\""',
-        )
+class _InvocationText(SynchronousTestCase):
+    pass
 
-    def test_a_path_with_spaces_quotes_or_equals_is_quoted(self) -> None:
-        for path, shown in [
-            (b"/a b", b'"/a b"'),
-            (b'/q"', b'"/q\\""'),
-            (b"/k=v", b'"/k=v"'),
-            (b"/\\", b'"/\\\\"'),
-        ]:
-            line = invocation_line(b"c", b"sync", b"GET", path, 200, 0.0, 1, None)
-            self.assertIn(b" path=" + shown + b" status=", line)
+
+@pytest.fixture
+def invocation_text_case() -> _InvocationText:
+    return _InvocationText()
+
+
+def test_logfmt_with_error_quoted(invocation_text_case: _InvocationText) -> None:
+    assert (
+        invocation_line(b"abc", b"sync", b"GET", b"/a/b", 200, 0.0012346, 1, None)
+        == b"call=abc kind=sync method=GET path=/a/b status=200 duration=0.001235s attempt=1"
+    )
+    assert (
+        invocation_line("abc", b"async", "POST", "/", 502, 1.5, 3, 'refused "x"')
+        == b'call=abc kind=async method=POST path=/ status=502 duration=1.500000s attempt=3 error="refused \\"x\\""'
+    )
+
+
+def test_a_path_with_spaces_quotes_or_equals_is_quoted(invocation_text_case: _InvocationText) -> None:
+    for path, shown in [
+        (b"/a b", b'"/a b"'),
+        (b'/q"', b'"/q\\""'),
+        (b"/k=v", b'"/k=v"'),
+        (b"/\\", b'"/\\\\"'),
+    ]:
+        line = invocation_line(b"c", b"sync", b"GET", path, 200, 0.0, 1, None)
+        assert (b" path=" + shown + b" status=") in line
 
 
 class InvocationLogTests(SynchronousTestCase):
@@ -214,96 +225,100 @@ class LogsTestCase(GatewayTestCase):
         return response, body
 
 
-class SyncCallsAreLoggedTests(LogsTestCase):
-    def test_a_call_becomes_one_line_with_its_id_method_path_status_and_duration(self) -> None:
-        self.deploy("echo")
-        response, _ = self.call("POST", "/function/echo/a/b?secret=x", headers={b"X-Call-Id": [b"call-1"]})
-        self.assertEqual(self.store.logs, {})  # written in a batch, not during the call
-        self.clock.advance(0.25)
-        [entry] = self.store.logs["openfaas-fn", "echo"]
-        self.assertRegex(
-            entry.text,
-            r"^call=call-1 kind=sync method=POST path=/a/b status=200 duration=\d\.\d{6}s attempt=1$",
-        )
-        self.assertEqual(entry.instance, "gw-1")
-
-    def test_an_unreachable_function_is_logged_with_its_error(self) -> None:
-        from tests.fakes import RefusingAgent
-        from txfaas.gateway.proxy import ProxyClient
-
-        self.build(function_client=ProxyClient(RefusingAgent()), invocations=self.invocations)
-        self.deploy("echo")
-        self.call("GET", "/function/echo")
-        self.clock.advance(0.25)
-        [entry] = self.store.logs["openfaas-fn", "echo"]
-        self.assertIn("status=502", entry.text)
-        self.assertTrue(entry.text.endswith(' error="connection refused"'), entry.text)
-
-    def test_a_timeout_is_logged_as_504(self) -> None:
-        self.deploy("echo", annotations={"txfaas.timeout": "2s"})
-        self.function.hang = True
-        self.start("GET", "/function/echo")
-        self.clock.advance(2.1)
-        self.flush()
-        self.clock.advance(0.25)
-        [entry] = self.store.logs["openfaas-fn", "echo"]
-        self.assertIn("status=504", entry.text)
-        self.assertIn('error="no answer within 2s"', entry.text)
+def test_a_call_becomes_one_line_with_its_id_method_path_status_and_duration(
+    logs_gateway: LogsTestCase,
+) -> None:
+    logs_gateway.deploy("echo")
+    response, _ = logs_gateway.call(
+        "POST", "/function/echo/a/b?secret=x", headers={b"X-Call-Id": [b"call-1"]}
+    )
+    assert logs_gateway.store.logs == {}  # written in a batch, not during the call
+    logs_gateway.clock.advance(0.25)
+    [entry] = logs_gateway.store.logs["openfaas-fn", "echo"]
+    assert re.search(
+        r"^call=call-1 kind=sync method=POST path=/a/b status=200 duration=\d\.\d{6}s attempt=1$", entry.text
+    )
+    assert entry.instance == "gw-1"
 
 
-class LogsRouteTests(LogsTestCase):
-    def test_ndjson_lines_in_faas_providers_message_shape(self) -> None:
-        self.deploy("echo")
-        self.add("one")
-        self.add("two", instance="worker-1")
-        response, body = self.call("GET", "/system/logs?follow=false&name=echo&tail=-1")
-        self.assertEqual(response.code, 200)
-        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/x-ndjson"])
-        lines = [json.loads(line) for line in body.splitlines()]
-        self.assertEqual([m["text"] for m in lines], ["one", "two"])
-        self.assertEqual(set(lines[0]), {"name", "namespace", "instance", "timestamp", "text"})
-        self.assertEqual((lines[0]["name"], lines[0]["namespace"]), ("echo", "openfaas-fn"))
-        self.assertEqual([m["instance"] for m in lines], ["gw-1", "worker-1"])
-        self.assertRegex(lines[0]["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+def test_an_unreachable_function_is_logged_with_its_error(logs_gateway: LogsTestCase) -> None:
+    from tests.fakes import RefusingAgent
+    from txfaas.gateway.proxy import ProxyClient
 
-    def test_tail_since_and_instance(self) -> None:
-        self.deploy("echo")
-        for i in range(5):
-            self.add(f"l{i}", instance="a" if i % 2 else "b")
-        since = datetime.fromtimestamp(self.clock.seconds() - 2.5, UTC).isoformat().replace("+00:00", "Z")
+    logs_gateway.build(function_client=ProxyClient(RefusingAgent()), invocations=logs_gateway.invocations)
+    logs_gateway.deploy("echo")
+    logs_gateway.call("GET", "/function/echo")
+    logs_gateway.clock.advance(0.25)
+    [entry] = logs_gateway.store.logs["openfaas-fn", "echo"]
+    assert "status=502" in entry.text
+    assert entry.text.endswith(' error="connection refused"'), entry.text
 
-        def texts(query: str) -> list[str]:
-            response, body = self.call("GET", "/system/logs?name=echo&" + query)
-            self.assertEqual(response.code, 200, body)
-            return [json.loads(line)["text"] for line in body.splitlines()]
 
-        self.assertEqual(texts("tail=2"), ["l3", "l4"])
-        self.assertEqual(texts("tail=0"), ["l0", "l1", "l2", "l3", "l4"])
-        self.assertEqual(texts("instance=a"), ["l1", "l3"])
-        self.assertEqual(texts("instance=b&tail=2"), ["l2", "l4"])
-        self.assertEqual(texts(f"since={since}"), ["l3", "l4"])
-        response, body = self.call("GET", "/system/logs?name=echo&namespace=dev")
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"namespace 'dev' does not exist", body)
+def test_a_timeout_is_logged_as_504(logs_gateway: LogsTestCase) -> None:
+    logs_gateway.deploy("echo", annotations={"txfaas.timeout": "2s"})
+    logs_gateway.function.hang = True
+    logs_gateway.start("GET", "/function/echo")
+    logs_gateway.clock.advance(2.1)
+    logs_gateway.flush()
+    logs_gateway.clock.advance(0.25)
+    [entry] = logs_gateway.store.logs["openfaas-fn", "echo"]
+    assert "status=504" in entry.text
+    assert 'error="no answer within 2s"' in entry.text
 
-    def test_unknown_function_is_404_and_bad_values_400(self) -> None:
-        response, body = self.call("GET", "/system/logs?name=nope")
-        self.assertEqual(
-            (response.code, body), (404, b"function 'nope' not found in namespace 'openfaas-fn'\n")
-        )
-        self.deploy("echo")
-        for query in ["name=echo&tail=x", "name=echo&since=now", "name=echo&follow=maybe", "tail=1"]:
-            response, body = self.call("GET", "/system/logs?" + query)
-            self.assertEqual(response.code, 400, query)
-            self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
-        response, _ = self.call("POST", "/system/logs?name=echo")
-        self.assertEqual(response.code, 405)
 
-    def test_removing_the_function_removes_its_log(self) -> None:
-        self.deploy("echo")
-        self.add("one")
-        self.call("DELETE", "/system/functions", data=b'{"functionName": "echo"}')
-        self.assertEqual(self.store.logs, {})
+def test_ndjson_lines_in_faas_providers_message_shape(logs_gateway: LogsTestCase) -> None:
+    logs_gateway.deploy("echo")
+    logs_gateway.add("one")
+    logs_gateway.add("two", instance="worker-1")
+    response, body = logs_gateway.call("GET", "/system/logs?follow=false&name=echo&tail=-1")
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/x-ndjson"]
+    lines = [json.loads(line) for line in body.splitlines()]
+    assert [m["text"] for m in lines] == ["one", "two"]
+    assert set(lines[0]) == {"name", "namespace", "instance", "timestamp", "text"}
+    assert (lines[0]["name"], lines[0]["namespace"]) == ("echo", "openfaas-fn")
+    assert [m["instance"] for m in lines] == ["gw-1", "worker-1"]
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$", lines[0]["timestamp"])
+
+
+def test_tail_since_and_instance(logs_gateway: LogsTestCase) -> None:
+    logs_gateway.deploy("echo")
+    for i in range(5):
+        logs_gateway.add(f"l{i}", instance="a" if i % 2 else "b")
+    since = datetime.fromtimestamp(logs_gateway.clock.seconds() - 2.5, UTC).isoformat().replace("+00:00", "Z")
+
+    def texts(query: str) -> list[str]:
+        response, body = logs_gateway.call("GET", "/system/logs?name=echo&" + query)
+        assert response.code == 200, body
+        return [json.loads(line)["text"] for line in body.splitlines()]
+
+    assert texts("tail=2") == ["l3", "l4"]
+    assert texts("tail=0") == ["l0", "l1", "l2", "l3", "l4"]
+    assert texts("instance=a") == ["l1", "l3"]
+    assert texts("instance=b&tail=2") == ["l2", "l4"]
+    assert texts(f"since={since}") == ["l3", "l4"]
+    response, body = logs_gateway.call("GET", "/system/logs?name=echo&namespace=dev")
+    assert response.code == 400
+    assert b"namespace 'dev' does not exist" in body
+
+
+def test_unknown_function_is_404_and_bad_values_400(logs_gateway: LogsTestCase) -> None:
+    response, body = logs_gateway.call("GET", "/system/logs?name=nope")
+    assert (response.code, body) == (404, b"function 'nope' not found in namespace 'openfaas-fn'\n")
+    logs_gateway.deploy("echo")
+    for query in ["name=echo&tail=x", "name=echo&since=now", "name=echo&follow=maybe", "tail=1"]:
+        response, body = logs_gateway.call("GET", "/system/logs?" + query)
+        assert response.code == 400, query
+        assert response.headers.getRawHeaders(b"content-type") == [b"text/plain; charset=utf-8"]
+    response, _ = logs_gateway.call("POST", "/system/logs?name=echo")
+    assert response.code == 405
+
+
+def test_removing_the_function_removes_its_log(logs_gateway: LogsTestCase) -> None:
+    logs_gateway.deploy("echo")
+    logs_gateway.add("one")
+    logs_gateway.call("DELETE", "/system/functions", data=b'{"functionName": "echo"}')
+    assert logs_gateway.store.logs == {}
 
 
 class FollowTests(LogsTestCase):
@@ -426,3 +441,8 @@ def test_the_worker_writes_its_last_lines_when_it_stops():
     h.worker.stopService()
     h.flush()
     assert len(h.store.logs["openfaas-fn", "echo"]) == 1
+
+
+@pytest.fixture
+def logs_gateway() -> LogsTestCase:
+    return set_up(LogsTestCase())

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from tests.store_contract import CONTRACT
-from tests.unit.gateway_fixtures import GatewayTestCase
+from tests.unit.gateway_fixtures import GatewayTestCase, set_up
 from tests.unit.test_worker_service import CALLBACK, Harness
 from txfaas.gateway.app import AppSettings
 from txfaas.gateway.proxy import ProxySettings
@@ -133,7 +133,7 @@ def test_memory_store_contract(case):
 # --- the gateway ----------------------------------------------------------------------------------
 
 
-class NamespaceGatewayTests(GatewayTestCase):
+class _NamespaceGateway(GatewayTestCase):
     """Paths, query strings and bodies as faas-cli sends them."""
 
     def setUp(self) -> None:
@@ -149,212 +149,253 @@ class NamespaceGatewayTests(GatewayTestCase):
             body["namespace"] = namespace
         return self.call_json("POST", "/system/functions", body)
 
-    def test_invoke_reaches_the_function_of_the_namespace_named(self) -> None:
-        self.deploy_in("openfaas-fn", url="http://default.fn:8080")
-        self.deploy_in("dev", url="http://dev.fn:8080")
-        for path, host in [
-            ("/function/echo.dev/x", b"dev.fn:8080"),
-            ("/function/echo.openfaas-fn/x", b"default.fn:8080"),
-            ("/function/echo/x", b"default.fn:8080"),
-        ]:
-            response, _ = self.call("POST", path, data=b"in")
-            self.assertEqual(response.code, 200, path)
-            self.assertEqual(self.function.header(b"host"), [host], path)
-            self.assertEqual(self.function.seen[-1]["uri"], b"/x")
 
-    def test_the_url_template_gets_the_namespace(self) -> None:
-        self.build(proxy_settings=ProxySettings("http://{name}.{namespace}:8080", 10.0))
-        self.deploy_in("dev")
-        self.call("GET", "/function/echo.dev")
-        self.assertEqual(self.function.header(b"host"), [b"echo.dev:8080"])
+@pytest.fixture
+def namespace_gateway_gateway() -> _NamespaceGateway:
+    return set_up(_NamespaceGateway())
 
-    def test_invoke_of_a_name_missing_in_that_namespace_is_404_naming_both(self) -> None:
-        self.deploy_in(None)
-        response, body = self.call("GET", "/function/echo.dev")
-        self.assertEqual((response.code, body), (404, b"function 'echo' not found in namespace 'dev'\n"))
-        response, body = self.call("POST", "/async-function/echo.dev", data=b"x")
-        self.assertEqual((response.code, body), (404, b"function 'echo' not found in namespace 'dev'\n"))
 
-    def test_bad_namespace_in_the_path_is_400(self) -> None:
-        for path in [
-            "/function/echo.Dev",
-            "/function/echo.",
-            "/function/echo.a.b",
-            "/function/echo." + "a" * 64,
-        ]:
-            response, body = self.call("GET", path)
-            self.assertEqual(response.code, 400, path)
-            self.assertIn(b"invalid function name", body)
-        response, body = self.call("POST", "/async-function/echo.Dev", data=b"x")
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"namespace", body)
+def test_invoke_reaches_the_function_of_the_namespace_named(
+    namespace_gateway_gateway: _NamespaceGateway,
+) -> None:
+    namespace_gateway_gateway.deploy_in("openfaas-fn", url="http://default.fn:8080")
+    namespace_gateway_gateway.deploy_in("dev", url="http://dev.fn:8080")
+    for path, host in [
+        ("/function/echo.dev/x", b"dev.fn:8080"),
+        ("/function/echo.openfaas-fn/x", b"default.fn:8080"),
+        ("/function/echo/x", b"default.fn:8080"),
+    ]:
+        response, _ = namespace_gateway_gateway.call("POST", path, data=b"in")
+        assert response.code == 200, path
+        assert namespace_gateway_gateway.function.header(b"host") == [host], path
+        assert namespace_gateway_gateway.function.seen[-1]["uri"] == b"/x"
 
-    def test_async_invoke_queues_the_namespace_and_records_it(self) -> None:
-        self.deploy_in("dev")
-        response, body = self.call("POST", "/async-function/echo.dev/sub", data=b"x")
-        self.assertEqual(response.code, 202)
-        call_id = js(body)["callId"]
-        [call] = [c for c in self.queue.published if c.call_id == call_id]
-        self.assertEqual((call.function, call.namespace, call.path), ("echo", "dev", "/sub"))
-        _, body = self.call("GET", f"/system/calls/{call_id}")
-        self.assertEqual((js(body)["function"], js(body)["namespace"]), ("echo", "dev"))
 
-    def test_a_call_id_taken_by_the_same_name_in_another_namespace_is_409(self) -> None:
-        self.deploy_in("dev")
-        self.deploy_in(None)
-        response, _ = self.call("POST", "/async-function/echo.dev", {"X-Call-Id": ["id-1"]}, b"x")
-        self.assertEqual(response.code, 202)
-        response, body = self.call("POST", "/async-function/echo", {"X-Call-Id": ["id-1"]}, b"x")
-        self.assertEqual(response.code, 409)
-        self.assertIn(b"taken by another call", body)
-        response, body = self.call("POST", "/async-function/echo.dev", {"X-Call-Id": ["id-1"]}, b"x")
-        self.assertEqual((response.code, js(body)["duplicate"]), (202, True))
+def test_the_url_template_gets_the_namespace(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    namespace_gateway_gateway.build(proxy_settings=ProxySettings("http://{name}.{namespace}:8080", 10.0))
+    namespace_gateway_gateway.deploy_in("dev")
+    namespace_gateway_gateway.call("GET", "/function/echo.dev")
+    assert namespace_gateway_gateway.function.header(b"host") == [b"echo.dev:8080"]
 
-    def test_metrics_are_labelled_name_dot_namespace(self) -> None:
-        self.deploy_in("dev")
-        self.deploy_in(None)
-        self.call("GET", "/function/echo.dev")
-        self.call("GET", "/function/echo")
-        self.metrics.flush()
-        registry = self.metrics.registry
-        for ref in ["echo.dev", "echo.openfaas-fn"]:
-            value = registry.get_sample_value(
-                "gateway_function_invocation_total", {"function_name": ref, "code": "200"}
-            )
-            self.assertEqual(value, 1.0, ref)
 
-    def test_list_and_describe_take_the_namespace_query(self) -> None:
-        self.deploy_in("dev", image="dev-image")
-        self.deploy_in(None, image="default-image")
-        _, body = self.call("GET", "/system/functions?namespace=dev")
-        self.assertEqual(
-            [(f["name"], f["namespace"], f["image"]) for f in js(body)], [("echo", "dev", "dev-image")]
+def test_invoke_of_a_name_missing_in_that_namespace_is_404_naming_both(
+    namespace_gateway_gateway: _NamespaceGateway,
+) -> None:
+    namespace_gateway_gateway.deploy_in(None)
+    response, body = namespace_gateway_gateway.call("GET", "/function/echo.dev")
+    assert (response.code, body) == (404, b"function 'echo' not found in namespace 'dev'\n")
+    response, body = namespace_gateway_gateway.call("POST", "/async-function/echo.dev", data=b"x")
+    assert (response.code, body) == (404, b"function 'echo' not found in namespace 'dev'\n")
+
+
+def test_bad_namespace_in_the_path_is_400(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    for path in [
+        "/function/echo.Dev",
+        "/function/echo.",
+        "/function/echo.a.b",
+        "/function/echo." + "a" * 64,
+    ]:
+        response, body = namespace_gateway_gateway.call("GET", path)
+        assert response.code == 400, path
+        assert b"invalid function name" in body
+    response, body = namespace_gateway_gateway.call("POST", "/async-function/echo.Dev", data=b"x")
+    assert response.code == 400
+    assert b"namespace" in body
+
+
+def test_async_invoke_queues_the_namespace_and_records_it(
+    namespace_gateway_gateway: _NamespaceGateway,
+) -> None:
+    namespace_gateway_gateway.deploy_in("dev")
+    response, body = namespace_gateway_gateway.call("POST", "/async-function/echo.dev/sub", data=b"x")
+    assert response.code == 202
+    call_id = js(body)["callId"]
+    [call] = [c for c in namespace_gateway_gateway.queue.published if c.call_id == call_id]
+    assert (call.function, call.namespace, call.path) == ("echo", "dev", "/sub")
+    _, body = namespace_gateway_gateway.call("GET", f"/system/calls/{call_id}")
+    assert (js(body)["function"], js(body)["namespace"]) == ("echo", "dev")
+
+
+def test_a_call_id_taken_by_the_same_name_in_another_namespace_is_409(
+    namespace_gateway_gateway: _NamespaceGateway,
+) -> None:
+    namespace_gateway_gateway.deploy_in("dev")
+    namespace_gateway_gateway.deploy_in(None)
+    response, _ = namespace_gateway_gateway.call(
+        "POST", "/async-function/echo.dev", {"X-Call-Id": ["id-1"]}, b"x"
+    )
+    assert response.code == 202
+    response, body = namespace_gateway_gateway.call(
+        "POST", "/async-function/echo", {"X-Call-Id": ["id-1"]}, b"x"
+    )
+    assert response.code == 409
+    assert b"taken by another call" in body
+    response, body = namespace_gateway_gateway.call(
+        "POST", "/async-function/echo.dev", {"X-Call-Id": ["id-1"]}, b"x"
+    )
+    assert (response.code, js(body)["duplicate"]) == (202, True)
+
+
+def test_metrics_are_labelled_name_dot_namespace(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    namespace_gateway_gateway.deploy_in("dev")
+    namespace_gateway_gateway.deploy_in(None)
+    namespace_gateway_gateway.call("GET", "/function/echo.dev")
+    namespace_gateway_gateway.call("GET", "/function/echo")
+    namespace_gateway_gateway.metrics.flush()
+    registry = namespace_gateway_gateway.metrics.registry
+    for ref in ["echo.dev", "echo.openfaas-fn"]:
+        value = registry.get_sample_value(
+            "gateway_function_invocation_total", {"function_name": ref, "code": "200"}
         )
-        _, body = self.call("GET", "/system/functions")
-        self.assertEqual([(f["name"], f["namespace"]) for f in js(body)], [("echo", "openfaas-fn")])
-        response, body = self.call("GET", "/system/function/echo?namespace=dev")
-        self.assertEqual((response.code, js(body)["image"]), (200, "dev-image"))
-        response, body = self.call("GET", "/system/function/echo")
-        self.assertEqual(js(body)["image"], "default-image")
-        response, body = self.call("GET", "/system/functions?namespace=nowhere")
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"'nowhere'", body)
-        response, _ = self.call("GET", "/system/function/echo?namespace=nowhere")
-        self.assertEqual(response.code, 404)
-
-    def test_remove_with_a_namespace_leaves_the_same_name_elsewhere_untouched(self) -> None:
-        self.deploy_in("dev")
-        self.deploy_in(None)
-        response, body = self.call_json(
-            "DELETE", "/system/functions", {"functionName": "echo", "namespace": "dev"}
-        )
-        self.assertEqual(response.code, 202)
-        response, _ = self.call("GET", "/function/echo.dev")
-        self.assertEqual(response.code, 404)
-        response, _ = self.call("GET", "/function/echo.openfaas-fn")
-        self.assertEqual(response.code, 200)
-        response, _ = self.call_json(
-            "DELETE", "/system/functions", {"functionName": "echo", "namespace": "dev"}
-        )
-        self.assertEqual(response.code, 404)
-
-    def test_update_and_scale_act_on_the_namespace_named(self) -> None:
-        self.deploy_in("dev")
-        self.deploy_in(None)
-        response, _ = self.call_json(
-            "PUT", "/system/functions", {"service": "echo", "namespace": "dev", "image": "v2"}
-        )
-        self.assertEqual(response.code, 202)
-        response, _ = self.call_json(
-            "POST", "/system/scale-function/echo", {"serviceName": "echo", "namespace": "dev", "replicas": 4}
-        )
-        self.assertEqual(response.code, 202)
-        dev = finished(self.store.get_function("echo", "dev"))
-        default = finished(self.store.get_function("echo"))
-        self.assertEqual((dev.image, dev.replicas), ("v2", 4))
-        self.assertEqual((default.image, default.replicas), ("x", 1))
-        response, _ = self.call_json(
-            "POST", "/system/scale-function/echo", {"serviceName": "echo", "namespace": "qa", "replicas": 1}
-        )
-        self.assertEqual(response.code, 404)
-
-    def test_deploy_into_an_unknown_namespace_is_400_naming_it(self) -> None:
-        response, body = self.deploy_in("nowhere")
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"namespace 'nowhere' does not exist", body)
-        self.assertEqual(self.store.functions, {})
-        response, body = self.deploy_in("Bad_Name")
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"namespace", body)
-
-    def test_the_same_name_twice_in_one_namespace_is_409(self) -> None:
-        self.deploy_in("dev")
-        response, body = self.deploy_in("dev")
-        self.assertEqual(response.code, 409)
-        self.assertIn(b"namespace 'dev'", body)
-
-    def test_namespaces_list_get_create_update_delete(self) -> None:
-        response, body = self.call("GET", "/system/namespaces")
-        self.assertEqual((response.code, js(body)), (200, ["dev", "openfaas-fn"]))
-        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
-        response, body = self.call("GET", "/system/namespace/dev")
-        self.assertEqual(js(body), {"name": "dev", "labels": {"openfaas": "1"}, "annotations": {}})
-        response, body = self.call("GET", "/system/namespace/openfaas-fn")
-        self.assertEqual((response.code, js(body)["name"]), (200, "openfaas-fn"))
-        response, body = self.call("GET", "/system/namespace/qa")
-        self.assertEqual(response.code, 404)
-
-        response, body = self.call_json("POST", "/system/namespace/", {"name": "dev"})
-        self.assertEqual(response.code, 409)
-        response, body = self.call_json("POST", "/system/namespace/", {"name": "openfaas-fn"})
-        self.assertEqual(response.code, 409)
-        response, body = self.call_json("POST", "/system/namespace/", {"name": "Bad_Name"})
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"invalid namespace", body)
-
-        response, _ = self.call_json(
-            "PUT",
-            "/system/namespace/dev",
-            {"name": "dev", "labels": {"openfaas": "1"}, "annotations": {"a": "b"}},
-        )
-        self.assertEqual(response.code, 202)
-        _, body = self.call("GET", "/system/namespace/dev")
-        self.assertEqual(js(body)["annotations"], {"a": "b"})
-        response, _ = self.call_json("PUT", "/system/namespace/qa", {"name": "qa"})
-        self.assertEqual(response.code, 404)
-
-        self.deploy_in("dev")
-        response, body = self.call_json(
-            "DELETE", "/system/namespace/dev", {"name": "dev", "labels": {"openfaas": "1"}}
-        )
-        self.assertEqual(response.code, 409)
-        self.assertIn(b"still holds functions", body)
-        self.call_json("DELETE", "/system/functions", {"functionName": "echo", "namespace": "dev"})
-        response, _ = self.call_json("DELETE", "/system/namespace/dev", {"name": "dev"})
-        self.assertEqual(response.code, 202)
-        response, _ = self.call_json("DELETE", "/system/namespace/dev", {"name": "dev"})
-        self.assertEqual(response.code, 404)
-        response, body = self.call_json("DELETE", "/system/namespace/openfaas-fn", {"name": "openfaas-fn"})
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"cannot be deleted", body)
-        _, body = self.call("GET", "/system/namespaces")
-        self.assertEqual(js(body), ["openfaas-fn"])
-
-    def test_dead_letters_filter_by_name_and_namespace(self) -> None:
-        for call_id, namespace in [("c1", "dev"), ("c2", "openfaas-fn")]:
-            call = Call(call_id=call_id, function="echo", namespace=namespace, dead=DeadMark("max_age", 1.0))
-            finished(self.store.put_dead_letter(DeadLetter(call)))
-        for query, ids in [
-            ("function=echo.dev", ["c1"]),
-            ("function=echo&namespace=dev", ["c1"]),
-            ("function=echo", ["c2"]),
-            ("", ["c1", "c2"]),
-        ]:
-            _, body = self.call("GET", f"/system/dead-letters?{query}")
-            self.assertEqual(sorted(d["callId"] for d in js(body)), ids, query)
+        assert value == 1.0, ref
 
 
-class OtherDefaultNamespaceTests(GatewayTestCase):
+def test_list_and_describe_take_the_namespace_query(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    namespace_gateway_gateway.deploy_in("dev", image="dev-image")
+    namespace_gateway_gateway.deploy_in(None, image="default-image")
+    _, body = namespace_gateway_gateway.call("GET", "/system/functions?namespace=dev")
+    assert [(f["name"], f["namespace"], f["image"]) for f in js(body)] == [("echo", "dev", "dev-image")]
+    _, body = namespace_gateway_gateway.call("GET", "/system/functions")
+    assert [(f["name"], f["namespace"]) for f in js(body)] == [("echo", "openfaas-fn")]
+    response, body = namespace_gateway_gateway.call("GET", "/system/function/echo?namespace=dev")
+    assert (response.code, js(body)["image"]) == (200, "dev-image")
+    response, body = namespace_gateway_gateway.call("GET", "/system/function/echo")
+    assert js(body)["image"] == "default-image"
+    response, body = namespace_gateway_gateway.call("GET", "/system/functions?namespace=nowhere")
+    assert response.code == 400
+    assert b"'nowhere'" in body
+    response, _ = namespace_gateway_gateway.call("GET", "/system/function/echo?namespace=nowhere")
+    assert response.code == 404
+
+
+def test_remove_with_a_namespace_leaves_the_same_name_elsewhere_untouched(
+    namespace_gateway_gateway: _NamespaceGateway,
+) -> None:
+    namespace_gateway_gateway.deploy_in("dev")
+    namespace_gateway_gateway.deploy_in(None)
+    response, body = namespace_gateway_gateway.call_json(
+        "DELETE", "/system/functions", {"functionName": "echo", "namespace": "dev"}
+    )
+    assert response.code == 202
+    response, _ = namespace_gateway_gateway.call("GET", "/function/echo.dev")
+    assert response.code == 404
+    response, _ = namespace_gateway_gateway.call("GET", "/function/echo.openfaas-fn")
+    assert response.code == 200
+    response, _ = namespace_gateway_gateway.call_json(
+        "DELETE", "/system/functions", {"functionName": "echo", "namespace": "dev"}
+    )
+    assert response.code == 404
+
+
+def test_update_and_scale_act_on_the_namespace_named(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    namespace_gateway_gateway.deploy_in("dev")
+    namespace_gateway_gateway.deploy_in(None)
+    response, _ = namespace_gateway_gateway.call_json(
+        "PUT", "/system/functions", {"service": "echo", "namespace": "dev", "image": "v2"}
+    )
+    assert response.code == 202
+    response, _ = namespace_gateway_gateway.call_json(
+        "POST", "/system/scale-function/echo", {"serviceName": "echo", "namespace": "dev", "replicas": 4}
+    )
+    assert response.code == 202
+    dev = finished(namespace_gateway_gateway.store.get_function("echo", "dev"))
+    default = finished(namespace_gateway_gateway.store.get_function("echo"))
+    assert (dev.image, dev.replicas) == ("v2", 4)
+    assert (default.image, default.replicas) == ("x", 1)
+    response, _ = namespace_gateway_gateway.call_json(
+        "POST", "/system/scale-function/echo", {"serviceName": "echo", "namespace": "qa", "replicas": 1}
+    )
+    assert response.code == 404
+
+
+def test_deploy_into_an_unknown_namespace_is_400_naming_it(
+    namespace_gateway_gateway: _NamespaceGateway,
+) -> None:
+    response, body = namespace_gateway_gateway.deploy_in("nowhere")
+    assert response.code == 400
+    assert b"namespace 'nowhere' does not exist" in body
+    assert namespace_gateway_gateway.store.functions == {}
+    response, body = namespace_gateway_gateway.deploy_in("Bad_Name")
+    assert response.code == 400
+    assert b"namespace" in body
+
+
+def test_the_same_name_twice_in_one_namespace_is_409(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    namespace_gateway_gateway.deploy_in("dev")
+    response, body = namespace_gateway_gateway.deploy_in("dev")
+    assert response.code == 409
+    assert b"namespace 'dev'" in body
+
+
+def test_namespaces_list_get_create_update_delete(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    response, body = namespace_gateway_gateway.call("GET", "/system/namespaces")
+    assert (response.code, js(body)) == (200, ["dev", "openfaas-fn"])
+    assert response.headers.getRawHeaders(b"content-type") == [b"application/json"]
+    response, body = namespace_gateway_gateway.call("GET", "/system/namespace/dev")
+    assert js(body) == {"name": "dev", "labels": {"openfaas": "1"}, "annotations": {}}
+    response, body = namespace_gateway_gateway.call("GET", "/system/namespace/openfaas-fn")
+    assert (response.code, js(body)["name"]) == (200, "openfaas-fn")
+    response, body = namespace_gateway_gateway.call("GET", "/system/namespace/qa")
+    assert response.code == 404
+
+    response, body = namespace_gateway_gateway.call_json("POST", "/system/namespace/", {"name": "dev"})
+    assert response.code == 409
+    response, body = namespace_gateway_gateway.call_json(
+        "POST", "/system/namespace/", {"name": "openfaas-fn"}
+    )
+    assert response.code == 409
+    response, body = namespace_gateway_gateway.call_json("POST", "/system/namespace/", {"name": "Bad_Name"})
+    assert response.code == 400
+    assert b"invalid namespace" in body
+
+    response, _ = namespace_gateway_gateway.call_json(
+        "PUT",
+        "/system/namespace/dev",
+        {"name": "dev", "labels": {"openfaas": "1"}, "annotations": {"a": "b"}},
+    )
+    assert response.code == 202
+    _, body = namespace_gateway_gateway.call("GET", "/system/namespace/dev")
+    assert js(body)["annotations"] == {"a": "b"}
+    response, _ = namespace_gateway_gateway.call_json("PUT", "/system/namespace/qa", {"name": "qa"})
+    assert response.code == 404
+
+    namespace_gateway_gateway.deploy_in("dev")
+    response, body = namespace_gateway_gateway.call_json(
+        "DELETE", "/system/namespace/dev", {"name": "dev", "labels": {"openfaas": "1"}}
+    )
+    assert response.code == 409
+    assert b"still holds functions" in body
+    namespace_gateway_gateway.call_json(
+        "DELETE", "/system/functions", {"functionName": "echo", "namespace": "dev"}
+    )
+    response, _ = namespace_gateway_gateway.call_json("DELETE", "/system/namespace/dev", {"name": "dev"})
+    assert response.code == 202
+    response, _ = namespace_gateway_gateway.call_json("DELETE", "/system/namespace/dev", {"name": "dev"})
+    assert response.code == 404
+    response, body = namespace_gateway_gateway.call_json(
+        "DELETE", "/system/namespace/openfaas-fn", {"name": "openfaas-fn"}
+    )
+    assert response.code == 400
+    assert b"cannot be deleted" in body
+    _, body = namespace_gateway_gateway.call("GET", "/system/namespaces")
+    assert js(body) == ["openfaas-fn"]
+
+
+def test_dead_letters_filter_by_name_and_namespace(namespace_gateway_gateway: _NamespaceGateway) -> None:
+    for call_id, namespace in [("c1", "dev"), ("c2", "openfaas-fn")]:
+        call = Call(call_id=call_id, function="echo", namespace=namespace, dead=DeadMark("max_age", 1.0))
+        finished(namespace_gateway_gateway.store.put_dead_letter(DeadLetter(call)))
+    for query, ids in [
+        ("function=echo.dev", ["c1"]),
+        ("function=echo&namespace=dev", ["c1"]),
+        ("function=echo", ["c2"]),
+        ("", ["c1", "c2"]),
+    ]:
+        _, body = namespace_gateway_gateway.call("GET", f"/system/dead-letters?{query}")
+        assert sorted(d["callId"] for d in js(body)) == ids, query
+
+
+class _OtherDefaultNamespace(GatewayTestCase):
     """``--default-namespace dev``: bare names and bodies without a namespace mean dev."""
 
     def app_settings(self) -> AppSettings:
@@ -364,16 +405,28 @@ class OtherDefaultNamespaceTests(GatewayTestCase):
         super().setUp()
         self.build(proxy_settings=ProxySettings("http://{name}.fn:8080", 10.0, default_namespace="dev"))
 
-    def test_bare_names_and_bodies_without_namespace_mean_the_configured_default(self) -> None:
-        response, _ = self.call("POST", "/system/functions", data=b'{"service": "echo"}')
-        self.assertEqual(response.code, 202)
-        self.assertEqual(list(self.store.functions), ["echo.dev"])
-        self.assertEqual(self.call("GET", "/function/echo")[0].code, 200)
-        self.assertEqual(self.call("GET", "/function/echo.openfaas-fn")[0].code, 404)
-        _, body = self.call("GET", "/system/namespaces")
-        self.assertEqual(js(body), ["dev", "openfaas-fn"])
-        response, _ = self.call("DELETE", "/system/namespace/dev", data=b'{"name": "dev"}')
-        self.assertEqual(response.code, 400)
+
+@pytest.fixture
+def other_default_namespace_gateway() -> _OtherDefaultNamespace:
+    return set_up(_OtherDefaultNamespace())
+
+
+def test_bare_names_and_bodies_without_namespace_mean_the_configured_default(
+    other_default_namespace_gateway: _OtherDefaultNamespace,
+) -> None:
+    response, _ = other_default_namespace_gateway.call(
+        "POST", "/system/functions", data=b'{"service": "echo"}'
+    )
+    assert response.code == 202
+    assert list(other_default_namespace_gateway.store.functions) == ["echo.dev"]
+    assert other_default_namespace_gateway.call("GET", "/function/echo")[0].code == 200
+    assert other_default_namespace_gateway.call("GET", "/function/echo.openfaas-fn")[0].code == 404
+    _, body = other_default_namespace_gateway.call("GET", "/system/namespaces")
+    assert js(body) == ["dev", "openfaas-fn"]
+    response, _ = other_default_namespace_gateway.call(
+        "DELETE", "/system/namespace/dev", data=b'{"name": "dev"}'
+    )
+    assert response.code == 400
 
 
 # --- the worker -----------------------------------------------------------------------------------

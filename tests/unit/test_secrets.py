@@ -11,12 +11,13 @@ import tempfile
 import threading
 from typing import Any
 
+import pytest
 from cryptography.fernet import Fernet
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.unit.gateway_fixtures import GatewayTestCase
+from tests.unit.gateway_fixtures import GatewayTestCase, set_up
 from txfaas.gateway.service import GatewayService
 from txfaas.model import ValidationError
 from txfaas.secrets import (
@@ -178,44 +179,68 @@ class SecretsAPITests(SecretsTestCase):
         self.assertEqual(app.secrets.box.open("openfaas-fn", "k", token), b"v")
 
 
-class SecretsBehindAuthTests(SecretsTestCase):
+class _SecretsBehindAuth(SecretsTestCase):
     auth = ("admin", "pw")
 
-    def test_secrets_need_credentials(self) -> None:
-        response, body = self.call("GET", "/system/secrets")
-        self.assertEqual(response.code, 401)
-        creds = base64.b64encode(b"admin:pw")
-        response, _ = self.call("GET", "/system/secrets", headers={b"Authorization": [b"Basic " + creds]})
-        self.assertEqual(response.code, 200)
+
+@pytest.fixture
+def secrets_behind_auth_gateway() -> _SecretsBehindAuth:
+    return set_up(_SecretsBehindAuth())
 
 
-class DeployNeedsItsSecretsTests(SecretsTestCase):
+def test_secrets_behind_auth_secrets_need_credentials(
+    secrets_behind_auth_gateway: _SecretsBehindAuth,
+) -> None:
+    response, body = secrets_behind_auth_gateway.call("GET", "/system/secrets")
+    assert response.code == 401
+    creds = base64.b64encode(b"admin:pw")
+    response, _ = secrets_behind_auth_gateway.call(
+        "GET", "/system/secrets", headers={b"Authorization": [b"Basic " + creds]}
+    )
+    assert response.code == 200
+
+
+class _DeployNeedsItsSecrets(SecretsTestCase):
     def deploy_json(self, method: str = "POST", **fields: Any) -> tuple[Any, bytes]:
         body = {"service": "echo", "image": "x", **fields}
         return self.send(method, body, "/system/functions")
 
-    def test_deploy_naming_a_missing_secret_is_400_naming_it(self) -> None:
-        self.send("POST", {"name": "present", "value": "1"})
-        response, body = self.deploy_json(secrets=["present", "absent"])
-        self.assertEqual(response.code, 400)
-        self.assertIn(b"'absent' not found in namespace 'openfaas-fn'", body)
-        self.assertNotIn(b"'present'", body)
-        self.assertEqual(self.store.functions, {})
 
-    def test_update_naming_a_missing_secret_is_400(self) -> None:
-        self.deploy_json()
-        response, body = self.deploy_json("PUT", secrets=["absent"])
-        self.assertEqual(response.code, 400)
-        self.assertEqual(self.store.functions["echo"].secrets, [])
+@pytest.fixture
+def deploy_needs_its_secrets_gateway() -> _DeployNeedsItsSecrets:
+    return set_up(_DeployNeedsItsSecrets())
 
-    def test_the_secret_must_be_in_the_functions_namespace(self) -> None:
-        self.send("POST", {"name": "dev"}, "/system/namespace/dev")
-        self.send("POST", {"name": "k", "namespace": "dev", "value": "1"})
-        response, _ = self.deploy_json(secrets=["k"])
-        self.assertEqual(response.code, 400)
-        self.send("POST", {"name": "k", "value": "1"})
-        response, body = self.deploy_json(secrets=["k"])
-        self.assertEqual(response.code, 202, body)
+
+def test_deploy_naming_a_missing_secret_is_400_naming_it(
+    deploy_needs_its_secrets_gateway: _DeployNeedsItsSecrets,
+) -> None:
+    deploy_needs_its_secrets_gateway.send("POST", {"name": "present", "value": "1"})
+    response, body = deploy_needs_its_secrets_gateway.deploy_json(secrets=["present", "absent"])
+    assert response.code == 400
+    assert b"'absent' not found in namespace 'openfaas-fn'" in body
+    assert b"'present'" not in body
+    assert deploy_needs_its_secrets_gateway.store.functions == {}
+
+
+def test_update_naming_a_missing_secret_is_400(
+    deploy_needs_its_secrets_gateway: _DeployNeedsItsSecrets,
+) -> None:
+    deploy_needs_its_secrets_gateway.deploy_json()
+    response, body = deploy_needs_its_secrets_gateway.deploy_json("PUT", secrets=["absent"])
+    assert response.code == 400
+    assert deploy_needs_its_secrets_gateway.store.functions["echo"].secrets == []
+
+
+def test_the_secret_must_be_in_the_functions_namespace(
+    deploy_needs_its_secrets_gateway: _DeployNeedsItsSecrets,
+) -> None:
+    deploy_needs_its_secrets_gateway.send("POST", {"name": "dev"}, "/system/namespace/dev")
+    deploy_needs_its_secrets_gateway.send("POST", {"name": "k", "namespace": "dev", "value": "1"})
+    response, _ = deploy_needs_its_secrets_gateway.deploy_json(secrets=["k"])
+    assert response.code == 400
+    deploy_needs_its_secrets_gateway.send("POST", {"name": "k", "value": "1"})
+    response, body = deploy_needs_its_secrets_gateway.deploy_json(secrets=["k"])
+    assert response.code == 202, body
 
 
 class SecretRequestTests(SynchronousTestCase):
@@ -286,7 +311,7 @@ class KeyFileTests(SynchronousTestCase):
         self.assertFalse(box.opens(b"garbage"))
 
 
-class StartupKeyCheckTests(SynchronousTestCase):
+class _StartupKeyCheck(SynchronousTestCase):
     """The gateway refuses to start with a key that did not seal the store's secrets."""
 
     def start(self, store: MemoryStore, key: bytes) -> Any:
@@ -309,25 +334,36 @@ class StartupKeyCheckTests(SynchronousTestCase):
         d = defer.Deferred.fromCoroutine(service._start())
         return d, listened
 
-    def test_another_key_is_refused_once_a_secret_was_sealed(self) -> None:
-        store = MemoryStore()
-        d, listened = self.start(store, Fernet.generate_key())  # no secrets yet: any key will do
-        self.successResultOf(d)
-        self.assertEqual(listened, ["tcp:0"])
-        store.secrets_check = SecretBox(KEY).check_token()  # a secret was created with KEY
-        d, listened = self.start(store, Fernet.generate_key())
-        failure = self.failureResultOf(d, StartupError)
-        self.assertIn("--secrets-key /state/secrets.key: not the key that sealed", str(failure.value))
-        self.assertEqual(listened, [])
-        d, _ = self.start(store, KEY)
-        self.successResultOf(d)
 
-    def test_creating_a_secret_marks_the_store_with_the_key(self) -> None:
-        store = MemoryStore()
-        box = SecretBox(KEY)
-        self.assertIsNone(store.secrets_check)
-        self.successResultOf(defer.Deferred.fromCoroutine(store.secrets_key_check(box.check_token())))
-        self.assertTrue(box.opens(store.secrets_check))
+@pytest.fixture
+def startup_key_check_gateway() -> _StartupKeyCheck:
+    return set_up(_StartupKeyCheck())
+
+
+def test_another_key_is_refused_once_a_secret_was_sealed(startup_key_check_gateway: _StartupKeyCheck) -> None:
+    store = MemoryStore()
+    d, listened = startup_key_check_gateway.start(
+        store, Fernet.generate_key()
+    )  # no secrets yet: any key will do
+    startup_key_check_gateway.successResultOf(d)
+    assert listened == ["tcp:0"]
+    store.secrets_check = SecretBox(KEY).check_token()  # a secret was created with KEY
+    d, listened = startup_key_check_gateway.start(store, Fernet.generate_key())
+    failure = startup_key_check_gateway.failureResultOf(d, StartupError)
+    assert "--secrets-key /state/secrets.key: not the key that sealed" in str(failure.value)
+    assert listened == []
+    d, _ = startup_key_check_gateway.start(store, KEY)
+    startup_key_check_gateway.successResultOf(d)
+
+
+def test_creating_a_secret_marks_the_store_with_the_key(startup_key_check_gateway: _StartupKeyCheck) -> None:
+    store = MemoryStore()
+    box = SecretBox(KEY)
+    assert store.secrets_check is None
+    startup_key_check_gateway.successResultOf(
+        defer.Deferred.fromCoroutine(store.secrets_key_check(box.check_token()))
+    )
+    assert box.opens(store.secrets_check)
 
 
 class _Port:
