@@ -12,8 +12,6 @@ by a shell script (which never reaps strangers) would leave them to it.
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import functools
 import os
 import signal
 import sys
@@ -21,13 +19,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import process as _twisted_process
+from twisted.internet import process as twisted_process
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from txfaas import _accel
 
 # Runs ``argv[1:]`` in a new session: used only when util-linux's setsid is not installed.
 PYTHON_SETSID_SHIM = "import os,sys;os.setsid();os.execvp(sys.argv[1],sys.argv[1:])"
@@ -60,77 +60,15 @@ def default_spawn(reactor: Any) -> Spawn:
     return spawn
 
 
-class _GroupLeaderProcess(_twisted_process.Process):
-    """A Twisted ``Process`` started as the leader of a new session, with no extra ``exec``.
-
-    ``os.posix_spawnp(setsid=True)`` halves the cost of a fork-mode call
-    compared with exec'ing ``setsid`` first (measured: 2.6 ms instead of 5.3 ms
-    per spawn of ``cat`` on the development VM).  Twisted has no option for
-    it, so this overrides its private spawn hook with the same steps plus
-    ``setsid``; :func:`native_group_spawn` checks at start-up that it works
-    and the watchdog falls back to the ``setsid --`` launcher otherwise.
-    """
-
-    def _trySpawnInsteadOfFork(  # type: ignore[override]
-        self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any, kwargs: Any
-    ) -> bool:
-        if uid is not None or gid is not None or path is not None:
-            return False
-        fdState = []
-        for fd in _twisted_process._listOpenFDs():
-            try:
-                cloexec = fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)
-            except OSError:
-                continue
-            fdState.append((fd, cloexec))
-        ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
-        self.pid = os.posix_spawnp(
-            executable,
-            args,
-            os.environ if environment is None else environment,
-            file_actions=_twisted_process._getFileActions(
-                fdState, kwargs.get("fdmap"), doClose=os.POSIX_SPAWN_CLOSE, doDup2=os.POSIX_SPAWN_DUP2
-            ),
-            setsigdef=ignored,
-            setsid=True,
-        )
-        self.status = -1
-        return True
-
-    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
-        # Only reached if posix_spawn could not be used and Twisted forked: same outcome.
-        os.setsid()
-        super()._setupChild(*args, **kwargs)
-
-
-def spawn_group_leader(
-    reactor: Any, proto: Any, executable: str, args: list[str], env: dict[str, str]
-) -> _twisted_process.Process:
-    """``reactor.spawnProcess`` (no PTY, default pipes), the child leading a new session and group."""
-    return _GroupLeaderProcess(
-        reactor,
-        os.fsencode(executable),
-        [os.fsencode(a) for a in args],
-        {os.fsencode(k): os.fsencode(v) for k, v in env.items()},
-        None,
-        proto,
-    )
-
-
-def native_group_spawn(reactor: Any) -> Callable[..., Any] | None:
-    """:func:`spawn_group_leader` bound to ``reactor``, if it really makes a group leader here; else None."""
-    try:
-        child = spawn_group_leader(
-            reactor, ProcessProtocol(), sys.executable, [sys.executable, "-S", "-c", ""], {}
-        )
-        leads = os.getpgid(child.pid) == child.pid
-    except Exception as e:
-        log.warn("cannot spawn functions as group leaders directly ({error}): using setsid", error=e)
+def native_group_spawn(reactor: Any) -> Spawn | None:
+    """A spawn that makes the child a group leader with no ``setsid`` exec in front
+    (:mod:`txfaas._accel.spawn`), when accelerations are on and its probe passes here; else
+    None, and functions start through :func:`group_launcher`."""
+    if not _accel.enabled():
         return None
-    if not leads:
-        log.warn("this Twisted ignores the group-leader spawn hook: using setsid")
-        return None
-    return functools.partial(spawn_group_leader, reactor)
+    from txfaas._accel import spawn
+
+    return spawn.group_spawn(reactor)
 
 
 def become_subreaper() -> bool:
@@ -212,8 +150,8 @@ class OrphanReaper:
         waitid: Callable[..., Any] = os.waitid,
         waitpid: Callable[[int, int], tuple[int, int]] = os.waitpid,
         killpg: Callable[[int, int], None] = os.killpg,
-        known: Callable[[], Any] = lambda: _twisted_process.reapProcessHandlers,
-        reap_known: Callable[[], None] = _twisted_process.reapAllProcesses,
+        known: Callable[[], Any] = lambda: twisted_process.reapProcessHandlers,
+        reap_known: Callable[[], None] = twisted_process.reapAllProcesses,
     ) -> None:
         self._clock = clock
         self._waitid = waitid
