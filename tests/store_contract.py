@@ -1,5 +1,6 @@
 """What every function and namespace store must do with namespaces: run against the in-memory
-store (tests/unit/test_namespaces.py) and the Redis store (tests/integration/test_redis_store.py)."""
+store (tests/unit/test_namespaces.py) and the Redis store (tests/integration/test_redis_store.py),
+the latter on the accelerated and on the stock txredisapi path (the ``accel`` fixture)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,22 @@ from typing import Any
 
 import pytest
 
+from txfaas import _accel
 from txfaas.model import FunctionSpec, Namespace
 from txfaas.store import AlreadyExists, NamespaceNotEmpty, NotFound, UnknownNamespace
+
+
+@pytest.fixture(name="accel", params=["accel", "stock"])
+def accel_fixture(request: Any, monkeypatch: Any) -> Any:
+    """Whether the Redis store made under this fixture takes txfaas._accel.redis (``accel``) or
+    txredisapi's own pool handler (``stock``, as with ``TXFAAS_ACCEL=0``)."""
+    if request.param == "stock":
+        monkeypatch.setenv(_accel.ENV, "0")
+    else:
+        monkeypatch.delenv(_accel.ENV, raising=False)
+    _accel.reset()
+    yield request.param == "accel"
+    _accel.reset()
 
 
 def spec(name: str, namespace: str = "openfaas-fn", **kwargs: Any) -> FunctionSpec:

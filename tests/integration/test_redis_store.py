@@ -14,12 +14,12 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from tests.store_contract import CONTRACT
+from tests.store_contract import CONTRACT, accel_fixture  # noqa: F401 (the accel fixture)
 from tests.support import free_port, unique
 from txfaas.config import RedisURL, parse_redis_url
 from txfaas.model import Call, CallRecord, CallResult, CallStatus, DeadLetter, DeadMark, FunctionSpec
 from txfaas.store import AlreadyExists, NotFound, StoreUnavailable
-from txfaas.store.redis import RedisStore, commands_protocol
+from txfaas.store.redis import RedisStore
 
 CALL_TTL = 300
 
@@ -45,7 +45,7 @@ async def prefix(raw):
 
 
 @pytest_twisted.async_yield_fixture
-async def store(redis_url, prefix):
+async def store(redis_url, prefix, accel):
     s = RedisStore.connect(parse_redis_url(redis_url), reactor, prefix=prefix, call_ttl=CALL_TTL, timeout=5.0)
     yield s
     await s.close()
@@ -278,12 +278,18 @@ async def test_a_result_given_with_a_transition_is_kept_only_if_the_record_is_wr
 
 
 @pytest_twisted.ensureDeferred
-async def test_commands_go_straight_to_a_connected_protocol_and_survive_its_loss(store):
-    """The store skips txredisapi's pool handler while a pool connection is up; a lost
-    connection is never used again, and commands go on (through the handler, or a
-    connection that is back)."""
+async def test_commands_go_straight_to_a_connected_protocol_and_survive_its_loss(store, accel):
+    """With accelerations on, the store skips txredisapi's pool handler while a pool connection
+    is up; a lost connection is never used again, and commands go on (through the handler, or a
+    connection that is back).  With them off, every command goes through the handler."""
+    import txredisapi
+
     await store.ping()
-    assert isinstance(store._redis, commands_protocol())  # the cheaper encoder's class
+    if not accel:
+        assert store._redis is store._handler and store._connected == []
+        return
+    assert isinstance(store._redis, txredisapi.HiredisProtocol)
+    assert type(store._redis).__name__ == "FastHiredisProtocol"  # the one-join encoder
     lost = list(store._connected)
     for protocol in lost:
         protocol.transport.abortConnection()
@@ -299,7 +305,22 @@ async def test_commands_go_straight_to_a_connected_protocol_and_survive_its_loss
         if store._redis is not store._handler:
             break
         await deferLater(reactor, 0.01, lambda: None)
-    assert isinstance(store._redis, commands_protocol()) and store._redis not in lost  # reconnected
+    assert isinstance(store._redis, txredisapi.HiredisProtocol) and store._redis not in lost  # reconnected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_is_a_service_that_connects_when_started_and_closes_when_stopped(redis_url, prefix):
+    store = RedisStore.from_url(parse_redis_url(redis_url), reactor, prefix=prefix, timeout=1.0)
+    with pytest.raises(StoreUnavailable):
+        await store.ping()  # not started: nothing to send it on
+    store.startService()
+    assert store.running
+    await store.ping()
+    await store.stopService()
+    assert not store.running
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+    await store.close()  # closing again is harmless
 
 
 @pytest_twisted.ensureDeferred
@@ -327,7 +348,7 @@ async def test_thousands_of_commands_in_flight_each_get_their_own_reply(store, r
     reactor.callLater(0, count)
     got = await done
     assert got == records
-    assert passes < n // 4  # txredisapi's own protocol: at least one pass per reply
+    assert passes < n // 4  # txredisapi's pure-Python protocol: at least one pass per reply
 
 
 # --- claims ---------------------------------------------------------------------------------------

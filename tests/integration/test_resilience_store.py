@@ -7,6 +7,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from tests.store_contract import accel_fixture  # noqa: F401 (the accel fixture)
 from tests.support import unique
 from txfaas.config import parse_redis_url
 from txfaas.model import Call, CallRecord, CallStatus, DeadLetter, DeadMark
@@ -15,7 +16,7 @@ from txfaas.store.redis import RedisStore
 
 
 @pytest_twisted.async_yield_fixture
-async def store(redis_url):
+async def store(redis_url, accel):
     prefix = unique("rstest") + ":"
     s = RedisStore.connect(parse_redis_url(redis_url), reactor, prefix=prefix, call_ttl=60)
     yield s
