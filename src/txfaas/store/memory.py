@@ -7,6 +7,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
+from twisted.application.service import Service
 
 from txfaas.logs import LogEntry, stream_id
 from txfaas.model import (
@@ -30,14 +31,17 @@ from txfaas.store import (
 )
 
 
-class MemoryStore:
+class MemoryStore(Service):
     """Implements ``FunctionStore``, ``NamespaceStore``, ``CallStore``, ``DeadLetterStore``,
-    ``SecretStore`` and ``LogStore``.
+    ``SecretStore`` and ``LogStore``; a service with nothing to start or stop, so a process
+    tree holds it as it would a Redis store.
 
     Set ``available = False`` to make every call raise :class:`StoreUnavailable`,
     as an unreachable Redis would.  TTLs are not enforced.  Claims lapse on ``clock``
     (wall time without one).
     """
+
+    name = "memory-store"
 
     def __init__(self, clock: Any = None) -> None:
         self.clock = clock
