@@ -407,7 +407,7 @@ def test_open_store_memory_url_is_the_in_process_store_and_a_redis_url_a_redis_s
     assert isinstance(open_store(None, parse_redis_url("memory:"), prefix="p:", call_ttl=60), MemoryStore)
     made = []
     monkeypatch.setattr(
-        RedisStore, "connect", classmethod(lambda cls, *a, **kw: made.append((a, kw)) or "redis")
+        RedisStore, "from_url", classmethod(lambda cls, *a, **kw: made.append((a, kw)) or "redis")
     )
     reactor = object()
     url = parse_redis_url("redis://h:1/2")

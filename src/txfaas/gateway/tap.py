@@ -452,7 +452,7 @@ def build_gateway(
     from txfaas.invocation_log import InvocationLog, instance_name
     from txfaas.multiprocess import ChildProcesses, die_with_parent, is_child
     from txfaas.secrets import SecretBox, key_too_open
-    from txfaas.service import listen, listen_reuseport
+    from txfaas.service import OrderedMultiService, listen, listen_reuseport
     from txfaas.store import open_store
     from txfaas.store.cache import FunctionCache
 
@@ -460,10 +460,9 @@ def build_gateway(
     if not is_child():
         log_auth(config)
     closers = []
+    own_store = store is None
     if store is None:
         store = open_store(reactor, config.redis, prefix=config.redis_prefix, call_ttl=config.call_ttl)
-        if not config.redis.memory:
-            closers.append(store.close)
     if queue is not None:
         pass
     elif config.amqp.memory:
@@ -550,6 +549,11 @@ def build_gateway(
     elif is_child():
         die_with_parent()
     FlushMetrics(metrics, reactor).setServiceParent(top)
+    # The store starts before the gateway and stops once the gateway has drained.
+    ordered = OrderedMultiService()
+    if own_store:
+        store.setServiceParent(ordered)
+    ordered.setServiceParent(top)
     GatewayService(
         reactor,
         site,
@@ -566,5 +570,5 @@ def build_gateway(
         reserved_queues=config.reserved_queues,
         refused_queues=app.refused_queues,
         default_namespace=config.default_namespace,
-    ).setServiceParent(top)
+    ).setServiceParent(ordered)
     return top

@@ -211,11 +211,12 @@ class AsyncCallStore(CallStore, DeadLetterStore, Protocol):
 
 def open_store(reactor: Any, url: RedisURL, *, prefix: str, call_ttl: float) -> Any:
     """The store a ``--redis`` URL names: an in-process ``MemoryStore`` for ``memory:``, else a
-    ``RedisStore`` that connects in the background (its ``close()`` belongs in shutdown)."""
+    ``RedisStore``. Either is a service: add it to the process's service tree, which starts it
+    (a Redis store then connects in the background) and stops it (it closes)."""
     if url.memory:
         from txfaas.store.memory import MemoryStore
 
         return MemoryStore()
     from txfaas.store.redis import RedisStore
 
-    return RedisStore.connect(url, reactor, prefix=prefix, call_ttl=call_ttl)
+    return RedisStore.from_url(url, reactor, prefix=prefix, call_ttl=call_ttl)

@@ -430,8 +430,8 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from txfaas.worker.web import worker_resource
 
     config = settings.worker
+    own_store = store is None
     if store is None:
-        # The worker closes it itself, once drained (WorkerService._stop).
         store = open_store(reactor, settings.redis, prefix=settings.redis_prefix, call_ttl=settings.call_ttl)
     if queue is not None:
         pass
@@ -484,6 +484,8 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     site = PlainErrorsSite(worker_resource(worker.health, registry))
 
     top = OrderedMultiService()
+    if own_store:
+        store.setServiceParent(top)  # started first, stopped last
     # Stopped in turn, in reverse order: the listener first, then the worker drains, then the pools
     # and the store close.
     _Closer(function_pool, callback_pool).setServiceParent(top)
