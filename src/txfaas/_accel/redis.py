@@ -26,10 +26,10 @@ SAMPLES: tuple[tuple[Any, ...], ...] = (
 
 
 @functools.cache
-def fast_protocol(base: type) -> type:
+def fast_protocol(base: Any) -> Any:
     """``base`` (a txredisapi protocol class) with the one-``join`` command encoder."""
 
-    class FastCommands(base):  # type: ignore[valid-type, misc]
+    class FastCommands(base):
         def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
             parts = [b"*%d\r\n" % len(args)]
             encode = self._encode_value
@@ -74,7 +74,7 @@ def probe() -> bool:
         factory = txredisapi.RedisFactory("probe", None, 1, isLazy=True, convertNumbers=False)
         handler = factory.handler
         pool = install(handler)
-        built = factory.buildProtocol(None)
+        built: Any = factory.buildProtocol(None)
         if not isinstance(built, fast_protocol(txredisapi.RedisProtocol)):
             return False
         ready = _Connection()

@@ -30,12 +30,12 @@ log = Logger()
 class GroupLeaderProcess(twisted_process.Process):
     """A Twisted ``Process`` started as the leader of a new session, with no extra ``exec``."""
 
-    def _trySpawnInsteadOfFork(  # type: ignore[override]
+    def _trySpawnInsteadOfFork(
         self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any, kwargs: Any
     ) -> bool:
         if uid is not None or gid is not None or path is not None:
             return False
-        fdState = []
+        fdState: list[Any] = []
         for fd in twisted_process._listOpenFDs():
             try:
                 cloexec = fcntl.fcntl(fd, fcntl.F_GETFD, fcntl.FD_CLOEXEC)
@@ -43,7 +43,7 @@ class GroupLeaderProcess(twisted_process.Process):
                 continue
             fdState.append((fd, cloexec))
         ignored = [s for s in range(1, signal.NSIG) if signal.getsignal(s) == signal.SIG_IGN]
-        self.pid = os.posix_spawnp(
+        self.pid = os.posix_spawnp(  # type: ignore[assignment]
             executable,
             args,
             os.environ if environment is None else environment,
@@ -96,6 +96,7 @@ def probe(reactor: Any) -> bool:
         )
         try:
             pid = child.pid
+            assert pid is not None
             works = os.getpgid(pid) == pid and os.getsid(pid) == pid and _pipes(pid)
         finally:
             child.loseConnection()

@@ -41,8 +41,6 @@ class MemoryStore(Service):
     (wall time without one).
     """
 
-    name = "memory-store"
-
     def __init__(self, clock: Any = None) -> None:
         self.clock = clock
         self.functions: dict[str, FunctionSpec] = {}  # by store_key

@@ -123,11 +123,14 @@ class GroupLeader(ProcessProtocol):
     def kill_all(self) -> None:
         if self.pgid is not None and not self._exited:
             self._kill_group(self.pgid)
+        transport = self.transport
+        if transport is None:  # never started
+            return
         try:
-            self.transport.signalProcess("KILL")
+            transport.signalProcess("KILL")
         except (ProcessExitedAlready, OSError):
             pass
-        self.transport.loseConnection()
+        transport.loseConnection()
 
 
 class OrphanReaper:

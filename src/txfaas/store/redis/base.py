@@ -43,7 +43,6 @@ class RedisBase(Service):
     """A txredisapi pool, opened by ``startService`` and closed by ``stopService``."""
 
     log = Logger()
-    name = "redis-store"
 
     def __init__(
         self,
