@@ -334,39 +334,41 @@ def test_invocation_counts_reach_the_store_in_batches(gateway: GatewayTestCase) 
     gateway.successResultOf(defer.Deferred.fromCoroutine(gateway.functions.stop()))
 
 
-class EndpointFactoryTests(GatewayTestCase):
-    def test_endpoints_are_made_once_per_host_and_reused(self) -> None:
-        from twisted.internet.endpoints import HostnameEndpoint
-        from twisted.web.client import URI
-        from twisted.web.error import SchemeNotSupported
+def test_endpoints_are_made_once_per_host_and_reused() -> None:
+    from twisted.internet.endpoints import HostnameEndpoint
+    from twisted.internet.task import Clock
+    from twisted.web.client import URI
+    from twisted.web.error import SchemeNotSupported
 
-        from txfaas.client import CachingEndpointFactory
+    from txfaas.client import CachingEndpointFactory
 
-        factory = CachingEndpointFactory(self.clock)
-        first = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/a"))
-        again = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/b?x"))
-        other = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8081/a"))
-        self.assertIs(first, again)
-        self.assertIsNot(first, other)
-        self.assertIsInstance(first, HostnameEndpoint)
-        tls = factory.endpointForURI(URI.fromBytes(b"https://fn.local/a"))
-        self.assertNotIsInstance(tls, HostnameEndpoint)  # wrapped in TLS
-        with self.assertRaises(SchemeNotSupported):
-            factory.endpointForURI(URI.fromBytes(b"ftp://fn.local/a"))
+    factory = CachingEndpointFactory(Clock())
+    first = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/a"))
+    again = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/b?x"))
+    other = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8081/a"))
+    assert first is again
+    assert first is not other
+    assert isinstance(first, HostnameEndpoint)
+    tls = factory.endpointForURI(URI.fromBytes(b"https://fn.local/a"))
+    assert not isinstance(tls, HostnameEndpoint)  # wrapped in TLS
+    with pytest.raises(SchemeNotSupported):
+        factory.endpointForURI(URI.fromBytes(b"ftp://fn.local/a"))
 
-    def test_an_ip_address_gets_a_plain_tcp_endpoint(self) -> None:
-        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-        from twisted.web.client import URI
 
-        from txfaas.client import CachingEndpointFactory
+def test_an_ip_address_gets_a_plain_tcp_endpoint() -> None:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+    from twisted.internet.task import Clock
+    from twisted.web.client import URI
 
-        factory = CachingEndpointFactory(self.clock)
-        v4 = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.7:8080/a"))
-        self.assertIsInstance(v4, TCP4ClientEndpoint)
-        self.assertEqual((v4._host, v4._port), ("10.0.0.7", 8080))
-        v6 = factory.endpointForURI(URI.fromBytes(b"http://[fd00::7]:8080/a"))
-        self.assertIsInstance(v6, TCP6ClientEndpoint)
-        self.assertEqual((v6._host, v6._port), ("fd00::7", 8080))
+    from txfaas.client import CachingEndpointFactory
+
+    factory = CachingEndpointFactory(Clock())
+    v4 = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.7:8080/a"))
+    assert isinstance(v4, TCP4ClientEndpoint)
+    assert (v4._host, v4._port) == ("10.0.0.7", 8080)
+    v6 = factory.endpointForURI(URI.fromBytes(b"http://[fd00::7]:8080/a"))
+    assert isinstance(v6, TCP6ClientEndpoint)
+    assert (v6._host, v6._port) == ("fd00::7", 8080)
 
 
 class _Endpoints:
