@@ -100,7 +100,7 @@ class RecordWriter:
 
         Whoever dead-lettered the call may still be writing its own, fuller record; and a
         dead letter that cannot be marked now just goes back to its queue to be kept again."""
-        return await self._store.transition_call(  # type: ignore[no-any-return]
+        return await self._store.transition_call(
             record, {read.status} if read is not None else (), create=read is None
         )
 
