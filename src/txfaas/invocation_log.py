@@ -81,7 +81,7 @@ class InvocationLog:
 
     def _lines(self, batch: list[tuple[Any, ...]]) -> list[LogLine]:
         instance = self._instance
-        lines = []
+        lines: list[LogLine] = []
         append = lines.append
         for name, namespace, ts, call_id, kind, method, path, status, duration, attempt, error in batch:
             if path.__class__ is list:
@@ -98,7 +98,7 @@ class InvocationLog:
         d = self._writing = defer.Deferred.fromCoroutine(
             self._store.append_logs(self._lines(batch), self.max_lines)
         )
-        d.addCallbacks(self._written, self._failed, (len(batch),), None, (len(batch),))
+        d.addCallbacks(self._written, self._failed, callbackArgs=(len(batch),), errbackArgs=(len(batch),))
         return d
 
     def _written(self, _: Any, count: int) -> None:

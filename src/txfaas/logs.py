@@ -75,8 +75,8 @@ def invocation_line(
         method = method.encode()  # type: ignore[union-attr]
     if path.__class__ is not bytes:
         path = path.encode()  # type: ignore[union-attr]
-    if b" " in path or b'"' in path or b"\\" in path or b"=" in path:  # type: ignore[operator]
-        path = orjson.dumps(path.decode("latin-1"))  # type: ignore[union-attr]
+    if b" " in path or b'"' in path or b"\\" in path or b"=" in path:
+        path = orjson.dumps(path.decode("latin-1"))
     line = b"call=%s kind=%s method=%s path=%s status=%d duration=%.6fs attempt=%d" % (
         call_id,
         kind,

@@ -53,7 +53,7 @@ def accepted(request: IRequest, record: CallRecord, duplicate: bool, set_raw: An
     set_raw(headers, b"Location", [location.encode()])
     set_raw(headers, b"Content-Type", [b"application/json"])
     request.setResponseCode(202)
-    body = {"callId": record.call_id, "status": record.status, "location": location}
+    body: dict[str, Any] = {"callId": record.call_id, "status": record.status, "location": location}
     if duplicate:
         body["duplicate"] = True
     return orjson.dumps(body)

@@ -19,8 +19,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 
 from txfaas import __version__
 from txfaas.gateway.accept import Acceptor, AsyncCalls
@@ -84,10 +84,10 @@ class GatewayApp:
         acceptor = Acceptor(functions, calls, queue, resolver, settings, clock, self.refused_queues)
         self._async_calls = AsyncCalls(acceptor, functions, metrics, self.errors, settings.default_namespace)
 
-    def resource(self) -> resource.IResource:
+    def resource(self) -> IResource:
         return self.app.resource()
 
-    def accept_resource(self) -> resource.IResource:
+    def accept_resource(self) -> IResource:
         """``/async-function/{name}[/{path}]``: a plain resource, not a Klein route (the hot path)."""
         return self._async_calls
 
