@@ -1,9 +1,12 @@
-"""``twistd -n faas-worker``: options, and the only place the worker's real objects are built."""
+"""``twistd -n faas-worker``: options, and the only place the worker's real objects are built.
+
+Most of its length is the flag table (FLAGS), one entry per option.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -289,21 +292,8 @@ def _codes(value: Any) -> frozenset[int]:
     return codes
 
 
-def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Turn parsed flags (and the environment) into :class:`Settings`; :class:`ConfigError` names the flag."""
-    environ = os.environ if environ is None else environ
-
-    get = FLAGS.reader(options, environ)
-
-    queue_names = option_or_env(
-        {"queue": options.get("queue") or None},
-        "queue",
-        ("TXFAAS_QUEUES",),
-        ("faas-request",),
-        _queues,
-        environ,
-    )
-    networks, hosts = get("callback-allow", parse_networks) or ((), ())
+def _signing_key(get: Callable[..., Any]) -> bytes | None:
+    """The callback signing key, from --callback-secret or its file."""
     secret = get("callback-secret", str)
     secret_file = get("callback-secret-file", str)
     if secret_file:
@@ -311,10 +301,14 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
             raise ConfigError("--callback-secret-file", "give --callback-secret or its file, not both")
         secret = read_secret(os.path.dirname(secret_file) or ".", os.path.basename(secret_file))
     try:
-        key = parse_signing_secret(secret) if secret else None
+        return parse_signing_secret(secret) if secret else None
     except ValueError as e:
         raise ConfigError("--callback-secret", str(e)) from None
-    worker = WorkerConfig(
+
+
+def _worker_config(get: Callable[..., Any], queue_names: tuple[str, ...]) -> WorkerConfig:
+    """The worker's own settings, checked."""
+    return WorkerConfig(
         queues=queue_names,
         max_inflight=get("max-inflight", parse_positive_int),
         exec_timeout=get("exec-timeout", parse_positive_duration),
@@ -345,6 +339,25 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None 
         callback_queue=get("callback-queue", _prefix),
         dead_letter_queue=get("dead-letter-queue", _prefix),
     ).check()
+
+
+def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Turn parsed flags (and the environment) into :class:`Settings`; :class:`ConfigError` names the flag."""
+    environ = os.environ if environ is None else environ
+
+    get = FLAGS.reader(options, environ)
+
+    queue_names = option_or_env(
+        {"queue": options.get("queue") or None},
+        "queue",
+        ("TXFAAS_QUEUES",),
+        ("faas-request",),
+        _queues,
+        environ,
+    )
+    networks, hosts = get("callback-allow", parse_networks) or ((), ())
+    key = _signing_key(get)
+    worker = _worker_config(get, queue_names)
     return Settings(
         worker=worker,
         amqp=parse_amqp_url(amqp_url_text(options, environ, get)),
