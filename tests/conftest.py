@@ -5,8 +5,9 @@
 - ``redis_url`` / ``amqp_url``: the real services on 127.0.0.1; skipped when missing,
   except under ``CI=true`` where a missing service fails the test.
 
-The tests run on the reactor every txfaas process runs on (``txfaas.reactor``), installed
-here, before pytest-twisted would install Twisted's default (it accepts a subclass of it).
+The tests run on the reactor a txfaas process runs on: ``txfaas._accel.reactor`` when
+accelerations are on, installed here before pytest-twisted would install Twisted's default
+(it accepts a subclass of it); Twisted's stock epoll reactor under ``TXFAAS_ACCEL=0``.
 """
 
 from __future__ import annotations

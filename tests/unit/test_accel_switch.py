@@ -39,9 +39,10 @@ def test_no_accel_on_every_process_turns_them_off_for_its_children_too(monkeypat
 
 def test_with_accelerations_off_no_reactor_of_ours_is_installed(monkeypatch):
     from txfaas import reactor
+    from txfaas._accel import reactor as accel
 
     installed = []
-    monkeypatch.setattr(reactor, "install", lambda: installed.append(True))
+    monkeypatch.setattr(accel, "install", lambda: installed.append(True))
     _accel.disable()
     assert reactor.prefer() is False
     assert installed == []

@@ -101,7 +101,7 @@ def test_wheel_alone_makes_twistd_offer_the_txfaas_reactor(installed, tmp_path):
     )
     out = _isolated(installed, ["-c", probe], tmp_path).stdout.splitlines()
     assert "txfaas-epoll" in out[0] and "epoll" in out[0]
-    assert out[1] == "txfaas.reactor"
+    assert out[1] == "txfaas._accel.reactor"
 
 
 def test_isolated_interpreter_sees_only_the_installed_wheel(installed, tmp_path):

@@ -1,7 +1,9 @@
-"""txfaas.reactor: epoll without the per-event legacy log context."""
+"""txfaas._accel.reactor: epoll without the per-event legacy log context, writes flushed sooner;
+and txfaas.reactor, which installs it only when accelerations are on."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import subprocess
@@ -13,6 +15,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.logger import globalLogPublisher
 
 from txfaas import reactor as txreactor
+from txfaas._accel.reactor import EPollReactor
 
 
 class _Poller:
@@ -55,7 +58,7 @@ class _Selectable(FileDescriptor):
 
 @pytest.fixture
 def reactor():
-    r = txreactor.EPollReactor()
+    r = EPollReactor()
     poller = r._poller
     yield r
     r.waker.connectionLost(None)  # closes its descriptors
@@ -163,7 +166,12 @@ def test_prefer_leaves_an_installed_reactor_alone():
 @pytest.mark.parametrize(
     ("setup", "expected"),
     [
-        ("", "txfaas.reactor.EPollReactor"),
+        ("", "txfaas._accel.reactor.EPollReactor"),
+        # Accelerations off: Twisted's own epoll reactor.
+        (
+            "from txfaas import _accel; _accel.disable()\n",
+            "twisted.internet.epollreactor.EPollReactor",
+        ),
         # Without epoll (not Linux): Twisted's default, whatever it is there.
         (
             "import builtins\n_real = builtins.__import__\n"
@@ -187,7 +195,8 @@ def test_global_reactor_in_a_fresh_process(setup, expected):
         "r = global_reactor()\n"
         "print(type(r).__module__ + '.' + type(r).__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    env = {**os.environ, "TXFAAS_ACCEL": "1"}  # the setup turns them off where it means to
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == expected
 
 

@@ -35,9 +35,9 @@ faasLocal = ServiceMaker(
 )
 
 # ``twistd --reactor=txfaas-epoll``: the reactor every txfaas process installs by default
-# (txfaas.reactor); ``--reactor=epoll`` gives Twisted's own.
+# when accelerations are on (txfaas._accel.reactor); ``--reactor=epoll`` gives Twisted's own.
 txfaasEpoll = Reactor(
     "txfaas-epoll",
-    "txfaas.reactor",
+    "txfaas._accel.reactor",
     "epoll, dispatching events without a per-event legacy log context (txfaas's default).",
 )
