@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes as unquote
 
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import pages, resource, server
 from twisted.web.error import UnsupportedMethod
-from twisted.web.http import NO_BODY_CODES, NO_CONTENT, NOT_MODIFIED, HTTPChannel, datetimeToString, toChunk
-from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
-from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http_headers import Headers
 
+from txfaas import _accel
+from txfaas._accel import first_write
 from txfaas.config import format_duration
 from txfaas.reactor import send_now
 from txfaas.timers import LazyTimer
 
-#: Twisted's HTML error pages (``Resource.getChild`` gives ``_UnsafeNoResource``).
-_ERROR_PAGES = (resource._UnsafeErrorPageBase, type(pages.notFound()))
+#: Twisted's HTML error pages: those of twisted.web.resource (``Resource.getChild`` gives a
+#: ``NoResource``), with public ``code`` and ``brief``; and those of twisted.web.pages.
+_RESOURCE_PAGES = (resource.ErrorPage, resource.NoResource, resource.ForbiddenResource)
+_PAGES = type(pages.notFound())
 
 
 # --- HTTP request limits --------------------------------------------------------------------
@@ -36,23 +37,6 @@ def _raw_response(status: bytes, message: str) -> bytes:
         b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n%s" % (status, len(body), body)
     )
-
-
-#: Twisted's ``_parseRequestLine`` as one match: a token, a target of printable ASCII (33-176,
-#: as Twisted allows), HTTP/1.0 or 1.1, single spaces between.  (Twisted's loops over the
-#: target in Python, byte by byte.)
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTTP/1\.[01])").fullmatch
-#: The headers that choose how the body is framed (HTTPChannel._maybeChooseTransferDecoder).
-_FRAMING = frozenset({b"Content-Length", b"Transfer-Encoding"})
-
-try:  # Twisted's own request-line parser (24.7 and later), whose rules _REQUEST_LINE follows
-    from twisted.web.http import _parseRequestLine
-except ImportError:  # pragma: no cover - a Twisted without it: every head goes line by line
-    _parseRequestLine = None
-#: The whole-head path needs the Twisted it was written against: the request-line rules it
-#: follows (their parser is there), and HTTPChannel's "first line next" flag under its private
-#: name.  Anything else: line by line.  tests/unit/test_whole_head.py compares the two paths.
-WHOLE_HEAD = _parseRequestLine is not None and getattr(HTTPChannel, "_HTTPChannel__first_line", None) == 1
 
 
 class LimitedChannel(HTTPChannel):
@@ -82,6 +66,12 @@ class LimitedChannel(HTTPChannel):
     _sendDeadline: Any = None
     _host: Any = None
     _peer: Any = None
+    # The head as read so far, counted here rather than read from HTTPChannel's privates.
+    _busy = False  # a request is read whole and its response not finished
+    _onRequestLine = True
+    _target = b""
+    _headSize = 0
+    _headerCount = 0
 
     def __init__(self) -> None:
         self._deadline: LazyTimer | None = None
@@ -99,7 +89,7 @@ class LimitedChannel(HTTPChannel):
     def writeHead(self, version: bytes, code: bytes, reason: bytes, headers: Headers, body: bytes) -> None:
         """The head (as :meth:`writeHeaders`) and the first of the body in one transport write."""
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers._rawHeaders.items():
+        for name, values in headers.getAllRawHeaders():
             for value in values:
                 parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
@@ -157,96 +147,12 @@ class LimitedChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._rejected:
             return
-        if not self._handlingRequest and data:
+        if not self._busy and data:
             self._requestStarted = True
             if self.readTimeout and not self._deadline.pending:
                 self._deadlineKind = _READ
                 self._deadline.set(self.readTimeout)
-            if self._wholeHead(data):
-                return
         super().dataReceived(data)
-
-    def _wholeHead(self, data: bytes) -> bool:
-        """A request whose head arrived whole in one read, with nothing before it: its lines are
-        parsed in one loop with Twisted's rules (``_parseRequestLine``'s as one match,
-        ``headerReceived``'s checks, then Twisted's ``allHeadersReceived``), rather than one
-        ``LineReceiver`` pass each (the buffer split again for every line).  False, having changed nothing, for anything else:
-        part of a head, bytes left from an earlier read, a leading blank line, a folded
-        header line, a head over the size or count limits -- Twisted's line-by-line path
-        takes those, with its own answers.  (The next request on a keep-alive connection
-        comes this way too, once the one before is answered.)"""
-        if (
-            not WHOLE_HEAD
-            or self._buffer
-            or self._busyReceiving
-            or not self.line_mode
-            or self.paused
-            or not self.persistent
-            or self._HTTPChannel__first_line != 1
-            or self._receivedHeaderSize
-        ):
-            return False
-        end = data.find(b"\r\n\r\n")
-        if end <= 0:
-            return False
-        lines = data[:end].split(b"\r\n")
-        size = end - 2 * (len(lines) - 1)  # as lineReceived counts: the lines without their CR LF
-        if size > self.totalHeadersSize or len(lines) - 1 > self.maxHeaders or not lines[0]:
-            return False
-        if data.find(b"\n ", 0, end) >= 0 or data.find(b"\n\t", 0, end) >= 0:
-            return False  # a folded header line (the request line cannot start with a blank: 400)
-        self.resetTimeout()
-        factory = self.requestFactory
-        if INonQueuedRequestFactory.providedBy(factory):
-            request = factory(self)
-        else:
-            request = factory(self, len(self.requests))
-        self.requests.append(request)
-        self._HTTPChannel__first_line = 0
-        parsed = _REQUEST_LINE(lines[0])
-        if parsed is None:
-            self._respondToBadRequestAndDisconnect()
-            return True
-        self._command, self._path, self._version = parsed.groups()
-        self._receivedHeaderSize = size
-        # HTTPChannel.headerReceived, line by line, in one loop: the same checks and answers.
-        raw = request.requestHeaders._rawHeaders
-        encode = _nameEncoder.encode
-        count = 0
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                self._respondToBadRequestAndDisconnect()
-                return True
-            try:
-                name = encode(name)
-            except InvalidHeaderName:
-                self._respondToBadRequestAndDisconnect()
-                return True
-            value = value.strip(b" \t")
-            if len(value.translate(None, b"\x00\r\n")) != len(value):
-                self._respondToBadRequestAndDisconnect()
-                return True
-            if name in _FRAMING and not self._maybeChooseTransferDecoder(name, value):
-                return True  # answered 400 and closing
-            values = raw.get(name)
-            if values is None:
-                raw[name] = [value]
-            else:
-                values.append(value)
-            count += 1
-        self._receivedHeaderCount = count
-        self.allHeadersReceived()
-        if self._rejected or self.transport is None or self.transport.disconnecting:
-            return True
-        if self.length == 0:
-            self.allContentReceived()
-        else:
-            self.setRawMode()
-        rest = data[end + 4 :]
-        if rest and not self._rejected and self.transport is not None and not self.transport.disconnecting:
-            LineReceiver.dataReceived(self, rest)
-        return True
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._rejected:
@@ -256,7 +162,7 @@ class LimitedChannel(HTTPChannel):
     # answered a bare 400): 414 for a request line, 431 for the header lines.
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        if self._HTTPChannel__first_line:
+        if self._onRequestLine:
             self.reject(b"414 URI Too Long", f"the request line is over {self.MAX_LENGTH} bytes")
         else:
             self.reject(
@@ -264,8 +170,9 @@ class LimitedChannel(HTTPChannel):
             )
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            if self._HTTPChannel__first_line:
+        self._headSize += len(line)
+        if self._headSize > self.totalHeadersSize:
+            if self._onRequestLine:
                 self.reject(b"414 URI Too Long", f"the request line is over {self.totalHeadersSize} bytes")
             else:
                 self.reject(
@@ -273,17 +180,24 @@ class LimitedChannel(HTTPChannel):
                     f"the request head is over {self.totalHeadersSize} bytes",
                 )
             return
+        if self._onRequestLine and line:  # (Twisted skips one blank line before a request)
+            self._onRequestLine = False
+            parts = line.split(b" ")
+            self._target = parts[1] if len(parts) == 3 else b""
         super().lineReceived(line)
 
     def headerReceived(self, line: bytes) -> bool:
-        if self._receivedHeaderCount >= self.maxHeaders:
+        if self._headerCount >= self.maxHeaders:
             self.reject(b"431 Request Header Fields Too Large", f"more than {self.maxHeaders} header lines")
             return False
-        return super().headerReceived(line)
+        ok = super().headerReceived(line)
+        if ok:
+            self._headerCount += 1
+        return ok
 
     def allHeadersReceived(self) -> None:
         site = self.site
-        route = site.route(self._path) if isinstance(site, LimitedSite) else None
+        route = site.route(self._target) if isinstance(site, LimitedSite) else None
         if route is not None:
             self.requests[-1].route = route  # the request's leaf comes from the same decision
         limit = self._limit = route.limit if route is not None else None
@@ -296,6 +210,9 @@ class LimitedChannel(HTTPChannel):
         if self._rejected:
             return
         self._requestStarted = False
+        self._busy = True
+        self._onRequestLine = True
+        self._headSize = self._headerCount = 0
         if self.responseTimeout:
             self._deadlineKind = _RESPONSE
             self._deadline.set(self.responseTimeout)
@@ -341,7 +258,7 @@ class LimitedChannel(HTTPChannel):
                 timeout=format_duration(self.responseTimeout),
             )
             self.transport.abortConnection()
-        elif self._handlingRequest:
+        elif self._busy:
             return
         elif not self._requestStarted:
             # Opened and never used: nothing was asked, so nothing to answer.
@@ -358,6 +275,7 @@ class LimitedChannel(HTTPChannel):
             )
 
     def requestDone(self, request: Any) -> None:
+        self._busy = False
         self._cancelDeadline()
         if self._backedUp and self.sendTimeout and self._sendDeadline is None:
             self._sendDeadline = self.callLater(self.sendTimeout, self._sendTimedOut)
@@ -433,10 +351,6 @@ class Route:
         return f"Route({self.segment!r}, {self.leaf!r}, limit={self.limit})"
 
 
-def _drop(data: bytes) -> None:
-    """A response's ``write`` once nothing more may follow its head (HEAD, 204, 304)."""
-
-
 _date: list[Any] = [None, b""]  # [whole second, its HTTP date]
 
 
@@ -452,9 +366,9 @@ def plain_error(request: server.Request, code: int, message: str) -> bytes:
     """Set ``code`` and a plain-text ``message`` line as the response; return the body."""
     body = message.encode("utf-8", "replace") + b"\n"
     request.setResponseCode(code)
-    raw = request.responseHeaders._rawHeaders
-    raw[b"Content-Type"] = [b"text/plain; charset=utf-8"]
-    raw[b"Content-Length"] = [b"%d" % len(body)]
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+    headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
     return body
 
 
@@ -470,6 +384,22 @@ class _PlainError(resource.Resource):
 
     def render(self, request: server.Request) -> bytes:
         return plain_error(request, self._code, self._message)
+
+
+class _PlainPage(resource.Resource):
+    """A twisted.web.pages error page answered in plain text: its code, and its reason phrase."""
+
+    isLeaf = True
+
+    def __init__(self, page: Any) -> None:
+        super().__init__()
+        self._page = page
+
+    def render(self, request: server.Request) -> bytes:
+        self._page.render(request)  # sets the code; its HTML is dropped
+        reason = request.code_message.decode("latin-1").lower()
+        path = request.path.decode("latin-1", "replace")
+        return plain_error(request, request.code, f"{reason}: {path}" if request.code == 404 else reason)
 
 
 class _PlainMethods:
@@ -498,19 +428,27 @@ class PlainErrorsRequest(server.Request):
     the resource has no ``render_*`` for, and a failure while processing (500)."""
 
     def render(self, resrc: Any) -> None:
-        if isinstance(resrc, _ERROR_PAGES):
-            code = getattr(resrc, "code", None) or getattr(resrc, "_code", 500)
-            brief = getattr(resrc, "brief", None) or getattr(resrc, "_brief", "error")
+        if isinstance(resrc, _RESOURCE_PAGES):
             path = self.path.decode("latin-1", "replace")
+            code, brief = resrc.code, resrc.brief
             resrc = _PlainError(code, f"{brief.lower()}: {path}" if code == 404 else brief)
+        elif isinstance(resrc, _PAGES):
+            resrc = _PlainPage(resrc)
         elif type(resrc).render is resource.Resource.render:
             # Only Resource's own render raises UnsupportedMethod (no render_<METHOD>).
             resrc = _PlainMethods(resrc)
         super().render(resrc)
 
+    log = Logger()
+    _lost = False  # the connection was lost (Twisted's own flag is private)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
+        super().connectionLost(reason)
+
     def processingFailed(self, reason: Failure) -> Failure:
-        self._log.failure("processing {uri} failed", failure=reason, uri=self.uri)
-        if self.finished or self._disconnected:
+        self.log.failure("processing {uri} failed", failure=reason, uri=self.uri)
+        if self.finished or self._lost:
             return reason
         if self.startedWriting:
             self.channel.loseConnection()  # a body cut short must not look whole
@@ -556,10 +494,11 @@ class LimitedRequest(PlainErrorsRequest):
         if (
             self.startedWriting
             and not self.chunked  # (the last chunk is written by finish)
-            and self._encoder is None  # (so is what an encoder still holds)
             and not self.finished
-            and not self._disconnected
+            and not self._lost
             and channel is not None
+            and _accel.enabled()
+            and first_write.plain(self)  # (no encoder holding the rest)
         ):
             # The response is whole: out now, before Twisted's teardown of the request and
             # what the caller does after finish (txfaas.reactor.send_now).
@@ -567,45 +506,21 @@ class LimitedRequest(PlainErrorsRequest):
         super().finish()
 
     def write(self, data: bytes) -> None:
-        """The first write as ``server.Request.write`` and ``http.Request.write`` make it -- the
-        default Content-Type, chunked when HTTP/1.1 has no Content-Length, nothing after the head
-        for HEAD or a code without a body -- but the head and these bytes go to the transport in
-        one write, the headers read from the raw dict.  Anything unusual (a later write, an
-        encoder, Last-Modified, ETag or cookies set through the request) is Twisted's."""
-        channel = self.channel
+        """With accelerations on, the first write's head and bytes go to the transport in one
+        write (:mod:`txfaas._accel.first_write`); anything unusual (a later write, Last-Modified,
+        ETag or cookies set through the request) is Twisted's."""
         if (
             self.startedWriting
             or self.finished
-            or self._disconnected
-            or self._inFakeHead
-            or self._encoder is not None
+            or self._lost
             or self.lastModified is not None
             or self.etag is not None
             or self.cookies
-            or not isinstance(channel, LimitedChannel)
+            or not isinstance(self.channel, LimitedChannel)
+            or not _accel.enabled()
+            or not first_write.write_first(self, data)
         ):
             super().write(data)
-            return
-        raw = self.responseHeaders._rawHeaders
-        code = self.code
-        if code != NOT_MODIFIED and code != NO_CONTENT and self.defaultContentType is not None:
-            length = raw.get(b"Content-Length")
-            if b"Content-Type" not in raw and not (length and length[0] == b"0"):
-                raw[b"Content-Type"] = [self.defaultContentType]
-        self.startedWriting = 1
-        version = self.clientproto
-        silent = self.method == b"HEAD" or code in NO_BODY_CODES
-        if version == b"HTTP/1.1" and not silent and b"Content-Length" not in raw:
-            raw[b"Transfer-Encoding"] = [b"chunked"]
-            self.chunked = 1
-        if silent:
-            channel.writeHead(version, b"%d" % code, self.code_message, self.responseHeaders, b"")
-            self.write = _drop  # type: ignore[method-assign]  # as Twisted does
-            return
-        self.sentLength += len(data)
-        if data and self.chunked:
-            data = b"".join(toChunk(data))
-        channel.writeHead(version, b"%d" % code, self.code_message, self.responseHeaders, data)
 
     def connectionLost(self, reason: Failure) -> None:
         gone, self._gone = self._gone, None
@@ -624,9 +539,9 @@ class LimitedRequest(PlainErrorsRequest):
             return
         # server.Request.process, without the walk: where it would lead, and what it sets.
         self.site = site
-        raw = self.responseHeaders._rawHeaders
-        raw[b"Server"] = [server.version]
-        raw[b"Date"] = [http_date()]
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", [server.version])
+        headers.setRawHeaders(b"Date", [http_date()])
         segments = self.path[1:].split(b"/")
         self.prepath = [route.segment]
         self.postpath = [unquote(segment) for segment in segments[1:]]

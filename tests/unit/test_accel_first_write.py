@@ -1,4 +1,4 @@
-"""``LimitedRequest.write``: a response's first write, head and bytes in one transport write.  Every
+"""txfaas._accel.first_write: a response's first write, head and bytes in one transport write.  Every
 case is served twice -- by LimitedRequest and by a LimitedRequest that writes as Twisted does -- and
 the client must get the same bytes (and the connection close or stay open alike)."""
 
@@ -13,6 +13,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
 
+from txfaas import _accel
+from txfaas._accel import first_write
 from txfaas.web.server import LimitedRequest, LimitedSite
 
 
@@ -131,3 +133,32 @@ def test_head_and_first_bytes_go_out_in_one_write() -> None:
     channel.makeConnection(transport)
     channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
     assert len(writes) == 2 and writes[0].endswith(b"\r\n\r\nabc") and writes[1] == b"def"
+
+
+def _head_writes() -> int:
+    site = LimitedSite(Scripted(_later(b"abc", content_length=b"3")), Clock())
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    writes: list[bytes] = []
+    transport.write = writes.append  # type: ignore[method-assign]
+    transport.writeSequence = lambda seq: writes.extend(seq)  # type: ignore[method-assign]
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+    return len(writes)
+
+
+def test_with_accelerations_off_twisted_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _head_writes() == 1
+    monkeypatch.setattr(_accel, "_enabled", False)
+    assert _head_writes() > 1  # Twisted's own: the head, then the body
+
+
+def test_the_probe_passes_on_this_twisted() -> None:
+    assert first_write.probe() is True
+
+
+def test_the_probe_fails_when_the_head_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(first_write, "_probed", None)
+    monkeypatch.setattr(first_write, "NO_BODY_CODES", ())  # a 204 would get a body
+    assert first_write.probe() is False
+    assert _head_writes() > 1  # and Twisted writes

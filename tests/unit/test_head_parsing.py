@@ -1,13 +1,17 @@
-"""LimitedChannel's whole-head path: a request head that arrives whole in one read goes to Twisted's
-own parsing in one loop.  Every case here is read twice -- in one piece (that path) and a byte at a
-time (Twisted's line-by-line path) -- and must give the resource the same requests and the client
-the same bytes; the cases that path leaves to Twisted must not take it."""
+"""The request head is parsed by Twisted alone: LimitedSite's limits sit on top of it and must not
+change what it does.  Every head here, listed and Hypothesis-generated (smuggling cases among
+them: two or conflicting Content-Lengths, Content-Length with chunked, folded lines, bare CR or
+LF, NUL, a blank before the colon, bad request lines, HTTP/1.0 and 1.1), is read by a
+LimitedSite and by Twisted's own ``Site``, in one piece and a byte at a time: the resource must
+see the same requests and the client get the same bytes."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
@@ -32,22 +36,16 @@ class Record(resource.Resource):
 _DATE = re.compile(rb"Date: [^\r]*\r\n")
 
 
-def read(data: bytes, piecewise: bool) -> tuple[list[tuple], bytes, int, bool]:
-    """(what the resource saw, what the client got, lines read one by one, connection closing)."""
+def read(data: bytes, piecewise: bool = False, limited: bool = True) -> tuple[list[tuple], bytes, bool]:
+    """(what the resource saw, what the client got, connection closing)."""
     record = Record()
-    site = LimitedSite(record, Clock(), routes={b"limited": Route(b"limited", None, 1000)})
+    if limited:
+        site = LimitedSite(record, Clock(), routes={b"limited": Route(b"limited", None, 1000)})
+    else:
+        site = server.Site(record, reactor=Clock())
     channel = site.buildProtocol(None)
     transport = StringTransport()
     channel.makeConnection(transport)
-    lines = 0
-    line_received = channel.lineReceived
-
-    def counting(line: bytes) -> None:
-        nonlocal lines
-        lines += 1
-        line_received(line)
-
-    channel.lineReceived = counting
     if piecewise:
         for i in range(len(data)):
             if transport.disconnecting:
@@ -55,13 +53,13 @@ def read(data: bytes, piecewise: bool) -> tuple[list[tuple], bytes, int, bool]:
             channel.dataReceived(data[i : i + 1])
     else:
         channel.dataReceived(data)
-    return record.seen, _DATE.sub(b"Date: -\r\n", transport.value()), lines, transport.disconnecting
+    return record.seen, _DATE.sub(b"Date: -\r\n", transport.value()), bool(transport.disconnecting)
 
 
 GET = b"GET /function/echo?x=1 HTTP/1.1\r\nHost: gw\r\nX-Call-Id: abc\r\nAccept: */*\r\n\r\n"
 POST = b"POST /async-function/echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nX-Thing: a\r\nx-thing: b\r\n\r\nhello"
 
-TAKEN = {  # the whole-head path reads these
+CASES = {
     "GET": GET,
     "POST with a body": POST,
     "two pipelined": GET + POST,
@@ -106,9 +104,6 @@ TAKEN = {  # the whole-head path reads these
     "body over the path's limit": b"POST /limited HTTP/1.1\r\nContent-Length: 5000\r\n\r\n" + b"x" * 100,
     "body within the path's limit": b"POST /limited HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc" + GET,
     "500 headers": b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(500)) + b"\r\n",
-}
-
-LEFT_TO_TWISTED = {  # Twisted's line-by-line path reads these
     "a folded header line": b"GET / HTTP/1.1\r\nX-A: one\r\n two\r\n\r\n",
     "a folded line with a tab": b"GET / HTTP/1.1\r\nX-A: one\r\n\ttwo\r\n\r\n",
     "a leading blank line": b"\r\n" + GET,
@@ -117,48 +112,110 @@ LEFT_TO_TWISTED = {  # Twisted's line-by-line path reads these
     "no end of head": b"GET / HTTP/1.1\r\nHost: gw\r\n",
 }
 
-
-@pytest.mark.parametrize("name", sorted(TAKEN))
-def test_one_read_and_a_byte_at_a_time_give_the_same(name):
-    data = TAKEN[name]
-    whole = read(data, piecewise=False)
-    bytewise = read(data, piecewise=True)
-    assert whole[0] == bytewise[0]  # the requests the resource saw
-    assert whole[1] == bytewise[1]  # what the client got
-    assert whole[3] == bytewise[3]  # closing or not
-    assert whole[2] < bytewise[2]  # and the first head was not read line by line
+#: The cases over LimitedSite's limits: it answers them, Twisted's Site does not (or not so).
+OVER_LIMITS = {"body over the path's limit", "a head over 16 KiB", "501 headers"}
 
 
-@pytest.mark.parametrize("name", sorted(LEFT_TO_TWISTED))
-def test_what_the_whole_head_path_leaves_to_twisted(name):
-    data = LEFT_TO_TWISTED[name]
-    whole = read(data, piecewise=False)
-    bytewise = read(data, piecewise=True)
-    assert whole[:2] == bytewise[:2] and whole[3] == bytewise[3]
-    assert whole[2] == bytewise[2] > 0  # every line read by Twisted's lineReceived
+def same(data: bytes) -> None:
+    ours = read(data)
+    assert read(data, piecewise=True) == ours
+    assert read(data, limited=False) == ours
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - OVER_LIMITS))
+def test_a_head_reads_as_twisted_reads_it(name):
+    same(CASES[name])
+
+
+methods = st.sampled_from([b"GET", b"POST", b"get", b"G(T", b"", b"PUT"])
+targets = st.sampled_from(
+    [b"/", b"/function/echo?x=1", b"/a b", b"/a\x7f", b"/\xb0", b"/\xb1", b"", b"*", b"http://gw/x"]
+)
+versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b"HTTP/1.1 ", b""])
+separators = st.sampled_from([b" ", b"  ", b"\t"])
+names = st.sampled_from(
+    [
+        b"Host",
+        b"Content-Length",
+        b"content-length",
+        b"Transfer-Encoding",
+        b"X-A",
+        b"Bad Name",
+        b"X-A ",
+        b" X-A",
+        b"",
+        b"Expect",
+        b"Connection",
+        b"X\x00A",
+    ]
+)
+colons = st.sampled_from([b":", b": ", b":\t", b"", b" :"])
+values = st.sampled_from(
+    [
+        b"5",
+        b"0",
+        b"+5",
+        b" 5",
+        b"5, 5",
+        b"-1",
+        b"chunked",
+        b"CHUNKED",
+        b"identity",
+        b"gzip",
+        b"chunked, identity",
+        b"a\rb",
+        b"a\nb",
+        b"a\x00b",
+        b"a\tb",
+        b"close",
+        b"keep-alive",
+        b"100-continue",
+        b"",
+        b"  spaced  ",
+        b"\xff",
+    ]
+)
+folds = st.sampled_from([b"", b"", b"\r\n folded", b"\r\n\tfolded"])
+endings = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n"])
+bodies = st.sampled_from([b"", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"0\r\n\r\n", b"5\r\nhel"])
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> bytes:
+    line = draw(methods) + draw(separators) + draw(targets) + draw(separators) + draw(versions)
+    if draw(st.integers(0, 3)) == 0:
+        line = draw(st.sampled_from([b"\r\n", b" ", b"\r\n\r\n"])) + line
+    end = draw(endings)
+    lines = [line]
+    for _ in range(draw(st.integers(0, 5))):
+        lines.append(draw(names) + draw(colons) + draw(values) + draw(folds))
+    then = draw(st.sampled_from([b"", b"GET /next HTTP/1.1\r\n\r\n"]))
+    return end.join(lines) + end + end + draw(bodies) + then
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(heads())
+def test_generated_heads_read_as_twisted_reads_them(data: bytes) -> None:
+    same(data)
 
 
 def test_the_simple_cases_answer_as_expected():
-    seen, out, _lines, closing = read(GET + POST, piecewise=False)
+    seen, out, closing = read(GET + POST)
     assert [s[:3] for s in seen] == [
         (b"GET", b"/function/echo?x=1", b"HTTP/1.1"),
         (b"POST", b"/async-function/echo", b"HTTP/1.1"),
     ]
     assert (b"X-Thing", (b"a", b"b")) in seen[1][3] and seen[1][4] == b"hello"
     assert out.count(b"HTTP/1.1 200 OK") == 2 and not closing
-    seen, out, _lines, closing = read(TAKEN["header without a colon"], piecewise=False)
+    seen, out, closing = read(CASES["header without a colon"])
     assert seen == [] and out.startswith(b"HTTP/1.1 400 Bad Request") and closing
-    seen, out, _lines, closing = read(TAKEN["body over the path's limit"], piecewise=False)
-    assert seen == [] and out.startswith(b"HTTP/1.1 413") and closing
 
 
-def test_off_when_twisted_lacks_what_it_relies_on(monkeypatch):
-    """On a Twisted without its request-line parser or the channel's private first-line flag,
-    every head goes line by line -- with the same result."""
-    from txfaas.web import server as web_server
-
-    assert web_server.WHOLE_HEAD  # the Twisted these tests run on has both
-    monkeypatch.setattr(web_server, "WHOLE_HEAD", False)
-    whole = read(GET + POST, piecewise=False)
-    assert whole[2] > 0  # read by lineReceived
-    assert whole[:2] == read(GET + POST, piecewise=True)[:2]
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [("body over the path's limit", b"413"), ("a head over 16 KiB", b"431"), ("501 headers", b"431")],
+)
+def test_over_the_limits_is_answered_alike_in_one_piece_or_a_byte_at_a_time(name, status):
+    seen, out, closing = read(CASES[name])
+    assert seen == [] and out.startswith(b"HTTP/1.1 " + status) and closing
+    assert read(CASES[name], piecewise=True) == (seen, out, closing)
