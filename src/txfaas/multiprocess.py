@@ -9,8 +9,12 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.runner.procmon import ProcessMonitor
 
 # --- several processes on one port -----------------------------------------------------------
+
+log = Logger(namespace="txfaas.multiprocess")
 
 CHILD_ENV = "TXFAAS_CHILD_INDEX"
 
@@ -54,11 +58,19 @@ def die_with_parent(sig: int = 15) -> bool:
     return True
 
 
-class ChildProcesses(service.Service):
-    """Runs ``count`` more copies of this very twistd command (marked as children), restarts one
-    that dies, and stops them all (SIGTERM, then waits) when the service stops."""
+class ChildProcesses(ProcessMonitor):
+    """Runs ``count`` more copies of this very twistd command, each marked with its index in
+    ``CHILD_ENV``, on Twisted's ``ProcessMonitor``: one that dies is restarted (at once if it ran
+    a while, else with procmon's back-off), and all are stopped with the service.
 
-    log = Logger()
+    Added to procmon, with its public API only: the stop waits ``grace`` seconds before the
+    SIGTERM (a SIGTERM to the whole process group -- systemd, Ctrl-C -- has reached the children
+    already, and a second one makes Twisted log a traceback), and its Deferred fires once every
+    child has ended (procmon's ``stopService`` returns nothing and does not wait); a child's end
+    is logged and, with prometheus multiprocess metrics, its values marked dead.  What procmon
+    cannot do: let the children write to the parent's stdout and stderr -- it reads their output
+    through pipes and logs it line by line as ``[index] line`` in the parent's log.
+    """
 
     def __init__(
         self,
@@ -68,74 +80,67 @@ class ChildProcesses(service.Service):
         restart_delay: float = 1.0,
         grace: float = 1.0,
     ) -> None:
+        super().__init__(reactor)
+        self.minRestartDelay = restart_delay
+        self._time = reactor
         self._grace = grace
-        self._reactor = reactor
-        self._count = count
-        self._argv = list(argv if argv is not None else [sys.executable, *sys.argv])
-        self._restart_delay = restart_delay
-        self._children: dict[int, Any] = {}
-        self._ended: dict[int, defer.Deferred] = {}
-        self._stopping = False
-
-    def startService(self) -> None:
-        super().startService()
-        for index in range(1, self._count + 1):
-            self._spawn(index)
+        self._ended: dict[str, defer.Deferred[None]] = {}
+        args = list(argv if argv is not None else [sys.executable, *sys.argv])
+        for index in range(1, count + 1):
+            self.addProcess(str(index), args, env={**os.environ, CHILD_ENV: str(index)})
 
     def alive(self) -> list[int]:
         """The indices of the children running now."""
-        return sorted(self._children)
+        return sorted(int(name) for name in self.protocols)
 
-    def _spawn(self, index: int) -> None:
-        from twisted.internet import protocol
-
-        owner = self
+    def startProcess(self, name: str) -> None:
+        super().startProcess(name)
+        protocol = self.protocols.get(name)
+        if protocol is None or protocol.transport is None:
+            return  # it could not be spawned: procmon retries
+        pid = protocol.transport.pid
         ended: defer.Deferred[None] = defer.Deferred()
+        self._ended[name] = ended
+        log.info("started process {index} (pid {pid})", index=name, pid=pid)
+        procmon_ended = protocol.processEnded
 
-        class Child(protocol.ProcessProtocol):
-            def processEnded(self, reason: Any) -> None:
-                owner._ended_child(index, self.transport.pid, reason, ended)
+        def processEnded(reason: Failure) -> None:
+            try:
+                procmon_ended(reason)  # procmon's bookkeeping, and the restart it schedules
+            finally:
+                self._child_ended(name, pid, reason, ended)
 
-        env = dict(os.environ)
-        env[CHILD_ENV] = str(index)
-        transport = self._reactor.spawnProcess(
-            Child(), self._argv[0], self._argv, env=env, childFDs={0: "w", 1: 1, 2: 2}
-        )
-        self._children[index] = transport
-        self._ended[index] = ended
-        self.log.info("started process {index} (pid {pid})", index=index, pid=transport.pid)
+        protocol.processEnded = processEnded  # type: ignore[method-assign]
 
-    def _ended_child(self, index: int, pid: int | None, reason: Any, ended: defer.Deferred) -> None:
-        self._children.pop(index, None)
-        ended.callback(None)
+    def _child_ended(self, name: str, pid: int | None, reason: Failure, ended: defer.Deferred[None]) -> None:
         if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(pid)
-        if not self._stopping:
-            self.log.warn(
-                "process {index} ended ({reason}); restarting it in {delay}s",
-                index=index,
+        if self.running:
+            delay = self.restart[name].getTime() - self._time.seconds() if name in self.restart else 0
+            log.warn(
+                "process {index} ended ({reason}); restarting it in {delay:.1f}s",
+                index=name,
                 reason=reason.getErrorMessage(),
-                delay=self._restart_delay,
+                delay=max(0.0, delay),
             )
-            self._reactor.callLater(self._restart_delay, lambda: self._stopping or self._spawn(index))
+        ended.callback(None)
 
-    def stopService(self) -> defer.Deferred:
-        """Stop the children.  A SIGTERM sent to the whole process group (systemd, Ctrl-C) has
-        reached them already, and a second one would make Twisted log a traceback: they get
-        ``grace`` seconds to leave on their own before they are sent SIGTERM."""
-        super().stopService()
-        self._stopping = True
+    def stopService(self) -> defer.Deferred[None]:  # type: ignore[override]
+        """No more restarts; SIGTERM after ``grace`` to the children still running (SIGKILL
+        ``killTime`` later); fires once all have ended."""
+        service.Service.stopService(self)
+        for call in self.restart.values():
+            if call.active():
+                call.cancel()
+        timer = self._time.callLater(self._grace, ProcessMonitor.stopService, self)
+        waiting = [d for name, d in self._ended.items() if name in self.protocols]
+        ended = defer.DeferredList(waiting, consumeErrors=True)
 
-        def terminate() -> None:
-            for transport in list(self._children.values()):
-                try:
-                    transport.signalProcess("TERM")
-                except Exception:  # already gone
-                    pass
+        def done(result: object) -> None:
+            if timer.active():
+                timer.cancel()
 
-        timer = self._reactor.callLater(self._grace, terminate)
-        ended = defer.DeferredList(list(self._ended.values()), consumeErrors=True)
-        ended.addBoth(lambda result: (timer.active() and timer.cancel()) or result)
+        ended.addBoth(done)
         return ended
