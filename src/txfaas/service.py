@@ -100,18 +100,11 @@ YOUNG_GC_THRESHOLD = 10_000
 def settle_gc(reactor: Any) -> None:
     """Tune the cyclic GC for a server whose calls are freed by reference counting.
 
-    Once the reactor runs: collect, then freeze (``gc.freeze``) every object start-up made.
-    The GC's full collections walk every object the process holds, and steady traffic
-    (calls in flight surviving two young collections) set one off every few thousand calls:
-    with twisted.web, Klein, pika and prometheus_client loaded, each took 40-60 ms here, a
-    seventh of the gateway's CPU per accepted call.  Frozen, the modules, classes and
-    configuration of start-up are left out of every collection.
-
-    And a young collection every 10,000 net allocations rather than 700: the hot paths leave
-    no reference cycles (tests check), so what 50-200 calls in flight hold is all that a
-    collection would find, alive; cyclic garbage, wherever it still comes from, waits a little
-    longer.  Only from a process's ``makeService`` (``twistd``), before the reactor runs:
-    never in a test run."""
+    Once the reactor runs: collect, then ``gc.freeze`` what start-up made, so the full
+    collections that steady traffic sets off leave the loaded modules and configuration out;
+    and a young collection every ``YOUNG_GC_THRESHOLD`` net allocations rather than 700 (the
+    hot paths leave no reference cycles; tests check).  Only from a process's ``makeService``,
+    before the reactor runs: never in a test run.  docs/performance.rst has the figures."""
     if getattr(reactor, "running", True):
         return
 
@@ -184,6 +177,9 @@ class Listener(service.Service):
     nothing else has started.  TCP, UNIX and SSL endpoints listen at once; one that
     answers later and fails ends the process through :func:`fail_startup`.  ``reactor``
     may be None when ``endpoint`` is given.
+
+    Not a ``StreamServerEndpointService``: its synchronous failure and its waiting for the
+    port are private attributes there (``_raiseSynchronously``, ``_waitingForPort``).
     """
 
     def __init__(

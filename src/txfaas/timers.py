@@ -96,59 +96,96 @@ class QueuedTimer:
             self._queue._cancelled += 1
 
 
-class TimerQueue:
-    """Timers that all have the same delay, so they come due in the order they were set: one
-    ``DelayedCall`` for all of them (a proxied call's deadline, a pooled connection's idle time).
+class _Watched:
+    """A Deferred cancelled at ``when`` unless it has fired by then (:meth:`TimerQueue.watch`)."""
 
-    Cancelled timers are dropped when they reach the head, or all at once when they are most of
-    the queue (one slow call at the head must not make the queue hold every call behind it).
+    __slots__ = ("deferred", "when")
+
+    def __init__(self, when: float, deferred: defer.Deferred[Any]) -> None:
+        self.when = when
+        self.deferred = deferred
+
+    @property
+    def fire(self) -> Callable[[], object] | None:
+        d = self.deferred
+        return None if d.called else d.cancel
+
+
+class TimerQueue:
+    """The one deadline queue: timers that come due in the order they were added, with one
+    ``DelayedCall`` for all of them.
+
+    Every user has one fixed timeout (a proxied call's deadline, a pooled connection's idle
+    time, a broker's confirm, a Redis reply), so deadlines are added in order and a FIFO does:
+    :meth:`add` a callable ``delay`` seconds from now (or at ``when``), or :meth:`watch` a
+    Deferred, cancelled at its deadline unless it fired before (its waiter then sees
+    ``CancelledError``: a timeout).  Finished entries are dropped when they reach the head,
+    cancelled timers all at once when they are most of the queue.  (A deadline that moves
+    with every request is a :class:`LazyTimer`.)
     """
 
-    def __init__(self, clock: Any, delay: float) -> None:
+    def __init__(self, clock: Any, delay: float = 0.0) -> None:
         self._clock = clock
         self.delay = delay
-        self._queue: deque[QueuedTimer] = deque()
+        self._queue: deque[QueuedTimer | _Watched] = deque()
         self._cancelled = 0
         self._call: Any = None
 
     def __len__(self) -> int:
         return len(self._queue) - self._cancelled
 
-    def add(self, fire: Callable[[], object]) -> QueuedTimer:
+    def add(self, fire: Callable[[], object], when: float | None = None) -> QueuedTimer:
+        """Call ``fire`` ``delay`` seconds from now, or at ``when`` on the clock."""
+        if when is None:
+            when = self._clock.seconds() + self.delay
+        timer = QueuedTimer(when, fire, self)
+        self._append(timer)
+        return timer
+
+    def watch(self, d: defer.Deferred[Any], when: float) -> None:
+        """Cancel ``d`` at ``when`` on the clock unless it has fired by then."""
+        self._append(_Watched(when, d))
+
+    def _append(self, entry: QueuedTimer | _Watched) -> None:
         queue = self._queue
         while queue and queue[0].fire is None:
-            queue.popleft()
-            self._cancelled -= 1
+            if isinstance(queue.popleft(), QueuedTimer):
+                self._cancelled -= 1
         if self._cancelled > 1024 and self._cancelled * 2 > len(queue):
             self._queue = queue = deque(t for t in queue if t.fire is not None)
             self._cancelled = 0
-        timer = QueuedTimer(self._clock.seconds() + self.delay, fire, self)
-        queue.append(timer)
+        queue.append(entry)
         if self._call is None:
-            self._call = self._clock.callLater(self.delay, self._due)
-        return timer
+            self._schedule(self._clock.seconds())
+
+    def _schedule(self, now: float) -> None:
+        self._call = self._clock.callLater(max(0.0, self._queue[0].when - now), self._due)
 
     def _due(self) -> None:
         self._call = None
         queue = self._queue
         now = self._clock.seconds()
         while queue and (queue[0].fire is None or queue[0].when <= now):
-            timer = queue.popleft()
-            fire, timer.fire = timer.fire, None
+            entry = queue.popleft()
+            fire = entry.fire
+            if isinstance(entry, QueuedTimer):
+                entry.fire = None
+                if fire is None:
+                    self._cancelled -= 1
             if fire is None:
-                self._cancelled -= 1
                 continue
             try:
                 fire()
             except Exception:
                 log.failure("timer {timer!r} failed", timer=fire)
         if queue and self._call is None:
-            self._call = self._clock.callLater(max(0.0, queue[0].when - now), self._due)
+            self._schedule(now)
 
     def stop(self) -> None:
-        """Cancel every timer (none fires)."""
-        for timer in self._queue:
-            timer.fire = None
+        """Cancel every timer (none fires, no Deferred is cancelled)."""
+        for entry in self._queue:
+            if isinstance(entry, QueuedTimer):
+                entry.fire = None
         self._queue.clear()
         self._cancelled = 0
         call, self._call = self._call, None
@@ -156,42 +193,5 @@ class TimerQueue:
             call.cancel()
 
 
-class Deadlines:
-    """Cancels the Deferreds still pending at their deadline, with one timer for them all.
-
-    ``addTimeout`` costs a DelayedCall per Deferred (about 6 µs here, a tenth of a publish)
-    and another call to cancel it.  Every user here has one fixed timeout (the broker's
-    confirm, a Redis reply), so deadlines are added in order and a FIFO will do."""
-
-    def __init__(self, clock: Any) -> None:
-        self._clock = clock
-        self._pending: deque[tuple[float, defer.Deferred]] = deque()
-        self._timer: Any = None
-
-    def watch(self, d: defer.Deferred, deadline: float) -> None:
-        pending = self._pending
-        while pending and pending[0][1].called:
-            pending.popleft()
-        pending.append((deadline, d))
-        if self._timer is None:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        delay = max(0.0, self._pending[0][0] - self._clock.seconds())
-        self._timer = self._clock.callLater(delay, self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        now = self._clock.seconds()
-        pending = self._pending
-        while pending and (pending[0][1].called or pending[0][0] <= now):
-            _, d = pending.popleft()
-            if not d.called:
-                d.cancel()  # its waiter sees CancelledError after the deadline: a timeout
-        if pending and self._timer is None:
-            self._schedule()
-
-    def stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+#: The name the AMQP queue and the Redis store know it by (``Deadlines(clock).watch(d, when)``).
+Deadlines = TimerQueue

@@ -764,3 +764,22 @@ def test_endpoints_get_the_production_backlog_unless_they_set_their_own():
 
 def site_for_backlog():
     return make()[2]
+
+
+def test_the_queue_cancels_a_watched_deferred_at_its_deadline_only_if_still_waiting():
+    from twisted.internet.defer import CancelledError, Deferred
+
+    clock = Clock()
+    queue = TimerQueue(clock)
+    early, late = Deferred(), Deferred()
+    fired: list[str] = []
+    queue.watch(early, 5.0)
+    queue.add(lambda: fired.append("timer"), when=6.0)
+    queue.watch(late, 7.0)
+    early.callback("in time")
+    clock.advance(6.0)
+    assert fired == ["timer"] and early.result == "in time" and not late.called
+    clock.advance(1.0)
+    assert late.called
+    late.addErrback(lambda f: f.trap(CancelledError))
+    assert len(queue) == 0 and not clock.getDelayedCalls()

@@ -113,10 +113,9 @@ class EPollReactor(_Stock):  # type: ignore[misc,valid-type]
         repeated and fails the same way, and the connection is lost).
 
         Under load (several descriptors ready at once) everything still waits for the flush
-        at the end of the pass: sending in the middle of it wakes the peers (wrk, nginx, the
-        function) while this process still has work, and on two cores the gateway then did
-        24 % fewer calls a second at 50 connections (872fb54).  Once a pass, for the same
-        reason: one read can finish many messages (a multiple ack, many Redis replies)."""
+        at the end of the pass: sending in the middle of it wakes the peers while this process
+        still has work.  Once a pass, for the same reason: one read can finish many messages
+        (a multiple ack, many Redis replies)."""
         if (
             not self._quiet
             or writer not in self._unflushed

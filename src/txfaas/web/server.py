@@ -1,4 +1,8 @@
-"""The HTTP server every process uses: request limits, plain-text errors, direct routes."""
+"""The HTTP server every process uses: request limits, plain-text errors, direct routes.
+
+Over 500 lines because the channel, the request and the site share one request's state (its
+route, limit and deadlines) and read as one piece.
+"""
 
 from __future__ import annotations
 
