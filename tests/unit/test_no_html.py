@@ -226,3 +226,46 @@ def test_the_workers_web_resource_answers_plain_text() -> None:
         response, body = call(client, method, path)
         assert response.code == code, path
         assert not looks_like_html(body), body
+
+
+def _serve(root: resource.Resource, request: bytes) -> bytes:
+    from twisted.internet.testing import StringTransport
+
+    site = PlainErrorsSite(root)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(request)
+    return transport.value()
+
+
+def test_a_twisted_web_pages_error_page_is_answered_in_plain_text() -> None:
+    from twisted.web import pages
+
+    root = resource.Resource()
+    root.putChild(b"gone", pages.errorPage(410, "Gone For Good", "<b>html</b>"))
+    root.putChild(b"missing", pages.notFound())
+    out = _serve(root, b"GET /gone HTTP/1.1\r\nHost: t\r\n\r\nGET /missing HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 410 Gone\r\n") and b"\r\n\r\ngone\n" in out
+    assert b"HTTP/1.1 404 Not Found\r\n" in out and out.endswith(b"\r\n\r\nnot found: /missing\n")
+    assert not looks_like_html(out)
+
+
+def test_a_request_says_when_its_connection_was_lost() -> None:
+    from twisted.python.failure import Failure
+    from twisted.web.server import NOT_DONE_YET
+
+    requests: list = []
+
+    class Wait(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request: server.Request) -> object:
+            requests.append(request)
+            return NOT_DONE_YET
+
+    _serve(Wait(), b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    request = requests[0]
+    assert request.disconnected is False
+    request.connectionLost(Failure(ConnectionError("gone")))
+    assert request.disconnected is True

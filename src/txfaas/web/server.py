@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import pages, resource, server
 from twisted.web.error import UnsupportedMethod
-from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.http import RESPONSES, HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
 from txfaas import _accel
@@ -390,8 +390,26 @@ class _PlainError(resource.Resource):
         return plain_error(request, self._code, self._message)
 
 
+class _PageCode:
+    """Stands in for the request while a twisted.web.pages error page renders: keeps its code."""
+
+    code = 500
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
 class _PlainPage(resource.Resource):
-    """A twisted.web.pages error page answered in plain text: its code, and its reason phrase."""
+    """A twisted.web.pages error page answered in plain text: its code and reason phrase."""
 
     isLeaf = True
 
@@ -400,10 +418,12 @@ class _PlainPage(resource.Resource):
         self._page = page
 
     def render(self, request: server.Request) -> bytes:
-        self._page.render(request)  # sets the code; its HTML is dropped
-        reason = request.code_message.decode("latin-1").lower()
+        stand_in = _PageCode()
+        self._page.render(stand_in)  # its HTML goes nowhere
+        code = stand_in.code
+        reason = RESPONSES.get(code, b"error").decode("latin-1").lower()
         path = request.path.decode("latin-1", "replace")
-        return plain_error(request, request.code, f"{reason}: {path}" if request.code == 404 else reason)
+        return plain_error(request, code, f"{reason}: {path}" if code == 404 else reason)
 
 
 class _PlainMethods:
@@ -444,7 +464,12 @@ class PlainErrorsRequest(server.Request):
         super().render(resrc)
 
     log = Logger()
-    _lost = False  # the connection was lost (Twisted's own flag is private)
+    _lost = False
+
+    @property
+    def disconnected(self) -> bool:
+        """True once the connection was lost (Twisted's own flag is private)."""
+        return self._lost
 
     def connectionLost(self, reason: Failure) -> None:
         self._lost = True
