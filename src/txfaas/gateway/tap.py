@@ -450,11 +450,12 @@ def build_gateway(
     from txfaas.gateway.service import GatewayService
     from txfaas.http.pool import quiet_pool
     from txfaas.invocation_log import InvocationLog, instance_name
-    from txfaas.multiprocess import ChildProcesses, die_with_parent, is_child
+    from txfaas.multiprocess import die_with_parent, is_child
     from txfaas.secrets import SecretBox, key_too_open
     from txfaas.service import OrderedMultiService, listen, listen_reuseport
     from txfaas.store import open_store
     from txfaas.store.cache import FunctionCache
+    from txfaas.supervisor import ChildProcesses
 
     disable_created_metrics()
     if not is_child():

@@ -406,7 +406,7 @@ def makeService(options: Mapping[str, Any]) -> service.IService:
 def build_supervisor(reactor: Any, settings: Settings) -> service.MultiService:
     """``--processes N``: run N worker processes (the kernel and the broker spread the work), restart
     one that dies, and serve /healthz (all alive) and /metrics (the sum over all of them)."""
-    from txfaas.multiprocess import ChildProcesses
+    from txfaas.supervisor import ChildProcesses
     from txfaas.web.server import PlainErrorsSite
     from txfaas.worker.web import supervisor_resource
 

@@ -9,7 +9,8 @@ from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from txfaas.multiprocess import CHILD_ENV, ChildProcesses
+from txfaas.multiprocess import CHILD_ENV
+from txfaas.supervisor import ChildProcesses
 
 
 class Process:
@@ -111,3 +112,18 @@ def test_stop_kills_a_child_that_ignores_the_term(reactor):
     assert reactor.spawned[0].signals == ["TERM", "KILL"]
     reactor.spawned[0].end(9)
     assert stopped.called
+
+
+def test_no_tap_imports_the_global_reactor_before_it_chooses_one():
+    """A tap that imported procmon (or anything else importing the reactor) at module level
+    would leave Twisted's default reactor installed before ``global_reactor()`` runs."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "import txfaas.gateway.tap, txfaas.worker.tap, txfaas.watchdog.tap, txfaas.local.tap\n"
+        "print('twisted.internet.reactor' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
