@@ -1,5 +1,5 @@
-"""The client connection (txfaas.http11) over real TLS on loopback: an https function or callback
-goes through the same PoolAgent, pool and HTTP11Connection as plain http, wrapped in Twisted's TLS.
+"""The outgoing client over real TLS on loopback: an https function goes through the same Agent,
+pool and connection protocol as plain http, wrapped in Twisted's TLS.
 
 No broker or Redis needed: a twisted.web server with a certificate made here, for ``localhost``."""
 
@@ -17,10 +17,8 @@ from twisted.internet import reactor, ssl
 from twisted.web import resource, server
 from twisted.web.client import BrowserLikePolicyForHTTPS
 
-from txfaas.client import CachingEndpointFactory, PoolAgent
-from txfaas.gateway.proxy import ProxyClient
+from txfaas.http.client import BytesProducer, function_agent
 from txfaas.http.pool import quiet_pool
-from txfaas.http11 import BytesProducer
 
 
 def certificate_for_localhost() -> tuple[bytes, bytes]:
@@ -51,6 +49,7 @@ class Echo(resource.Resource):
     def render(self, request: server.Request) -> bytes:
         body = request.content.read()
         request.setHeader(b"x-method", request.method)
+        request.setHeader(b"x-client-port", b"%d" % request.getClientAddress().port)
         if request.path == b"/chunked":
             request.write(b"part one, ")
             request.write(body)
@@ -67,18 +66,18 @@ async def test_https_requests_go_through_the_pool_over_tls_and_reuse_the_connect
     pool = quiet_pool(reactor, per_host=2)
     try:
         trust = ssl.Certificate.loadPEM(cert_pem)
-        endpoints = CachingEndpointFactory(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust))
-        client = ProxyClient(PoolAgent(pool, endpoints))
+        client = function_agent(reactor, pool, BrowserLikePolicyForHTTPS(trustRoot=trust))
         base = f"https://localhost:{port.getHost().port}".encode()
+        ports = set()
         for n in range(3):
-            response = await client.proxy(b"POST", base + b"/echo", _headers(), BytesProducer(b"%d" % n))
+            response = await client.request(b"POST", base + b"/echo", _headers(), BytesProducer(b"%d" % n))
             assert (response.code, await treq.content(response)) == (200, b"echo: %d" % n)
             assert response.headers.getRawHeaders(b"x-method") == [b"POST"]
-        # Three calls in turn, one TLS connection kept and used again.
-        [kept] = pool._connections[(b"https", b"localhost", port.getHost().port)]
-        response = await client.proxy(b"PUT", base + b"/chunked", _headers(), BytesProducer(b"two"))
+            ports.update(response.headers.getRawHeaders(b"x-client-port"))
+        response = await client.request(b"PUT", base + b"/chunked", _headers(), BytesProducer(b"two"))
         assert await treq.content(response) == b"part one, two"
-        assert pool._connections[(b"https", b"localhost", port.getHost().port)] == [kept]
+        ports.update(response.headers.getRawHeaders(b"x-client-port"))
+        assert len(ports) == 1  # four calls in turn, one TLS connection kept and used again
     finally:
         await pool.closeCachedConnections()
         await port.stopListening()
@@ -91,10 +90,10 @@ async def test_an_untrusted_certificate_fails_the_request():
     port = reactor.listenSSL(0, server.Site(Echo()), server_cert.options(), interface="127.0.0.1")
     pool = quiet_pool(reactor)
     try:
-        client = ProxyClient(PoolAgent(pool, CachingEndpointFactory(reactor)))  # system roots only
+        client = function_agent(reactor, pool)  # system roots only
         url = f"https://localhost:{port.getHost().port}/echo".encode()
         try:
-            await client.proxy(b"GET", url, _headers(), None)
+            await client.request(b"GET", url, _headers(), None)
         except Exception as e:  # ResponseNeverReceived([SSL error]) or the like
             assert "certificate" in repr(e).lower() or "ssl" in repr(e).lower(), repr(e)
         else:

@@ -22,7 +22,7 @@ from twisted.web.http_headers import Headers
 
 from txfaas.gateway.app import AppSettings, GatewayApp
 from txfaas.gateway.metrics import GatewayMetrics
-from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
+from txfaas.gateway.proxy import FunctionProxy, ProxySettings
 from txfaas.gateway.root import BasicAuth, GatewayRoot
 from txfaas.model import FunctionSpec
 from txfaas.store.cache import FunctionCache
@@ -99,7 +99,7 @@ class GatewayTestCase(SynchronousTestCase):
     def build(
         self,
         proxy_settings: ProxySettings | None = None,
-        function_client: ProxyClient | None = None,
+        function_client: Any = None,
         invocations: Any = None,
         *,
         queue: Any = None,
@@ -110,7 +110,7 @@ class GatewayTestCase(SynchronousTestCase):
         """(Re)build the proxy, the app and the root around the same store, queue and clock."""
         self.proxy = FunctionProxy(
             self.clock,
-            function_client or ProxyClient(self.function_agent),
+            function_client or self.function_agent,
             self.functions,
             proxy_settings or ProxySettings("http://{name}.fn:8080", self.upstream_timeout),
             self.metrics,

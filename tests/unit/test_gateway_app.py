@@ -19,8 +19,8 @@ from tests.fakes import FakeResolver
 from tests.unit.gateway_fixtures import GatewayTestCase, set_up
 from txfaas.gateway.app import AppSettings, GatewayApp
 from txfaas.gateway.root import GatewayRoot
+from txfaas.http.ssrf import AddressPolicy
 from txfaas.model import CallRecord, CallResult, CallStatus
-from txfaas.ssrf import AddressPolicy
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from twisted.web.http_headers import Headers
 
 from tests.fakes import RefusingAgent
 from tests.unit.gateway_fixtures import GatewayTestCase, set_up
-from txfaas.gateway.proxy import ProxyClient
 
 
 @pytest.fixture
@@ -299,7 +298,7 @@ def test_client_disconnect_cancels_the_upstream_request(gateway: GatewayTestCase
 
 
 def test_connection_refused_is_502_naming_the_function(gateway: GatewayTestCase) -> None:
-    gateway.build(function_client=ProxyClient(RefusingAgent()))
+    gateway.build(function_client=RefusingAgent())
     gateway.deploy("echo")
     response, body = gateway.call("GET", "/function/echo")
     assert response.code == 502
@@ -340,7 +339,7 @@ def test_endpoints_are_made_once_per_host_and_reused() -> None:
     from twisted.web.client import URI
     from twisted.web.error import SchemeNotSupported
 
-    from txfaas.client import CachingEndpointFactory
+    from txfaas.http.client import CachingEndpointFactory
 
     factory = CachingEndpointFactory(Clock())
     first = factory.endpointForURI(URI.fromBytes(b"http://fn.local:8080/a"))
@@ -360,7 +359,7 @@ def test_an_ip_address_gets_a_plain_tcp_endpoint() -> None:
     from twisted.internet.task import Clock
     from twisted.web.client import URI
 
-    from txfaas.client import CachingEndpointFactory
+    from txfaas.http.client import CachingEndpointFactory
 
     factory = CachingEndpointFactory(Clock())
     v4 = factory.endpointForURI(URI.fromBytes(b"http://10.0.0.7:8080/a"))
@@ -394,7 +393,7 @@ class _Pool:
     def getConnection(self, key, endpoint):
         from twisted.internet.testing import StringTransport
 
-        from txfaas.http11 import HTTP11Connection
+        from txfaas._accel.http11 import HTTP11Connection
 
         self.keys.append((key, endpoint))
         protocol = HTTP11Connection()
@@ -407,11 +406,11 @@ class _Pool:
 class _PoolAgent(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
-        from txfaas.client import PoolAgent
+        from twisted.web.client import Agent
 
         self.endpoints = _Endpoints()
         self.pool = _Pool()
-        self.agent = PoolAgent(self.pool, self.endpoints)
+        self.agent = Agent.usingEndpointFactory(self.clock, self.endpoints, pool=self.pool)
 
     def sent(self, url: bytes, headers: Headers | None = None, method: bytes = b"GET") -> bytes:
         self.agent.request(method, url, headers if headers is not None else Headers(), None)
@@ -447,29 +446,6 @@ def test_a_host_header_given_is_kept(pool_agent_gateway: _PoolAgent) -> None:
     assert b"fn.local" not in wire
 
 
-def test_the_origin_is_resolved_to_an_endpoint_once(pool_agent_gateway: _PoolAgent) -> None:
-    for path in (b"/a", b"/b?c", b"", b"/"):
-        pool_agent_gateway.sent(b"http://fn.local:8080" + path)
-    pool_agent_gateway.sent(b"http://fn.local:8081/a")
-    assert pool_agent_gateway.endpoints.asked == [b"http://fn.local:8080", b"http://fn.local:8081"]
-    assert {key for key, _ in pool_agent_gateway.pool.keys} == {
-        (b"http", b"fn.local", 8080),
-        (b"http", b"fn.local", 8081),
-    }
-
-
-def test_an_invalid_method_or_target_fails_the_request_not_the_caller(pool_agent_gateway: _PoolAgent) -> None:
-    pool_agent_gateway.failureResultOf(
-        pool_agent_gateway.agent.request(b"GET", b"http:///nohost", Headers(), None), ValueError
-    )
-    pool_agent_gateway.failureResultOf(
-        pool_agent_gateway.agent.request(b"G ET", b"http://fn.local/", Headers(), None), ValueError
-    )
-    pool_agent_gateway.failureResultOf(
-        pool_agent_gateway.agent.request(b"GET", b"http://fn.local/a b", Headers(), None), ValueError
-    )
-
-
 def test_the_headers_the_proxy_sets_directly_have_twisteds_canonical_names() -> None:
     """The proxy writes these into ``Headers._rawHeaders`` without Twisted's encoder: a name
     that is not in Twisted's canonical case would be a second entry beside the real one."""
@@ -496,7 +472,7 @@ class _Endpoint:
 
 
 class _KeptConnection(GatewayTestCase):
-    """PoolAgent over a real RecentFirstPool: an idle connection is used as it is, and a request
+    """The proxy's agent over its pool: an idle connection is used as it is, and a request
     that fails on it before any answer is sent again on a new connection when that is safe."""
 
     OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -504,15 +480,15 @@ class _KeptConnection(GatewayTestCase):
     def setUp(self) -> None:
         super().setUp()
         from twisted.internet.task import Clock
+        from twisted.web.client import Agent
 
-        from txfaas.client import PoolAgent
-        from txfaas.http.pool import RecentFirstPool
+        from txfaas.http.pool import quiet_pool
 
         self.endpoint = _Endpoint()
         endpoints = _Endpoints()
         endpoints.endpointForURI = lambda uri: self.endpoint  # type: ignore[method-assign]
-        self.pool = RecentFirstPool(Clock(), persistent=True)
-        self.agent = PoolAgent(self.pool, endpoints)
+        self.pool = quiet_pool(Clock())
+        self.agent = Agent.usingEndpointFactory(Clock(), endpoints, pool=self.pool)
         self.key = (b"http", b"fn.local", 8080)
 
     def kept(self):
@@ -569,7 +545,7 @@ def test_a_request_with_a_body_or_a_cancelled_one_is_not_sent_twice(
     from twisted.python.failure import Failure
     from twisted.web._newclient import ResponseNeverReceived
 
-    from txfaas.http11 import BytesProducer
+    from txfaas.http.client import BytesProducer
 
     stale = kept_connection_gateway.kept()
     d = kept_connection_gateway.agent.request(

@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 client connection (txfaas.http11) over a StringTransport: what it writes,
+"""The lean HTTP/1.1 client connection (txfaas._accel.http11) over a StringTransport: what it writes,
 how it frames and hands over responses, when the pool gets the connection back, and how every
 failure is reported (with Twisted's exception types, which the pool's retry relies on)."""
 
@@ -29,8 +29,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from txfaas._accel.http11 import MAX_HEAD, HTTP11Connection, HTTP11ConnectionFactory
+from txfaas.http.client import BytesProducer
 from txfaas.http.pool import RecentFirstPool, quiet_pool
-from txfaas.http11 import MAX_HEAD, BytesProducer, HTTP11Connection, HTTP11ConnectionFactory
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
 

@@ -243,9 +243,8 @@ def test_a_call_becomes_one_line_with_its_id_method_path_status_and_duration(
 
 def test_an_unreachable_function_is_logged_with_its_error(logs_gateway: LogsTestCase) -> None:
     from tests.fakes import RefusingAgent
-    from txfaas.gateway.proxy import ProxyClient
 
-    logs_gateway.build(function_client=ProxyClient(RefusingAgent()), invocations=logs_gateway.invocations)
+    logs_gateway.build(function_client=RefusingAgent(), invocations=logs_gateway.invocations)
     logs_gateway.deploy("echo")
     logs_gateway.call("GET", "/function/echo")
     logs_gateway.clock.advance(0.25)

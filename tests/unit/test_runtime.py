@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeEndpoint
 from txfaas.config import ConfigError
-from txfaas.http11 import BytesProducer
+from txfaas.http.client import BytesProducer
 from txfaas.service import Listener, StartupError, exit_on_startup_error, run_startup
 from txfaas.timers import LazyTimer, TimerQueue
 from txfaas.web.server import LimitedSite, Route

@@ -17,7 +17,8 @@ from twisted.web._newclient import Request
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
-from txfaas.http11 import BytesProducer, HTTP11Connection
+from txfaas._accel.http11 import HTTP11Connection
+from txfaas.http.client import BytesProducer
 from txfaas.web.server import LimitedRequest, LimitedSite
 
 

@@ -1,4 +1,4 @@
-"""txfaas.ssrf: the one rule for which addresses a callback may reach."""
+"""txfaas.http.ssrf: the one rule for which addresses a callback may reach."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from tests.fakes import FakeResolver
 from txfaas.config import parse_networks
-from txfaas.ssrf import (
+from txfaas.http.ssrf import (
     AddressPolicy,
     CallbackRefused,
     FilteringResolver,
@@ -359,7 +359,7 @@ class _Receiver:
 
 
 def test_ip_addresses_are_answered_without_the_resolver():
-    from txfaas.ssrf import LiteralResolver
+    from txfaas.http.ssrf import LiteralResolver
 
     for host, expected in [
         ("127.0.0.1", ("IPv4Address", "127.0.0.1", 80)),
@@ -373,7 +373,7 @@ def test_ip_addresses_are_answered_without_the_resolver():
 def test_callback_ip_literals_are_checked_without_the_resolver():
     from twisted.internet.defer import Deferred
 
-    from txfaas.ssrf import AddressPolicy, CallbackRefused, check_callback_url
+    from txfaas.http.ssrf import AddressPolicy, CallbackRefused, check_callback_url
 
     d = Deferred.fromCoroutine(check_callback_url("http://127.0.0.1:9/", _NoThreads(), AddressPolicy()))
     failures = []
@@ -386,7 +386,7 @@ def test_callback_ip_literals_are_checked_without_the_resolver():
 
 
 def test_filtering_resolver_still_refuses_literal_private_addresses():
-    from txfaas.ssrf import AddressPolicy, FilteringResolver, LiteralResolver
+    from txfaas.http.ssrf import AddressPolicy, FilteringResolver, LiteralResolver
 
     receiver = _Receiver()
     FilteringResolver(LiteralResolver(_NoThreads()), AddressPolicy()).resolveHostName(
@@ -398,7 +398,7 @@ def test_filtering_resolver_still_refuses_literal_private_addresses():
 def test_literal_first_reactor_answers_addresses_itself_and_delegates_everything_else():
     from twisted.internet.testing import MemoryReactorClock
 
-    from txfaas.ssrf import literal_first
+    from txfaas.http.ssrf import literal_first
 
     reactor = MemoryReactorClock()
     reactor.installNameResolver(RESOLVER)
@@ -426,7 +426,7 @@ def _resolve(resolver: Any, host: str, port: int = 80) -> Receiver:
 def test_caching_resolver_answers_a_name_again_from_memory_until_its_time_is_up():
     from twisted.internet.task import Clock
 
-    from txfaas.ssrf import CachingResolver
+    from txfaas.http.ssrf import CachingResolver
 
     clock = Clock()
     upstream = FakeResolver({"hooks.example": ["203.0.113.7", "2001:db8::7"]})
@@ -448,7 +448,7 @@ def test_caching_resolver_answers_a_name_again_from_memory_until_its_time_is_up(
 def test_caching_resolver_does_not_remember_a_name_that_resolved_to_nothing():
     from twisted.internet.task import Clock
 
-    from txfaas.ssrf import CachingResolver
+    from txfaas.http.ssrf import CachingResolver
 
     upstream = FakeResolver({})
     resolver = CachingResolver(upstream, Clock())
@@ -460,7 +460,7 @@ def test_caching_resolver_does_not_remember_a_name_that_resolved_to_nothing():
 def test_caching_resolver_keeps_at_most_limit_names_dropping_the_oldest():
     from twisted.internet.task import Clock
 
-    from txfaas.ssrf import CachingResolver
+    from txfaas.http.ssrf import CachingResolver
 
     upstream = FakeResolver({f"h{i}.example": ["203.0.113.1"] for i in range(4)})
     resolver = CachingResolver(upstream, Clock(), limit=3)
@@ -480,7 +480,7 @@ def test_caching_resolver_keeps_at_most_limit_names_dropping_the_oldest():
 def test_a_callback_check_through_the_caching_resolver_still_refuses_what_the_policy_refuses():
     from twisted.internet.task import Clock
 
-    from txfaas.ssrf import CachingResolver
+    from txfaas.http.ssrf import CachingResolver
 
     upstream = FakeResolver({"inside.example": ["10.0.0.5"], "hooks.example": ["93.184.216.34"]})
     resolver = CachingResolver(upstream, Clock())

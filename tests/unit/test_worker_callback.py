@@ -14,9 +14,8 @@ from twisted.web.client import HTTPConnectionPool
 
 from tests.fakes import FakeResolver
 from tests.support import Recorder, never_answer
-from txfaas.client import PoolAgent
 from txfaas.config import parse_networks
-from txfaas.ssrf import AddressPolicy, CallbackEndpointFactory
+from txfaas.http.ssrf import AddressPolicy, callback_agent
 from txfaas.worker.callback import (
     Callback,
     CallbackDelivery,
@@ -191,8 +190,10 @@ def filtered_delivery(addresses: list[str], allow: str = "") -> tuple[CallbackDe
     reactor = MemoryReactorClock()
     reactor.nameResolver = FakeResolver(default=addresses)
     nets, hosts = parse_networks(allow)
-    endpoints = CallbackEndpointFactory(reactor, AddressPolicy(nets, hosts))
-    agent = PoolAgent(HTTPConnectionPool(reactor, persistent=False), endpoints)  # as tap.py builds it
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    agent = callback_agent(
+        reactor, pool, AddressPolicy(nets, hosts), connect_timeout=30
+    )  # as tap.py builds it
     return CallbackDelivery(reactor, agent, timeout=10.0), reactor
 
 
@@ -234,7 +235,7 @@ def test_callback_host_resolving_to_a_public_or_allowed_address_is_connected():
 
 
 def test_delivery_sends_the_path_and_query_but_never_the_fragment():
-    """PoolAgent sends the rest of the URL as the request target: the fragment must be cut first."""
+    """The agent sends the rest of the URL as the request target: the fragment must be cut first."""
     delivery, reactor = filtered_delivery(["93.184.216.34"])
     deliver(delivery, callback(url="http://hooks.example.com:9000/cb?x=1#frag"))
     reactor.advance(0)

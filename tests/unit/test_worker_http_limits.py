@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers, InvalidHeaderName
 
-from txfaas.worker._http import BodyTooLarge, make_headers, read_body
+from txfaas.http.client import BodyTooLarge, make_headers, read_body
 
 
 class FakeResponse:
@@ -23,7 +23,7 @@ class FakeResponse:
     def deliverBody(self, protocol) -> None:
         protocol.makeConnection(self.transport)
         for chunk in self.chunks:
-            if self.transport.disconnecting:
+            if self.transport.producerState == "stopped":
                 return
             protocol.dataReceived(chunk)
         protocol.connectionLost(Failure(ResponseDone()))
@@ -43,13 +43,13 @@ def test_a_body_over_the_limit_fails_and_the_connection_is_dropped():
     response = FakeResponse([b"a" * 10] * 100)
     outcome = result(read_body(response, limit=25))
     assert isinstance(outcome, Failure) and outcome.check(BodyTooLarge)
-    assert response.transport.disconnecting  # no more of it is read
+    assert response.transport.producerState == "stopped"  # no more of it is read
 
 
 def test_keep_head_gives_the_first_bytes_and_stops_reading():
     response = FakeResponse([b"0123456789"] * 1000)
     assert result(read_body(response, limit=15, keep_head=True)) == b"012345678901234"
-    assert response.transport.disconnecting
+    assert response.transport.producerState == "stopped"
 
 
 def test_make_headers_gives_what_add_raw_header_gives():

@@ -25,6 +25,7 @@ from txfaas.gateway.functions import queue_of
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.settings import AppSettings
 from txfaas.gateway.web import call_id_of, when_gone
+from txfaas.http.ssrf import CallbackRefused, check_callback_url
 from txfaas.model import (
     QUEUE_ANNOTATION,
     Call,
@@ -35,7 +36,6 @@ from txfaas.model import (
     split_ref,
 )
 from txfaas.queue import CallQueue, QueueUnavailable
-from txfaas.ssrf import CallbackRefused, check_callback_url
 from txfaas.store import AsyncCallStore, StoreUnavailable
 from txfaas.store.cache import FunctionCache
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import re
 import time
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from io import BytesIO
 from typing import Any
 
 import attrs
-from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IPushProducer
@@ -25,16 +23,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from txfaas import headers as hdr
 from txfaas.gateway.answers import finish, text
 from txfaas.gateway.metrics import GatewayMetrics
 from txfaas.gateway.web import when_gone
-from txfaas.http11 import NO_BODY_CODES, BytesProducer
+from txfaas.http.client import BytesProducer
 from txfaas.invocation_log import InvocationLog
 from txfaas.model import DEFAULT_NAMESPACE, MAX_NAME, FunctionSpec
 from txfaas.store import StoreUnavailable
@@ -57,24 +55,6 @@ PROXIED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _REF_BYTES = re.compile(rb"[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _CLIENT_GONE = 499  # the client went away: nothing to answer (nginx's code, for the metrics)
 log = Logger()
-
-
-def refusing_cookie_jar() -> CookieJar:
-    """A jar that never stores a cookie: a proxy must not carry one caller's cookies to the next."""
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-
-
-class ProxyClient(HTTPClient):
-    """treq's ``HTTPClient`` over the gateway's pooled ``Agent``, with the one request a proxy needs."""
-
-    def __init__(self, agent: Any) -> None:
-        super().__init__(agent, cookiejar=refusing_cookie_jar())
-
-    def proxy(
-        self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
-    ) -> defer.Deferred[IResponse]:
-        """Send as is; the response comes back undecoded, unbuffered, redirects included."""
-        return self._agent.request(method, url, headers, body)
 
 
 def body_producer(request: server.Request, cooperator: Any) -> IBodyProducer | None:
@@ -121,7 +101,7 @@ class Upstream:
     """What every proxied call uses, built once by :class:`FunctionProxy`."""
 
     clock: Any
-    client: ProxyClient
+    client: IAgent
     functions: FunctionCache
     settings: ProxySettings
     metrics: GatewayMetrics
@@ -152,7 +132,7 @@ class FunctionProxy(resource.Resource):
     def __init__(
         self,
         clock: Any,
-        client: ProxyClient,
+        client: IAgent,
         functions: FunctionCache,
         settings: ProxySettings,
         metrics: GatewayMetrics,
@@ -327,8 +307,12 @@ class _Exchange:
         set_raw(out, hdr.START_TIME, [start_ns])
         self.deadline = upstream.deadline(self.timeout, self._expire)
         when_gone(request, self._client_gone)
-        d = self.step = upstream.client.proxy(
-            request.method, self.url, out, body_producer(request, upstream.cooperator)
+        d = self.step = defer.maybeDeferred(  # (Agent raises a bad method or URL at once)
+            upstream.client.request,
+            request.method,
+            self.url,
+            out,
+            body_producer(request, upstream.cooperator),
         )
         d.addCallbacks(self._response, self._failed)
         d.addErrback(_unexpected, request, self.call_id, self)
@@ -467,6 +451,10 @@ class _Relay(Protocol):
         self._request.unregisterProducer()
         # isinstance, not Failure.check: that one builds the qualified names of the MRO.
         complete = reason is None or isinstance(reason.value, (ResponseDone, PotentialDataLoss))
+        # (A body without a length that we cut at its deadline also ends in PotentialDataLoss.)
+        complete = complete and not self._exchange.expired
+        # (A body without a length that we cut at its deadline also ends in PotentialDataLoss.)
+        complete = complete and not self._exchange.expired
         self._exchange.body_done(None if complete else reason)
 
 

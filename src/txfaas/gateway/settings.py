@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import attrs
 
+from txfaas.http.ssrf import AddressPolicy
 from txfaas.model import DEFAULT_NAMESPACE, DEFAULT_QUEUE, ReservedQueues
-from txfaas.ssrf import AddressPolicy
 
 
 @attrs.frozen

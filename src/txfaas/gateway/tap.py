@@ -34,11 +34,11 @@ from txfaas.config import (
     parse_url_template,
     read_secret,
 )
+from txfaas.http.ssrf import AddressPolicy, CachingResolver
 from txfaas.model import DEFAULT_NAMESPACE, ReservedQueues, ValidationError, check_namespace, check_queue_name
 from txfaas.multiprocess import prepare_multiprocess_metrics
 from txfaas.secrets import KeyFileError, load_or_create_key
 from txfaas.service import DEFAULT_BACKLOG, parse_tcp_listen
-from txfaas.ssrf import AddressPolicy, CachingResolver, literal_first
 
 FLAGS = Flags(
     Flag("listen", ("TXFAAS_LISTEN",), "tcp:8080", "Twisted endpoint to serve on"),
@@ -442,12 +442,12 @@ def build_gateway(
     """
     from prometheus_client import disable_created_metrics
 
-    from txfaas.client import CachingEndpointFactory, PoolAgent
     from txfaas.gateway.app import AppSettings, GatewayApp
     from txfaas.gateway.metrics import FlushMetrics, GatewayMetrics
-    from txfaas.gateway.proxy import FunctionProxy, ProxyClient, ProxySettings
+    from txfaas.gateway.proxy import FunctionProxy, ProxySettings
     from txfaas.gateway.root import BasicAuth, GatewayRoot
     from txfaas.gateway.service import GatewayService
+    from txfaas.http.client import function_agent
     from txfaas.http.pool import quiet_pool
     from txfaas.invocation_log import InvocationLog, instance_name
     from txfaas.multiprocess import die_with_parent, is_child
@@ -478,9 +478,7 @@ def build_gateway(
         )
 
     pool = quiet_pool(reactor, per_host=config.pool_size)
-    # IP-address function URLs need no resolver thread for each new connection.
-    endpoints = CachingEndpointFactory(literal_first(reactor))
-    client = ProxyClient(PoolAgent(pool, endpoints))
+    client = function_agent(reactor, pool)
     closers.append(pool.closeCachedConnections)
 
     secret_box = SecretBox(config.secrets_key) if config.secrets_key else None

@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.web.client import HTTPConnectionPool
 
-from txfaas.http11 import HTTP11ConnectionFactory
+from txfaas._accel.http11 import HTTP11ConnectionFactory
 from txfaas.timers import TimerQueue
 
 

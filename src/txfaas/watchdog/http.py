@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from txfaas.config import format_duration
 from txfaas.headers import end_to_end
-from txfaas.http11 import BytesProducer
+from txfaas.http.client import BytesProducer
 from txfaas.watchdog.common import FunctionResult, Invocation, WatchdogConfig
 from txfaas.watchdog.process import GroupLeader, OrphanReaper, OutputLog, Spawn, default_spawn, kill_group
 

@@ -7,7 +7,7 @@ dropped) with ``X-Call-Id``, ``X-Function-Name``, ``X-Function-Status``,
 so a receiver can drop duplicates).  The README shows a receiver's check.
 
 Redirects are never followed, a fragment is never sent, and every new connection goes through
-:class:`txfaas.ssrf.CallbackEndpointFactory`, which resolves and checks the host again.
+:func:`txfaas.http.ssrf.callback_agent`, which resolves and checks the host again.
 :class:`CallbackDelivery` makes one attempt and says whether a failure is worth another; the
 worker retries through the callback queue (:mod:`txfaas.worker.callback_jobs`).
 """
@@ -26,9 +26,9 @@ from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
 from txfaas.headers import CALL_ID, DURATION, FUNCTION_STATUS, end_to_end
+from txfaas.http.client import Pairs, describe, fetch
+from txfaas.http.ssrf import CallbackRefused, parse_callback_url
 from txfaas.retry import callback_retryable
-from txfaas.ssrf import CallbackRefused, parse_callback_url
-from txfaas.worker._http import Pairs, describe, fetch
 
 FUNCTION_NAME = b"X-Function-Name"
 RETRY = b"X-Retry"
@@ -132,10 +132,9 @@ class CallbackOutcome:
 class CallbackDelivery:
     """Delivers one callback, once, within a timeout.  Success is a 2xx answer.
 
-    ``agent`` must connect through :class:`txfaas.ssrf.CallbackEndpointFactory` (that checks
-    the address of every new connection); only ``tap.py`` builds it.  It may add ``Host`` to
-    the headers it is given (``PoolAgent`` does: each request gets fresh ones) and is given the
-    absolute URL without its fragment.
+    ``agent`` must come from :func:`txfaas.http.ssrf.callback_agent` (that checks the address
+    of every new connection); only ``tap.py`` builds it.  It is given the absolute URL without
+    its fragment.
     """
 
     log = Logger()
@@ -182,7 +181,7 @@ class CallbackDelivery:
         """POST the callback; never raises except :class:`CancelledError` (the worker is stopping)."""
         try:
             parse_callback_url(callback.url)
-            # A fragment is never sent (PoolAgent would put it in the request target).
+            # A fragment is never sent.
             url = callback.url.split("#", 1)[0].encode("ascii")
         except (CallbackRefused, UnicodeEncodeError) as e:
             return self._failed(callback, f"bad callback URL: {e}", retryable=False)

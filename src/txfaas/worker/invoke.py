@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
 from txfaas.headers import CALL_ID, end_to_end, to_bytes_pairs
+from txfaas.http.client import BodyTooLarge, describe, fetch
 from txfaas.model import Call, FunctionSpec, ValidationError
-from txfaas.worker._http import BodyTooLarge, describe, fetch
 from txfaas.worker.config import MAX_FUNCTION_RESPONSE, WorkerConfig
 from txfaas.worker.jobs import JobTable
 

@@ -34,11 +34,11 @@ from txfaas.config import (
     parse_url_template,
     read_secret,
 )
+from txfaas.http.ssrf import AddressPolicy
 from txfaas.model import check_queue_name
 from txfaas.multiprocess import prepare_multiprocess_metrics
 from txfaas.retry import CallbackPolicy, RetryPolicy, parse_codes, parse_tiers
 from txfaas.service import Listener, OrderedMultiService, exit_on_startup_error
-from txfaas.ssrf import AddressPolicy
 from txfaas.store import open_store
 from txfaas.worker.callback import parse_signing_secret
 from txfaas.worker.config import WorkerConfig
@@ -430,11 +430,11 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     """
     from prometheus_client import CollectorRegistry
 
-    from txfaas.client import CachingEndpointFactory, PoolAgent
+    from txfaas.http.client import CONNECT_TIMEOUT, function_agent
     from txfaas.http.pool import RecentFirstPool
+    from txfaas.http.ssrf import callback_agent
     from txfaas.invocation_log import InvocationLog, instance_name
     from txfaas.multiprocess import is_child
-    from txfaas.ssrf import CallbackEndpointFactory, literal_first
     from txfaas.store.cache import FunctionCache
     from txfaas.web.server import PlainErrorsSite
     from txfaas.worker.callback import CallbackDelivery
@@ -469,15 +469,13 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     function_pool.maxPersistentPerHost = config.max_inflight
     # Callbacks: connections are kept and reused per receiver (as OpenFaaS's Go client does); a
     # new connection is only made after its address was resolved and checked against the policy
-    # (CallbackEndpointFactory), so a kept one always goes where the policy allowed.
+    # (callback_agent), so a kept one always goes where the policy allowed.
     callback_pool = RecentFirstPool(reactor, persistent=True)
     callback_pool.maxPersistentPerHost = CALLBACK_CONNECTIONS_PER_HOST
     callback_pool.cachedConnectionTimeout = CALLBACK_IDLE_TIMEOUT
     callbacks = CallbackDelivery(
         reactor,
-        # The origin's parsing, endpoint and Host header done once per receiver; the endpoint
-        # still resolves and checks the host for every new connection.
-        PoolAgent(callback_pool, CallbackEndpointFactory(reactor, settings.callback_policy)),
+        callback_agent(reactor, callback_pool, settings.callback_policy, connect_timeout=CONNECT_TIMEOUT),
         timeout=config.callback_timeout,
         signing_key=settings.signing_key,
     )
@@ -488,8 +486,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
         queue,
         # Function records read through a 1 s cache (not one Redis read per call).
         FunctionCache(store, reactor),
-        # The origin's parsing, endpoint and Host header done once per function host.
-        PoolAgent(function_pool, CachingEndpointFactory(literal_first(reactor))),
+        function_agent(reactor, function_pool),
         callbacks,
         WorkerMetrics(registry),
         invocations=InvocationLog(store, reactor, instance_name("worker"), max_lines=settings.log_lines),

@@ -1,34 +1,116 @@
-"""The worker's HTTP plumbing: one request, body included, over an injected ``IAgent``.
+"""txfaas's one HTTP client: stock ``Agent``s over pooled connections, and one way to read an answer.
 
-treq's ``HTTPClient`` always wraps its agent in a ``ContentDecoderAgent``
-(it adds ``Accept-Encoding: gzip`` and gunzips the answer) and, by default,
-a ``RedirectAgent``.  The worker must hand on the function's bytes exactly as
-sent and must never follow a redirect, so it drives the agent itself: no
-decoding, no redirects, no cookies.  Cancelling :func:`fetch`'s Deferred aborts
-the TCP connection, whether the response headers have arrived or not.
+The gateway's proxy sends through :func:`function_agent` and streams the answer back; the worker's
+function calls and callbacks (:func:`txfaas.http.ssrf.callback_agent`) send with :func:`fetch`,
+which reads the whole answer within a limit.  Both use ``twisted.web.client.Agent`` directly, not
+treq: treq's ``HTTPClient.request`` always adds ``Accept-Encoding: gzip`` and gunzips the answer, and
+re-encodes each URL, where a proxy must pass the function's bytes on as sent.  Cancelling a request
+aborts its connection, whether the response head has arrived or not.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone, ResponseFailed
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers, _nameEncoder
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
 
-from txfaas.http11 import BytesProducer
-from txfaas.worker.budget import ByteBudget
+from txfaas.http.ssrf import literal_first
+
+if TYPE_CHECKING:
+    from txfaas.worker.budget import ByteBudget
+
+#: Longest wait for a new connection (Twisted's endpoints default to 30 s too).
+CONNECT_TIMEOUT = 30
 
 Pairs = list[tuple[bytes, bytes]]
 
 
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written in one go (no cooperator, no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
+        if self.body:
+            consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IAgentEndpointFactory)
+class CachingEndpointFactory:
+    """TCP (http) or TLS (https) endpoints, made once per function host and reused.
+
+    ``Agent`` otherwise builds a ``HostnameEndpoint`` for every request, IDNA-encoding the host
+    each time.  The endpoints hold no connection state: the pool still decides which connection a
+    request uses.  An IP address gets a plain TCP endpoint (no resolution, no staggered attempts).
+    """
+
+    def __init__(self, reactor: Any, policy: Any = None, limit: int = 4096) -> None:
+        self._reactor = reactor
+        self._policy = policy or BrowserLikePolicyForHTTPS()
+        self._limit = limit
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            host = uri.host.decode("ascii")
+            if isIPAddress(host):
+                endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
+            elif isIPv6Address(host):
+                endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
+            else:
+                endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=CONNECT_TIMEOUT)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            if len(self._endpoints) >= self._limit:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+def function_agent(reactor: Any, pool: Any, tls: Any = None) -> IAgent:
+    """The stock ``Agent`` for functions: over ``pool``, endpoints made once per function host,
+    IP addresses connected without the resolver's thread pool."""
+    return Agent.usingEndpointFactory(reactor, CachingEndpointFactory(literal_first(reactor), tls), pool=pool)
+
+
 @attrs.frozen
-class RawResponse:
+class Answer:
+    """A whole answer, as :func:`fetch` read it."""
+
     code: int
     headers: Pairs
     body: bytes
@@ -37,23 +119,11 @@ class RawResponse:
 
 
 def make_headers(pairs: Pairs) -> Headers:
-    """``Headers`` of ``pairs``, as ``addRawHeader`` would make them: each name checked and in
-    Header-Case (``InvalidHeaderName`` if not a token), a CR or LF in a value folded into a
-    space; without ``addRawHeader``'s per-header ``splitlines`` when a value has neither."""
+    """``Headers`` of ``pairs`` (``InvalidHeaderName`` for a name that is not a token; a CR or
+    LF in a value becomes a space)."""
     headers = Headers()
-    raw = headers._rawHeaders
-    encode = _nameEncoder.encode
     for name, value in pairs:
-        if isinstance(value, str):
-            value = value.encode("utf8")
-        if len(value.translate(None, b"\r\n")) != len(value):  # (a bytes ``in`` raises inside)
-            value = b" ".join(value.splitlines())
-        key = encode(name)
-        values = raw.get(key)
-        if values is None:
-            raw[key] = [value]
-        else:
-            values.append(value)
+        headers.addRawHeader(name, value)
     return headers
 
 
@@ -66,6 +136,8 @@ class BodyTooLarge(Exception):
 
 
 class _BodyReader(Protocol):
+    """Collects a body within ``limit`` bytes (and, with ``budget``, within its room)."""
+
     def __init__(
         self,
         done: defer.Deferred[bytes],
@@ -161,24 +233,18 @@ class _BodyReader(Protocol):
 
 
 def _abort(transport: Any) -> None:
-    if transport is None:
-        return
-    abort = getattr(getattr(transport, "_producer", None), "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()
+    """Stop a body arriving: its connection is closed (and never reused)."""
+    if transport is not None:
+        transport.stopProducing()
 
 
 def read_body(
     response: IResponse, limit: int | None = None, keep_head: bool = False
 ) -> defer.Deferred[bytes]:
-    """The whole body; cancelling aborts the connection.
+    """The whole body; cancelling closes the connection.
 
-    Over ``limit`` bytes the connection is aborted and the Deferred fails with
+    Over ``limit`` bytes the connection is closed and the Deferred fails with
     :class:`BodyTooLarge` -- or, with ``keep_head``, fires with the first ``limit`` bytes.
-    (Twisted's ``readBody`` means to abort on cancel, but the transport it is handed is a
-    ``TransportProxyProducer`` without ``abortConnection``, so it only warns.)
     """
     done: defer.Deferred[bytes] = defer.Deferred(lambda _: _abort(reader.transport))
     reader = _BodyReader(done, limit, keep_head)
@@ -195,12 +261,12 @@ async def _fetch(
     limit: int | None,
     keep_head: bool,
     budget: ByteBudget | None = None,
-) -> RawResponse:
+) -> Answer:
     producer = None if body is None else BytesProducer(body)
     response = await agent.request(method, url, make_headers(headers), producer)
     if budget is None:
         data = await read_body(response, limit, keep_head)
-        return RawResponse(response.code, header_pairs(response.headers), data)
+        return Answer(response.code, header_pairs(response.headers), data)
     length = response.length
     if isinstance(length, int) and limit is not None and length > limit:
         _abort_response(response)
@@ -226,7 +292,7 @@ async def _fetch(
         budget.release(reserved)
         raise
     # A body shorter than its Content-Length (the connection ended early) fails above.
-    return RawResponse(response.code, header_pairs(response.headers), data, reserved + reader.reserved)
+    return Answer(response.code, header_pairs(response.headers), data, reserved + reader.reserved)
 
 
 def _abort_response(response: IResponse) -> None:
@@ -248,7 +314,7 @@ def fetch(
     limit: int | None = None,
     keep_head: bool = False,
     budget: ByteBudget | None = None,
-) -> defer.Deferred[RawResponse]:
+) -> defer.Deferred[Answer]:
     """Send one request and read the whole answer.
 
     ``body=None`` sends no body (and no ``Content-Length``); ``limit``/``keep_head``
@@ -263,16 +329,16 @@ def fetch(
     inner = defer.Deferred.fromCoroutine(_fetch(agent, method, url, headers, body, limit, keep_head, budget))
     cancelled = False
 
-    def cancel(_: defer.Deferred[RawResponse]) -> None:
+    def cancel(_: defer.Deferred[Answer]) -> None:
         nonlocal cancelled
         cancelled = True
         inner.cancel()
 
-    outer: defer.Deferred[RawResponse] = defer.Deferred(cancel)
+    outer: defer.Deferred[Answer] = defer.Deferred(cancel)
 
     def relay(result: Any) -> None:
         if cancelled:
-            if budget is not None and isinstance(result, RawResponse):
+            if budget is not None and isinstance(result, Answer):
                 budget.release(result.reserved)  # finished as it was cancelled: nobody takes it
             return None  # outer fails with CancelledError; whatever the abort caused is moot
         if isinstance(result, Failure):

@@ -1,9 +1,10 @@
-"""The one SSRF rule: which addresses a callback may reach.
+"""The one SSRF rule: which addresses a callback may reach, and the stock parts that enforce it.
 
-Used by the gateway (checking ``X-Callback-Url`` before accepting a call) and
-by the worker (:class:`CallbackEndpointFactory` checks every address of every
-new callback connection, so DNS that changed since cannot reach an internal
-host).  Only global unicast addresses pass, unless the operator allowed a
+The gateway checks ``X-Callback-Url`` before accepting a call (:func:`check_callback_url`).
+The worker connects through a plain ``Agent`` whose reactor resolves names through
+:class:`FilteringResolver` (:func:`blocklisting_reactor`), so every new connection only goes to
+addresses the policy allows, whatever DNS says by then; :class:`BlocklistingAgent` refuses
+IP-literal URLs up front.  Only global unicast addresses pass, unless the operator allowed a
 network or host name.
 """
 
@@ -11,33 +12,26 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
     IHostnameResolver,
     IHostResolution,
-    IProtocol,
-    IProtocolFactory,
     IReactorPluggableNameResolver,
-    IReactorTCP,
     IResolutionReceiver,
-    IStreamClientEndpoint,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS
-from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
-
-from txfaas.client import CONNECT_TIMEOUT
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -189,10 +183,15 @@ async def check_callback_url(url: str, resolver: IHostnameResolver, policy: Addr
 class _FilteringReceiver:
     log = Logger()
 
-    def __init__(self, receiver: IResolutionReceiver, policy: AddressPolicy, host: str) -> None:
+    def __init__(
+        self, receiver: IResolutionReceiver, policy: AddressPolicy, host: str, refused: dict[str, str]
+    ) -> None:
         self._receiver = receiver
         self._policy = policy
         self._host = host
+        self._refused = refused
+        self._passed = 0
+        self._reasons: list[str] = []
 
     def resolutionBegan(self, resolution: IHostResolution) -> None:
         self._receiver.resolutionBegan(resolution)
@@ -200,8 +199,10 @@ class _FilteringReceiver:
     def addressResolved(self, address: IPv4Address | IPv6Address) -> None:
         reason = self._policy.refusal(address.host)
         if reason is None:
+            self._passed += 1
             self._receiver.addressResolved(address)
         else:
+            self._reasons.append(reason)
             self.log.warn(
                 "refusing {host} -> {address}: {reason}", host=self._host, address=address.host, reason=reason
             )
@@ -210,6 +211,12 @@ class _FilteringReceiver:
                 refused(address, reason)
 
     def resolutionComplete(self) -> None:
+        if self._reasons and not self._passed:
+            if len(self._refused) >= 1024:
+                self._refused.clear()
+            self._refused[self._host] = "; ".join(self._reasons[:3]) + (
+                "; ..." if len(self._reasons) > 3 else ""
+            )
         self._receiver.resolutionComplete()
 
 
@@ -217,12 +224,18 @@ class _FilteringReceiver:
 class FilteringResolver:
     """A name resolver that hides every address the policy refuses (so no connection is made).
 
-    A receiver with an ``addressRefused(address, reason)`` method is told of each hidden address.
+    A receiver with an ``addressRefused(address, reason)`` method is told of each hidden address;
+    :meth:`why_nothing` says why a name was last left with no address at all.
     """
 
     def __init__(self, resolver: IHostnameResolver, policy: AddressPolicy) -> None:
         self._resolver = resolver
         self._policy = policy
+        self._refused: dict[str, str] = {}
+
+    def why_nothing(self, host: str) -> str | None:
+        """Why ``host``'s last resolution left nothing to connect to, if addresses were refused."""
+        return self._refused.pop(host, None)
 
     def resolveHostName(
         self,
@@ -234,7 +247,7 @@ class FilteringResolver:
     ) -> IHostResolution:
         receiver = resolutionReceiver
         if not self._policy.host_allowed(hostName):
-            receiver = _FilteringReceiver(resolutionReceiver, self._policy, hostName)
+            receiver = _FilteringReceiver(resolutionReceiver, self._policy, hostName, self._refused)
         return self._resolver.resolveHostName(
             receiver, hostName, portNumber, addressTypes, transportSemantics
         )
@@ -260,9 +273,8 @@ class _Resolution:
 class LiteralResolver:
     """Answers IP addresses at once; asks ``resolver`` for names.
 
-    Twisted's default resolver sends every host, addresses included, through a
-    thread pool (``getaddrinfo``): for functions and callbacks at ``127.0.0.1`` or
-    ``10.x`` that is a thread hop per new connection for nothing.
+    Twisted's default resolver sends every host, addresses included, through ``getaddrinfo``
+    in a thread pool: for an address that is a thread hop per new connection for nothing.
     """
 
     def __init__(self, resolver: IHostnameResolver) -> None:
@@ -292,7 +304,8 @@ class LiteralResolver:
 
 @implementer(IReactorPluggableNameResolver)
 class ResolverReactor:
-    """The reactor, seen through another name resolver (give it to an ``Agent``)."""
+    """The reactor, seen through another name resolver (give it to an ``Agent``: its
+    ``HostnameEndpoint``s resolve through ``resolver``)."""
 
     def __init__(self, reactor: Any, resolver: IHostnameResolver) -> None:
         self._reactor = reactor
@@ -346,10 +359,8 @@ class _Remembering:
 class CachingResolver:
     """Remembers what each name resolved to for ``ttl`` seconds (at most ``limit`` names).
 
-    For the gateway's check of ``X-Callback-Url`` when it accepts a call: through Twisted's
-    default resolver, a callback naming a host costs a ``getaddrinfo`` in the thread pool on
-    every call -- 0.42 ms of CPU here, more than the rest of an accepted call.  Remembering
-    is safe for that check: the worker resolves the host again, through the address policy,
+    For the gateway's check of ``X-Callback-Url`` when it accepts a call, which would otherwise
+    cost a ``getaddrinfo`` in the thread pool on every call.  Remembering is safe for that check: the worker resolves the host again, through the address policy,
     when it connects to deliver the callback.  A name that resolved to nothing, or failed,
     is not remembered.
     """
@@ -395,155 +406,64 @@ def literal_first(reactor: Any) -> ResolverReactor:
     return ResolverReactor(reactor, LiteralResolver(reactor.nameResolver))
 
 
-@implementer(IStreamClientEndpoint)
-class CallbackEndpoint:
-    """TCP to ``host``:``port`` at the addresses ``resolver`` gives, resolved again for every connection.
+def blocklisting_reactor(reactor: Any, policy: AddressPolicy) -> ResolverReactor:
+    """The reactor with every name resolved through ``policy``: connections made through it
+    (by an ``Agent``'s ``HostnameEndpoint``) only reach addresses the policy allows."""
+    return ResolverReactor(reactor, FilteringResolver(LiteralResolver(reactor.nameResolver), policy))
 
-    Given a :class:`FilteringResolver`, it only ever connects to addresses the policy allows, and
-    DNS that changed since the last connection cannot take a new one to an internal host.  The
-    addresses are tried in the order resolved, one at a time, each for at most ``timeout``
-    seconds; the last error is reported when all fail.  (``HostnameEndpoint`` defines a receiver
-    class per connection: a tenth of the worker's CPU in a burst of callbacks.)
+
+@implementer(IAgent)
+class BlocklistingAgent:
+    """An ``Agent`` for callback URLs: an IP-literal host the policy refuses fails at once, and a
+    name that resolved only to refused addresses fails saying why (``DNSLookupError`` both).
+
+    ``resolver`` is the :class:`FilteringResolver` under ``agent`` (see :func:`blocklisting_reactor`).
     """
 
-    def __init__(
-        self,
-        reactor: IReactorTCP,
-        resolver: IHostnameResolver,
-        host: str,
-        port: int,
-        timeout: float = CONNECT_TIMEOUT,
-    ) -> None:
-        self._reactor = reactor
+    def __init__(self, agent: IAgent, policy: AddressPolicy, resolver: FilteringResolver) -> None:
+        self._agent = agent
+        self._policy = policy
         self._resolver = resolver
-        self.host = host
-        self.port = port
-        self._timeout = timeout
 
-    def __repr__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"<CallbackEndpoint {host}:{self.port}>"
-
-    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        return _Connecting(self, protocolFactory).start()
-
-    def resolve(self, receiver: IResolutionReceiver) -> IHostResolution:
-        return self._resolver.resolveHostName(receiver, self.host, self.port)
-
-    def attempt(
-        self, address: IPv4Address | IPv6Address, protocolFactory: IProtocolFactory
-    ) -> defer.Deferred[IProtocol]:
-        """One connection attempt to one resolved address."""
-        kind = TCP6ClientEndpoint if isinstance(address, IPv6Address) else TCP4ClientEndpoint
-        return kind(self._reactor, address.host, self.port, timeout=self._timeout).connect(protocolFactory)
-
-    def nothing_allowed(self, refusals: list[str]) -> DNSLookupError:
-        """The error for a resolution that left no address to connect to."""
-        if not refusals:
-            return DNSLookupError(f"no results for hostname lookup: {self.host}")
-        reasons = "; ".join(refusals[:3]) + ("; ..." if len(refusals) > 3 else "")
-        return DNSLookupError(f"callback host {self.host}: {reasons}")
-
-
-class _Connecting:
-    """One :meth:`CallbackEndpoint.connect`: the resolution, then one attempt at a time.
-
-    ``result`` fails with ``CancelledError`` when cancelled; the resolution wait or the attempt
-    in progress is stopped first (an answer that still arrives is ignored).
-    """
-
-    def __init__(self, endpoint: CallbackEndpoint, factory: IProtocolFactory) -> None:
-        self._endpoint = endpoint
-        self._factory = factory
-        self._resolved = _Resolved()
-        self._resolution: IHostResolution | None = None
-        self._addresses: Iterator[IPv4Address | IPv6Address] = iter(())
-        #: What we wait for: the resolution's ``done``, then each attempt's Deferred.
-        self._waiting: defer.Deferred[Any] | None = None
-        self._cancelled = False
-        self.result: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
-
-    def start(self) -> defer.Deferred[IProtocol]:
-        self._waiting = self._resolved.done
-        self._resolved.done.addCallbacks(self._addresses_resolved, self._resolution_failed)
-        self._resolution = self._endpoint.resolve(self._resolved)
-        return self.result
-
-    def _addresses_resolved(self, addresses: list[IPv4Address | IPv6Address]) -> None:
-        if self._cancelled:
-            return
-        if not addresses:
-            self._waiting = None
-            self.result.errback(self._endpoint.nothing_allowed(self._resolved.refusals))
-            return
-        self._addresses = iter(addresses)
-        self._try_next(None)
-
-    def _resolution_failed(self, failure: Failure) -> None:
-        if not self._cancelled:  # resolvers report through the receiver, but just in case
-            self._waiting = None
-            self.result.errback(failure)
-
-    def _try_next(self, failure: Failure | None) -> None:
-        address = next(self._addresses, None)
-        if address is None:
-            self._waiting = None
-            self.result.errback(failure)
-            return
-        attempt = self._endpoint.attempt(address, self._factory)
-        self._waiting = attempt
-        attempt.addCallbacks(self._connected, self._attempt_failed)
-
-    def _connected(self, protocol: IProtocol) -> None:
-        self._waiting = None
-        self.result.callback(protocol)
-
-    def _attempt_failed(self, failure: Failure) -> None:
-        if not self._cancelled:  # else it is our own cancellation of the attempt
-            self._try_next(failure)
-
-    def _cancel(self, result: defer.Deferred[IProtocol]) -> None:
-        self._cancelled = True
-        waiting, self._waiting = self._waiting, None
-        if waiting is None:
-            return
-        waiting.cancel()  # an attempt's connector stops connecting; a resolution wait just ends
-        if waiting is self._resolved.done and self._resolution is not None:
-            try:
-                self._resolution.cancel()
-            except NotImplementedError:
-                pass  # getaddrinfo in a thread cannot be stopped: its answer is ignored
-        # Deferred.cancel now fails ``result`` with CancelledError.
-
-
-@implementer(IAgentEndpointFactory)
-class CallbackEndpointFactory:
-    """Endpoints for callback URLs (give it to :class:`txfaas.client.PoolAgent`): every new
-    connection resolves the host and connects only to addresses ``policy`` allows.
-
-    IP addresses are answered without the reactor's (thread-pool) resolver; a host the policy
-    allows wholesale (``--callback-allow hooks.internal``) is resolved and connected as is.
-    """
-
-    def __init__(
+    def request(
         self,
-        reactor: Any,
-        policy: AddressPolicy,
-        *,
-        timeout: float = CONNECT_TIMEOUT,
-        tls: Any = None,
-    ) -> None:
-        self._reactor = reactor
-        self._resolver = FilteringResolver(LiteralResolver(reactor.nameResolver), policy)
-        self._timeout = timeout
-        self._tls = tls or BrowserLikePolicyForHTTPS()
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> defer.Deferred[IResponse]:
+        try:
+            parts = urlsplit(uri.decode("ascii"))
+            host = parts.hostname or ""
+        except ValueError as e:
+            return defer.fail(e)
+        if not parts.path:  # ``http://host?q``: the target is ``/?q`` (Agent would send ``?q``)
+            uri = parts._replace(path="/").geturl().encode("ascii")
+        if _literal(host) is not None and not self._policy.host_allowed(host):
+            reason = self._policy.refusal(host)
+            if reason is not None:
+                return defer.fail(DNSLookupError(f"callback host {host}: {reason}"))
+        d = self._agent.request(method, uri, headers, bodyProducer)
+        return d.addErrback(self._explain, host)
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        if uri.scheme not in (b"http", b"https"):
-            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-        endpoint: IStreamClientEndpoint = CallbackEndpoint(
-            self._reactor, self._resolver, uri.host.decode("ascii"), uri.port, self._timeout
-        )
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-        return endpoint
+    def _explain(self, failure: Failure, host: str) -> Failure:
+        if failure.check(DNSLookupError):
+            why = self._resolver.why_nothing(host)
+            if why is not None:
+                return Failure(DNSLookupError(f"callback host {host}: {why}"))
+        return failure
+
+
+def callback_agent(
+    reactor: Any, pool: Any, policy: AddressPolicy, *, connect_timeout: float, tls: Any = None
+) -> BlocklistingAgent:
+    """A stock ``Agent`` over ``pool`` that connects only where ``policy`` allows; ``tls`` is the
+    ``contextFactory`` for https (browser-like verification by default)."""
+    resolver = FilteringResolver(LiteralResolver(reactor.nameResolver), policy)
+    agent = Agent(
+        ResolverReactor(reactor, resolver),
+        contextFactory=tls or BrowserLikePolicyForHTTPS(),
+        connectTimeout=connect_timeout,
+        pool=pool,
+    )
+    return BlocklistingAgent(agent, policy, resolver)
