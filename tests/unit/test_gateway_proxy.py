@@ -435,7 +435,7 @@ def test_default_ports_are_left_out_of_host_and_an_empty_path_is_slash(
     pool_agent_gateway: _PoolAgent,
 ) -> None:
     assert b"\r\nHost: fn.local\r\n" in pool_agent_gateway.sent(b"http://fn.local")
-    assert pool_agent_gateway.sent(b"http://fn.local:80?q=1").startswith(b"GET /?q=1 HTTP/1.1\r\n")
+    assert pool_agent_gateway.sent(b"http://fn.local:80").startswith(b"GET / HTTP/1.1\r\n")
     assert b"\r\nHost: tls.local\r\n" in pool_agent_gateway.sent(b"https://tls.local:443/x")
     assert b"\r\nHost: tls.local:8443\r\n" in pool_agent_gateway.sent(b"https://tls.local:8443/x")
 

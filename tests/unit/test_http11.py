@@ -31,7 +31,6 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from txfaas._accel.http11 import MAX_HEAD, HTTP11Connection, HTTP11ConnectionFactory
 from txfaas.http.client import BytesProducer
-from txfaas.http.pool import RecentFirstPool, quiet_pool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
 
@@ -530,9 +529,7 @@ def test_abort_closes_and_fires_once_closed():
 # --- with the pool ------------------------------------------------------------------------------
 
 
-def test_the_pools_build_these_connections_quietly():
-    for pool in (RecentFirstPool(object()), quiet_pool(object())):
-        assert pool._factory is HTTP11ConnectionFactory
+def test_the_factory_builds_these_connections_quietly():
     factory = HTTP11ConnectionFactory(lambda c: None, "meta")
     assert factory.noisy is False
     assert isinstance(factory.buildProtocol(None), HTTP11Connection)

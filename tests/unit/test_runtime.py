@@ -472,50 +472,6 @@ def test_form_bodies_are_not_parsed_but_kept_whole():
     assert seen == {"args": {}, "body": body}
 
 
-class _Idle:
-    """A pooled connection, as the pool sees one."""
-
-    state = "QUIESCENT"
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.transport = self
-        self.closed = False
-
-    def loseConnection(self) -> None:
-        self.closed = True
-
-
-def test_the_pool_hands_out_the_connection_used_last_and_closes_the_one_idle_longest_when_full():
-    from twisted.internet.task import Clock
-
-    from txfaas.http.pool import RecentFirstPool
-
-    clock = Clock()
-    pool = RecentFirstPool(clock, persistent=True)
-    pool.retryAutomatically = False
-    pool.maxPersistentPerHost = 2
-    a, b, c = _Idle("a"), _Idle("b"), _Idle("c")
-    for conn in (a, b, c):
-        pool._putConnection("k", conn)
-    assert a.closed and not b.closed and not c.closed  # full: the oldest went
-    taken = []
-    pool.getConnection("k", None).addCallback(taken.append)
-    assert taken == [c]  # the most recent first
-    pool._putConnection("k", c)
-    clock.advance(pool.cachedConnectionTimeout)
-    assert b.closed and c.closed and pool._connections["k"] == []
-
-
-def test_pooled_connections_open_and_close_without_a_log_line_each():
-    from twisted.internet.task import Clock
-
-    from txfaas.http.pool import RecentFirstPool, quiet_pool
-
-    for pool in (RecentFirstPool(Clock()), quiet_pool(Clock(), per_host=4)):
-        assert pool._factory(lambda protocol: None, "endpoint").noisy is False
-
-
 # --- LazyTimer and TimerQueue ---------------------------------------------------------------
 
 

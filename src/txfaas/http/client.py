@@ -103,8 +103,17 @@ class CachingEndpointFactory:
 
 def function_agent(reactor: Any, pool: Any, tls: Any = None) -> IAgent:
     """The stock ``Agent`` for functions: over ``pool``, endpoints made once per function host,
-    IP addresses connected without the resolver's thread pool."""
-    return Agent.usingEndpointFactory(reactor, CachingEndpointFactory(literal_first(reactor), tls), pool=pool)
+    IP addresses connected without the resolver's thread pool.  With accelerations on, an
+    :class:`txfaas._accel.agent.OriginAgent` does the same."""
+    from txfaas import _accel
+
+    endpoints = CachingEndpointFactory(literal_first(reactor), tls)
+    if _accel.enabled():
+        from txfaas._accel import agent
+
+        if agent.probe():
+            return agent.OriginAgent(pool, endpoints)
+    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
 
 @attrs.frozen

@@ -431,7 +431,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     from prometheus_client import CollectorRegistry
 
     from txfaas.http.client import CONNECT_TIMEOUT, function_agent
-    from txfaas.http.pool import RecentFirstPool
+    from txfaas.http.pool import quiet_pool
     from txfaas.http.ssrf import callback_agent
     from txfaas.invocation_log import InvocationLog, instance_name
     from txfaas.multiprocess import is_child
@@ -465,14 +465,13 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     if getattr(queue, "clock", False) is None:
         queue.clock = reactor  # an in-memory queue shared by faas-local: its delays need a clock
 
-    function_pool = RecentFirstPool(reactor, persistent=True)
-    function_pool.maxPersistentPerHost = config.max_inflight
+    function_pool = quiet_pool(reactor, per_host=config.max_inflight)
     # Callbacks: connections are kept and reused per receiver (as OpenFaaS's Go client does); a
     # new connection is only made after its address was resolved and checked against the policy
     # (callback_agent), so a kept one always goes where the policy allowed.
-    callback_pool = RecentFirstPool(reactor, persistent=True)
-    callback_pool.maxPersistentPerHost = CALLBACK_CONNECTIONS_PER_HOST
-    callback_pool.cachedConnectionTimeout = CALLBACK_IDLE_TIMEOUT
+    callback_pool = quiet_pool(
+        reactor, per_host=CALLBACK_CONNECTIONS_PER_HOST, idle_timeout=CALLBACK_IDLE_TIMEOUT
+    )
     callbacks = CallbackDelivery(
         reactor,
         callback_agent(reactor, callback_pool, settings.callback_policy, connect_timeout=CONNECT_TIMEOUT),
