@@ -240,7 +240,7 @@ def make(**kwargs) -> tuple[MemoryReactorClock, AMQPQueue]:
 
 def connect(q: AMQPQueue) -> FakeConnection:
     conn = FakeConnection()
-    q._attach(conn)
+    q._connection.attach(conn)
     conn.handshake()
     return conn
 
@@ -300,13 +300,13 @@ def test_setup_declares_remembered_queues_durable_with_the_queue_type_and_opens_
 def test_a_connection_whose_handshake_never_completes_is_aborted_after_connect_timeout():
     reactor, q = make(connect_timeout=3.0)
     conn = FakeConnection()
-    q._attach(conn)
+    q._connection.attach(conn)
     reactor.advance(2.9)
     assert not conn.transport.aborted
     reactor.advance(0.2)
     assert conn.transport.aborted
     assert not q.connected
-    assert "not ready within 3s" in q._last_error
+    assert "not ready within 3s" in q._connection.last_error
 
 
 def test_ping_raises_unless_connected_and_after_the_connection_is_lost():
@@ -330,15 +330,15 @@ def test_ready_waits_for_the_connection_and_times_out_with_queue_unavailable():
     waiting = run(q.ready(5))
     reactor.advance(5.1)
     assert "no broker connection within 5s" in str(failed_with(waiting, QueueUnavailable))
-    assert q._waiters == []  # the timed-out waiter does not linger
+    assert q._publishing._waiters == []  # the timed-out waiter does not linger
 
 
 def test_retry_delays_grow_across_failed_handshakes_and_reset_after_a_good_connection():
     """ClientService restarts its own count on every TCP connect; ours must not."""
     _, q = make(retry_policy=lambda attempt: float(attempt))
-    assert [q._next_delay(1) for _ in range(3)] == [1.0, 2.0, 3.0]
+    assert [q._connection._next_delay(1) for _ in range(3)] == [1.0, 2.0, 3.0]
     connect(q)
-    assert q._next_delay(1) == 1.0
+    assert q._connection._next_delay(1) == 1.0
 
 
 # --- publishing --------------------------------------------------------------------------------
@@ -740,7 +740,7 @@ def test_close_closes_the_connection_fails_waiters_and_later_calls():
 def test_a_connection_that_finishes_its_handshake_after_close_is_closed_not_used():
     _, q = make()
     conn = FakeConnection()
-    q._attach(conn)
+    q._connection.attach(conn)
     run(q.close())
     conn.handshake()
     assert not conn.is_open
@@ -756,3 +756,43 @@ def test_it_is_a_service_whose_stop_closes_the_queue():
     assert out == [None]
     assert not conn.is_open
     assert not q.running
+
+
+def test_close_waits_for_the_confirms_of_publishes_already_sent_then_closes():
+    """A publish sent before close() still gets its confirm (the gateway answers 202, not 503)."""
+    _, q = make()
+    conn = connect(q)
+    published = run(q.publish(a_call()))
+    closed = run(q.close())
+    assert closed == [] and conn.is_open  # draining
+    conn.publisher.published[0][3].callback(None)  # the broker confirms
+    assert published == [None]
+    assert closed == [None]
+    assert not conn.is_open
+
+
+def test_close_gives_up_on_confirms_after_the_confirm_timeout():
+    reactor, q = make(confirm_timeout=2.0)
+    conn = connect(q)
+    published = run(q.publish(a_call()))
+    closed = run(q.close())
+    reactor.advance(2.0)
+    assert failed_with(published, QueueUnavailable)
+    assert closed == [None]
+    assert not conn.is_open
+
+
+def test_the_service_tree_starts_and_stops_it():
+    """As a child of a MultiService: the tree's start connects, the tree's stop closes."""
+    from twisted.application.service import MultiService
+
+    reactor, q = make()
+    top = MultiService()
+    q.setServiceParent(top)
+    top.startService()
+    assert q._connection.started
+    conn = connect(q)
+    out: list = []
+    top.stopService().addBoth(out.append)
+    assert len(out) == 1
+    assert not conn.is_open
