@@ -193,13 +193,19 @@ def test_unknown_flag_is_a_usage_error():
 
 
 def test_build_orders_services_so_the_listener_stops_first():
-    """The store, the pools, the worker, then the HTTP listener: stopping runs in reverse, so the
-    listener goes first and the store last."""
+    """The store, the pools, the queue, the worker, then the HTTP listener: stopping runs in
+    reverse, so the listener goes first, the queue closes once the worker drained, the store last."""
     settings = parse("--amqp=memory:", "--redis=memory:", "--listen=tcp:0")
     top = tap.build(MemoryReactorClock(), settings)
     children = list(IServiceCollection(top))
-    assert [type(c).__name__ for c in children] == ["MemoryStore", "_Closer", "WorkerService", "Listener"]
-    worker = children[2]
+    assert [type(c).__name__ for c in children] == [
+        "MemoryStore",
+        "_Closer",
+        "MemoryQueue",
+        "WorkerService",
+        "Listener",
+    ]
+    worker = children[3]
     assert isinstance(worker, WorkerService)
     assert worker.config is settings.worker
 

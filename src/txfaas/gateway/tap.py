@@ -464,6 +464,7 @@ def build_gateway(
     own_store = store is None
     if store is None:
         store = open_store(reactor, config.redis, prefix=config.redis_prefix, call_ttl=config.call_ttl)
+    own_queue = queue is None
     if queue is not None:
         pass
     elif config.amqp.memory:
@@ -548,10 +549,13 @@ def build_gateway(
     elif is_child():
         die_with_parent()
     FlushMetrics(metrics, reactor).setServiceParent(top)
-    # The store starts before the gateway and stops once the gateway has drained.
+    # The store and the queue start before the gateway and stop once the gateway has drained
+    # (shared ones: their owner's tree).
     ordered = OrderedMultiService()
     if own_store:
         store.setServiceParent(ordered)
+    if own_queue:
+        queue.setServiceParent(ordered)
     ordered.setServiceParent(top)
     GatewayService(
         reactor,

@@ -6,6 +6,8 @@ from collections import deque
 from collections.abc import Sequence
 
 import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -44,8 +46,10 @@ class MemoryDelivery:
         self._queue._pump()
 
 
-class MemoryQueue:
+class MemoryQueue(Service):
     """Implements ``CallQueue`` in memory, with prefetch, redelivery and a dead-letter list.
+
+    Also a service, as ``AMQPQueue`` is: stopping it is :meth:`close`.
 
     Set ``available = False`` to make publishing fail as an unreachable broker would.
     Deliveries are made synchronously, from ``publish``/``ack``/``nack``/``consume``: a
@@ -78,6 +82,10 @@ class MemoryQueue:
     async def start(self) -> None:
         if not self.available:
             raise QueueUnavailable("memory queue marked unavailable")
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self.close())
 
     async def ready(self, timeout: float) -> None:
         if not self.available:

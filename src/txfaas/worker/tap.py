@@ -446,6 +446,7 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     own_store = store is None
     if store is None:
         store = open_store(reactor, settings.redis, prefix=settings.redis_prefix, call_ttl=settings.call_ttl)
+    own_queue = queue is None
     if queue is not None:
         pass
     elif settings.amqp.memory:
@@ -498,6 +499,8 @@ def build(reactor: Any, settings: Settings, *, store: Any = None, queue: Any = N
     # Stopped in turn, in reverse order: the listener first, then the worker drains, then the pools
     # and the store close.
     _Closer(function_pool, callback_pool).setServiceParent(top)
+    if own_queue:  # a shared one is its owner's
+        queue.setServiceParent(top)
     worker.setServiceParent(top)
     if not is_child():  # a supervised worker: its supervisor serves /healthz and /metrics
         Listener(reactor, settings.listen, site).setServiceParent(top)
