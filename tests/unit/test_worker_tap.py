@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.application.service import IServiceCollection
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
@@ -208,6 +209,29 @@ def test_build_orders_services_so_the_listener_stops_first():
     worker = children[3]
     assert isinstance(worker, WorkerService)
     assert worker.config is settings.worker
+
+
+def test_stopping_the_tree_closes_the_queue_and_store_only_once_the_worker_has_drained():
+    """The listener stops first; the queue closes only when the worker's stop (its drain) is
+    over; the pools, then the store, last."""
+    settings = parse("--amqp=memory:", "--redis=memory:", "--listen=tcp:0")
+    top = tap.build(MemoryReactorClock(), settings)
+    top.startService()
+    stopped: list[str] = []
+    drained: defer.Deferred = defer.Deferred()
+    for child in IServiceCollection(top):
+        name = type(child).__name__
+
+        def stop(child=child, name=name):
+            stopped.append(name)
+            return drained if name == "WorkerService" else type(child).stopService(child)
+
+        child.stopService = stop
+    done = top.stopService()
+    assert stopped == ["Listener", "WorkerService"]
+    drained.callback(None)
+    assert stopped == ["Listener", "WorkerService", "MemoryQueue", "_Closer", "MemoryStore"]
+    assert done.called
 
 
 def test_help_names_every_flag_and_its_environment_variable():

@@ -6,10 +6,11 @@ calls (:mod:`~txfaas.worker.call`), from the callback queue callbacks
 (:mod:`~txfaas.worker.callback_jobs`), from the dead-letter queue dead letters to keep
 (:mod:`~txfaas.worker.dead_letters`).
 
-When the store does not answer, a message is given back to the broker (requeued) after a
-delay that grows with consecutive failures, so an outage does not turn into a hot loop.  On
-stop, the calls drain (callbacks they queue still go out), then the callbacks; past
---drain-timeout the rest are given back.
+The queue and the store are the worker's siblings in the process tree (see ``tap.py``):
+started before it and closed after it has drained.  When the store does not answer, a message
+is given back to the broker (requeued) after a delay that grows with consecutive failures, so
+an outage does not turn into a hot loop.  On stop, the calls drain (callbacks they queue still
+go out), then the callbacks; past --drain-timeout the rest are given back.
 """
 
 from __future__ import annotations
@@ -90,30 +91,14 @@ class WorkerService(Service):
         self._handlers = {CALL: self.calls.run, CALLBACK: self._callbacks.run, DEAD: self._dead_letters.keep}
         self._stopping = False
         self._failures = 0  # consecutive messages given back for a failure
-        self._starting: defer.Deferred[None] | None = None
         self._returning: defer.Deferred[None] | None = None  # the give-back at the drain limit
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def startService(self) -> None:
+        """Consume; the queue (a sibling service started before this one) connects on its own."""
         super().startService()
         self._stopping = self._callbacks.draining = self._callbacks.stopping = False
-        self._starting = defer.Deferred.fromCoroutine(self._start())
-        self._starting.addErrback(self._start_failed)
-
-    async def _start(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self._queue.start()
-                break
-            except defer.CancelledError:
-                raise
-            except Exception as e:
-                delay = self.config.backoff(attempt)
-                attempt += 1
-                self.log.warn("broker not reachable ({error}); retrying in {delay:g}s", error=e, delay=delay)
-                await task.deferLater(self._clock, delay, lambda: None)
         config = self.config
         # The dead-letter and callback queues first: work may need them as soon as it arrives.
         self._queue.consume([config.dead_letter_queue], KEEPER_PREFETCH, self.handle_dead_letter)
@@ -130,18 +115,14 @@ class WorkerService(Service):
             dead=config.dead_letter_queue,
         )
 
-    def _start_failed(self, failure: Failure) -> None:
-        if not failure.check(defer.CancelledError):
-            self.log.failure("worker failed to start", failure)
-
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        """Stop taking messages, drain, give back what is left; the queue and the store stay open
+        (the process tree closes them once this has stopped)."""
         self._stopping = self._callbacks.draining = True
-        if self._starting is not None:
-            self._starting.cancel()
         config = self.config
         await self._stop_consuming([*config.queues, config.dead_letter_queue])
         while self._table.held_back:  # never started: straight back to the queue
@@ -165,16 +146,6 @@ class WorkerService(Service):
             await self._returning
         if self.calls.invocations is not None:
             await self.calls.invocations.stop()
-        await self._close()
-
-    async def _close(self) -> None:
-        for what, close in (("queue", self._queue.close), ("store", getattr(self._store, "close", None))):
-            if close is None:
-                continue
-            try:
-                await close()
-            except Exception as e:
-                self.log.warn("closing the {what}: {error}", what=what, error=e)
 
     async def _stop_consuming(self, queues: list[str]) -> None:
         try:
