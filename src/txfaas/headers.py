@@ -175,7 +175,7 @@ def writers() -> tuple[Any, Any]:
     return set_raw, update_raw
 
 
-def append_forwarded_for(existing: list[bytes], client_ip: bytes) -> bytes:
+def append_forwarded_for(existing: Sequence[bytes], client_ip: bytes) -> bytes:
     """Append the client's address to any ``X-Forwarded-For`` it sent; never trust, never drop."""
     parts = [v.strip() for v in existing if v.strip()]
     parts.append(client_ip)

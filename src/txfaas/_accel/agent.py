@@ -143,7 +143,8 @@ def probe() -> bool:
 
     try:
         for url in (b"http://fn.local:8080/a/b?c=d", b"https://[fd00::1]/x", b"http://10.0.0.1"):
-            ours = written(OriginAgent(None, Endpoints()), b"POST", url, Headers({b"x-a": [b"1"]}))
+            endpoints: Any = Endpoints()
+            ours = written(OriginAgent(None, endpoints), b"POST", url, Headers({b"x-a": [b"1"]}))
             stock = Agent.usingEndpointFactory(Clock(), Endpoints())
             if ours != written(stock, b"POST", url, Headers({b"x-a": [b"1"]})) or not ours[1]:
                 return False

@@ -173,6 +173,9 @@ class Response:
 class HTTP11Connection(Protocol):
     """One HTTP/1.1 client connection, one request at a time (see the module's docstring)."""
 
+    #: A TCP transport (ITCPTransport and IPushProducer); Twisted types it ITransport | None.
+    transport: Any
+
     log = Logger()
 
     def __init__(self, quiescentCallback: Callable[[HTTP11Connection], object] = lambda c: None) -> None:
@@ -407,10 +410,10 @@ class HTTP11Connection(Protocol):
             if b"content-length" in control:
                 self._keep = False  # both framings given: do not trust this connection further
         elif b"content-length" in control:
-            values = {v.strip() for vs in control[b"content-length"] for v in vs.split(b",")}
-            if len(values) != 1:
-                raise ParseError("conflicting Content-Length values", b", ".join(sorted(values)))
-            text = values.pop()
+            lengths = {v.strip() for vs in control[b"content-length"] for v in vs.split(b",")}
+            if len(lengths) != 1:
+                raise ParseError("conflicting Content-Length values", b", ".join(sorted(lengths)))
+            text = lengths.pop()
             if not text.isdigit():
                 raise ParseError("bad Content-Length", text)
             length = int(text)
@@ -601,7 +604,8 @@ def probe() -> bool:
         install(pool)
         answers: list[Any] = []
         for _ in range(2):
-            pool.getConnection(b"probe", Endpoint()).addCallback(
+            endpoint: Any = Endpoint()
+            pool.getConnection(b"probe", endpoint).addCallback(
                 lambda c: c.request(Request(b"GET", b"/p", Headers({b"host": [b"h"]}), None, persistent=True))
             ).addBoth(answers.append)
             protocol, transport = built[-1]

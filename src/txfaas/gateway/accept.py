@@ -269,7 +269,7 @@ class AsyncCalls(resource.Resource):
             name += self._suffix  # name.namespace from here on: labels, the cache
         posting = _Posting(request, name)
         d = defer.Deferred.fromCoroutine(self._acceptor.accept(posting))
-        d.addCallbacks(self._accepted, self._refused, (posting,), None, (posting,))
+        d.addCallbacks(self._accepted, self._refused, callbackArgs=(posting,), errbackArgs=(posting,))
         d.addErrback(self._unexpected, posting)
         return server.NOT_DONE_YET
 

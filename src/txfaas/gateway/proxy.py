@@ -63,6 +63,7 @@ def body_producer(request: server.Request, cooperator: Any) -> IBodyProducer | N
     if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(b"Transfer-Encoding"):
         return None
     content = request.content
+    assert content is not None  # the channel made it when the body's framing arrived
     if isinstance(content, BytesIO):
         return BytesProducer(content.getvalue())
     content.seek(0, 2)
@@ -246,7 +247,8 @@ def _unexpected(failure: Failure, request: server.Request, call_id: bytes, call:
     log.failure("[{call_id}] proxy failed", failure, call_id=call_id.decode())
     if not request.finished and not call.gone:
         if request.startedWriting:
-            request.channel.transport.abortConnection()
+            transport: Any = request.channel.transport  # a TCP transport
+            transport.abortConnection()
         else:
             _send_error(request, 500, "internal error")
 
@@ -354,8 +356,9 @@ class _Exchange:
                 function=self.name,
                 error=self.error,
             )
-            if self.request.channel is not None and self.request.channel.transport is not None:
-                self.request.channel.transport.abortConnection()
+            transport: Any = self.request.channel and self.request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
         self._done()
 
     def _failed(self, failure: Failure) -> None:
@@ -435,6 +438,9 @@ class _Exchange:
 class _Relay(Protocol):
     """Copies the function's response body to the client, with back-pressure both ways."""
 
+    #: A TCP transport (ITCPTransport and IPushProducer); Twisted types it ITransport | None.
+    transport: Any
+
     def __init__(self, exchange: _Exchange) -> None:
         self._exchange = exchange
         self._request = exchange.request
@@ -459,6 +465,9 @@ class _Relay(Protocol):
 
 
 class _Discard(Protocol):
+    #: A TCP transport (ITCPTransport and IPushProducer); Twisted types it ITransport | None.
+    transport: Any
+
     def connectionMade(self) -> None:
         self.transport.stopProducing()
 

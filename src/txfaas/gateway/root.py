@@ -98,6 +98,7 @@ class GatewayRoot(resource.Resource):
         if self._auth is not None and path not in self._OPEN and not self._auth.check(request):
             return self._unauthorized
         # Hand the whole path to Klein.
+        assert request.postpath is not None and request.prepath is not None  # set by Site
         request.postpath.insert(0, request.prepath.pop())
         return self._app
 

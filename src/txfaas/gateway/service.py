@@ -107,15 +107,16 @@ class GatewayService(service.Service):
         run_startup(self.reactor, self._start).addCallback(self.started.callback)
 
     async def _start(self) -> None:
+        store: Any = self.functions.store  # the whole store: functions, namespaces, secrets
         if self.queue is not None:
             await self.queue.start()
             self._queue_started = True
         try:
-            await self.functions.store.ping()
+            await store.ping()
         except StoreUnavailable as e:
             raise StartupError(f"--redis {self.redis_description}: {e}") from None
         if self.secret_box is not None:
-            kept = await self.functions.store.secrets_key_check(None)
+            kept = await store.secrets_key_check(None)
             if kept is not None and not self.secret_box.opens(kept):
                 raise StartupError(
                     f"--secrets-key {self.secrets_key_path}: not the key that sealed the secrets in "
@@ -127,7 +128,7 @@ class GatewayService(service.Service):
             ):
                 if spec.namespace not in {DEFAULT_NAMESPACE, self.default_namespace}:
                     try:  # the file's namespaces are created as needed
-                        await self.functions.store.create_namespace(Namespace(spec.namespace))
+                        await store.create_namespace(Namespace(spec.namespace))
                     except AlreadyExists:
                         pass
                 try:
@@ -151,6 +152,7 @@ class GatewayService(service.Service):
         reason, every other function works."""
         reason = self.reserved_queues.refusal(name)
         if reason is None:
+            assert self.queue is not None
             try:
                 await self.queue.declare(name)
                 return

@@ -94,7 +94,7 @@ def when_gone(request: Any, gone: Callable[[Failure], object]) -> None:
 class Presence:
     """Whether a request's client is still there, as ``notifyFinish`` tells it."""
 
-    def __init__(self, request: IRequest) -> None:
+    def __init__(self, request: Any) -> None:  # a twisted.web.server.Request
         self.gone = False
         request.notifyFinish().addErrback(self._left)
 

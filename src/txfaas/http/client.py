@@ -147,6 +147,9 @@ class BodyTooLarge(Exception):
 class _BodyReader(Protocol):
     """Collects a body within ``limit`` bytes (and, with ``budget``, within its room)."""
 
+    #: A TCP transport (ITCPTransport and IPushProducer); Twisted types it ITransport | None.
+    transport: Any
+
     def __init__(
         self,
         done: defer.Deferred[bytes],

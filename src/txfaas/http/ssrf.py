@@ -21,6 +21,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
+    IAddress,
     IHostnameResolver,
     IHostResolution,
     IReactorPluggableNameResolver,
@@ -147,7 +148,8 @@ class _Resolved:
     def resolutionBegan(self, resolution: IHostResolution) -> None:
         pass
 
-    def addressResolved(self, address: IPv4Address | IPv6Address) -> None:
+    def addressResolved(self, address: IAddress) -> None:
+        assert isinstance(address, (IPv4Address, IPv6Address))
         self.addresses.append(address)
 
     def addressRefused(self, address: IPv4Address | IPv6Address, reason: str) -> None:
@@ -196,7 +198,8 @@ class _FilteringReceiver:
     def resolutionBegan(self, resolution: IHostResolution) -> None:
         self._receiver.resolutionBegan(resolution)
 
-    def addressResolved(self, address: IPv4Address | IPv6Address) -> None:
+    def addressResolved(self, address: IAddress) -> None:
+        assert isinstance(address, (IPv4Address, IPv6Address))
         reason = self._policy.refusal(address.host)
         if reason is None:
             self._passed += 1
@@ -345,7 +348,8 @@ class _Remembering:
     def resolutionBegan(self, resolution: IHostResolution) -> None:
         self._receiver.resolutionBegan(resolution)
 
-    def addressResolved(self, address: IPv4Address | IPv6Address) -> None:
+    def addressResolved(self, address: IAddress) -> None:
+        assert isinstance(address, (IPv4Address, IPv6Address))
         self._addresses.append(address)
         self._receiver.addressResolved(address)
 

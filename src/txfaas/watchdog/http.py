@@ -79,6 +79,9 @@ class UpstreamEndpoint:
 
 
 class _Collector(Protocol):
+    #: A TCP transport (ITCPTransport and IPushProducer); Twisted types it ITransport | None.
+    transport: Any
+
     def __init__(self, limit: int, finished: Deferred[bytes]) -> None:
         self._limit = limit
         self._finished = finished
@@ -345,6 +348,8 @@ class HTTPRunner:
 
 class _ServerProcess(GroupLeader):
     log = Logger()
+
+    transport: Any  # a process transport; Twisted types it IProcessTransport | None
 
     def __init__(self, runner: HTTPRunner) -> None:
         super().__init__(runner._kill)

@@ -22,6 +22,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
@@ -44,12 +46,15 @@ HEALTH_PATH = b"/_/health"
 class _Request(LimitedRequest):
     """Hands itself to the watchdog (the body was counted against max_request by LimitedRequest)."""
 
+    channel: Any  # the LimitedChannel the watchdog's site built
+
     def process(self) -> None:
         # No resource tree to walk: every request goes to the watchdog.
-        self.site = self.channel.site
+        site: Any = self.channel.site
+        self.site = site
         self.setHeader(b"Date", datetimeToString())
         try:
-            self.site.watchdog.handle(self)
+            site.watchdog.handle(self)
         except BaseException:
             self.processingFailed(Failure())
 
@@ -181,7 +186,8 @@ class Watchdog(Service):
             if not ex.responded and ex.deferred is not None:
                 ex.deferred.cancel()
             elif ex.channel is not None and ex.channel.transport is not None:
-                ex.channel.transport.abortConnection()
+                transport: Any = ex.channel.transport  # a TCP transport
+                transport.abortConnection()
         await self._runner.stop()
         if self._listener is not None:
             await self._listener.stopService()  # health answered 503 until now
@@ -316,7 +322,7 @@ class Watchdog(Service):
                 out.setRawHeaders(name, [value])
         out.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         out.setRawHeaders(DURATION, [b"%.6f" % (self._clock.seconds() - ex.started)])
-        channel = request.channel
+        channel: Any = request.channel  # a LimitedChannel
         ex.channel = channel
         request.write(body)
         request.finish()
