@@ -18,6 +18,12 @@ from txfaas._accel import first_write
 from txfaas.web.server import LimitedRequest, LimitedSite
 
 
+@pytest.fixture(autouse=True)
+def _accelerated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin the accelerated path: on whatever TXFAAS_ACCEL says."""
+    monkeypatch.setattr(_accel, "_enabled", True)
+
+
 class TwistedWrites(LimitedRequest):
     def write(self, data: bytes) -> None:
         server.Request.write(self, data)

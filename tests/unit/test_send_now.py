@@ -17,9 +17,16 @@ from twisted.web._newclient import Request
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
+from txfaas import _accel
 from txfaas._accel.http11 import HTTP11Connection
 from txfaas.http.client import BytesProducer
 from txfaas.web.server import LimitedRequest, LimitedSite
+
+
+@pytest.fixture(autouse=True)
+def _accelerated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin the accelerated path: on whatever TXFAAS_ACCEL says."""
+    monkeypatch.setattr(_accel, "_enabled", True)
 
 
 class Recorder:
