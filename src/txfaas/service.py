@@ -239,7 +239,10 @@ class Listener(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         port, self.port, self._opening = self.port, None, None
-        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        if port is None:
+            return defer.succeed(None)
+        stopped: defer.Deferred[None] = defer.maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+        return stopped
 
 
 def parse_tcp_listen(description: str, backlog: int = DEFAULT_BACKLOG) -> tuple[str, int, int]:

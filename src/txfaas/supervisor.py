@@ -44,7 +44,7 @@ class ChildProcesses(ProcessMonitor):
         grace: float = 1.0,
     ) -> None:
         super().__init__(reactor)
-        self.minRestartDelay = restart_delay
+        self.minRestartDelay = restart_delay  # type: ignore[assignment]  # typed int; seconds
         self._time = reactor
         self._grace = grace
         self._ended: dict[str, defer.Deferred[None]] = {}
@@ -105,5 +105,4 @@ class ChildProcesses(ProcessMonitor):
             if timer.active():
                 timer.cancel()
 
-        ended.addBoth(done)
-        return ended
+        return ended.addBoth(done)

@@ -29,7 +29,7 @@ try:
 
     from twisted.internet.epollreactor import EPollReactor as _Stock
 except ImportError:  # no epoll (not Linux): prefer() leaves Twisted's default reactor
-    EPOLLOUT = 4
+    EPOLLOUT = 4  # type: ignore[misc]  # select's value, where select has none
     _Stock = object  # type: ignore[assignment,misc]
 
 log = Logger()
@@ -41,7 +41,7 @@ FLUSH_PASSES = 3
 _ABSENT = object()
 
 
-class EPollReactor(_Stock):  # type: ignore[misc,valid-type]
+class EPollReactor(_Stock):
     """``epollreactor.EPollReactor`` whose ``doPoll`` calls ``_doReadOrWrite`` directly and
     whose writers are flushed before the next poll (see the module's documentation)."""
 
@@ -204,7 +204,7 @@ def _round_trip() -> bool:
     try:
         right.setblocking(False)
         reactor.adoptStreamConnection(left.fileno(), socket.AF_UNIX, Factory.forProtocol(Peer))
-        transport = protocols[0].transport
+        transport: Any = protocols[0].transport
         transport.write(b"ping")
         if transport.fileno() in reactor._writes:
             return False

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes as unquote
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import pages, resource, server
@@ -77,9 +78,13 @@ class LimitedChannel(HTTPChannel):
     _headSize = 0
     _headerCount = 0
 
+    transport: Any  # a TCP transport; Twisted types it ITransport | None
+    site: Any
+
     def __init__(self) -> None:
-        self._deadline: LazyTimer | None = None
-        self._idle: LazyTimer | None = None
+        # LazyTimers, made at the first use (the site sets the clock after __init__).
+        self._deadline: Any = None
+        self._idle: Any = None
         super().__init__()
         self._flushWaiters: list[Callable[[], None]] = []
 
@@ -112,7 +117,8 @@ class LimitedChannel(HTTPChannel):
     # request's headers are in and starts it again when the response is done.
 
     def setTimeout(self, period: float | None) -> float | None:
-        previous, self.timeOut = self.timeOut, period
+        previous = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]  # typed int; seconds may be a float
         if self._idle is None:
             self._timers()
         if period is None:
@@ -329,7 +335,7 @@ class LimitedChannel(HTTPChannel):
         )
         self.transport.abortConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         # Their calls would keep this channel alive until due (the idle one: hours).
         if self._deadline is not None:
@@ -506,6 +512,7 @@ class LimitedRequest(PlainErrorsRequest):
 
     #: Decided by the channel once the head is read (or here, for a request read elsewhere).
     route: Route | None = None
+    channel: Any  # a LimitedChannel
     _received = 0
     _gone: Callable[[Failure], object] | None = None
 
@@ -572,9 +579,10 @@ class LimitedRequest(PlainErrorsRequest):
         headers.setRawHeaders(b"Server", [server.version])
         headers.setRawHeaders(b"Date", [http_date()])
         segments = self.path[1:].split(b"/")
+        assert route is not None  # a leaf came from it
         self.prepath = [route.segment]
         self.postpath = [unquote(segment) for segment in segments[1:]]
-        self.sitepath = []
+        self.sitepath: list[bytes] = []
         try:
             self.render(leaf)
         except BaseException:
@@ -639,7 +647,7 @@ class LimitedSite(PlainErrorsSite):
         self.response_timeout = response_timeout
         self.send_timeout = send_timeout
 
-    def buildProtocol(self, addr: Any) -> LimitedChannel:
+    def buildProtocol(self, addr: Any) -> LimitedChannel:  # type: ignore[override]  # stubs: a private type
         channel = super().buildProtocol(addr)
         channel.clock = self.clock
         channel.readTimeout = self.read_timeout
