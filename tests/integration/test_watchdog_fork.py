@@ -30,6 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.http_headers import Headers
 
 from tests.support import ROOT, TwistdProcess, free_port, run_twistd_sync, sleep, wait_for
+from txfaas import _accel
 from txfaas.watchdog.common import Invocation, WatchdogConfig
 from txfaas.watchdog.fork import ForkRunner
 from txfaas.watchdog.process import OrphanReaper, group_launcher, native_group_spawn
@@ -387,8 +388,12 @@ def test_help_documents_every_setting_with_its_variable_and_default():
 
 @pytest.mark.parametrize("how", ["native", "setsid", "python-shim"])
 @pytest_twisted.ensureDeferred
-async def test_every_way_of_spawning_makes_the_function_lead_its_own_group_and_cancel_empties_it(how):
-    """In-process, with the real reactor: the three spawn paths tap.py may pick between."""
+async def test_every_way_of_spawning_makes_the_function_lead_its_own_group_and_cancel_empties_it(
+    how, monkeypatch
+):
+    """In-process, with the real reactor: the three spawn paths tap.py may pick between (the
+    native one is the accelerated path, tested here whatever TXFAAS_ACCEL says)."""
+    monkeypatch.setattr(_accel, "_enabled", True)
     spawn = native_group_spawn(reactor) if how == "native" else None
     if how == "native":
         assert spawn is not None, "posix_spawn(setsid=True) should work on Linux"
