@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,8 +14,8 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support import successResultOf
 from tests.unit.gateway_fixtures import GatewayTestCase, set_up
 from txfaas.gateway.app import AppSettings
 from txfaas.invocation_log import InvocationLog
@@ -31,57 +33,50 @@ def args(query: str) -> dict[bytes, list[bytes]]:
     return out
 
 
-class LogQueryTests(SynchronousTestCase):
-    def test_what_faas_cli_sends_by_default(self) -> None:
-        """``faas-cli logs echo``: follow=true, tail=-1 (no limit), no namespace, no since."""
-        q = LogQuery.from_args(args("follow=true&name=echo&tail=-1"))
-        self.assertEqual(q, LogQuery("echo", "openfaas-fn", None, None, None, True))
-
-    def test_every_parameter(self) -> None:
-        q = LogQuery.from_args(
-            args("follow=false&instance=gw-1&name=echo&namespace=dev&since=2024-05-01T10:00:00Z&tail=5")
-        )
-        self.assertEqual(
-            (q.name, q.namespace, q.instance, q.tail, q.follow), ("echo", "dev", "gw-1", 5, False)
-        )
-        self.assertEqual(q.since, datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp())
-
-    def test_name_dot_namespace(self) -> None:
-        self.assertEqual(LogQuery.from_args(args("name=echo.dev")).namespace, "dev")
-        with self.assertRaises(ValidationError):
-            LogQuery.from_args(args("name=echo.dev&namespace=prod"))
-
-    def test_rfc3339_forms(self) -> None:
-        base = datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()
-        self.assertEqual(parse_rfc3339("2024-05-01T12:00:00+02:00", "since"), base)
-        self.assertAlmostEqual(parse_rfc3339("2024-05-01T10:00:00.123456789Z", "since"), base + 0.123456)
-
-    def test_bad_values_name_the_parameter(self) -> None:
-        for query, field in [
-            ("", "name"),
-            ("name=Bad_Name", "name"),
-            ("name=echo&tail=many", "tail"),
-            ("name=echo&since=yesterday", "since"),
-            ("name=echo&since=2024-05-01T10:00:00", "since"),  # no zone
-            ("name=echo&since=2024-13-01T10:00:00Z", "since"),
-            ("name=echo&follow=yes", "follow"),
-            ("name=echo&namespace=NOPE", "namespace"),
-        ]:
-            with self.assertRaises(ValidationError, msg=query) as caught:
-                LogQuery.from_args(args(query))
-            self.assertEqual(caught.exception.field, field, query)
+def test_what_faas_cli_sends_by_default() -> None:
+    """``faas-cli logs echo``: follow=true, tail=-1 (no limit), no namespace, no since."""
+    q = LogQuery.from_args(args("follow=true&name=echo&tail=-1"))
+    assert q == LogQuery("echo", "openfaas-fn", None, None, None, True)
 
 
-class _InvocationText(SynchronousTestCase):
-    pass
+def test_every_parameter() -> None:
+    q = LogQuery.from_args(
+        args("follow=false&instance=gw-1&name=echo&namespace=dev&since=2024-05-01T10:00:00Z&tail=5")
+    )
+    assert (q.name, q.namespace, q.instance, q.tail, q.follow) == ("echo", "dev", "gw-1", 5, False)
+    assert q.since == datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()
 
 
-@pytest.fixture
-def invocation_text_case() -> _InvocationText:
-    return _InvocationText()
+def test_name_dot_namespace() -> None:
+    assert LogQuery.from_args(args("name=echo.dev")).namespace == "dev"
+    with pytest.raises(ValidationError):
+        LogQuery.from_args(args("name=echo.dev&namespace=prod"))
 
 
-def test_logfmt_with_error_quoted(invocation_text_case: _InvocationText) -> None:
+def test_rfc3339_forms() -> None:
+    base = datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()
+    assert parse_rfc3339("2024-05-01T12:00:00+02:00", "since") == base
+    assert round(parse_rfc3339("2024-05-01T10:00:00.123456789Z", "since") - (base + 0.123456), 7) == 0
+
+
+def test_bad_values_name_the_parameter() -> None:
+    for query, field in [
+        ("", "name"),
+        ("name=Bad_Name", "name"),
+        ("name=echo&tail=many", "tail"),
+        ("name=echo&since=yesterday", "since"),
+        ("name=echo&since=2024-05-01T10:00:00", "since"),  # no zone
+        ("name=echo&since=2024-13-01T10:00:00Z", "since"),
+        ("name=echo&follow=yes", "follow"),
+        ("name=echo&namespace=NOPE", "namespace"),
+    ]:
+        with pytest.raises(ValidationError) as caught:
+            LogQuery.from_args(args(query))
+            pytest.fail(f"no ValidationError for {query!r}")
+        assert caught.value.field == field, query
+
+
+def test_logfmt_with_error_quoted() -> None:
     assert (
         invocation_line(b"abc", b"sync", b"GET", b"/a/b", 200, 0.0012346, 1, None)
         == b"call=abc kind=sync method=GET path=/a/b status=200 duration=0.001235s attempt=1"
@@ -92,7 +87,7 @@ def test_logfmt_with_error_quoted(invocation_text_case: _InvocationText) -> None
     )
 
 
-def test_a_path_with_spaces_quotes_or_equals_is_quoted(invocation_text_case: _InvocationText) -> None:
+def test_a_path_with_spaces_quotes_or_equals_is_quoted() -> None:
     for path, shown in [
         (b"/a b", b'"/a b"'),
         (b'/q"', b'"/q\\""'),
@@ -103,8 +98,10 @@ def test_a_path_with_spaces_quotes_or_equals_is_quoted(invocation_text_case: _In
         assert (b" path=" + shown + b" status=") in line
 
 
-class InvocationLogTests(SynchronousTestCase):
-    def setUp(self) -> None:
+class InvocationRig:
+    """An :class:`InvocationLog` on a MemoryStore and a Clock, counting the store's writes."""
+
+    def __init__(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.store = MemoryStore()
@@ -122,71 +119,87 @@ class InvocationLogTests(SynchronousTestCase):
         for i in range(n):
             self.log.call(name, "", f"id{i}", b"sync", b"GET", [b"x"], 200, 0.5)
 
-    def test_one_write_per_interval_and_no_timer_when_idle(self) -> None:
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.call(3)
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # one timer for the batch
-        self.assertEqual(self.appends, [])
-        self.clock.advance(0.25)
-        self.assertEqual(self.appends, [3])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        texts = [e.text for e in self.store.logs["openfaas-fn", "echo"]]
-        self.assertEqual(
-            texts[0], "call=id0 kind=sync method=GET path=/x status=200 duration=0.500000s attempt=1"
-        )
-        self.assertEqual({e.instance for e in self.store.logs["openfaas-fn", "echo"]}, {"gw-1"})
 
-    def test_each_log_is_capped(self) -> None:
-        self.call(5)
-        self.clock.advance(0.25)
-        self.assertEqual([e.text[:7] for e in self.store.logs["openfaas-fn", "echo"]], ["call=id"] * 3)
-        self.assertTrue(self.store.logs["openfaas-fn", "echo"][-1].text.startswith("call=id4"))
+@pytest.fixture
+def rig() -> InvocationRig:
+    return InvocationRig()
 
-    def test_a_full_buffer_drops_and_says_so(self) -> None:
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.call(8)
-        self.clock.advance(0.25)
-        self.assertEqual(self.appends, [5])
-        warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
-        self.assertEqual([e["dropped"] for e in warnings], [3])
 
-    def test_a_store_down_loses_the_batch_with_a_warning_and_the_next_one_is_written(self) -> None:
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.store.available = False
-        self.call(2)
-        self.clock.advance(0.25)
-        self.assertEqual([e["count"] for e in events if e.get("log_level") == LogLevel.warn], [2])
-        self.store.available = True
-        self.call(1)
-        self.clock.advance(0.25)
-        self.assertEqual(len(self.store.logs["openfaas-fn", "echo"]), 1)
+@pytest.fixture
+def log_events() -> Iterator[list[dict]]:
+    """Every event logged during the test."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
 
-    def test_lines_made_while_writing_go_in_the_next_batch(self) -> None:
-        gate: defer.Deferred[None] = defer.Deferred()
 
-        async def slow(lines: Any, max_lines: int) -> None:
-            self.appends.append(len(lines))
-            await gate
+def test_one_write_per_interval_and_no_timer_when_idle(rig: InvocationRig) -> None:
+    assert rig.clock.getDelayedCalls() == []
+    rig.call(3)
+    assert len(rig.clock.getDelayedCalls()) == 1  # one timer for the batch
+    assert rig.appends == []
+    rig.clock.advance(0.25)
+    assert rig.appends == [3]
+    assert rig.clock.getDelayedCalls() == []
+    texts = [e.text for e in rig.store.logs["openfaas-fn", "echo"]]
+    assert texts[0] == "call=id0 kind=sync method=GET path=/x status=200 duration=0.500000s attempt=1"
+    assert {e.instance for e in rig.store.logs["openfaas-fn", "echo"]} == {"gw-1"}
 
-        self.store.append_logs = slow  # type: ignore[method-assign]
-        self.call(2)
-        self.clock.advance(0.25)
-        self.call(1)
-        self.assertEqual(self.clock.getDelayedCalls(), [])  # one write at a time
-        gate.callback(None)
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
-        self.clock.advance(0.25)
-        self.assertEqual(self.appends, [2, 1])
 
-    def test_stop_writes_what_waits(self) -> None:
-        self.call(2)
-        self.successResultOf(defer.Deferred.fromCoroutine(self.log.stop()))
-        self.assertEqual(len(self.store.logs["openfaas-fn", "echo"]), 2)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+def test_each_log_is_capped(rig: InvocationRig) -> None:
+    rig.call(5)
+    rig.clock.advance(0.25)
+    assert [e.text[:7] for e in rig.store.logs["openfaas-fn", "echo"]] == ["call=id"] * 3
+    assert rig.store.logs["openfaas-fn", "echo"][-1].text.startswith("call=id4")
+
+
+def test_a_full_buffer_drops_and_says_so(rig: InvocationRig, log_events: list[dict]) -> None:
+    rig.call(8)
+    rig.clock.advance(0.25)
+    assert rig.appends == [5]
+    warnings = [e for e in log_events if e.get("log_level") == LogLevel.warn]
+    assert [e["dropped"] for e in warnings] == [3]
+
+
+def test_a_store_down_loses_the_batch_with_a_warning_and_the_next_one_is_written(
+    rig: InvocationRig, log_events: list[dict]
+) -> None:
+    rig.store.available = False
+    rig.call(2)
+    rig.clock.advance(0.25)
+    assert [e["count"] for e in log_events if e.get("log_level") == LogLevel.warn] == [2]
+    rig.store.available = True
+    rig.call(1)
+    rig.clock.advance(0.25)
+    assert len(rig.store.logs["openfaas-fn", "echo"]) == 1
+
+
+def test_lines_made_while_writing_go_in_the_next_batch(rig: InvocationRig) -> None:
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    async def slow(lines: Any, max_lines: int) -> None:
+        rig.appends.append(len(lines))
+        await gate
+
+    rig.store.append_logs = slow  # type: ignore[method-assign]
+    rig.call(2)
+    rig.clock.advance(0.25)
+    rig.call(1)
+    assert rig.clock.getDelayedCalls() == []  # one write at a time
+    gate.callback(None)
+    assert len(rig.clock.getDelayedCalls()) == 1
+    rig.clock.advance(0.25)
+    assert rig.appends == [2, 1]
+
+
+def test_stop_writes_what_waits(rig: InvocationRig) -> None:
+    rig.call(2)
+    successResultOf(defer.Deferred.fromCoroutine(rig.log.stop()))
+    assert len(rig.store.logs["openfaas-fn", "echo"]) == 2
+    assert rig.clock.getDelayedCalls() == []
 
 
 class Collect(Protocol):
@@ -320,92 +333,104 @@ def test_removing_the_function_removes_its_log(logs_gateway: LogsTestCase) -> No
     assert logs_gateway.store.logs == {}
 
 
-class FollowTests(LogsTestCase):
-    def test_follow_sends_history_then_new_lines_until_the_client_leaves(self) -> None:
-        self.deploy("echo")
-        self.add("old")
-        before = set(self.clock.getDelayedCalls())
-        response, body = self.open("follow=true&name=echo&tail=-1")
-        self.assertEqual(response.code, 200)
-        self.assertEqual([m["text"] for m in body.messages()], ["old"])
-        self.assertEqual(self.app.logs.followers, 1)
-        self.add("new 1")
-        self.add("new 2", instance="other")
-        self.clock.advance(0.5)
-        self.flush()
-        self.assertEqual([m["text"] for m in body.messages()], ["old", "new 1", "new 2"])
-        self.clock.advance(0.5)
-        self.flush()
-        self.assertEqual(len(body.messages()), 3)  # nothing sent twice
-        # The client leaves: the poll stops where it waits, its place is given back.
-        body.transport.stopProducing()
-        self.flush()
-        self.assertEqual(self.app.logs.followers, 0)
-        self.assertEqual(set(self.clock.getDelayedCalls()) - before, set())
-        self.add("after")
-        self.clock.advance(5)
-        self.flush()
-        self.assertEqual(len(body.messages()), 3)
+def test_follow_sends_history_then_new_lines_until_the_client_leaves(logs_gateway: LogsTestCase) -> None:
+    gw = logs_gateway
+    gw.deploy("echo")
+    gw.add("old")
+    before = set(gw.clock.getDelayedCalls())
+    response, body = gw.open("follow=true&name=echo&tail=-1")
+    assert response.code == 200
+    assert [m["text"] for m in body.messages()] == ["old"]
+    assert gw.app.logs.followers == 1
+    gw.add("new 1")
+    gw.add("new 2", instance="other")
+    gw.clock.advance(0.5)
+    gw.flush()
+    assert [m["text"] for m in body.messages()] == ["old", "new 1", "new 2"]
+    gw.clock.advance(0.5)
+    gw.flush()
+    assert len(body.messages()) == 3  # nothing sent twice
+    # The client leaves: the poll stops where it waits, its place is given back.
+    body.transport.stopProducing()
+    gw.flush()
+    assert gw.app.logs.followers == 0
+    assert set(gw.clock.getDelayedCalls()) - before == set()
+    gw.add("after")
+    gw.clock.advance(5)
+    gw.flush()
+    assert len(body.messages()) == 3
 
-    def test_a_follow_stream_outlives_the_write_timeout(self) -> None:
-        self.site.response_timeout = 10.0  # --write-timeout
-        self.deploy("echo")
-        _, body = self.open("follow=true&name=echo")
-        for _ in range(40):
-            self.clock.advance(0.5)
-            self.flush()
-        self.add("still here")
-        self.clock.advance(0.5)
-        self.flush()
-        self.assertIsNone(body.ended)
-        self.assertEqual([m["text"] for m in body.messages()], ["still here"])
-        body.transport.stopProducing()
-        self.flush()
 
-    def test_follow_of_an_instance_with_an_empty_log(self) -> None:
-        self.deploy("echo")
-        response, body = self.open("follow=true&instance=b&name=echo")
-        self.assertEqual((response.code, body.data), (200, b""))
-        self.add("from a", instance="a")
-        self.add("from b", instance="b")
-        self.clock.advance(0.5)
-        self.flush()
-        self.assertEqual([m["text"] for m in body.messages()], ["from b"])
-        body.transport.stopProducing()
-        self.flush()
+def test_a_follow_stream_outlives_the_write_timeout(logs_gateway: LogsTestCase) -> None:
+    gw = logs_gateway
+    gw.site.response_timeout = 10.0  # --write-timeout
+    gw.deploy("echo")
+    _, body = gw.open("follow=true&name=echo")
+    for _ in range(40):
+        gw.clock.advance(0.5)
+        gw.flush()
+    gw.add("still here")
+    gw.clock.advance(0.5)
+    gw.flush()
+    assert body.ended is None
+    assert [m["text"] for m in body.messages()] == ["still here"]
+    body.transport.stopProducing()
+    gw.flush()
 
-    def test_a_store_outage_while_following_is_waited_out(self) -> None:
-        self.deploy("echo")
-        _, body = self.open("follow=true&name=echo")
-        self.store.available = False
-        self.clock.advance(0.5)
-        self.flush()
-        self.store.available = True
-        self.add("back")
-        self.clock.advance(0.5)
-        self.flush()
-        self.assertEqual([m["text"] for m in body.messages()], ["back"])
-        self.assertIsNone(body.ended)
-        body.transport.stopProducing()
-        self.flush()
-        self.flushLoggedErrors(StoreUnavailable)
 
-    def test_too_many_followers_is_503(self) -> None:
-        self.deploy("echo")
-        self.build(invocations=self.invocations, settings=AppSettings(log_followers=1))
-        _, first = self.open("follow=true&name=echo")
-        response, body = self.call("GET", "/system/logs?follow=true&name=echo")
-        self.assertEqual(response.code, 503)
-        self.assertIn(b"too many log streams", body)
-        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"5"])
-        response, _ = self.call("GET", "/system/logs?follow=false&name=echo")
-        self.assertEqual(response.code, 200)  # a plain read is not a follower
-        first.transport.stopProducing()
-        self.flush()
-        _, again = self.open("follow=true&name=echo")
-        self.assertEqual(self.app.logs.followers, 1)
-        again.transport.stopProducing()
-        self.flush()
+def test_follow_of_an_instance_with_an_empty_log(logs_gateway: LogsTestCase) -> None:
+    gw = logs_gateway
+    gw.deploy("echo")
+    response, body = gw.open("follow=true&instance=b&name=echo")
+    assert (response.code, body.data) == (200, b"")
+    gw.add("from a", instance="a")
+    gw.add("from b", instance="b")
+    gw.clock.advance(0.5)
+    gw.flush()
+    assert [m["text"] for m in body.messages()] == ["from b"]
+    body.transport.stopProducing()
+    gw.flush()
+
+
+def test_a_store_outage_while_following_is_waited_out(
+    logs_gateway: LogsTestCase, no_unhandled_errors: list[dict]
+) -> None:
+    gw = logs_gateway
+    gw.deploy("echo")
+    _, body = gw.open("follow=true&name=echo")
+    gw.store.available = False
+    gw.clock.advance(0.5)
+    gw.flush()
+    gw.store.available = True
+    gw.add("back")
+    gw.clock.advance(0.5)
+    gw.flush()
+    assert [m["text"] for m in body.messages()] == ["back"]
+    assert body.ended is None
+    body.transport.stopProducing()
+    gw.flush()
+    # As trial's flushLoggedErrors(StoreUnavailable): the outage's errors are expected, others are not.
+    gc.collect()
+    no_unhandled_errors[:] = [e for e in no_unhandled_errors if not e["log_failure"].check(StoreUnavailable)]
+
+
+def test_too_many_followers_is_503(logs_gateway: LogsTestCase) -> None:
+    gw = logs_gateway
+    gw.deploy("echo")
+    gw.build(invocations=gw.invocations, settings=AppSettings(log_followers=1))
+    _, first = gw.open("follow=true&name=echo")
+    response, body = gw.call("GET", "/system/logs?follow=true&name=echo")
+    assert response.code == 503
+    assert b"too many log streams" in body
+    assert response.headers.getRawHeaders(b"retry-after") == [b"5"]
+    response, _ = gw.call("GET", "/system/logs?follow=false&name=echo")
+    assert response.code == 200  # a plain read is not a follower
+    first.transport.stopProducing()
+    gw.flush()
+    _, again = gw.open("follow=true&name=echo")
+    assert gw.app.logs.followers == 1
+    again.transport.stopProducing()
+    gw.flush()
 
 
 def test_the_worker_logs_every_attempt_of_a_queued_call():
