@@ -563,30 +563,31 @@ def test_a_request_with_a_body_or_a_cancelled_one_is_not_sent_twice(
     assert kept_connection_gateway.endpoint.connections == [kept]
 
 
-class NoCycleTests(GatewayTestCase):
-    def test_a_proxied_call_leaves_no_reference_cycle(self) -> None:
-        """The exchange and its relay let go of each other when the call is done, so a call's
-        objects are freed at once, not by the cyclic GC (a sixth of the CPU under load)."""
-        import gc
-        import weakref
+def test_a_proxied_call_leaves_no_reference_cycle(
+    gateway: GatewayTestCase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exchange and its relay let go of each other when the call is done, so a call's
+    objects are freed at once, not by the cyclic GC (a sixth of the CPU under load)."""
+    import gc
+    import weakref
 
-        from txfaas.gateway import proxy
+    from txfaas.gateway import proxy
 
-        self.deploy("echo")
-        made: list = []
-        init = proxy._Exchange.__init__
+    gateway.deploy("echo")
+    made: list = []
+    init = proxy._Exchange.__init__
 
-        def tracked(exchange, *args, **kwargs):  # type: ignore[no-untyped-def]
-            init(exchange, *args, **kwargs)
-            made.append(weakref.ref(exchange))
+    def tracked(exchange, *args, **kwargs):  # type: ignore[no-untyped-def]
+        init(exchange, *args, **kwargs)
+        made.append(weakref.ref(exchange))
 
-        self.patch(proxy._Exchange, "__init__", tracked)
-        gc.collect()
-        gc.disable()
-        try:
-            response, body = self.call("GET", "/function/echo")
-            self.assertEqual((response.code, len(made)), (200, 1))
-            del response, body
-            self.assertIsNone(made[0]())
-        finally:
-            gc.enable()
+    monkeypatch.setattr(proxy._Exchange, "__init__", tracked)
+    gc.collect()
+    gc.disable()
+    try:
+        response, body = gateway.call("GET", "/function/echo")
+        assert (response.code, len(made)) == (200, 1)
+        del response, body
+        assert made[0]() is None
+    finally:
+        gc.enable()
